@@ -8,6 +8,7 @@ of 28x28 (magic 2051) and 1-D labels (magic 2049). Every defect is reported with
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
 import zlib
@@ -156,3 +157,11 @@ def train_validation_split(n: int, validation_size: int, seed: int) -> tuple[np.
         raise ValueError(f"validation size {validation_size} must be in [0, {n})")
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[validation_size:]), np.sort(order[:validation_size])
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

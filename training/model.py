@@ -147,3 +147,15 @@ def count_flops(model: nn.Module, batch: int = 1) -> int:
     for h in handles:
         h.remove()
     return total // batch
+
+
+class WithProbabilities(nn.Module):
+    """Adds the softmax as a second output, so a server needs no softmax of its own (used for export)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        return logits, torch.softmax(logits, dim=1)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -22,6 +23,9 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path, title: str) 
     for key, label in (("train_accuracy", "train"), ("val_accuracy", "validation"), ("test_accuracy", "test")):
         ax_err.plot(epochs, [100 * (1 - h[key]) for h in history], "o-", label=label)
     ax_err.set(xlabel="epoch", ylabel="error (%)", yscale="log", title="error rate")
+    percent = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax_err.yaxis.set_major_formatter(percent)
+    ax_err.yaxis.set_minor_formatter(percent)
     for ax in (ax_loss, ax_err):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()

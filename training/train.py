@@ -54,6 +54,11 @@ class TrainConfig:
     data_dir: str | None = None
     out_dir: str = "runs/latest"
     resume: bool = False
+    stop_after: int = 0  # stop after this epoch (0 = run all); continue later with --resume
+
+
+# Fields that may differ between a run and its resumption; all others must match the checkpoint.
+RESUMABLE_CHANGES = ("resume", "stop_after", "device", "data_dir", "out_dir", "compile")
 
 
 def pick_device(name: str) -> torch.device:
@@ -71,7 +76,9 @@ def git_revision() -> str:
         )
         dirty = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -154,8 +161,14 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
         if not checkpoint_path.is_file():
             raise SystemExit(f"mnist-train: --resume given but {checkpoint_path} does not exist")
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        if state["config"]["preset"] != config.preset:
-            raise SystemExit(f"mnist-train: {checkpoint_path} holds preset {state['config']['preset']!r}, not {config.preset!r}")
+        changed = {
+            k: (v, getattr(config, k))
+            for k, v in state["config"].items()
+            if k not in RESUMABLE_CHANGES and v != getattr(config, k)
+        }
+        if changed:
+            detail = ", ".join(f"--{k.replace('_', '-')} was {old!r}, now {new!r}" for k, (old, new) in changed.items())
+            raise SystemExit(f"mnist-train: cannot resume {checkpoint_path} with a different config: {detail}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -175,8 +188,14 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
         epoch_start = time.time()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False,
-                   disable=None, dynamic_ncols=True)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch}/{config.epochs}",
+            unit="batch",
+            leave=False,
+            disable=None,
+            dynamic_ncols=True,
+        )
         for step in bar:
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
             x = to_model_input(train_images[batch])
@@ -215,23 +234,48 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
         history.append(record)
         # Model selection on the validation split only; the test split is reported, never chosen on.
         if best is None or val_acc >= best["val_accuracy"]:
-            best = {"epoch": epoch, "val_accuracy": val_acc, "test_accuracy": test_acc,
-                    "confusion": confusion.tolist(), "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            best = {
+                "epoch": epoch,
+                "val_accuracy": val_acc,
+                "test_accuracy": test_acc,
+                "confusion": confusion.tolist(),
+                "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            }
         print(
             f"epoch {epoch}/{config.epochs}  train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  "
             f"val acc {val_acc:.4f}  test loss {test_loss:.4f} acc {test_acc:.4f}  "
             f"{record['train_images_per_second']:,.0f} img/s  {record['elapsed_seconds']:.1f}s"
         )
         torch.save(
-            {"format": CHECKPOINT_FORMAT, "config": asdict(config), "epoch": epoch, "model": model.state_dict(),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history, "best": best},
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": asdict(config),
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": history,
+                "best": best,
+            },
             checkpoint_path,
         )
+        if epoch == config.stop_after and epoch < config.epochs:
+            print(f"stopped after epoch {epoch} as asked; continue with --resume")
+            break
 
     assert best is not None, "no epoch ran: --epochs must exceed the checkpoint's epoch when resuming"
     model_path = out_dir / "model.pt"
-    torch.save({"format": CHECKPOINT_FORMAT, "preset": config.preset, "model": best["model"], "epoch": best["epoch"],
-                "val_accuracy": best["val_accuracy"], "test_accuracy": best["test_accuracy"]}, model_path)
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "preset": config.preset,
+            "model": best["model"],
+            "epoch": best["epoch"],
+            "val_accuracy": best["val_accuracy"],
+            "test_accuracy": best["test_accuracy"],
+        },
+        model_path,
+    )
     wall_seconds = time.time() - started_at
 
     report = {
@@ -257,8 +301,11 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
 
     title = f"{config.preset} on {report['device']}"
     plot_training_curves(history, out_dir / "training_curves.png", title)
-    plot_confusion_matrix(np.array(best["confusion"]), out_dir / "confusion_matrix.png",
-                          f"{config.preset}, epoch {best['epoch']}: test accuracy {100 * best['test_accuracy']:.2f}%")
+    plot_confusion_matrix(
+        np.array(best["confusion"]),
+        out_dir / "confusion_matrix.png",
+        f"{config.preset}, epoch {best['epoch']}: test accuracy {100 * best['test_accuracy']:.2f}%",
+    )
     print(
         f"selected epoch {best['epoch']} (validation {100 * best['val_accuracy']:.2f}%): test accuracy "
         f"{100 * best['test_accuracy']:.2f}% | {wall_seconds:.1f}s from start to saved checkpoint | wrote {out_dir}/"
@@ -293,6 +340,7 @@ FLAG_HELP = {
     "data_dir": "MNIST directory (default: $MNIST_DIR, else ../shared/data/mnist, else the user cache)",
     "out_dir": "where checkpoint.pt, model.pt, report.json and the PNG plots are written",
     "resume": "continue from OUT_DIR/checkpoint.pt (same config) up to --epochs",
+    "stop_after": "stop after this epoch and keep the checkpoint, e.g. to split a long run (0 = run to the end)",
 }
 
 
@@ -307,19 +355,42 @@ def build_parser() -> argparse.ArgumentParser:
     for field in fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         if field.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
-                                help=FLAG_HELP[field.name])
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=field.default, help=FLAG_HELP[field.name]
+            )
         else:
             kind = {"int": int, "float": float}.get(str(field.type), str)
-            parser.add_argument(flag, type=kind, default=field.default, help=FLAG_HELP[field.name],
-                                choices=list(PRESETS) if field.name == "preset" else None)
+            parser.add_argument(
+                flag,
+                type=kind,
+                default=field.default,
+                help=FLAG_HELP[field.name],
+                choices=list(PRESETS) if field.name == "preset" else None,
+            )
+    parser.add_argument(
+        "--describe-presets", action="store_true", help="print each preset's parameter and FLOP counts and exit"
+    )
     return parser
+
+
+def describe_presets() -> str:
+    rows = [f"{'preset':<16} {'stem stride':>11} {'width':>6} {'parameters':>12} {'MFLOPs/image':>13}"]
+    for name, preset in PRESETS.items():
+        model = build_model(name)
+        rows.append(
+            f"{name:<16} {preset.stem_stride:>11} {preset.width:>6} {count_parameters(model):>12,} "
+            f"{count_flops(model) / 1e6:>13,.1f}"
+        )
+    return "\n".join(rows) + "\n(FLOPs: 2 x multiply-accumulates of convolutions and the classifier, one 28x28 image)"
 
 
 def main(argv: list[str] | None = None) -> int:
     started_at = time.time()
-    args = build_parser().parse_args(argv)
-    config = TrainConfig(**vars(args))
+    args = vars(build_parser().parse_args(argv))
+    if args.pop("describe_presets"):
+        print(describe_presets())
+        return 0
+    config = TrainConfig(**args)
     try:
         train(config, started_at)
     except ValueError as exc:  # bad data files or a bad setting, reported without a traceback

@@ -1,0 +1,316 @@
+"""mnist-export: turn a training checkpoint into a verified, self-describing ONNX model.
+
+Steps: load (weights_only) -> export with a dynamic batch axis -> onnx.checker -> parity against
+PyTorch on real test images -> test accuracy through ONNX Runtime -> metadata_props -> save.
+A model that fails a check is not written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.metadata import ModelMetadata, read_metadata
+from training.data import sha256_file
+
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("logits", "probabilities")
+OPSET = 18
+FP32_LOGIT_TOLERANCE = 1e-4
+CLASS_LABELS = [str(d) for d in range(10)]
+
+
+class ExportError(RuntimeError):
+    """A check failed; the message says which and by how much."""
+
+
+@dataclass
+class ParityResult:
+    images: int
+    max_abs_logit_diff: float
+    argmax_mismatches: int
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_logit_diff <= self.tolerance and self.argmax_mismatches == 0
+
+
+def load_checkpoint_model(path: Path):  # -> torch.nn.Module, in eval mode
+    """Load `model.pt` (or a resumable `checkpoint.pt`) written by mnist-train."""
+    import torch
+
+    from training.model import build_model
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ExportError(f"{path}: checkpoint not found") from None
+    except Exception as exc:  # unpickling refuses anything but tensors and plain containers
+        raise ExportError(f"{path}: not a loadable mnist-train checkpoint ({exc})") from None
+    preset = state.get("preset") or state.get("config", {}).get("preset")
+    if preset is None or "model" not in state:
+        raise ExportError(f"{path}: not an mnist-train checkpoint (no 'model' weights or preset)")
+    model = build_model(preset)
+    model.load_state_dict(state["model"])
+    return model.eval(), preset, state.get("test_accuracy")
+
+
+def normalized_test_images(limit: int, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """The first `limit` MNIST test images as the model's normalized float32 NCHW input, and labels."""
+    from training.data import MNIST_MEAN, MNIST_STD, load_split
+
+    test = load_split("test", data_dir)
+    n = min(limit, len(test)) if limit else len(test)
+    x = (test.images[:n].astype(np.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
+    return x[:, None, :, :], test.labels[:n].astype(np.int64)
+
+
+def ort_session(path: Path):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("onnxruntime is not installed: pip install -e '.[serve]' (or '.[serve-cpu]')") from None
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run_batched(session, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    return np.concatenate(
+        [session.run(["logits"], {INPUT_NAME: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    )
+
+
+def check_parity(model, session, x: np.ndarray, tolerance: float) -> ParityResult:
+    """Compare logits of PyTorch (fp32, eval) and ONNX Runtime on the same images, at two batch sizes."""
+    import torch
+
+    with torch.no_grad():
+        reference = model(torch.from_numpy(x)).numpy()
+    single = np.concatenate([session.run(["logits"], {INPUT_NAME: x[i : i + 1]})[0] for i in range(min(8, len(x)))])
+    batched = run_batched(session, x, batch_size=256)
+    diff = max(float(np.abs(batched - reference).max()), float(np.abs(single - reference[: len(single)]).max()))
+    mismatches = int((batched.argmax(1) != reference.argmax(1)).sum())
+    return ParityResult(len(x), diff, mismatches, tolerance)
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    output: Path,
+    model_version: str | None = None,
+    parity_images: int = 1000,
+    accuracy_images: int = 0,
+    data_dir: str | None = None,
+) -> dict:
+    """Export, verify and annotate; returns the export report (also written beside the model)."""
+    import onnx
+    import torch
+
+    from training.model import WithProbabilities
+
+    started = time.time()
+    model, preset, _ = load_checkpoint_model(checkpoint)
+    checkpoint_sha = sha256_file(checkpoint)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw_path = Path(tmp) / "model.onnx"
+        wrapped = WithProbabilities(model).eval()
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        # The exporter logs every torchvision op it cannot register and warns about its own internals.
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                wrapped,
+                (torch.zeros(2, 1, 28, 28),),
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes={"x": {0: batch}},
+                verbose=False,
+            )
+        program.save(str(raw_path), external_data=False)
+        proto = onnx.load(str(raw_path))
+    onnx.checker.check_model(proto, full_check=True)
+    _check_io_contract(proto)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        candidate = Path(tmp) / "candidate.onnx"
+        onnx.save(proto, str(candidate))
+        session = ort_session(candidate)
+        x, labels = normalized_test_images(max(parity_images, accuracy_images), data_dir)
+        parity = check_parity(model, session, x[:parity_images], FP32_LOGIT_TOLERANCE)
+        if not parity.ok:
+            raise ExportError(
+                f"parity check failed on {parity.images} test images: max |Δlogit| {parity.max_abs_logit_diff:.2e} "
+                f"(tolerance {parity.tolerance:.0e}), {parity.argmax_mismatches} different predictions"
+            )
+        x_acc, y_acc = normalized_test_images(accuracy_images, data_dir)
+        accuracy = float((run_batched(session, x_acc).argmax(1) == y_acc).mean())
+
+    from training.data import MNIST_MEAN, MNIST_STD
+
+    metadata = ModelMetadata(
+        model_name=preset,
+        model_version=model_version or checkpoint_sha[:12],
+        class_labels=CLASS_LABELS,
+        normalization={"scale": 1 / 255, "mean": MNIST_MEAN, "std": MNIST_STD, "formula": "(pixel / 255 - mean) / std"},
+        input_layout=f"{INPUT_NAME}: float32 [batch, 1, 28, 28] (NCHW), light digit on dark background as in MNIST",
+        output_layout="logits, probabilities: float32 [batch, 10], index = digit",
+        test_accuracy=accuracy,
+        test_images=len(y_acc),
+        checkpoint_sha256=checkpoint_sha,
+        opset=OPSET,
+        exported_with=f"torch {torch.__version__}, onnx {onnx.__version__}",
+    )
+    metadata.write_into(proto)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp_output = output.with_name(output.name + ".tmp")
+    onnx.save(proto, str(tmp_output))
+    tmp_output.replace(output)
+
+    report = {
+        "model": str(output),
+        "onnx_sha256": sha256_file(output),
+        "size_bytes": output.stat().st_size,
+        "checkpoint": str(checkpoint),
+        "metadata": asdict(metadata),
+        "parity": {**asdict(parity), "passed": parity.ok},
+        "seconds": time.time() - started,
+    }
+    output.with_suffix(".export.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _check_io_contract(proto) -> None:
+    inputs = [i.name for i in proto.graph.input]
+    outputs = [o.name for o in proto.graph.output]
+    if inputs != [INPUT_NAME] or tuple(outputs) != OUTPUT_NAMES:
+        raise ExportError(
+            f"exported graph has inputs {inputs} and outputs {outputs}, expected [{INPUT_NAME}] {OUTPUT_NAMES}"
+        )
+    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    if batch_dim.HasField("dim_value"):
+        raise ExportError(f"batch axis of {INPUT_NAME} is fixed at {batch_dim.dim_value}, expected dynamic")
+
+
+def check_model_file(path: Path, data_dir: str | None, limit: int) -> dict:
+    """Checker, metadata and test-set accuracy of an existing ONNX model (the bundled one, say)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    _check_io_contract(proto)
+    metadata = read_metadata(proto)
+    session = ort_session(path)
+    x, labels = normalized_test_images(limit, data_dir)
+    started = time.perf_counter()
+    predictions = run_batched(session, x).argmax(1)
+    seconds = time.perf_counter() - started
+    return {
+        "metadata": asdict(metadata),
+        "sha256": sha256_file(path),
+        "images": len(labels),
+        "accuracy": float((predictions == labels).mean()),
+        "images_per_second": len(labels) / seconds,
+        "first_predictions": predictions[:12].tolist(),
+        "first_labels": labels[:12].tolist(),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mnist-export",
+        description="Export an mnist-train checkpoint to ONNX (opset 18, dynamic batch axis, input 'image', outputs "
+        "'logits' and 'probabilities'), verify it (onnx.checker; fp32 parity with PyTorch on real test images: max "
+        "|Δlogit| <= 1e-4 and identical predictions), measure its test accuracy through ONNX Runtime and store "
+        "model name, version, labels, normalization, layout, accuracy and checkpoint SHA-256 in metadata_props. "
+        "With --check, verify an existing ONNX model instead.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("checkpoint", nargs="?", type=Path, help="model.pt or checkpoint.pt written by mnist-train")
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="ONNX file to write (default: beside the checkpoint, "
+        "named after the preset); an .export.json report is written next to it",
+    )
+    parser.add_argument(
+        "--model-version",
+        help="version string stored in the metadata (default: first 12 hex digits of the checkpoint's SHA-256)",
+    )
+    parser.add_argument("--parity-images", type=int, default=1000, help="test images compared against PyTorch")
+    parser.add_argument(
+        "--accuracy-images",
+        type=int,
+        default=0,
+        help="test images for the accuracy stored in the metadata (0 = all 10,000)",
+    )
+    parser.add_argument(
+        "--data-dir", help="MNIST directory (default: $MNIST_DIR, else ../shared/data/mnist, else the user cache)"
+    )
+    parser.add_argument(
+        "--check",
+        type=Path,
+        metavar="MODEL.onnx",
+        help="instead of exporting, verify an existing model and print its metadata and accuracy",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.check:
+            result = check_model_file(args.check, args.data_dir, args.accuracy_images)
+            meta = result["metadata"]
+            print(
+                f"{args.check}: {meta['model_name']} version {meta['model_version']}, sha256 {result['sha256'][:16]}…"
+            )
+            print(f"  input  {meta['input_layout']}\n  output {meta['output_layout']}")
+            print(
+                f"  test accuracy {100 * result['accuracy']:.2f}% on {result['images']:,} MNIST test images "
+                f"through ONNX Runtime (CPU, {result['images_per_second']:,.0f} images/s); "
+                f"metadata says {100 * meta['test_accuracy']:.2f}%"
+            )
+            print(f"  first predictions {result['first_predictions']}\n  true labels       {result['first_labels']}")
+            return 0
+        if args.checkpoint is None:
+            build_parser().error("give a checkpoint to export, or --check MODEL.onnx")
+        from training.data import IdxFormatError  # noqa: F401  (import errors surface before a long export)
+
+        output = args.output or args.checkpoint.with_name(f"{load_checkpoint_model(args.checkpoint)[1]}.onnx")
+        report = export_checkpoint(
+            args.checkpoint, output, args.model_version, args.parity_images, args.accuracy_images, args.data_dir
+        )
+    except (ExportError, ValueError, FileNotFoundError) as exc:
+        print(f"mnist-export: {exc}", file=sys.stderr)
+        return 2
+    parity, meta = report["parity"], report["metadata"]
+    print(f"wrote {report['model']} ({report['size_bytes'] / 1e6:.1f} MB, sha256 {report['onnx_sha256'][:16]}…)")
+    print(
+        f"  onnx.checker: ok | parity on {parity['images']} test images: max |Δlogit| "
+        f"{parity['max_abs_logit_diff']:.2e} <= {parity['tolerance']:.0e}, {parity['argmax_mismatches']} "
+        f"different predictions"
+    )
+    print(f"  test accuracy through ONNX Runtime: {100 * meta['test_accuracy']:.2f}% on {meta['test_images']:,} images")
+    print(
+        f"  metadata: {meta['model_name']} version {meta['model_version']}, checkpoint sha256 "
+        f"{meta['checkpoint_sha256'][:16]}…"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

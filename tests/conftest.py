@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny IDX files written on the fly, and the real MNIST directory when present."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.data import IMAGES_MAGIC, LABELS_MAGIC, REPO_ROOT
+
+SHARED_MNIST = REPO_ROOT.parent / "shared" / "data" / "mnist"
+
+
+def idx_bytes(array: np.ndarray, magic: int) -> bytes:
+    return struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int, compress: bool = True) -> Path:
+    data = idx_bytes(array, magic)
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path
+
+
+@pytest.fixture
+def tiny_mnist_dir(tmp_path: Path) -> Path:
+    """A valid MNIST-format directory with 20 train and 10 test images (gzip train, raw test)."""
+    rng = np.random.default_rng(0)
+    for split, n, compress in (("train", 20, True), ("t10k", 10, False)):
+        suffix = ".gz" if compress else ""
+        write_idx(
+            tmp_path / f"{split}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, 28, 28)), IMAGES_MAGIC, compress
+        )
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte{suffix}", rng.integers(0, 10, n), LABELS_MAGIC, compress)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"the project's MNIST copy is missing at {SHARED_MNIST} (see README: Data)")
+    return SHARED_MNIST
