@@ -1,0 +1,116 @@
+"""Turn request payloads into model input the way MNIST itself was made.
+
+MNIST digits are light ink on a dark background, cropped to the ink, scaled so the longer side
+is 20 px (aspect kept), and placed in a 28x28 field by their centre of mass. An encoded image
+(a photo or scan of a digit on paper, any size) goes through the same steps here. Raw 784-byte
+payloads are already in that layout and are only normalized.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SIDE = 28
+DIGIT_BOX = 20
+RAW_BYTES = SIDE * SIDE
+ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
+INK_THRESHOLD = 0.25  # fraction of the ink's contrast above which a pixel counts as ink for the bounding box
+
+
+class InvalidImage(ValueError):
+    """The payload cannot be turned into a digit image; the message says why (sent to the client)."""
+
+
+@dataclass(frozen=True)
+class Normalization:
+    scale: float = 1 / 255
+    mean: float = 0.1307
+    std: float = 0.3081
+
+
+@dataclass(frozen=True)
+class PreprocessedImage:
+    """One image ready for the model: (1, 28, 28) float32, normalized."""
+
+    tensor: np.ndarray
+
+
+def from_raw(raw: bytes, norm: Normalization) -> PreprocessedImage:
+    if len(raw) != RAW_BYTES:
+        raise InvalidImage(f"raw image must be exactly {RAW_BYTES} bytes (28x28 uint8), got {len(raw)}")
+    pixels = np.frombuffer(raw, dtype=np.uint8).reshape(1, SIDE, SIDE)
+    return PreprocessedImage(_normalize(pixels.astype(np.float32), norm))
+
+
+def from_encoded(data: bytes, norm: Normalization, max_pixels: int) -> PreprocessedImage:
+    return PreprocessedImage(_normalize(mnist_like(decode(data, max_pixels))[None], norm))
+
+
+def _normalize(pixels: np.ndarray, norm: Normalization) -> np.ndarray:
+    return ((pixels * norm.scale - norm.mean) / norm.std).astype(np.float32)
+
+
+def decode(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode an image file to grayscale float32 in [0, 1] with alpha composited on white."""
+    if not data:
+        raise InvalidImage("encoded image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            width, height = image.size  # known from the header, before any pixel is decoded
+            if width * height > max_pixels:
+                raise InvalidImage(
+                    f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
+                )
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("P", "PA", "LA", "RGBA", "La") or "transparency" in image.info:
+                rgba = image.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(white, rgba)
+            gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except InvalidImage:
+        raise
+    except UnidentifiedImageError:
+        raise InvalidImage(f"bytes are not an image in a supported format ({', '.join(ALLOWED_FORMATS)})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImage(f"image rejected as a decompression bomb: {exc}") from None
+    except Exception as exc:  # Pillow raises many types for damaged files (OSError, SyntaxError, ...)
+        raise InvalidImage(f"image data is damaged or truncated ({exc})") from None
+    if gray.size == 0:
+        raise InvalidImage("image has no pixels")
+    return gray
+
+
+def mnist_like(gray: np.ndarray) -> np.ndarray:
+    """Grayscale [0, 1] of any size -> 28x28 float in [0, 255], light digit centred by mass on dark."""
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    ink = 1.0 - gray if np.median(border) > 0.5 else gray.copy()  # dark ink on light paper: invert
+    background = float(np.median(ink))
+    contrast = float(np.percentile(ink, 99.9)) - background
+    if contrast < 0.1:
+        raise InvalidImage("image is blank: no digit stands out from the background")
+    ink = np.clip((ink - background) / contrast, 0.0, 1.0)
+    rows, cols = np.nonzero(ink > INK_THRESHOLD)
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    crop = ink[top:bottom, left:right]
+    crop[crop < INK_THRESHOLD / 2] = 0.0  # paper texture and noise inside the box
+    height, width = crop.shape
+    scale = DIGIT_BOX / max(height, width)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    digit = np.asarray(Image.fromarray(crop * 255.0).resize(new_size, Image.Resampling.LANCZOS), dtype=np.float32)
+    digit = np.clip(digit, 0.0, 255.0)
+    canvas = np.zeros((SIDE, SIDE), dtype=np.float32)
+    total = digit.sum()
+    cy, cx = ((np.indices(digit.shape) * digit).reshape(2, -1).sum(1) / total) if total > 0 else (0.0, 0.0)
+    top = int(round(SIDE / 2 - cy))
+    left = int(round(SIDE / 2 - cx))
+    top = min(max(top, 0), SIDE - digit.shape[0])
+    left = min(max(left, 0), SIDE - digit.shape[1])
+    canvas[top : top + digit.shape[0], left : left + digit.shape[1]] = digit
+    return canvas
