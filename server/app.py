@@ -18,12 +18,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from proto.mnist.v1 import classifier_pb2 as pb
-from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
 from server.batching import BatchQueue
 from server.config import ServeConfig, describe, load_config
 from server.metrics import ServiceMetrics
 from server.runtime import OnnxModel, ProviderUnavailable
-from server.service import ClassifierService
+from server.service import ClassifierService, add_to_server
 
 log = logging.getLogger("mnist.serve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
@@ -50,7 +49,7 @@ class MnistServer:
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(config.grpc_workers, thread_name_prefix="grpc"), options=options
         )
-        pb_grpc.add_ClassifierServicer_to_server(self.service, self.grpc)
+        add_to_server(self.service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
 

@@ -24,6 +24,7 @@ from server.config import ServeConfig
 from server.metrics import ServiceMetrics
 from server.preprocess import InvalidImage, from_encoded, from_raw
 from server.runtime import OnnxModel, Prediction, to_predictions
+from server.wire import ParsedRequest, parse_classify_batch_request, parse_classify_request
 
 log = logging.getLogger("mnist.service")
 
@@ -44,6 +45,10 @@ def instrumented(method: str) -> Callable:
             self.metrics.in_flight.inc()
             code = grpc.StatusCode.OK
             try:
+                if isinstance(request, ParsedRequest):
+                    if request.problem:
+                        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
+                    request = request.message
                 return handler(self, request, context)
             except RpcError as err:
                 code = err.code
@@ -167,3 +172,20 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             model_version=self.model.metadata.model_version,
             request_id=request_id or uuid.uuid4().hex,
         )
+
+
+def add_to_server(service: ClassifierService, server: grpc.Server) -> None:
+    """Register like the generated `add_ClassifierServicer_to_server`, with the oneof-checking deserializers."""
+    handlers = {
+        "Classify": grpc.unary_unary_rpc_method_handler(
+            service.Classify, parse_classify_request, pb.ClassifyResponse.SerializeToString
+        ),
+        "ClassifyBatch": grpc.unary_unary_rpc_method_handler(
+            service.ClassifyBatch, parse_classify_batch_request, pb.ClassifyBatchResponse.SerializeToString
+        ),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            service.GetModelInfo, pb.GetModelInfoRequest.FromString, pb.ModelInfo.SerializeToString
+        ),
+    }
+    name = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))

@@ -1,0 +1,354 @@
+"""The gRPC service end to end, against a real server on free localhost ports."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from proto.mnist.v1 import classifier_pb2 as pb
+from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
+from server.app import MnistServer
+from server.config import BUNDLED_MODEL, ServeConfig
+from server.runtime import OnnxModel
+from training.data import load_split, sha256_file
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_config(**overrides) -> ServeConfig:
+    base = ServeConfig(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=free_port(),
+        provider="cpu",
+        drain_seconds=0,
+        grace_seconds=5,
+        max_request_images=16,
+        max_image_pixels=10_000_000,
+    )
+    return replace(base, **overrides)
+
+
+test_config.__test__ = False  # a helper, not a test
+
+
+class Harness:
+    """A started server with a channel, stubs and a /metrics reader."""
+
+    def __init__(self, server: MnistServer) -> None:
+        self.server = server
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        self.stub = pb_grpc.ClassifierStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def health_status(self, service: str = "") -> int:
+        return self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample as 'name{label="value",...}' -> value."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.server.metrics_port}/metrics", timeout=5).read()
+        samples = {}
+        for family in text_string_to_metric_families(text.decode()):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                samples[f"{s.name}{{{labels}}}"] = s.value
+        return samples
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop()
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Harness]:
+    harness = Harness(MnistServer(test_config()).start())
+    yield harness
+    harness.close()
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_dir: Path):
+    test = load_split("test", mnist_dir)
+    return test.images[:64], test.labels[:64]
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG", **save_args) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save_args)
+    return buffer.getvalue()
+
+
+def dark_on_light_rgba_png(digit: np.ndarray) -> bytes:
+    """Dark ink on a transparent background, as a drawing app exports it: alpha carries the strokes."""
+    big = np.asarray(Image.fromarray(digit).resize((280, 280), Image.Resampling.BICUBIC))
+    rgba = np.zeros((280, 280, 4), np.uint8)
+    rgba[..., :3] = 20  # ink colour
+    rgba[..., 3] = big  # opaque where the digit is
+    return png_bytes(Image.fromarray(rgba, "RGBA"))
+
+
+def large_photo_jpeg(digit: np.ndarray, seed: int) -> bytes:
+    """A 3000x2400 'photo' of the digit on grey paper, with noise and uneven light."""
+    rng = np.random.default_rng(seed)
+    paper = Image.fromarray(255 - digit).resize((1500, 1500), Image.Resampling.BICUBIC)
+    canvas = np.full((2400, 3000), 255, np.float32)
+    canvas[300:1800, 700:2200] = np.asarray(paper, np.float32)
+    canvas = canvas * 0.75 + 40 + np.linspace(-25, 25, 3000)[None, :] + rng.normal(0, 6, canvas.shape)
+    return png_bytes(Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).convert("RGB"), "JPEG", quality=80)
+
+
+# --- round trips ---------------------------------------------------------------------------------
+
+
+def test_raw_digits_are_classified_with_probabilities_version_and_request_id(served: Harness, digits) -> None:
+    images, labels = digits
+    for i in range(10):
+        reply = served.stub.Classify(pb.ClassifyRequest(raw=images[i].tobytes(), request_id=f"r{i}"), timeout=10)
+        assert reply.digit == labels[i]
+        assert len(reply.probabilities) == 10 and sum(reply.probabilities) == pytest.approx(1, abs=1e-4)
+        assert reply.confidence == pytest.approx(max(reply.probabilities)) and reply.confidence > 0.5
+        assert reply.request_id == f"r{i}"
+        assert reply.model_version == served.server.model.metadata.model_version
+
+
+def test_an_empty_request_id_is_replaced_by_a_generated_one(served: Harness, digits) -> None:
+    first = served.stub.Classify(pb.ClassifyRequest(raw=digits[0][0].tobytes()), timeout=10)
+    second = served.stub.Classify(pb.ClassifyRequest(raw=digits[0][0].tobytes()), timeout=10)
+    assert len(first.request_id) >= 16 and first.request_id != second.request_id
+
+
+def test_a_dark_on_light_rgba_png_is_classified(served: Harness, digits) -> None:
+    images, labels = digits
+    for i in range(8):
+        reply = served.stub.Classify(pb.ClassifyRequest(encoded=dark_on_light_rgba_png(images[i])), timeout=10)
+        assert reply.digit == labels[i]
+
+
+def test_a_large_photo_like_jpeg_is_classified(served: Harness, digits) -> None:
+    images, labels = digits
+    for i in range(3):
+        reply = served.stub.Classify(pb.ClassifyRequest(encoded=large_photo_jpeg(images[i], i)), timeout=20)
+        assert reply.digit == labels[i]
+
+
+def test_a_batch_is_answered_in_order_mixing_raw_and_encoded(served: Harness, digits) -> None:
+    images, labels = digits
+    requests = [
+        pb.ClassifyRequest(raw=images[i].tobytes(), request_id=str(i))
+        if i % 2
+        else pb.ClassifyRequest(encoded=png_bytes(Image.fromarray(images[i])), request_id=str(i))
+        for i in range(16)
+    ]
+    reply = served.stub.ClassifyBatch(pb.ClassifyBatchRequest(requests=requests), timeout=10)
+    assert [r.request_id for r in reply.responses] == [str(i) for i in range(16)]
+    assert [r.digit for r in reply.responses] == list(labels[:16])
+
+
+def test_model_info_describes_what_is_served(served: Harness) -> None:
+    info = served.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    assert info.name == "googlenet-fast"
+    assert info.sha256 == sha256_file(BUNDLED_MODEL)
+    assert list(info.providers) == ["CPUExecutionProvider"]
+    assert info.max_batch_size == 32 and info.test_accuracy == pytest.approx(0.9973, abs=1e-4)
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def _both_fields_on_the_wire(raw: bytes) -> bytes:
+    return pb.ClassifyRequest(encoded=b"x").SerializeToString() + pb.ClassifyRequest(raw=raw).SerializeToString()
+
+
+BAD_CLASSIFY = {
+    "raw-not-784-bytes": (pb.ClassifyRequest(raw=b"\0" * 783), "exactly 784 bytes"),
+    "neither-field": (pb.ClassifyRequest(request_id="x"), "set either 'encoded' or 'raw'"),
+    "not-an-image": (pb.ClassifyRequest(encoded=b"GIF89a? certainly not"), "not an image"),
+    "empty-encoded": (pb.ClassifyRequest(encoded=b""), "encoded image is empty"),
+    "over-pixel-limit": (pb.ClassifyRequest(encoded=png_bytes(Image.new("L", (4000, 3000), 255))), "over the limit"),
+    "blank-image": (pb.ClassifyRequest(encoded=png_bytes(Image.new("RGB", (64, 64), "white"))), "blank"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CLASSIFY))
+def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(served: Harness, digits, case: str) -> None:
+    request, message = BAD_CLASSIFY[case]
+    with pytest.raises(grpc.RpcError) as err:
+        served.stub.Classify(request, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+    assert served.stub.Classify(pb.ClassifyRequest(raw=digits[0][1].tobytes()), timeout=10).digit == digits[1][1]
+    assert served.health_status() == SERVING
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def test_both_image_fields_on_the_wire_are_refused(served: Harness, digits) -> None:
+    """Protobuf would keep only the last oneof member; the server notices both and says so."""
+    both = _both_fields_on_the_wire(digits[0][0].tobytes())
+    classify = served.channel.unary_unary("/mnist.v1.Classifier/Classify")
+    with pytest.raises(grpc.RpcError) as err:
+        classify(both, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "both 'encoded' and 'raw'" in err.value.details()
+
+    good = pb.ClassifyRequest(raw=digits[0][0].tobytes()).SerializeToString()
+    batch = b"".join(b"\x0a" + _varint(len(item)) + item for item in (good, both))
+    assert len(pb.ClassifyBatchRequest.FromString(batch).requests) == 2
+    with pytest.raises(grpc.RpcError) as err:
+        served.channel.unary_unary("/mnist.v1.Classifier/ClassifyBatch")(batch, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("requests[1]: both")
+
+
+@pytest.mark.parametrize(("count", "message"), [(0, "batch is empty"), (17, "17 requests, over the maximum of 16")])
+def test_empty_and_oversized_batches_are_invalid_argument(served: Harness, digits, count: int, message: str) -> None:
+    requests = [pb.ClassifyRequest(raw=digits[0][0].tobytes()) for _ in range(count)]
+    with pytest.raises(grpc.RpcError) as err:
+        served.stub.ClassifyBatch(pb.ClassifyBatchRequest(requests=requests), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+
+
+def test_a_bad_item_in_a_batch_is_named_by_its_index(served: Harness, digits) -> None:
+    requests = [pb.ClassifyRequest(raw=digits[0][0].tobytes()), pb.ClassifyRequest(raw=b"\1\2")]
+    with pytest.raises(grpc.RpcError) as err:
+        served.stub.ClassifyBatch(pb.ClassifyBatchRequest(requests=requests), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("requests[1]: ")
+
+
+# --- metrics and batching ----------------------------------------------------------------------
+
+
+def test_metrics_are_scraped_and_move_with_traffic(served: Harness, digits) -> None:
+    before = served.metrics()
+    ok = 'mnist_requests_total{code="OK",method="Classify"}'
+    for i in range(5):
+        served.stub.Classify(pb.ClassifyRequest(raw=digits[0][i].tobytes()), timeout=10)
+    with pytest.raises(grpc.RpcError):
+        served.stub.Classify(pb.ClassifyRequest(raw=b""), timeout=10)
+    after = served.metrics()
+    assert after[ok] - before.get(ok, 0) == 5
+    assert after['mnist_requests_total{code="INVALID_ARGUMENT",method="Classify"}'] >= 1
+    for edge in ("0.0001", "0.001", "0.01", "0.1"):
+        assert f'mnist_request_latency_seconds_bucket{{code="OK",le="{edge}",method="Classify"}}' in after
+    assert after["mnist_session_run_seconds_count{}"] > before["mnist_session_run_seconds_count{}"]
+    assert after["mnist_queue_wait_seconds_count{}"] > before["mnist_queue_wait_seconds_count{}"]
+    predicted = sum(after[f'mnist_predictions_total{{digit="{d}"}}'] for d in range(10))
+    assert predicted == after["mnist_prediction_confidence_count{}"] > 0
+    info = [k for k in after if k.startswith("mnist_model_info{")]
+    assert info == [
+        'mnist_model_info{name="googlenet-fast",provider="CPUExecutionProvider",version="'
+        + served.server.model.metadata.model_version
+        + '"}'
+    ]
+    assert "mnist_queue_depth{}" in after and "mnist_requests_in_flight{}" in after
+
+
+def test_concurrent_requests_are_coalesced_into_batches(served: Harness, digits) -> None:
+    before = served.metrics()
+
+    def client(worker: int) -> list[int]:
+        return [
+            served.stub.Classify(pb.ClassifyRequest(raw=digits[0][(worker + j) % 64].tobytes()), timeout=20).digit
+            for j in range(15)
+        ]
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(client, range(24)))
+    assert all(r == [digits[1][(w + j) % 64] for j in range(15)] for w, r in enumerate(results))
+    after = served.metrics()
+    runs = after["mnist_batch_size_count{}"] - before["mnist_batch_size_count{}"]
+    images = after["mnist_batch_size_sum{}"] - before["mnist_batch_size_sum{}"]
+    assert images == 24 * 15
+    assert runs < images  # at least one session run served several requests
+    assert after['mnist_batch_size_bucket{le="1.0"}'] - before['mnist_batch_size_bucket{le="1.0"}'] < runs
+
+
+def test_a_full_queue_answers_resource_exhausted_at_once(digits) -> None:
+    harness = Harness(MnistServer(test_config(max_batch_size=4, max_queue_size=8, max_request_images=8)).start())
+    try:
+        batch = pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(raw=digits[0][i].tobytes()) for i in range(8)])
+
+        def call(_: int) -> grpc.StatusCode:
+            try:
+                harness.stub.ClassifyBatch(batch, timeout=30)
+                return grpc.StatusCode.OK
+            except grpc.RpcError as err:
+                assert err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or "queue full" in err.details()
+                return err.code()
+
+        with ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(call, range(48)))
+        assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert harness.metrics()['mnist_requests_total{code="RESOURCE_EXHAUSTED",method="ClassifyBatch"}'] > 0
+        assert harness.stub.ClassifyBatch(batch, timeout=30).responses[0].digit == digits[1][0]
+    finally:
+        harness.close()
+
+
+# --- health ----------------------------------------------------------------------------------------
+
+
+def test_health_is_not_serving_until_warm_and_while_draining(monkeypatch: pytest.MonkeyPatch, digits) -> None:
+    warm_up_may_finish = threading.Event()
+    original = OnnxModel.warm_up
+    monkeypatch.setattr(OnnxModel, "warm_up", lambda self: warm_up_may_finish.wait(10) and original(self))
+    server = MnistServer(test_config(drain_seconds=1.0))
+    starting = threading.Thread(target=server.start)
+    starting.start()
+    while server.port is None:
+        time.sleep(0.01)
+    harness = Harness(server)
+    try:
+        time.sleep(0.2)
+        assert harness.health_status() == NOT_SERVING
+        assert harness.health_status("mnist.v1.Classifier") == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            harness.stub.Classify(pb.ClassifyRequest(raw=digits[0][0].tobytes()), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in err.value.details()
+        warm_up_may_finish.set()
+        starting.join(10)
+        assert harness.health_status() == SERVING and harness.health_status("mnist.v1.Classifier") == SERVING
+        stopping = threading.Thread(target=server.stop)
+        stopping.start()
+        time.sleep(0.3)
+        assert harness.health_status() == NOT_SERVING  # draining: still answering, no longer advertised
+        assert harness.stub.Classify(pb.ClassifyRequest(raw=digits[0][0].tobytes()), timeout=5).digit == digits[1][0]
+        stopping.join(10)
+    finally:
+        warm_up_may_finish.set()
+        harness.close()
+
+
+def test_reflection_lists_the_services(served: Harness) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(served.channel)
+    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    names = {s.name for reply in replies for s in reply.list_services_response.service}
+    assert {"mnist.v1.Classifier", "grpc.health.v1.Health"} <= names

@@ -1,0 +1,116 @@
+"""mnist-serve as a process: configuration printed at start, graceful shutdown on SIGTERM and SIGINT."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from proto.mnist.v1 import classifier_pb2 as pb
+from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
+from tests.test_server import free_port
+from training.data import load_split
+
+
+def start_server(*flags: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server.app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--provider",
+            "cpu",
+            *flags,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, **(env or {})},
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return process, port
+            except grpc.RpcError:
+                pass
+            assert process.poll() is None, process.communicate()[0]
+            time.sleep(0.05)
+    process.kill()
+    raise AssertionError("server did not become SERVING within 30 s")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_shutdown_finishes_in_flight_requests_then_exits_zero(mnist_dir: Path, sig: signal.Signals) -> None:
+    # one image per session run, so a 256-image batch stays in flight long enough to be interrupted
+    process, port = start_server(
+        "--max-batch-size", "1", "--drain-seconds", "0", "--grace-seconds", "30", "--max-request-images", "256"
+    )
+    images = load_split("test", mnist_dir)
+    batch = pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(raw=images.images[i].tobytes()) for i in range(256)])
+    outcome: dict = {}
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+
+        def call() -> None:
+            try:
+                outcome["reply"] = stub.ClassifyBatch(batch, timeout=60)
+            except grpc.RpcError as err:
+                outcome["error"] = err
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(0.15)  # the batch is being classified now
+        process.send_signal(sig)
+        caller.join(60)
+    output, _ = process.communicate(timeout=60)
+    assert "error" not in outcome, outcome.get("error")
+    assert [r.digit for r in outcome["reply"].responses] == list(images.labels[:256])
+    assert process.returncode == 0, output
+    assert f"received {sig.name}" in output and "stopped" in output
+
+
+def test_configuration_is_printed_at_start_and_env_vars_apply(tmp_path: Path) -> None:
+    process, port = start_server(
+        "--max-batch-size", "8", env={"MNIST_SERVE_MAX_QUEUE_DELAY_MS": "0.5", "MNIST_SERVE_MAX_BATCH_SIZE": "4"}
+    )
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0
+    for line in (
+        f"port                 {port}",
+        "max_batch_size       8",
+        "provider             cpu",
+        "inference provider: CPUExecutionProvider",
+    ):
+        assert line in output
+
+
+def test_an_invalid_configuration_exits_with_a_message() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "server.app", "--max-batch-size", "0", "--model", "/nope.onnx"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode != 0
+    assert "max_batch_size must be at least 1" in result.stderr and "/nope.onnx does not exist" in result.stderr
