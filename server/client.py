@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto.mnist.v1 import classifier_pb2 as pb
 from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
@@ -46,6 +48,21 @@ class ClassifierClient:
     def model_info(self) -> pb.ModelInfo:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
 
+    def wait_until_serving(self, seconds: float) -> bool:
+        """Poll grpc.health.v1 until the server reports SERVING (True) or `seconds` pass (False)."""
+        health = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
 
 def certainty(confidence: float) -> str:
     """0.985 -> '.985', as the reference system printed it; 1.0 stays '1.000'."""
@@ -62,9 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", default="localhost:50051", help="host:port of mnist-serve")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer")
     parser.add_argument("--probabilities", action="store_true", help="also print all ten probabilities")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="first wait up to this long for the server to report SERVING (e.g. right after start)",
+    )
     args = parser.parse_args(argv)
     failures = 0
     with ClassifierClient(args.server, args.timeout) as client:
+        if args.wait and not client.wait_until_serving(args.wait):
+            print(f"mnist-classify: {args.server} did not report SERVING within {args.wait:g} s", file=sys.stderr)
+            return 1
         for path in args.images:
             try:
                 reply = client.classify_file(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import time
@@ -79,6 +80,11 @@ class OnnxModel:
     def _providers(ort, provider: str) -> list:
         if provider == "cpu":
             return ["CPUExecutionProvider"]
+        if not nvidia_driver_present():  # spares the log ONNX Runtime's own CUDA loading errors
+            if provider == "cuda":
+                raise ProviderUnavailable("--provider cuda asked for, but no NVIDIA driver (libcuda.so.1) is present")
+            log.info("no NVIDIA driver (libcuda.so.1) found; using CPU")
+            return ["CPUExecutionProvider"]
         if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21: CUDA/cuDNN from the nvidia-* wheels if present
             try:
                 ort.preload_dlls()
@@ -111,6 +117,14 @@ class OnnxModel:
         for size in self.padded_sizes or [1, self.max_batch_size]:
             self.run(np.zeros((size, 1, 28, 28), np.float32))
         return time.perf_counter() - started
+
+
+def nvidia_driver_present() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
 
 
 def to_predictions(probabilities: np.ndarray) -> list[Prediction]:

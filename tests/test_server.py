@@ -352,3 +352,17 @@ def test_reflection_lists_the_services(served: Harness) -> None:
     replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
     names = {s.name for reply in replies for s in reply.list_services_response.service}
     assert {"mnist.v1.Classifier", "grpc.health.v1.Health"} <= names
+
+
+def test_the_classify_cli_prints_digit_and_certainty_per_file(served: Harness, tmp_path: Path, capsys) -> None:
+    from server.client import main
+
+    samples = sorted((Path(__file__).resolve().parents[1] / "server" / "samples").iterdir())
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    code = main(["--server", f"127.0.0.1:{served.server.port}", "--wait", "5", *map(str, samples), str(broken)])
+    out, err = capsys.readouterr()
+    assert code == 1  # one file failed
+    for sample, digit in zip(samples, ("4", "7", "2", "0"), strict=True):
+        assert f"{sample}: {digit} with " in out and " certainty" in out
+    assert f"{broken}: INVALID_ARGUMENT:" in err
