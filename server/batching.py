@@ -119,7 +119,7 @@ class BatchQueue:
                     item.future.set_exception(DeadlineExpired("deadline expired while queued; not run"))
                 elif item.future.set_running_or_notify_cancel():
                     live.append(item)
-            if len(live) < len(batch):
+            if len(live) < len(batch):  # expired here, or cancelled by a caller whose deadline passed
                 self._observer.on_expired(len(batch) - len(live))
             if not live:
                 continue

@@ -50,7 +50,7 @@ class ServiceMetrics:
         self.batch_size = Histogram("mnist_batch_size", "images per session run", buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("mnist_queue_depth", "images waiting in the batch queue", registry=r)
         self.expired = Counter(
-            "mnist_deadline_expired_images", "images dropped unrun: deadline passed in the queue", registry=r
+            "mnist_deadline_expired_images", "images dropped unrun: their deadline passed while queued", registry=r
         )
         self.model_info = Gauge(
             "mnist_model_info", "the model being served (value 1)", ["name", "version", "provider"], registry=r

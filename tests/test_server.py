@@ -366,3 +366,26 @@ def test_the_classify_cli_prints_digit_and_certainty_per_file(served: Harness, t
     for sample, digit in zip(samples, ("4", "7", "2", "0"), strict=True):
         assert f"{sample}: {digit} with " in out and " certainty" in out
     assert f"{broken}: INVALID_ARGUMENT:" in err
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_never_run(digits) -> None:
+    harness = Harness(MnistServer(test_config(max_batch_size=1, max_request_images=256, max_queue_size=512)).start())
+    try:
+        busy = pb.ClassifyBatchRequest(
+            requests=[pb.ClassifyRequest(raw=digits[0][i % 64].tobytes()) for i in range(256)]
+        )
+        backlog = harness.stub.ClassifyBatch.future(busy, timeout=60)  # ~256 single-image runs ahead
+        time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as err:
+            harness.stub.Classify(pb.ClassifyRequest(raw=digits[0][0].tobytes()), timeout=0.05)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert len(backlog.result().responses) == 256
+        for _ in range(100):  # the worker reaches the expired image just after the backlog
+            metrics = harness.metrics()
+            if metrics["mnist_deadline_expired_images_total{}"]:
+                break
+            time.sleep(0.02)
+        assert metrics["mnist_deadline_expired_images_total{}"] == 1
+        assert metrics["mnist_batch_size_sum{}"] == 256  # the expired image never reached the model
+    finally:
+        harness.close()
