@@ -9,6 +9,7 @@ one, so batches grow with load without adding delay when the server is idle.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +17,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
+
+log = logging.getLogger("mnist.batching")
 
 
 class QueueFull(Exception):
@@ -112,26 +115,38 @@ class BatchQueue:
             batch = self._take_batch()
             if not batch:
                 return  # closed and drained
-            now = time.monotonic()
-            live = []
-            for item in batch:
-                if item.deadline is not None and now >= item.deadline:
-                    item.future.set_exception(DeadlineExpired("deadline expired while queued; not run"))
-                elif item.future.set_running_or_notify_cancel():
-                    live.append(item)
-            if len(live) < len(batch):  # expired here, or cancelled by a caller whose deadline passed
-                self._observer.on_expired(len(batch) - len(live))
-            if not live:
-                continue
-            for item in live:
-                self._observer.on_wait(now - item.enqueued_at)
-            started = time.perf_counter()
             try:
-                outputs = self._run_batch(np.stack([item.tensor for item in live]))
-            except Exception as exc:  # noqa: BLE001 - a failed run fails its requests, never the worker
-                for item in live:
-                    item.future.set_exception(exc)
+                self._run(batch)
+            except Exception:  # a bug here must not silence the queue for every later request
+                log.exception("batch worker failed on a batch of %d; continuing", len(batch))
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(RuntimeError("internal error in the batch worker"))
+
+    def _run(self, batch: list[QueuedImage]) -> None:
+        now = time.monotonic()
+        live = []
+        for item in batch:
+            # RUNNING first: from then on a caller's cancel() cannot race with setting the outcome.
+            if not item.future.set_running_or_notify_cancel():
+                continue  # cancelled by a caller whose deadline passed
+            if item.deadline is not None and now >= item.deadline:
+                item.future.set_exception(DeadlineExpired("deadline expired while queued; not run"))
                 continue
-            self._observer.on_batch(len(live), time.perf_counter() - started)
-            for item, row in zip(live, outputs, strict=True):
-                item.future.set_result(row)
+            live.append(item)
+        if len(live) < len(batch):
+            self._observer.on_expired(len(batch) - len(live))
+        if not live:
+            return
+        for item in live:
+            self._observer.on_wait(now - item.enqueued_at)
+        started = time.perf_counter()
+        try:
+            outputs = self._run_batch(np.stack([item.tensor for item in live]))
+        except Exception as exc:  # noqa: BLE001 - a failed run fails its requests, never the worker
+            for item in live:
+                item.future.set_exception(exc)
+            return
+        self._observer.on_batch(len(live), time.perf_counter() - started)
+        for item, row in zip(live, outputs, strict=True):
+            item.future.set_result(row)

@@ -153,3 +153,15 @@ def test_queue_delay_waits_for_company_only_when_configured(model: FakeModel) ->
         queue.submit([image(1)])[0].result(5)
         assert low <= time.perf_counter() - started <= high, delay
         queue.close()
+
+
+def test_a_caller_giving_up_on_an_expired_request_does_not_stop_the_worker(model: FakeModel) -> None:
+    queue = BatchQueue(model, max_batch_size=8, max_queue_size=64)
+    hold_worker(queue, model)
+    (gave_up,) = queue.submit([image(3)], deadline=time.monotonic() + 0.01)
+    time.sleep(0.02)
+    assert gave_up.cancel()  # what the gRPC handler does when its deadline passes first
+    model.release.set()
+    (later,) = queue.submit([image(4)])
+    assert later.result(5)[0] == 4
+    queue.close()
