@@ -141,6 +141,14 @@ def measure_server(target: str, concurrency_levels: list[int], seconds: float) -
     return results
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_server(port: int, model: Path, provider: str, extra: list[str]) -> subprocess.Popen:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -179,6 +187,28 @@ def start_server(port: int, model: Path, provider: str, extra: list[str]) -> sub
                 raise SystemExit("mnist-bench: the server exited during start-up")
     process.kill()
     raise SystemExit("mnist-bench: the server did not become SERVING in time")
+
+
+def summarize(floor: list[LatencyStats], server: list[LatencyStats], slo_ms: float = 10.0) -> dict:
+    """The headline numbers, and each as a ratio to the floor (the bare session run)."""
+    summary: dict = {}
+    low = min(server, key=lambda s: s.concurrency, default=None)
+    floor_1 = next((f for f in floor if f.batch_size == 1), None)
+    if low is not None:
+        summary["server_p50_ms_low_concurrency"] = low.p50_ms
+        summary["server_p99_ms_low_concurrency"] = low.p99_ms
+        summary["low_concurrency"] = low.concurrency
+    if low is not None and floor_1 is not None:
+        summary["server_overhead_p50_ms_at_batch_1"] = low.p50_ms - floor_1.p50_ms
+        summary["p99_ratio_to_floor_batch_1"] = low.p99_ms / floor_1.p99_ms
+    within = [s for s in server if s.p99_ms <= slo_ms and s.errors == 0]
+    if within:
+        best = max(within, key=lambda s: s.images_per_second)
+        summary["best_images_per_second_within_slo"] = best.images_per_second
+        summary["best_within_slo_concurrency"] = best.concurrency
+        if floor:
+            summary["throughput_ratio_to_floor_best"] = best.images_per_second / max(f.images_per_second for f in floor)
+    return summary
 
 
 def plot(floor: list[LatencyStats], server: list[LatencyStats], path: Path, title: str) -> None:
@@ -239,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4,16", help="server: comma-separated client counts")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
     parser.add_argument("--target", help="benchmark a running server at HOST:PORT instead of starting one")
-    parser.add_argument("--port", type=int, default=50077, help="port for the server this command starts")
+    parser.add_argument("--port", type=int, default=0, help="port for the server this command starts (0 = a free one)")
     parser.add_argument("--server-args", default="", help="extra mnist-serve flags, e.g. '--max-queue-delay-ms 1'")
     parser.add_argument("--out", type=Path, default=Path("reports/bench"), help="folder for bench.json and bench.png")
     parser.add_argument("--skip-floor", action="store_true", help="measure the server only")
@@ -251,28 +281,18 @@ def main(argv: list[str] | None = None) -> int:
     floor = [] if args.skip_floor else measure_floor(args.model, args.provider, batch_sizes, args.seconds)
     if floor:
         print(table(floor), flush=True)
-    process = None if args.target else start_server(args.port, args.model, args.provider, shlex.split(args.server_args))
+    port = args.port or free_port()
+    process = None if args.target else start_server(port, args.model, args.provider, shlex.split(args.server_args))
     try:
-        server = measure_server(args.target or f"127.0.0.1:{args.port}", levels, args.seconds)
+        server = measure_server(args.target or f"127.0.0.1:{port}", levels, args.seconds)
     finally:
         if process is not None:
             process.terminate()
             process.wait(30)
     print(table(floor + server))
-    floor_1 = next((f for f in floor if f.batch_size == 1), None)
-    server_1 = next((s for s in server if s.concurrency == 1), None)
-    summary = {}
-    if floor_1 and server_1:
-        summary = {
-            "server_overhead_p50_ms_at_batch_1": server_1.p50_ms - floor_1.p50_ms,
-            "server_p50_ms_concurrency_1": server_1.p50_ms,
-            "floor_p50_ms_batch_1": floor_1.p50_ms,
-            "server_p99_ms_concurrency_1": server_1.p99_ms,
-        }
-        print(
-            f"server adds {summary['server_overhead_p50_ms_at_batch_1']:.3f} ms at p50 over the bare session run "
-            f"at batch 1 ({server_1.p50_ms:.3f} vs {floor_1.p50_ms:.3f} ms)"
-        )
+    summary = summarize(floor, server)
+    for key, value in summary.items():
+        print(f"{key:<44} {value:,.3f}" if isinstance(value, float) else f"{key:<44} {value}")
     import onnxruntime
 
     report = {
