@@ -261,12 +261,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", help="MNIST directory (default: $MNIST_DIR, else ../shared/data/mnist, else the user cache)"
     )
     parser.add_argument(
+        "--triton-repo",
+        type=Path,
+        metavar="DIR",
+        help="also write a Triton model repository DIR/<name>/1/model.onnx + config.pbtxt (dynamic batching) for "
+        "the exported model, or for the --check model",
+    )
+    parser.add_argument("--triton-max-batch-size", type=int, default=256, help="max_batch_size in config.pbtxt")
+    parser.add_argument(
         "--check",
         type=Path,
         metavar="MODEL.onnx",
         help="instead of exporting, verify an existing model and print its metadata and accuracy",
     )
     return parser
+
+
+def _write_triton(args: argparse.Namespace, model_path: Path) -> None:
+    if args.triton_repo is None:
+        return
+    import onnx
+
+    from export.triton import write_triton_repository
+
+    metadata = read_metadata(onnx.load(str(model_path), load_external_data=False))
+    folder = write_triton_repository(model_path, args.triton_repo, metadata, args.triton_max_batch_size)
+    print(f"  Triton repository: {folder}/ (config.pbtxt, labels.txt, 1/model.onnx)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,15 +305,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"metadata says {100 * meta['test_accuracy']:.2f}%"
             )
             print(f"  first predictions {result['first_predictions']}\n  true labels       {result['first_labels']}")
+            _write_triton(args, args.check)
             return 0
         if args.checkpoint is None:
             build_parser().error("give a checkpoint to export, or --check MODEL.onnx")
-        from training.data import IdxFormatError  # noqa: F401  (import errors surface before a long export)
-
         output = args.output or args.checkpoint.with_name(f"{load_checkpoint_model(args.checkpoint)[1]}.onnx")
         report = export_checkpoint(
             args.checkpoint, output, args.model_version, args.parity_images, args.accuracy_images, args.data_dir
         )
+        _write_triton(args, output)
     except (ExportError, ValueError, FileNotFoundError) as exc:
         print(f"mnist-export: {exc}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ class MnistServer:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.metrics = ServiceMetrics()
+        self.metrics.queue_capacity.set(config.max_queue_size)
         self.health = health.HealthServicer()
         self.service = ClassifierService(config, self.metrics)
         self.queue: BatchQueue | None = None
@@ -56,6 +57,7 @@ class MnistServer:
     def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
+        self.metrics.serving.set(1 if status == health_pb2.HealthCheckResponse.SERVING else 0)
 
     def start(self) -> MnistServer:
         """Bind and answer health (NOT_SERVING) at once, then load and warm the model, then SERVING."""
@@ -111,6 +113,7 @@ class MnistServer:
             self.config.grace_seconds,
         )
         self.health.enter_graceful_shutdown()
+        self.metrics.serving.set(0)
         time.sleep(self.config.drain_seconds)
         self.grpc.stop(self.config.grace_seconds).wait()
         if self.queue is not None:

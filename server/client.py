@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="mnist-classify",
         description="Classify image files of handwritten digits with a running mnist-serve; prints one line per file.",
     )
-    parser.add_argument("images", nargs="+", type=Path, help="PNG, JPEG, BMP, GIF or WebP files, any size")
+    parser.add_argument("images", nargs="*", type=Path, help="PNG, JPEG, BMP, GIF or WebP files, any size")
     parser.add_argument("--server", default="localhost:50051", help="host:port of mnist-serve")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer")
     parser.add_argument("--probabilities", action="store_true", help="also print all ten probabilities")
@@ -86,7 +86,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="first wait up to this long for the server to report SERVING (e.g. right after start)",
     )
+    parser.add_argument(
+        "--health",
+        action="store_true",
+        help="only check grpc.health.v1: exit 0 if the server is SERVING, else 1 (for HEALTHCHECK)",
+    )
     args = parser.parse_args(argv)
+    if args.health:
+        with ClassifierClient(args.server, args.timeout) as client:
+            serving = client.wait_until_serving(args.wait)
+        print(f"{args.server}: {'SERVING' if serving else 'not serving'}")
+        return 0 if serving else 1
+    if not args.images:
+        parser.error("give at least one image file (or --health)")
     failures = 0
     with ClassifierClient(args.server, args.timeout) as client:
         if args.wait and not client.wait_until_serving(args.wait):

@@ -18,7 +18,7 @@ ENV_PREFIX = "MNIST_SERVE_"
 class ServeConfig:
     host: str = "[::]"
     port: int = 50051
-    metrics_port: int = 9090
+    metrics_port: int = 9464  # not 9090, which is Prometheus's own
     model: str = str(BUNDLED_MODEL)
     provider: str = "auto"  # auto: CUDA when usable, else CPU; or cuda / cpu
     max_batch_size: int = 32  # images per session run

@@ -49,6 +49,8 @@ class ServiceMetrics:
         )
         self.batch_size = Histogram("mnist_batch_size", "images per session run", buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("mnist_queue_depth", "images waiting in the batch queue", registry=r)
+        self.queue_capacity = Gauge("mnist_queue_capacity", "most images the batch queue holds", registry=r)
+        self.serving = Gauge("mnist_health_serving", "1 while grpc.health reports SERVING, else 0", registry=r)
         self.expired = Counter(
             "mnist_deadline_expired_images", "images dropped unrun: their deadline passed while queued", registry=r
         )
