@@ -122,6 +122,9 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
     started_at = time.time() if started_at is None else started_at
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out_dir / "checkpoint.pt"
+    if config.resume and not checkpoint_path.is_file():  # before the slow data loading
+        raise SystemExit(f"mnist-train: --resume given but {checkpoint_path} does not exist")
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
 
@@ -153,13 +156,10 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
     )
 
     # --- resume ---
-    checkpoint_path = out_dir / "checkpoint.pt"
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     first_epoch = 1
     if config.resume:
-        if not checkpoint_path.is_file():
-            raise SystemExit(f"mnist-train: --resume given but {checkpoint_path} does not exist")
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
         changed = {
             k: (v, getattr(config, k))
