@@ -21,7 +21,7 @@ from proto.mnist.v1 import classifier_pb2 as pb
 from server.batching import BatchQueue
 from server.config import ServeConfig, describe, load_config
 from server.metrics import ServiceMetrics
-from server.runtime import OnnxModel, ProviderUnavailable
+from server.runtime import OnnxModel
 from server.service import ClassifierService, add_to_server
 
 log = logging.getLogger("mnist.serve")
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         server.start()
-    except ProviderUnavailable as exc:
-        log.error("%s", exc)
+    except Exception as exc:  # no CUDA with --provider cuda, not an ONNX model, metrics port taken, ...
+        log.error("cannot start: %s: %s", type(exc).__name__, exc)
         server.stop()
         return 2
     while not stop_requested.wait(0.5):

@@ -114,3 +114,29 @@ def test_an_invalid_configuration_exits_with_a_message() -> None:
     )
     assert result.returncode != 0
     assert "max_batch_size must be at least 1" in result.stderr and "/nope.onnx does not exist" in result.stderr
+
+
+def test_a_file_that_is_no_model_stops_the_server_with_a_message(tmp_path: Path) -> None:
+    bogus = tmp_path / "model.onnx"
+    bogus.write_bytes(b"not an onnx model")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.app",
+            "--model",
+            str(bogus),
+            "--port",
+            str(free_port()),
+            "--metrics-port",
+            "0",
+            "--drain-seconds",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 2
+    assert "cannot start:" in result.stderr and "stopped" in result.stderr
