@@ -150,8 +150,7 @@ def free_port() -> int:
 
 
 def start_server(port: int, model: Path, provider: str, extra: list[str]) -> subprocess.Popen:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from server.client import ClassifierClient
 
     process = subprocess.Popen(
         [
@@ -175,18 +174,11 @@ def start_server(port: int, model: Path, provider: str, extra: list[str]) -> sub
             *extra,
         ]
     )
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for _ in range(600):
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return process
-            except grpc.RpcError:
-                time.sleep(0.1)
-            if process.poll() is not None:
-                raise SystemExit("mnist-bench: the server exited during start-up")
+    with ClassifierClient(f"127.0.0.1:{port}") as client:
+        if client.wait_until_serving(60):
+            return process
     process.kill()
-    raise SystemExit("mnist-bench: the server did not become SERVING in time")
+    raise SystemExit("mnist-bench: the server did not become SERVING within 60 s (see its log above)")
 
 
 def summarize(floor: list[LatencyStats], server: list[LatencyStats], slo_ms: float = 10.0) -> dict:

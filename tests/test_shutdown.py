@@ -12,10 +12,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto.mnist.v1 import classifier_pb2 as pb
 from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
+from server.client import ClassifierClient
 from tests.test_server import free_port
 from training.data import load_split
 
@@ -43,19 +43,11 @@ def start_server(*flags: str, env: dict[str, str] | None = None) -> tuple[subpro
         cwd=Path(__file__).resolve().parents[1],
         env={**os.environ, **(env or {})},
     )
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return process, port
-            except grpc.RpcError:
-                pass
-            assert process.poll() is None, process.communicate()[0]
-            time.sleep(0.05)
+    with ClassifierClient(f"127.0.0.1:{port}") as client:
+        if client.wait_until_serving(30):
+            return process, port
     process.kill()
-    raise AssertionError("server did not become SERVING within 30 s")
+    raise AssertionError("server did not become SERVING within 30 s:\n" + process.communicate()[0])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
