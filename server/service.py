@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
@@ -27,6 +27,18 @@ from server.runtime import OnnxModel, Prediction, to_predictions
 from server.wire import ParsedRequest, parse_classify_batch_request, parse_classify_request
 
 log = logging.getLogger("mnist.service")
+
+
+# grpcio reports "no deadline" as a huge time_remaining(), which would overflow timed waits.
+NO_DEADLINE_SECONDS = 24 * 3600
+
+
+def request_deadline(context: grpc.ServicerContext) -> float | None:
+    """time.monotonic() by which the client needs the answer, or None when it set no deadline."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > NO_DEADLINE_SECONDS:
+        return None
+    return time.monotonic() + remaining
 
 
 class RpcError(Exception):
@@ -138,15 +150,24 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}no image: set either 'encoded' or 'raw'")
 
     def _infer(self, tensors: list[np.ndarray], context: grpc.ServicerContext) -> list[Prediction]:
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
+        deadline = request_deadline(context)
         try:
             futures = self._ready()[1].submit(tensors, deadline)
         except QueueFull as exc:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
         except QueueClosed as exc:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
-        rows = [self._wait(f, deadline, futures) for f in futures]
+
+        def cancel_all() -> None:  # images not yet running are then never run
+            for future in futures:
+                future.cancel()
+
+        context.add_callback(cancel_all)  # the client went away (cancel, disconnect, deadline)
+        try:
+            rows = [self._wait(f, deadline) for f in futures]
+        except BaseException:
+            cancel_all()
+            raise
         predictions = to_predictions(np.stack(rows))
         for p in predictions:
             self.metrics.predictions.labels(str(p.digit)).inc()
@@ -154,15 +175,15 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         return predictions
 
     @staticmethod
-    def _wait(future: Future, deadline: float | None, siblings: list[Future]) -> np.ndarray:
+    def _wait(future: Future, deadline: float | None) -> np.ndarray:
         try:
             return future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
         except (DeadlineExpired, FutureTimeout):
-            for sibling in siblings:
-                sibling.cancel()  # not yet running ones are never run
             raise RpcError(
                 grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the image was classified"
             ) from None
+        except CancelledError:
+            raise RpcError(grpc.StatusCode.CANCELLED, "the call was cancelled") from None
 
     def _response(self, p: Prediction, request_id: str) -> pb.ClassifyResponse:
         return pb.ClassifyResponse(

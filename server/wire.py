@@ -37,7 +37,7 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def _fields(data: bytes) -> Iterator[tuple[int, bytes | None]]:
-    """(field number, payload of length-delimited fields) for each top-level field."""
+    """(field number, payload of length-delimited fields, else None) for each top-level field."""
     pos = 0
     while pos < len(data):
         key, pos = _varint(data, pos)
@@ -52,24 +52,37 @@ def _fields(data: bytes) -> Iterator[tuple[int, bytes | None]]:
         elif wire_type in (1, 5):
             pos += 8 if wire_type == 1 else 4
             yield number, None
+        elif wire_type in (3, 4):  # group start/end markers (deprecated); their contents scan as fields
+            yield number, None
         else:
             raise ValueError(f"unsupported wire type {wire_type}")
 
 
 def _both_image_fields(data: bytes) -> bool:
-    numbers = {number for number, _ in _fields(data)}
+    numbers = {number for number, payload in _fields(data) if payload is not None}
     return ENCODED_FIELD in numbers and RAW_FIELD in numbers
 
 
+def _malformed(message_type: Any, exc: Exception) -> ParsedRequest:
+    return ParsedRequest(message_type(), f"malformed request: not a valid {message_type.DESCRIPTOR.name} ({exc})")
+
+
 def parse_classify_request(data: bytes) -> ParsedRequest:
-    message = pb.ClassifyRequest.FromString(data)  # malformed bytes fail here, as with the stock deserializer
-    return ParsedRequest(message, BOTH_SET if _both_image_fields(data) else None)
+    """Never raises: a deserializer that raises makes gRPC answer INTERNAL, unseen by the metrics."""
+    try:
+        message = pb.ClassifyRequest.FromString(data)
+        return ParsedRequest(message, BOTH_SET if _both_image_fields(data) else None)
+    except Exception as exc:  # noqa: BLE001 - DecodeError, or our own scan's ValueError
+        return _malformed(pb.ClassifyRequest, exc)
 
 
 def parse_classify_batch_request(data: bytes) -> ParsedRequest:
-    message = pb.ClassifyBatchRequest.FromString(data)
-    items = [payload for number, payload in _fields(data) if number == REQUESTS_FIELD]
-    for index, payload in enumerate(items):
-        if payload is not None and _both_image_fields(payload):
-            return ParsedRequest(message, f"requests[{index}]: {BOTH_SET}")
-    return ParsedRequest(message)
+    try:
+        message = pb.ClassifyBatchRequest.FromString(data)
+        items = [payload for number, payload in _fields(data) if number == REQUESTS_FIELD]
+        for index, payload in enumerate(items):
+            if payload is not None and _both_image_fields(payload):
+                return ParsedRequest(message, f"requests[{index}]: {BOTH_SET}")
+        return ParsedRequest(message)
+    except Exception as exc:  # noqa: BLE001
+        return _malformed(pb.ClassifyBatchRequest, exc)

@@ -389,3 +389,22 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_never_run(digits) -> No
         assert metrics["mnist_batch_size_sum{}"] == 256  # the expired image never reached the model
     finally:
         harness.close()
+
+
+def test_a_call_without_a_deadline_is_answered(served: Harness, digits) -> None:
+    """Regression: grpcio reports 'no deadline' as a huge time_remaining(), which overflowed the wait."""
+    reply = served.stub.Classify(pb.ClassifyRequest(raw=digits[0][0].tobytes()))
+    assert reply.digit == digits[1][0]
+    batch = pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(raw=digits[0][1].tobytes())])
+    assert served.stub.ClassifyBatch(batch).responses[0].digit == digits[1][1]
+
+
+@pytest.mark.parametrize("method", ["Classify", "ClassifyBatch"])
+def test_malformed_protobuf_bytes_are_invalid_argument_and_counted(served: Harness, method: str) -> None:
+    call = served.channel.unary_unary(f"/mnist.v1.Classifier/{method}")
+    before = served.metrics().get(f'mnist_requests_total{{code="INVALID_ARGUMENT",method="{method}"}}', 0)
+    with pytest.raises(grpc.RpcError) as err:
+        call(b"\x12\xff\xff\x03truncated", timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed request" in err.value.details()
+    after = served.metrics()[f'mnist_requests_total{{code="INVALID_ARGUMENT",method="{method}"}}']
+    assert after == before + 1
