@@ -283,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
             process.wait(30)
     print(table(floor + server))
     summary = summarize(floor, server)
+    if "server_overhead_p50_ms_at_batch_1" in summary:
+        print(
+            f"server adds {summary['server_overhead_p50_ms_at_batch_1']:.3f} ms at p50 over the bare session run "
+            f"at batch 1"
+        )
     for key, value in summary.items():
         print(f"{key:<44} {value:,.3f}" if isinstance(value, float) else f"{key:<44} {value}")
     import onnxruntime

@@ -112,6 +112,9 @@ class ClassifierUser(User):
         except grpc.RpcError as err:
             exception = RuntimeError(f"{err.code().name}: {err.details()}")
             TALLY.errors[err.code().name] += 1
+        except Exception as exc:  # a malformed answer (e.g. a short batch) is an error, not a silent pass
+            exception = exc
+            TALLY.errors[f"BAD_ANSWER ({type(exc).__name__})"] += 1
         elapsed_ms = (time.perf_counter() - started) * 1000
         TALLY.latencies_ms[name].append(elapsed_ms)
         events.request.fire(

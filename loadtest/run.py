@@ -84,7 +84,7 @@ def judge(
         verdict.failures.append(f"p99 {total.p99_ms:.2f} ms is over the SLO of {slo_p99_ms:g} ms")
     if error_ratio > max_error_ratio:
         verdict.failures.append(f"error ratio {error_ratio:.4f} is over the budget of {max_error_ratio:g}")
-    if min_accuracy is not None and (accuracy is None or accuracy < min_accuracy):
+    if min_accuracy and (accuracy is None or accuracy < min_accuracy):
         verdict.failures.append(f"accuracy {accuracy} is under the required {min_accuracy:g}")
     return verdict
 
@@ -160,7 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-time", type=parse_duration, default=30.0, help="duration, e.g. 30s or 2m")
     parser.add_argument("--slo-p99-ms", type=float, default=10.0, help="p99 latency objective over all calls")
     parser.add_argument("--max-error-ratio", type=float, default=0.001, help="largest tolerated share of failures")
-    parser.add_argument("--min-accuracy", type=float, help="also fail if accuracy under load is below this")
+    parser.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=0.98,
+        help="fail if the share of answers matching their labels is below this (0 = don't judge)",
+    )
     parser.add_argument("--metrics-url", help="the server's /metrics URL, read before and after for its own p99")
     parser.add_argument(
         "--report-dir",
@@ -225,10 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(exact.read_text())
     server_p99 = None
     if before is not None:
-        after = scrape_histogram(args.metrics_url)
+        try:
+            after = scrape_histogram(args.metrics_url)
+        except (urllib.error.URLError, OSError) as exc:
+            print(f"mnist-loadtest: cannot read {args.metrics_url} after the run: {exc}", file=sys.stderr)
+            after = {}
         delta = {le: after[le] - before.get(le, 0.0) for le in after}
-        quantile = histogram_quantile(0.99, delta)
-        server_p99 = quantile * 1000 if quantile is not None else None
+        if delta and min(delta.values()) >= 0:  # a restarted server resets its counters: no server p99 then
+            quantile = histogram_quantile(0.99, delta)
+            server_p99 = quantile * 1000 if quantile is not None else None
     verdict = judge(results, args.run_time, args.slo_p99_ms, args.max_error_ratio, args.min_accuracy, server_p99)
     (out / "verdict.json").write_text(
         json.dumps({**asdict(verdict), "passed": verdict.passed, "command": sys.argv}, indent=2, default=str) + "\n"

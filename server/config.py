@@ -46,7 +46,8 @@ HELP = {
     "max_request_images": "most images in one ClassifyBatch request",
     "max_image_pixels": "largest encoded image accepted, in pixels (width x height)",
     "max_message_bytes": "largest gRPC request or response message in bytes",
-    "grpc_workers": "threads handling RPCs concurrently",
+    "grpc_workers": "threads handling RPCs concurrently; also caps how many single-image calls can share a batch, "
+    "so keep it >= max_batch_size",
     "intra_op_threads": "ONNX Runtime intra-op threads (0 = ONNX Runtime's default, one per core)",
     "drain_seconds": "on SIGTERM/SIGINT, seconds of NOT_SERVING health before new calls are refused",
     "grace_seconds": "on shutdown, seconds in-flight calls get to finish",

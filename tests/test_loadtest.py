@@ -154,3 +154,12 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert [s["concurrency"] for s in report["server"]] == [1, 2] and all(s["errors"] == 0 for s in report["server"])
     assert "server_overhead_p50_ms_at_batch_1" in report["summary"]
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_wrong_answers_fail_the_run_by_default() -> None:
+    from loadtest.run import build_parser
+
+    default = build_parser().parse_args(["--host", "x:1"]).min_accuracy
+    assert default == 0.98
+    verdict = judge(results({"Classify raw": [1.0] * 100}, correct=10, checked=100), 10, 10, 0.001, default)
+    assert not verdict.passed and "accuracy" in verdict.failures[0]
