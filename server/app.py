@@ -115,9 +115,10 @@ class MnistServer:
         self.health.enter_graceful_shutdown()
         self.metrics.serving.set(0)
         time.sleep(self.config.drain_seconds)
+        grace_ends = time.monotonic() + self.config.grace_seconds  # one budget for calls and queue together
         self.grpc.stop(self.config.grace_seconds).wait()
         if self.queue is not None:
-            self.queue.close(timeout=self.config.grace_seconds)
+            self.queue.close(timeout=max(0.0, grace_ends - time.monotonic()))
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         log.info("stopped")

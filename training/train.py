@@ -246,6 +246,7 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
             f"val acc {val_acc:.4f}  test loss {test_loss:.4f} acc {test_acc:.4f}  "
             f"{record['train_images_per_second']:,.0f} img/s  {record['elapsed_seconds']:.1f}s"
         )
+        partial = checkpoint_path.with_suffix(".pt.tmp")  # a kill mid-write keeps the last good checkpoint
         torch.save(
             {
                 "format": CHECKPOINT_FORMAT,
@@ -257,8 +258,9 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
                 "history": history,
                 "best": best,
             },
-            checkpoint_path,
+            partial,
         )
+        partial.replace(checkpoint_path)
         if epoch == config.stop_after and epoch < config.epochs:
             print(f"stopped after epoch {epoch} as asked; continue with --resume")
             break
