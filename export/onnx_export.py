@@ -2,7 +2,9 @@
 
 Steps: load (weights_only) -> export with a dynamic batch axis -> onnx.checker -> parity against
 PyTorch on real test images -> test accuracy through ONNX Runtime -> metadata_props -> save.
-A model that fails a check is not written.
+With --fp16, the fp32 file is then converted to an fp16 variant (`name.fp16.onnx`: fp16 weights
+and arithmetic, float32 input and output, softmax kept in fp32), checked against the fp32 file
+through ONNX Runtime and measured again. A model that fails a check is not written.
 """
 
 from __future__ import annotations
@@ -19,14 +21,33 @@ from pathlib import Path
 
 import numpy as np
 
-from export.metadata import ModelMetadata, read_metadata
+from proto.contract import (
+    BATCH_AXIS,
+    CLASS_LABELS,
+    INPUT_NAME,
+    INPUT_SHAPE,
+    LOGITS,
+    MNIST_NORMALIZATION,
+    OUTPUT_LAYOUT,
+    OUTPUT_NAMES,
+    PROBABILITIES,
+    ModelMetadata,
+    input_layout,
+    read_metadata,
+    variant_path,
+)
 from training.data import sha256_file
 
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("logits", "probabilities")
 OPSET = 18
 FP32_LOGIT_TOLERANCE = 1e-4
-CLASS_LABELS = [str(d) for d in range(10)]
+# fp16 against fp32, both through ONNX Runtime. Measured on the bundled googlenet-fast (10,000 test
+# images, CPU provider): max |Δlogit| 0.0037, max |Δprobability| 0.0011, no prediction changed.
+# Allowed: ~10x that (fp16 keeps ~3 significant digits of logits around 10-20), and at most 0.1% of
+# predictions and 0.1 points of test accuracy may move (images near a tie can flip either way).
+FP16_LOGIT_TOLERANCE = 0.05
+FP16_PROBABILITY_TOLERANCE = 0.01
+FP16_MAX_CHANGED_PREDICTIONS = 0.001
+FP16_MAX_ACCURACY_DROP = 0.001
 
 
 class ExportError(RuntimeError):
@@ -39,10 +60,12 @@ class ParityResult:
     max_abs_logit_diff: float
     argmax_mismatches: int
     tolerance: float
+    max_abs_probability_diff: float = 0.0
+    allowed_mismatches: int = 0
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_logit_diff <= self.tolerance and self.argmax_mismatches == 0
+        return self.max_abs_logit_diff <= self.tolerance and self.argmax_mismatches <= self.allowed_mismatches
 
 
 def load_checkpoint_model(path: Path):  # -> torch.nn.Module, in eval mode
@@ -67,25 +90,33 @@ def load_checkpoint_model(path: Path):  # -> torch.nn.Module, in eval mode
 
 def normalized_test_images(limit: int, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
     """The first `limit` MNIST test images as the model's normalized float32 NCHW input, and labels."""
-    from training.data import MNIST_MEAN, MNIST_STD, load_split
+    from training.data import load_split
 
     test = load_split("test", data_dir)
     n = min(limit, len(test)) if limit else len(test)
-    x = (test.images[:n].astype(np.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
+    x = MNIST_NORMALIZATION.apply(test.images[:n])
     return x[:, None, :, :], test.labels[:n].astype(np.int64)
 
 
-def ort_session(path: Path):
+def ort_session(path: Path, provider: str = "cpu"):
+    """A session on the CPU (what the checks are defined on), or on CUDA to measure what a GPU serves."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise ExportError("onnxruntime is not installed: pip install -e '.[serve]' (or '.[serve-cpu]')") from None
+    if provider == "cuda":
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+        session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        if session.get_providers()[0] != "CUDAExecutionProvider":
+            raise ExportError(f"--provider cuda asked for, but ONNX Runtime could not start CUDA for {path}")
+        return session
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def run_batched(session, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
+def run_batched(session, x: np.ndarray, batch_size: int = 500, output: str = LOGITS) -> np.ndarray:
     return np.concatenate(
-        [session.run(["logits"], {INPUT_NAME: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+        [session.run([output], {INPUT_NAME: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
     )
 
 
@@ -123,14 +154,14 @@ def export_checkpoint(
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = Path(tmp) / "model.onnx"
         wrapped = WithProbabilities(model).eval()
-        batch = torch.export.Dim("batch", min=1, max=65536)
+        batch = torch.export.Dim(BATCH_AXIS, min=1, max=65536)
         # The exporter logs every torchvision op it cannot register and warns about its own internals.
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 wrapped,
-                (torch.zeros(2, 1, 28, 28),),
+                (torch.zeros(2, *INPUT_SHAPE),),
                 input_names=[INPUT_NAME],
                 output_names=list(OUTPUT_NAMES),
                 opset_version=OPSET,
@@ -158,15 +189,13 @@ def export_checkpoint(
         x_acc, y_acc = normalized_test_images(accuracy_images, data_dir)
         accuracy = float((run_batched(session, x_acc).argmax(1) == y_acc).mean())
 
-    from training.data import MNIST_MEAN, MNIST_STD
-
     metadata = ModelMetadata(
         model_name=preset,
         model_version=model_version or checkpoint_sha[:12],
-        class_labels=CLASS_LABELS,
-        normalization={"scale": 1 / 255, "mean": MNIST_MEAN, "std": MNIST_STD, "formula": "(pixel / 255 - mean) / std"},
-        input_layout=f"{INPUT_NAME}: float32 [batch, 1, 28, 28] (NCHW), light digit on dark background as in MNIST",
-        output_layout="logits, probabilities: float32 [batch, 10], index = digit",
+        class_labels=list(CLASS_LABELS),
+        normalization=MNIST_NORMALIZATION.as_dict(),
+        input_layout=input_layout("fp32"),
+        output_layout=OUTPUT_LAYOUT,
         test_accuracy=accuracy,
         test_images=len(y_acc),
         checkpoint_sha256=checkpoint_sha,
@@ -192,6 +221,98 @@ def export_checkpoint(
     return report
 
 
+def to_fp16(proto):
+    """fp16 weights and arithmetic; input and output stay float32 and the softmax runs in fp32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(proto, keep_io_types=True, op_block_list=["Softmax"])
+
+
+def export_fp16_variant(
+    fp32_model: Path, parity_images: int = 1000, accuracy_images: int = 0, data_dir: str | None = None
+) -> dict:
+    """Write `name.fp16.onnx` beside an fp32 model written by mnist-export, checked against it; returns the report."""
+    import onnx
+
+    started = time.time()
+    proto32 = onnx.load(str(fp32_model))
+    metadata32 = read_metadata(proto32)
+    if metadata32.precision != "fp32":
+        raise ExportError(f"{fp32_model} is already {metadata32.precision}; give the fp32 model")
+    proto16 = to_fp16(proto32)
+    onnx.checker.check_model(proto16, full_check=True)
+    _check_io_contract(proto16)
+    output = variant_path(fp32_model, "fp16")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        candidate = Path(tmp) / "candidate.onnx"
+        onnx.save(proto16, str(candidate))
+        session16, session32 = ort_session(candidate), ort_session(fp32_model)
+        x, labels = normalized_test_images(max(parity_images, accuracy_images), data_dir)
+        xp = x[:parity_images]
+        logits16, logits32 = run_batched(session16, xp), run_batched(session32, xp)
+        probability_diff = float(
+            np.abs(
+                run_batched(session16, xp, output=PROBABILITIES) - run_batched(session32, xp, output=PROBABILITIES)
+            ).max()
+        )
+        parity = ParityResult(
+            images=len(xp),
+            max_abs_logit_diff=float(np.abs(logits16 - logits32).max()),
+            argmax_mismatches=int((logits16.argmax(1) != logits32.argmax(1)).sum()),
+            tolerance=FP16_LOGIT_TOLERANCE,
+            max_abs_probability_diff=probability_diff,
+            allowed_mismatches=int(FP16_MAX_CHANGED_PREDICTIONS * len(xp)),
+        )
+        if not parity.ok or probability_diff > FP16_PROBABILITY_TOLERANCE:
+            raise ExportError(
+                f"fp16 check failed on {parity.images} test images against {fp32_model}: max |Δlogit| "
+                f"{parity.max_abs_logit_diff:.2e} (tolerance {FP16_LOGIT_TOLERANCE}), max |Δprobability| "
+                f"{probability_diff:.2e} (tolerance {FP16_PROBABILITY_TOLERANCE}), {parity.argmax_mismatches} "
+                f"different predictions (at most {parity.allowed_mismatches})"
+            )
+        x_acc, y_acc = normalized_test_images(accuracy_images, data_dir)
+        accuracy16 = float((run_batched(session16, x_acc).argmax(1) == y_acc).mean())
+        accuracy32 = float((run_batched(session32, x_acc).argmax(1) == y_acc).mean())
+    if accuracy32 - accuracy16 > FP16_MAX_ACCURACY_DROP:
+        raise ExportError(
+            f"fp16 test accuracy {100 * accuracy16:.2f}% is more than {100 * FP16_MAX_ACCURACY_DROP:.1f} points "
+            f"under fp32's {100 * accuracy32:.2f}% on the same {len(y_acc):,} images"
+        )
+
+    from dataclasses import replace
+
+    metadata = replace(
+        metadata32,
+        precision="fp16",
+        input_layout=input_layout("fp16"),
+        test_accuracy=accuracy16,
+        test_images=len(y_acc),
+        exported_with=f"{metadata32.exported_with}; fp16 by onnxruntime.transformers.float16 (onnx {onnx.__version__})",
+    )
+    metadata.write_into(proto16)
+    tmp_output = output.with_name(output.name + ".tmp")
+    onnx.save(proto16, str(tmp_output))
+    tmp_output.replace(output)
+    report = {
+        "model": str(output),
+        "onnx_sha256": sha256_file(output),
+        "size_bytes": output.stat().st_size,
+        "converted_from": str(fp32_model),
+        "converted_from_sha256": sha256_file(fp32_model),
+        "metadata": asdict(metadata),
+        "parity_against_fp32": {
+            **asdict(parity),
+            "probability_tolerance": FP16_PROBABILITY_TOLERANCE,
+            "passed": True,
+        },
+        "fp32_test_accuracy_same_images": accuracy32,
+        "seconds": time.time() - started,
+    }
+    output.with_suffix(".export.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def _check_io_contract(proto) -> None:
     inputs = [i.name for i in proto.graph.input]
     outputs = [o.name for o in proto.graph.output]
@@ -204,7 +325,7 @@ def _check_io_contract(proto) -> None:
         raise ExportError(f"batch axis of {INPUT_NAME} is fixed at {batch_dim.dim_value}, expected dynamic")
 
 
-def check_model_file(path: Path, data_dir: str | None, limit: int) -> dict:
+def check_model_file(path: Path, data_dir: str | None, limit: int, provider: str = "cpu") -> dict:
     """Checker, metadata and test-set accuracy of an existing ONNX model (the bundled one, say)."""
     import onnx
 
@@ -212,7 +333,7 @@ def check_model_file(path: Path, data_dir: str | None, limit: int) -> dict:
     onnx.checker.check_model(proto, full_check=True)
     _check_io_contract(proto)
     metadata = read_metadata(proto)
-    session = ort_session(path)
+    session = ort_session(path, provider)
     x, labels = normalized_test_images(limit, data_dir)
     started = time.perf_counter()
     predictions = run_batched(session, x).argmax(1)
@@ -221,6 +342,7 @@ def check_model_file(path: Path, data_dir: str | None, limit: int) -> dict:
         "metadata": asdict(metadata),
         "sha256": sha256_file(path),
         "images": len(labels),
+        "provider": session.get_providers()[0],
         "accuracy": float((predictions == labels).mean()),
         "images_per_second": len(labels) / seconds,
         "first_predictions": predictions[:12].tolist(),
@@ -234,8 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export an mnist-train checkpoint to ONNX (opset 18, dynamic batch axis, input 'image', outputs "
         "'logits' and 'probabilities'), verify it (onnx.checker; fp32 parity with PyTorch on real test images: max "
         "|Δlogit| <= 1e-4 and identical predictions), measure its test accuracy through ONNX Runtime and store "
-        "model name, version, labels, normalization, layout, accuracy and checkpoint SHA-256 in metadata_props. "
-        "With --check, verify an existing ONNX model instead.",
+        "model name, version, labels, normalization, layout, precision, accuracy and checkpoint SHA-256 in "
+        "metadata_props. With --fp16, also write and verify an fp16 variant NAME.fp16.onnx. With --check, verify an "
+        "existing ONNX model instead (and with --fp16, write its fp16 variant).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("checkpoint", nargs="?", type=Path, help="model.pt or checkpoint.pt written by mnist-train")
@@ -269,6 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--triton-max-batch-size", type=int, default=256, help="max_batch_size in config.pbtxt")
     parser.add_argument(
+        "--fp16",
+        action="store_true",
+        help="also write NAME.fp16.onnx: fp16 weights and arithmetic, float32 input/output, softmax in fp32; "
+        f"written only if, against the fp32 file through ONNX Runtime, max |Δlogit| <= {FP16_LOGIT_TOLERANCE}, "
+        f"max |Δprobability| <= {FP16_PROBABILITY_TOLERANCE}, at most {100 * FP16_MAX_CHANGED_PREDICTIONS:g}%% of "
+        f"predictions change and test accuracy drops by at most {100 * FP16_MAX_ACCURACY_DROP:g} points",
+    )
+    parser.add_argument(
+        "--provider",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="with --check: ONNX Runtime provider to measure accuracy with (cuda: what a GPU server computes)",
+    )
+    parser.add_argument(
         "--check",
         type=Path,
         metavar="MODEL.onnx",
@@ -293,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.check:
-            result = check_model_file(args.check, args.data_dir, args.accuracy_images)
+            result = check_model_file(args.check, args.data_dir, args.accuracy_images, args.provider)
             meta = result["metadata"]
             print(
                 f"{args.check}: {meta['model_name']} version {meta['model_version']}, sha256 {result['sha256'][:16]}…"
@@ -301,11 +438,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  input  {meta['input_layout']}\n  output {meta['output_layout']}")
             print(
                 f"  test accuracy {100 * result['accuracy']:.2f}% on {result['images']:,} MNIST test images "
-                f"through ONNX Runtime (CPU, {result['images_per_second']:,.0f} images/s); "
+                f"through ONNX Runtime ({result['provider']}, {result['images_per_second']:,.0f} images/s); "
                 f"metadata says {100 * meta['test_accuracy']:.2f}%"
             )
             print(f"  first predictions {result['first_predictions']}\n  true labels       {result['first_labels']}")
             _write_triton(args, args.check)
+            if args.fp16:
+                _print_fp16(export_fp16_variant(args.check, args.parity_images, args.accuracy_images, args.data_dir))
             return 0
         if args.checkpoint is None:
             build_parser().error("give a checkpoint to export, or --check MODEL.onnx")
@@ -314,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, output, args.model_version, args.parity_images, args.accuracy_images, args.data_dir
         )
         _write_triton(args, output)
+        fp16_report = (
+            export_fp16_variant(output, args.parity_images, args.accuracy_images, args.data_dir) if args.fp16 else None
+        )
     except (ExportError, ValueError, FileNotFoundError) as exc:
         print(f"mnist-export: {exc}", file=sys.stderr)
         return 2
@@ -329,7 +471,24 @@ def main(argv: list[str] | None = None) -> int:
         f"  metadata: {meta['model_name']} version {meta['model_version']}, checkpoint sha256 "
         f"{meta['checkpoint_sha256'][:16]}…"
     )
+    if fp16_report is not None:
+        _print_fp16(fp16_report)
     return 0
+
+
+def _print_fp16(report: dict) -> None:
+    parity, meta = report["parity_against_fp32"], report["metadata"]
+    print(f"wrote {report['model']} ({report['size_bytes'] / 1e6:.1f} MB, sha256 {report['onnx_sha256'][:16]}…)")
+    print(
+        f"  fp16 against fp32 on {parity['images']} test images: max |Δlogit| {parity['max_abs_logit_diff']:.2e} <= "
+        f"{parity['tolerance']}, max |Δprobability| {parity['max_abs_probability_diff']:.2e} <= "
+        f"{parity['probability_tolerance']}, {parity['argmax_mismatches']} different predictions "
+        f"(<= {parity['allowed_mismatches']})"
+    )
+    print(
+        f"  test accuracy through ONNX Runtime: {100 * meta['test_accuracy']:.2f}% on {meta['test_images']:,} images "
+        f"(fp32: {100 * report['fp32_test_accuracy_same_images']:.2f}%)"
+    )
 
 
 if __name__ == "__main__":

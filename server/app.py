@@ -1,149 +1,191 @@
-"""mnist-serve: wire config, model runtime, batch queue, gRPC service, health, reflection and metrics.
+"""mnist-serve: wire config, backend, model pipeline, gRPC service, health, reflection and metrics.
 
-Lifecycle: gRPC up with health NOT_SERVING -> model loaded and warmed up -> SERVING ->
-(SIGTERM/SIGINT) NOT_SERVING for `drain_seconds` -> refuse new calls, finish in-flight ones -> exit 0.
+Lifecycle, all on one asyncio event loop: gRPC up with health NOT_SERVING -> backend loaded and
+every batch shape warmed up (in a worker thread, so health answers meanwhile) -> SERVING ->
+(SIGTERM/SIGINT) NOT_SERVING for `drain_seconds` -> refuse new calls, finish in-flight ones within
+`grace_seconds` -> exit 0. Waiting calls cost a coroutine each, not a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import sys
 import threading
 import time
-from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from proto.mnist.v1 import classifier_pb2 as pb
-from server.batching import BatchQueue
+from server.backends import build_backend
 from server.config import ServeConfig, describe, load_config
 from server.metrics import ServiceMetrics
-from server.runtime import OnnxModel
-from server.service import ClassifierService, add_to_server
+from server.pipeline import ModelPipeline, PipelineSettings
+from server.service import SERVICE, ClassifierServicer, add_to_server
 
 log = logging.getLogger("mnist.serve")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class MnistServer:
-    """The whole service in one object, so tests can run it in-process on a free port."""
+    """The whole service in one object: `await start_async()` on a loop, or `start()` on a thread of its own."""
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.metrics = ServiceMetrics()
         self.metrics.queue_capacity.set(config.max_queue_size)
-        self.health = health.HealthServicer()
-        self.service = ClassifierService(config, self.metrics)
-        self.queue: BatchQueue | None = None
-        self.model: OnnxModel | None = None
+        self.servicer = ClassifierServicer(config)
+        self.pipeline: ModelPipeline | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
         self._metrics_http = None
-        self._stopped = threading.Event()
-        options = [
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-        ]
-        self.grpc = grpc.server(
-            futures.ThreadPoolExecutor(config.grpc_workers, thread_name_prefix="grpc"), options=options
-        )
-        add_to_server(self.service, self.grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
-    def _set_health(self, status: int) -> None:
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, status)
-        self.metrics.serving.set(1 if status == health_pb2.HealthCheckResponse.SERVING else 0)
+    # --- on the event loop ---------------------------------------------------------------------------
 
-    def start(self) -> MnistServer:
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE.full_name):
+            await self._health.set(name, status)
+        self.metrics.serving.set(1 if status == SERVING else 0)
+
+    async def start_async(self) -> MnistServer:
         """Bind and answer health (NOT_SERVING) at once, then load and warm the model, then SERVING."""
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        if self.port == 0:
-            raise SystemExit(f"mnist-serve: cannot listen on {self.config.host}:{self.config.port}")
-        self.grpc.start()
+        options = [
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ("grpc.max_send_message_length", self.config.max_message_bytes),
+        ]
+        self._grpc = grpc.aio.server(options=options)
+        self._health = health.aio.HealthServicer()
+        add_to_server(self.servicer, self._grpc, self.metrics)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        )
+        await self._set_health(NOT_SERVING)
+        try:
+            self.port = self._grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            raise RuntimeError(f"cannot listen on {self.config.host}:{self.config.port}")
+        await self._grpc.start()
         if self.config.metrics_port:
             self._metrics_http, _ = self.metrics.serve_http(self.config.metrics_port)
             self.metrics_port = self._metrics_http.server_port
         log.info("gRPC listening on port %d (health NOT_SERVING while the model loads)", self.port)
 
-        self.model = OnnxModel(
-            self.config.model, self.config.provider, self.config.max_batch_size, self.config.intra_op_threads
-        )
-        provider = self.model.providers[0]
-        log.info(
-            "inference provider: %s%s",
-            provider,
-            "" if self.model.on_gpu else " (no usable CUDA GPU, or --provider cpu)",
-        )
-        self.metrics.model_info.labels(self.model.metadata.model_name, self.model.metadata.model_version, provider).set(
-            1
-        )
-        log.info("warm-up took %.2f s", self.model.warm_up())
-        self.queue = BatchQueue(
-            self.model.run,
-            self.config.max_batch_size,
-            self.config.max_queue_size,
-            self.config.max_queue_delay_ms / 1000,
+        loop = asyncio.get_running_loop()
+        backend = await loop.run_in_executor(None, build_backend, self.config)
+        info = backend.describe()
+        log.info("backend: %s", info.summary())
+        if info.engine == "onnxruntime" and not info.on_gpu:
+            log.info("inference provider: %s (no usable CUDA GPU, or --provider cpu)", info.providers[0])
+        else:
+            log.info("inference provider: %s", info.providers[0] if info.providers else info.engine)
+        log.info("warm-up took %.2f s", await loop.run_in_executor(None, backend.warm_up))
+        info = backend.describe()  # warm-up may have turned CUDA graphs off for some buckets
+        self.pipeline = ModelPipeline(
+            backend,
+            PipelineSettings(
+                max_batch_size=info.max_batch_size,
+                max_queue_size=self.config.max_queue_size,
+                max_queue_delay=self.config.max_queue_delay_ms / 1000,
+                max_image_pixels=self.config.max_image_pixels,
+                preprocess_workers=self.config.preprocess_workers,
+            ),
             self.metrics.batch_observer(),
+            self.metrics.observe_predictions,
         )
-        self.service.attach(self.model, self.queue)
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.pipeline.start()
+        self.servicer.pipeline = self.pipeline
+        self.metrics.describe_model(info)
+        await self._set_health(SERVING)
         log.info(
             "SERVING %s %s on port %d, metrics on %s",
-            self.model.metadata.model_name,
-            self.model.metadata.model_version,
+            info.model_name,
+            info.model_version,
             self.port,
             self.metrics_port or "(off)",
         )
         return self
 
-    def stop(self) -> None:
+    async def stop_async(self) -> None:
         """Drain: NOT_SERVING, wait `drain_seconds`, refuse new calls, let in-flight ones finish."""
-        if self._stopped.is_set():
+        if self._stopping:
             return
-        self._stopped.set()
+        self._stopping = True
         log.info(
             "shutting down: health NOT_SERVING for %.1f s, then %.1f s grace for in-flight calls",
             self.config.drain_seconds,
             self.config.grace_seconds,
         )
-        self.health.enter_graceful_shutdown()
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
         self.metrics.serving.set(0)
-        time.sleep(self.config.drain_seconds)
+        await asyncio.sleep(self.config.drain_seconds)
         grace_ends = time.monotonic() + self.config.grace_seconds  # one budget for calls and queue together
-        self.grpc.stop(self.config.grace_seconds).wait()
-        if self.queue is not None:
-            self.queue.close(timeout=max(0.0, grace_ends - time.monotonic()))
+        if self._grpc is not None:
+            await self._grpc.stop(self.config.grace_seconds)
+        if self.pipeline is not None:
+            await self.pipeline.close(timeout=max(0.0, grace_ends - time.monotonic()))
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         log.info("stopped")
 
+    # --- from another thread (tests, embedding) ------------------------------------------------------
+
+    def start(self) -> MnistServer:
+        """Run the server on an event loop in a thread of its own; returns once SERVING (or raises)."""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="mnist-serve-loop", daemon=True)
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self.start_async(), self._loop).result()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None or self._thread is None:
+            return
+        asyncio.run_coroutine_threadsafe(self.stop_async(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+        self._loop = None
+
+
+async def serve(config: ServeConfig) -> int:
+    """Run until SIGTERM or SIGINT; returns the exit status."""
+    server = MnistServer(config)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: (log.info("received %s", s.name), stop_requested.set()))
+    try:
+        await server.start_async()
+    except Exception as exc:  # no CUDA with --provider cuda, not an ONNX model, port or metrics port taken, ...
+        log.error("cannot start: %s: %s", type(exc).__name__, exc)
+        await server.stop_async()
+        return 2
+    await stop_requested.wait()
+    await server.stop_async()
+    return 0
+
 
 def main(argv: list[str] | None = None) -> int:
     config = load_config(argv)
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("configuration:\n%s", describe(config))
-    server = MnistServer(config)
-    stop_requested = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(
-            sig, lambda signum, _frame: (log.info("received %s", signal.Signals(signum).name), stop_requested.set())
-        )
-    try:
-        server.start()
-    except Exception as exc:  # no CUDA with --provider cuda, not an ONNX model, metrics port taken, ...
-        log.error("cannot start: %s: %s", type(exc).__name__, exc)
-        server.stop()
-        return 2
-    while not stop_requested.wait(0.5):
-        pass
-    server.stop()
-    return 0
+    return asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

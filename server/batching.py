@@ -1,152 +1,281 @@
-"""Dynamic batching: concurrent requests wait in a bounded queue and run together in one session run.
+"""Dynamic batching: requests queue as whole jobs on the event loop; one runner thread runs the batches.
 
-One worker thread takes whatever is queued (up to `max_batch_size`), optionally waits
-`max_queue_delay` for more when the queue has run dry, drops requests whose deadline has already
-passed, and runs the rest as one batch. While a batch runs, new requests pile up and form the next
-one, so batches grow with load without adding delay when the server is idle.
+A job is one request's images as a single array (a 256-image `ClassifyBatch` is one job, not 256
+futures). When the runner is idle, a submission is dispatched at once; while it is busy, jobs
+pile up and form the next batch, taken in arrival order up to `max_batch_size` images (a large
+job is split across batches when it must), so batches grow with load without delaying an idle
+server. Jobs whose deadline passed or whose caller went away are dropped when their turn comes.
+
+The runner thread does all per-batch array work (assembling, normalizing, the backend run,
+postprocessing) with the GIL mostly released, and hands the batch's results back to the loop in
+one callback. No coroutine sits between a request and its batch: a call costs two wake-ups of the
+loop (its arrival and its batch's completion) however many calls share the batch. An engine that
+answers in microseconds (`inline=True`: the null backend) runs on the loop itself instead, since
+handing it to a thread would cost more than it does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from server.errors import DeadlineExpired, Overloaded, ShuttingDown
+
 log = logging.getLogger("mnist.batching")
 
-
-class QueueFull(Exception):
-    """The queue cannot take the request now (RESOURCE_EXHAUSTED)."""
-
-
-class DeadlineExpired(Exception):
-    """The request's deadline passed while it waited; it was never run (DEADLINE_EXCEEDED)."""
-
-
-class QueueClosed(Exception):
-    """The server is shutting down and takes no new work (UNAVAILABLE)."""
-
-
-@dataclass
-class QueuedImage:
-    tensor: np.ndarray  # (1, 28, 28) float32
-    deadline: float | None  # time.monotonic() by which the answer is needed; None = no deadline
-    enqueued_at: float = field(default_factory=time.monotonic)
-    future: Future = field(default_factory=Future)
+# In the runner thread: the image slices of one batch, in order -> result arrays whose rows follow them.
+RunBatch = Callable[[Sequence[np.ndarray]], tuple[np.ndarray, ...]]
 
 
 @dataclass(frozen=True)
 class BatchObserver:
-    """Hooks for metrics; each gets plain numbers so the queue knows nothing of Prometheus."""
+    """Hooks for metrics, called with plain numbers once per batch: `on_batch` from the runner thread,
+    the others from the event loop."""
 
-    on_batch: Callable[[int, float], None] = lambda size, seconds: None  # images, session-run seconds
-    on_wait: Callable[[float], None] = lambda seconds: None  # queue wait of one image
-    on_depth: Callable[[int], None] = lambda depth: None
-    on_expired: Callable[[int], None] = lambda count: None
+    on_batch: Callable[[int, float], None] = lambda images, seconds: None  # images run, seconds the run took
+    on_waits: Callable[[np.ndarray], None] = lambda seconds: None  # queue wait of each job that started
+    on_depth: Callable[[int], None] = lambda depth: None  # images waiting
+    on_dropped: Callable[[int, int], None] = lambda expired, cancelled: None  # images never run, and why
 
 
-class BatchQueue:
+class Job:
+    """One request's images and where their answers go. Rows are taken in order; the future gets all of them."""
+
+    __slots__ = ("images", "deadline", "future", "enqueued_at", "taken", "filled", "results")
+
+    def __init__(self, images: np.ndarray, deadline: float | None, future: asyncio.Future) -> None:
+        self.images = images
+        self.deadline = deadline  # time.monotonic() by which the answer is needed; None = no deadline
+        self.future = future
+        self.enqueued_at = time.monotonic()
+        self.taken = 0  # rows handed to batches so far
+        self.filled = 0  # rows answered so far (when split across batches)
+        self.results: tuple[np.ndarray, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+Slice = tuple[Job, int, int]  # rows [start, stop) of a job that go into one batch
+
+
+class Batcher:
     def __init__(
         self,
-        run_batch: Callable[[np.ndarray], np.ndarray],
+        run_batch: RunBatch,
         max_batch_size: int,
         max_queue_size: int,
         max_queue_delay: float = 0.0,
         observer: BatchObserver | None = None,
+        inline: bool = False,
     ) -> None:
         self._run_batch = run_batch
+        self._inline = inline
         self.max_batch_size = max_batch_size
         self.max_queue_size = max_queue_size
         self.max_queue_delay = max_queue_delay
         self._observer = observer or BatchObserver()
-        self._pending: collections.deque[QueuedImage] = collections.deque()
-        self._cond = threading.Condition()
+        self._jobs: collections.deque[Job] = collections.deque()
+        self._queued = 0  # images queued and not yet taken into a batch
+        self._busy = False  # a batch is with the runner
         self._closed = False
-        self._worker = threading.Thread(target=self._loop, name="batch-worker", daemon=True)
-        self._worker.start()
+        self._timer: asyncio.TimerHandle | None = None  # the queue delay's wake-up
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: asyncio.Event | None = None
+        self._work: queue.SimpleQueue[list[Slice] | None] = queue.SimpleQueue()
+        self._runner = threading.Thread(target=self._runner_loop, name="batch-runner", daemon=True)
 
-    def submit(self, tensors: Sequence[np.ndarray], deadline: float | None = None) -> list[Future]:
-        """Queue all of `tensors` or none of them; each future resolves to that image's output row."""
-        items = [QueuedImage(t, deadline) for t in tensors]
-        with self._cond:
-            if self._closed:
-                raise QueueClosed("server is shutting down")
-            if len(self._pending) + len(items) > self.max_queue_size:
-                raise QueueFull(
-                    f"queue full: {len(self._pending)} images waiting, {len(items)} more would exceed the limit "
-                    f"of {self.max_queue_size}; retry later"
-                )
-            self._pending.extend(items)
-            self._observer.on_depth(len(self._pending))
-            self._cond.notify()
-        return [item.future for item in items]
+    # --- on the event loop ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind to the running event loop and start the runner thread."""
+        self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        if not self._inline:
+            self._runner.start()
+
+    def submit(self, images: np.ndarray, deadline: float | None = None) -> Job:
+        """Queue all of `images` or none of them (Overloaded, ShuttingDown); the job's future gets its result rows."""
+        if self._closed or self._loop is None:
+            raise ShuttingDown("server is shutting down; retry on another replica")
+        count = len(images)
+        if self._queued + count > self.max_queue_size:
+            raise Overloaded(
+                f"queue full: {self._queued} images waiting, {count} more would exceed the limit of "
+                f"{self.max_queue_size}; retry later"
+            )
+        job = Job(images, deadline, self._loop.create_future())
+        self._jobs.append(job)
+        self._queued += count
+        self._idle.clear()
+        self._observer.on_depth(self._queued)
+        if not self._busy:
+            self._dispatch()
+        return job
+
+    async def classify(self, images: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, ...]:
+        """Queue `images` and wait for their result rows, at most until `deadline` (time.monotonic()).
+
+        A caller cancelled while waiting cancels its job: rows not yet running are never run.
+        """
+        job = self.submit(images, deadline)
+        if deadline is None:
+            return await job.future
+        timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), _expire, job)
+        try:
+            return await job.future
+        finally:
+            timer.cancel()
 
     def depth(self) -> int:
-        with self._cond:
-            return len(self._pending)
+        return self._queued
 
-    def close(self, timeout: float | None = None) -> None:
-        """Refuse new work, finish what is queued, stop the worker."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._worker.join(timeout)
-
-    def _take_batch(self) -> list[QueuedImage]:
-        with self._cond:
-            while not self._pending and not self._closed:
-                self._cond.wait()
-            if self.max_queue_delay > 0 and len(self._pending) < self.max_batch_size and not self._closed:
-                until = time.monotonic() + self.max_queue_delay
-                while len(self._pending) < self.max_batch_size and (left := until - time.monotonic()) > 0:
-                    self._cond.wait(left)
-            batch = [self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))]
-            self._observer.on_depth(len(self._pending))
-            return batch
-
-    def _loop(self) -> None:
-        while True:
-            batch = self._take_batch()
-            if not batch:
-                return  # closed and drained
+    async def close(self, timeout: float | None = None) -> None:
+        """Refuse new work, finish what is queued (within `timeout`), stop the runner."""
+        self._closed = True
+        if self._idle is not None:
+            if not self._busy and self._jobs:
+                self._dispatch()
             try:
-                self._run(batch)
-            except Exception:  # a bug here must not silence the queue for every later request
-                log.exception("batch worker failed on a batch of %d; continuing", len(batch))
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(RuntimeError("internal error in the batch worker"))
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                log.warning("batcher did not drain within %.1f s; failing what is left", timeout)
+                self._fail_all(ShuttingDown("server shut down before the image was classified"))
+        self._work.put(None)
 
-    def _run(self, batch: list[QueuedImage]) -> None:
+    def _dispatch(self) -> None:
+        """Hand the next batch to the runner, or wait (queue delay) for it to fill, or go idle."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.max_queue_delay > 0 and not self._closed and self._jobs and self._queued < self.max_batch_size:
+            wait = self._jobs[0].enqueued_at + self.max_queue_delay - time.monotonic()
+            if wait > 0:
+                self._timer = self._loop.call_later(wait, self._dispatch)
+                return
+        batch = self._take()
+        if batch:
+            self._busy = True
+            if self._inline:
+                self._loop.call_soon(self._finish, batch, self._run(batch))
+            else:
+                self._work.put(batch)
+        elif not self._jobs:
+            self._idle.set()
+
+    def _take(self) -> list[Slice]:
+        """Up to max_batch_size queued images, oldest first; expired and abandoned jobs are dropped here."""
         now = time.monotonic()
-        live = []
-        for item in batch:
-            # RUNNING first: from then on a caller's cancel() cannot race with setting the outcome.
-            if not item.future.set_running_or_notify_cancel():
-                continue  # cancelled by a caller whose deadline passed
-            if item.deadline is not None and now >= item.deadline:
-                item.future.set_exception(DeadlineExpired("deadline expired while queued; not run"))
+        batch: list[Slice] = []
+        waits: list[float] = []
+        room, expired, cancelled = self.max_batch_size, 0, 0
+        while self._jobs and room:
+            job = self._jobs[0]
+            left = len(job) - job.taken
+            late = job.deadline is not None and now >= job.deadline
+            if job.future.done() or (late and job.taken == 0):
+                self._jobs.popleft()
+                self._queued -= left
+                if late:
+                    expired += left
+                    if not job.future.done():
+                        job.future.set_exception(DeadlineExpired("deadline expired while queued; not run"))
+                else:
+                    cancelled += left
                 continue
-            live.append(item)
-        if len(live) < len(batch):
-            self._observer.on_expired(len(batch) - len(live))
-        if not live:
-            return
-        for item in live:
-            self._observer.on_wait(now - item.enqueued_at)
+            if job.taken == 0:
+                waits.append(now - job.enqueued_at)
+            count = min(room, left)
+            batch.append((job, job.taken, job.taken + count))
+            job.taken += count
+            room -= count
+            self._queued -= count
+            if job.taken == len(job):
+                self._jobs.popleft()
+        self._observer.on_depth(self._queued)
+        if waits:
+            self._observer.on_waits(np.asarray(waits))
+        if expired or cancelled:
+            self._observer.on_dropped(expired, cancelled)
+        return batch
+
+    def _finish(self, batch: list[Slice], results: tuple[np.ndarray, ...] | BaseException) -> None:
+        """The runner is done with `batch`: give each job its rows, then dispatch the next batch."""
+        self._busy = False
+        try:
+            if isinstance(results, BaseException):
+                log.error("a batch of %d images failed: %s: %s", _rows(batch), type(results).__name__, results)
+                for job, _, _ in batch:
+                    if not job.future.done():
+                        job.future.set_exception(results)
+            else:
+                _distribute(batch, results)
+        finally:
+            if self._jobs:
+                self._dispatch()
+            else:
+                self._idle.set()
+
+    def _fail_all(self, error: Exception) -> None:
+        while self._jobs:
+            job = self._jobs.popleft()
+            if not job.future.done():
+                job.future.set_exception(error)
+        self._queued = 0
+        self._idle.set()
+
+    # --- in the runner thread ------------------------------------------------------------------------
+
+    def _runner_loop(self) -> None:
+        while (batch := self._work.get()) is not None:
+            results = self._run(batch)
+            try:
+                self._loop.call_soon_threadsafe(self._finish, batch, results)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
+
+    def _run(self, batch: list[Slice]) -> tuple[np.ndarray, ...] | BaseException:
+        parts = [job.images[start:stop] for job, start, stop in batch]
         started = time.perf_counter()
         try:
-            outputs = self._run_batch(np.stack([item.tensor for item in live]))
-        except Exception as exc:  # noqa: BLE001 - a failed run fails its requests, never the worker
-            for item in live:
-                item.future.set_exception(exc)
-            return
-        self._observer.on_batch(len(live), time.perf_counter() - started)
-        for item, row in zip(live, outputs, strict=True):
-            item.future.set_result(row)
+            results = self._run_batch(parts)
+        except Exception as exc:  # noqa: BLE001 - a failed run fails its own jobs, never the runner
+            return exc
+        self._observer.on_batch(_rows(batch), time.perf_counter() - started)
+        return results
+
+
+def _rows(batch: list[Slice]) -> int:
+    return sum(stop - start for _, start, stop in batch)
+
+
+def _distribute(batch: list[Slice], results: tuple[np.ndarray, ...]) -> None:
+    row = 0
+    for job, start, stop in batch:
+        count = stop - start
+        if not job.future.done():
+            if count == len(job):
+                job.future.set_result(tuple(r[row : row + count] for r in results))
+            else:  # a job split across batches collects its rows until it has them all
+                if job.results is None:
+                    job.results = tuple(np.empty((len(job), *r.shape[1:]), r.dtype) for r in results)
+                for whole, part in zip(job.results, results, strict=True):
+                    whole[start:stop] = part[row : row + count]
+                job.filled += count
+                if job.filled == len(job):
+                    job.future.set_result(job.results)
+        row += count
+
+
+def _expire(job: Job) -> None:
+    if not job.future.done():
+        job.future.set_exception(DeadlineExpired("deadline expired before the image was classified"))

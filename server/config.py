@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from server.backends.buckets import parse_buckets
+
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "googlenet-fast.onnx"
 ENV_PREFIX = "MNIST_SERVE_"
 
@@ -20,34 +22,61 @@ class ServeConfig:
     port: int = 50051
     metrics_port: int = 9464  # not 9090, which is Prometheus's own
     model: str = str(BUNDLED_MODEL)
+    backend: str = "onnxruntime"  # or "null" / "null-threaded": answer at once without a model (benchmarking aids)
     provider: str = "auto"  # auto: CUDA when usable, else CPU; or cuda / cpu
-    max_batch_size: int = 32  # images per session run
+    precision: str = "auto"  # auto: fp16 on a GPU when NAME.fp16.onnx exists, else fp32; or fp32 / fp16
+    layout: str = "auto"  # auto: NHWC for fp16 on a GPU, else NCHW; or nchw / nhwc
+    batch_buckets: str = "auto"  # auto: powers of two up to max_batch_size on a GPU, one any-shape session on CPU
+    max_batch_size: int = 0  # images per session run; 0 = auto (256 on a GPU, 32 on CPU, or the largest bucket)
+    cuda_graph: str = "auto"  # auto: on for GPU buckets; on / off
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"  # once per bucket session at warm-up; HEURISTIC / DEFAULT start faster
     max_queue_delay_ms: float = 0.0  # extra wait for a fuller batch once the queue has run dry
-    max_queue_size: int = 1024  # images waiting; beyond it requests get RESOURCE_EXHAUSTED
+    max_queue_size: int = 4096  # images waiting; beyond it requests get RESOURCE_EXHAUSTED
     max_request_images: int = 256  # images per ClassifyBatch
     max_image_pixels: int = 40_000_000  # width x height of one encoded image (decompression-bomb guard)
     max_message_bytes: int = 16 * 1024 * 1024
-    grpc_workers: int = 32  # threads answering RPCs (each waits on the batch queue)
+    preprocess_workers: int = 0  # threads decoding encoded images off the event loop; 0 = one per core
     intra_op_threads: int = 0  # ONNX Runtime threads per session run (0 = one per core)
     drain_seconds: float = 1.0  # after SIGTERM: report NOT_SERVING this long before refusing new calls
     grace_seconds: float = 10.0  # then: how long in-flight calls may take to finish
     log_level: str = "INFO"
 
 
+CHOICES = {
+    "backend": ("onnxruntime", "null", "null-threaded"),
+    "provider": ("auto", "cuda", "cpu"),
+    "precision": ("auto", "fp32", "fp16"),
+    "layout": ("auto", "nchw", "nhwc"),
+    "cuda_graph": ("auto", "on", "off"),
+    "cudnn_conv_algo_search": ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"),
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+
 HELP = {
     "host": "address to listen on for gRPC",
     "port": "gRPC port",
     "metrics_port": "Prometheus /metrics HTTP port (0 = no metrics endpoint)",
-    "model": "ONNX model written by mnist-export (default: the bundled googlenet-fast)",
+    "model": "ONNX model written by mnist-export (default: the bundled googlenet-fast); its fp16 variant "
+    "NAME.fp16.onnx is looked for beside it",
+    "backend": "inference engine: onnxruntime; or null (answers every image at once with a fixed probability row, "
+    "no model: a benchmarking aid that measures the server's own cost), or null-threaded (the same, run on the batch "
+    "runner thread as a model is: adds the cost of the thread hand-off)",
     "provider": "ONNX Runtime provider: auto (CUDA when usable, else CPU), cuda (fail without it) or cpu",
-    "max_batch_size": "most images coalesced into one session run",
+    "precision": "model variant: auto (fp16 on a GPU when NAME.fp16.onnx exists, else fp32), fp32 or fp16",
+    "layout": "CUDA convolution layout: auto (NHWC for fp16 on a GPU, else NCHW), nchw or nhwc (prefer_nhwc)",
+    "batch_buckets": "fixed batch sizes, one session each, every batch padded up to one (e.g. 1,8,32,256): auto "
+    "(powers of two up to --max-batch-size on a GPU; on CPU one session takes any size), none (CPU only), or a list",
+    "max_batch_size": "most images coalesced into one session run; larger batches are split (0 = auto: 256 on a GPU, "
+    "32 on CPU, or the largest bucket)",
+    "cuda_graph": "capture each GPU bucket's run as a CUDA graph and replay it: auto (on for GPU buckets), on, off",
+    "cudnn_conv_algo_search": "cuDNN algorithm search, run once per bucket at warm-up: EXHAUSTIVE (fastest "
+    "kernels), HEURISTIC or DEFAULT (faster start)",
     "max_queue_delay_ms": "how long a batch may wait for more requests once the queue is empty (0 = run at once)",
     "max_queue_size": "most images waiting to run; further requests are answered RESOURCE_EXHAUSTED at once",
     "max_request_images": "most images in one ClassifyBatch request",
     "max_image_pixels": "largest encoded image accepted, in pixels (width x height)",
     "max_message_bytes": "largest gRPC request or response message in bytes",
-    "grpc_workers": "threads handling RPCs concurrently; also caps how many single-image calls can share a batch, "
-    "so keep it >= max_batch_size",
+    "preprocess_workers": "threads decoding encoded images (PNG, JPEG, ...) off the event loop (0 = one per core)",
     "intra_op_threads": "ONNX Runtime intra-op threads (0 = ONNX Runtime's default, one per core)",
     "drain_seconds": "on SIGTERM/SIGINT, seconds of NOT_SERVING health before new calls are refused",
     "grace_seconds": "on shutdown, seconds in-flight calls get to finish",
@@ -63,12 +92,21 @@ def _converter(type_name: str):
     return {"int": int, "float": float}.get(type_name, str)
 
 
+def _normalize_case(field_name: str, value):
+    """Choices are matched case-insensitively: --layout NHWC, --log-level debug."""
+    allowed = CHOICES.get(field_name)
+    if allowed and isinstance(value, str):
+        return next((choice for choice in allowed if choice.lower() == value.lower()), value)
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnist-serve",
         description="Serve MNIST digit classification over gRPC (mnist.v1.Classifier: Classify, ClassifyBatch, "
-        "GetModelInfo) with ONNX Runtime, dynamic batching, grpc.health.v1, server reflection and Prometheus "
-        "metrics. Every flag can also be set by the environment variable shown; flags win.",
+        "GetModelInfo) with ONNX Runtime on the GPU (fixed batch buckets, CUDA graphs, fp16) or the CPU, dynamic "
+        "batching on an asyncio event loop, grpc.health.v1, server reflection and Prometheus metrics. Every flag can "
+        "also be set by the environment variable shown; flags win.",
     )
     for field in fields(ServeConfig):
         parser.add_argument(
@@ -95,28 +133,47 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
                 values[field.name] = convert(raw)
             except ValueError:
                 raise SystemExit(f"mnist-serve: {_env_name(field.name)}={raw!r} is not a valid {field.type}") from None
-    config = ServeConfig(**values)
+    config = ServeConfig(**{name: _normalize_case(name, value) for name, value in values.items()})
     validate(config)
     return config
 
 
 def validate(config: ServeConfig) -> None:
     problems = []
-    for name in ("max_batch_size", "max_queue_size", "max_request_images", "max_image_pixels", "grpc_workers"):
+    for name in ("max_queue_size", "max_request_images", "max_image_pixels", "max_message_bytes"):
         if getattr(config, name) < 1:
             problems.append(f"{name} must be at least 1")
-    for name in ("max_queue_delay_ms", "drain_seconds", "grace_seconds", "intra_op_threads"):
+    for name in (
+        "max_batch_size",
+        "max_queue_delay_ms",
+        "drain_seconds",
+        "grace_seconds",
+        "intra_op_threads",
+        "preprocess_workers",
+    ):
         if getattr(config, name) < 0:
             problems.append(f"{name} must not be negative")
-    if config.provider not in ("auto", "cuda", "cpu"):
-        problems.append(f"provider must be auto, cuda or cpu, not {config.provider!r}")
+    for name, allowed in CHOICES.items():
+        if getattr(config, name) not in allowed:
+            problems.append(f"{name} must be one of {', '.join(allowed)}, not {getattr(config, name)!r}")
+    if config.batch_buckets not in ("auto", "none"):
+        try:
+            buckets = parse_buckets(config.batch_buckets)
+        except ValueError as exc:
+            problems.append(str(exc))
+        else:
+            if config.max_batch_size and config.max_batch_size < buckets[-1]:
+                problems.append(
+                    f"max_batch_size {config.max_batch_size} is under the largest batch bucket {buckets[-1]}"
+                )
     if config.max_request_images > config.max_queue_size:
         problems.append("max_request_images cannot exceed max_queue_size (such a batch could never be queued)")
-    if not Path(config.model).is_file():
+    if config.backend == "onnxruntime" and not Path(config.model).is_file():
         problems.append(f"model file {config.model} does not exist")
     if problems:
         raise SystemExit("mnist-serve: invalid configuration: " + "; ".join(problems))
 
 
 def describe(config: ServeConfig) -> str:
-    return "\n".join(f"  {f.name:<20} {getattr(config, f.name)}" for f in fields(config))
+    width = max(len(f.name) for f in fields(config))
+    return "\n".join(f"  {f.name:<{width}} {getattr(config, f.name)}" for f in fields(config))

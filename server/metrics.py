@@ -1,9 +1,22 @@
-"""Prometheus metrics of the service, on their own registry and HTTP port."""
+"""Prometheus metrics of the service, on their own registry and HTTP port.
+
+Per-image figures (predicted digits, confidences, queue waits) arrive as arrays once per batch
+or call and are counted with numpy (`BulkHistogram`), not with one Python call per image.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import bisect
+import threading
+from collections.abc import Iterator, Sequence
 
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from server.backends.base import BackendInfo
 from server.batching import BatchObserver
 
 # 0.1 ms to 100 ms, with 10 ms (the SLO) as an edge.
@@ -28,6 +41,50 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 CONFIDENCE_BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
 
 
+class BulkHistogram(Collector):
+    """A label-less Prometheus histogram that takes many observations in one numpy call."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self.edges = np.asarray(buckets, np.float64)
+        self._edge_list = [float(edge) for edge in buckets]
+        self._counts = np.zeros(len(self.edges) + 1, np.int64)  # last: above every edge (+Inf only)
+        self._sum = 0.0
+        self._lock = threading.Lock()  # observations come from the loop, scrapes from the HTTP thread
+        registry.register(self)
+
+    def observe_many(self, values: np.ndarray) -> None:
+        values = np.asarray(values, np.float64).ravel()
+        if not len(values):
+            return
+        # Prometheus buckets are "less than or equal": a value equal to an edge falls in that edge's bucket.
+        counts = np.bincount(np.searchsorted(self.edges, values, side="left"), minlength=len(self._counts))
+        with self._lock:
+            self._counts += counts
+            self._sum += float(values.sum())
+
+    def observe(self, value: float) -> None:
+        index = bisect.bisect_left(self._edge_list, value)
+        with self._lock:
+            self._counts[index] += 1
+            self._sum += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            cumulative = np.cumsum(self._counts)
+            total = self._sum
+        buckets = [(_edge_label(edge), float(count)) for edge, count in zip(self.edges, cumulative[:-1], strict=True)]
+        buckets.append(("+Inf", float(cumulative[-1])))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=total)
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation)
+
+
+def _edge_label(edge: float) -> str:
+    return floatToGoString(float(edge))  # as prometheus_client labels its own buckets: 1 -> "1.0"
+
+
 class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -42,10 +99,10 @@ class ServiceMetrics:
         self.requests = Counter("mnist_requests", "gRPC calls answered", ["method", "code"], registry=r)
         self.in_flight = Gauge("mnist_requests_in_flight", "gRPC calls being handled", registry=r)
         self.session_run = Histogram(
-            "mnist_session_run_seconds", "ONNX Runtime session.run per batch", buckets=LATENCY_BUCKETS, registry=r
+            "mnist_session_run_seconds", "inference backend run per batch", buckets=LATENCY_BUCKETS, registry=r
         )
-        self.queue_wait = Histogram(
-            "mnist_queue_wait_seconds", "time an image waited in the batch queue", buckets=LATENCY_BUCKETS, registry=r
+        self.queue_wait = BulkHistogram(
+            "mnist_queue_wait_seconds", "time a request waited in the batch queue", LATENCY_BUCKETS, r
         )
         self.batch_size = Histogram("mnist_batch_size", "images per session run", buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("mnist_queue_depth", "images waiting in the batch queue", registry=r)
@@ -54,26 +111,57 @@ class ServiceMetrics:
         self.expired = Counter(
             "mnist_deadline_expired_images", "images dropped unrun: their deadline passed while queued", registry=r
         )
+        self.cancelled = Counter(
+            "mnist_cancelled_images", "images dropped unrun: the caller went away while they were queued", registry=r
+        )
         self.model_info = Gauge(
-            "mnist_model_info", "the model being served (value 1)", ["name", "version", "provider"], registry=r
+            "mnist_model_info",
+            "what is being served (value 1): model, engine, provider, precision, layout, batch buckets, CUDA graph",
+            ["name", "version", "provider", "backend", "precision", "layout", "buckets", "cuda_graph"],
+            registry=r,
         )
         self.predictions = Counter("mnist_predictions", "predicted digits", ["digit"], registry=r)
-        self.confidence = Histogram(
-            "mnist_prediction_confidence", "probability of the predicted digit", buckets=CONFIDENCE_BUCKETS, registry=r
+        self._digit_counters = [self.predictions.labels(digit=str(digit)) for digit in range(10)]
+        self.confidence = BulkHistogram(
+            "mnist_prediction_confidence", "probability of the predicted digit", CONFIDENCE_BUCKETS, r
         )
-        for digit in range(10):
-            self.predictions.labels(digit=str(digit))
+
+    def describe_model(self, info: BackendInfo) -> None:
+        self.model_info.clear()
+        self.model_info.labels(
+            name=info.model_name,
+            version=info.model_version,
+            provider=info.providers[0] if info.providers else info.engine,
+            backend=info.engine,
+            precision=info.precision,
+            layout=info.layout,
+            buckets=",".join(map(str, info.batch_buckets)) or "any",
+            cuda_graph=str(info.cuda_graph).lower(),
+        ).set(1)
+
+    def observe_predictions(self, digits: np.ndarray, confidences: np.ndarray) -> None:
+        """Once per call: the digit counts and the confidence histogram of all its images."""
+        for digit, count in enumerate(np.bincount(digits, minlength=10)[:10]):
+            if count:
+                self._digit_counters[digit].inc(int(count))
+        self.confidence.observe_many(confidences)
 
     def batch_observer(self) -> BatchObserver:
         def on_batch(size: int, seconds: float) -> None:
             self.batch_size.observe(size)
             self.session_run.observe(seconds)
 
+        def on_dropped(expired: int, cancelled: int) -> None:
+            if expired:
+                self.expired.inc(expired)
+            if cancelled:
+                self.cancelled.inc(cancelled)
+
         return BatchObserver(
             on_batch=on_batch,
-            on_wait=self.queue_wait.observe,
+            on_waits=self.queue_wait.observe_many,
             on_depth=self.queue_depth.set,
-            on_expired=self.expired.inc,
+            on_dropped=on_dropped,
         )
 
     def serve_http(self, port: int, addr: str = "0.0.0.0"):

@@ -3,20 +3,19 @@
 MNIST digits are light ink on a dark background, cropped to the ink, scaled so the longer side
 is 20 px (aspect kept), and placed in a 28x28 field by their centre of mass. An encoded image
 (a photo or scan of a digit on paper, any size) goes through the same steps here. Raw 784-byte
-payloads are already in that layout and are only normalized.
+payloads are already in that layout and are only normalized, many at once.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-SIDE = 28
+from proto.contract import IMAGE_SIDE, INPUT_SHAPE, RAW_BYTES, Normalization
+
 DIGIT_BOX = 20
-RAW_BYTES = SIDE * SIDE
 ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
 # `max_pixels` (checked from the header, before decoding) replaces Pillow's process-wide bomb guard,
 # so the limit is the operator's and the error message names the image's size.
@@ -28,33 +27,22 @@ class InvalidImage(ValueError):
     """The payload cannot be turned into a digit image; the message says why (sent to the client)."""
 
 
-@dataclass(frozen=True)
-class Normalization:
-    scale: float = 1 / 255
-    mean: float = 0.1307
-    std: float = 0.3081
-
-
-@dataclass(frozen=True)
-class PreprocessedImage:
-    """One image ready for the model: (1, 28, 28) float32, normalized."""
-
-    tensor: np.ndarray
-
-
-def from_raw(raw: bytes, norm: Normalization) -> PreprocessedImage:
+def raw_length_problem(raw: bytes) -> str | None:
     if len(raw) != RAW_BYTES:
-        raise InvalidImage(f"raw image must be exactly {RAW_BYTES} bytes (28x28 uint8), got {len(raw)}")
-    pixels = np.frombuffer(raw, dtype=np.uint8).reshape(1, SIDE, SIDE)
-    return PreprocessedImage(_normalize(pixels.astype(np.float32), norm))
+        return f"raw image must be exactly {RAW_BYTES} bytes ({IMAGE_SIDE}x{IMAGE_SIDE} uint8), got {len(raw)}"
+    return None
 
 
-def from_encoded(data: bytes, norm: Normalization, max_pixels: int) -> PreprocessedImage:
-    return PreprocessedImage(_normalize(mnist_like(decode(data, max_pixels))[None], norm))
+def from_raw(raw: bytes, norm: Normalization) -> np.ndarray:
+    """One raw image -> (1, 28, 28) float32."""
+    if problem := raw_length_problem(raw):
+        raise InvalidImage(problem)
+    return norm.apply(np.frombuffer(raw, dtype=np.uint8).reshape(INPUT_SHAPE))
 
 
-def _normalize(pixels: np.ndarray, norm: Normalization) -> np.ndarray:
-    return ((pixels * norm.scale - norm.mean) / norm.std).astype(np.float32)
+def from_encoded(data: bytes, norm: Normalization, max_pixels: int) -> np.ndarray:
+    """One image file (PNG, JPEG, ...) of a digit on paper -> (1, 28, 28) float32 in MNIST's layout."""
+    return norm.apply(mnist_like(decode(data, max_pixels))[None])
 
 
 def decode(data: bytes, max_pixels: int) -> np.ndarray:
@@ -120,12 +108,12 @@ def mnist_like(gray: np.ndarray) -> np.ndarray:
     new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
     digit = np.asarray(Image.fromarray(crop * 255.0).resize(new_size, Image.Resampling.LANCZOS), dtype=np.float32)
     digit = np.clip(digit, 0.0, 255.0)
-    canvas = np.zeros((SIDE, SIDE), dtype=np.float32)
+    canvas = np.zeros((IMAGE_SIDE, IMAGE_SIDE), dtype=np.float32)
     total = digit.sum()
     cy, cx = ((np.indices(digit.shape) * digit).reshape(2, -1).sum(1) / total) if total > 0 else (0.0, 0.0)
-    top = int(round(SIDE / 2 - cy))
-    left = int(round(SIDE / 2 - cx))
-    top = min(max(top, 0), SIDE - digit.shape[0])
-    left = min(max(left, 0), SIDE - digit.shape[1])
+    top = int(round(IMAGE_SIDE / 2 - cy))
+    left = int(round(IMAGE_SIDE / 2 - cx))
+    top = min(max(top, 0), IMAGE_SIDE - digit.shape[0])
+    left = min(max(left, 0), IMAGE_SIDE - digit.shape[1])
     canvas[top : top + digit.shape[0], left : left + digit.shape[1]] = digit
     return canvas

@@ -1,15 +1,25 @@
-"""Request parsing that sees what protobuf hides: both members of the `image` oneof on the wire.
+"""The wire format, where protobuf's own objects would hide something or cost too much.
 
-Protobuf keeps only the last member of a oneof it parses, so a request carrying both `encoded`
-and `raw` would silently lose one. These deserializers scan the top-level wire fields first and
-hand the service a `ParsedRequest` with the problem named, to be answered INVALID_ARGUMENT.
+Requests: protobuf keeps only the last member of a oneof it parses, so a request carrying both
+`encoded` and `raw` would silently lose one. These deserializers notice (a message that
+re-serializes shorter than it arrived lost something; only then are the wire fields scanned) and
+hand the service a `ParsedRequest` with the problem named, to be answered INVALID_ARGUMENT. They
+never raise: a raising deserializer makes gRPC answer INTERNAL, unseen by the metrics.
+
+Responses: a `ClassifyBatchResponse` is written straight from the prediction arrays with numpy
+(one fixed-width record per image), instead of building and serializing a message per image.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import struct
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
+
+from proto.contract import NUM_CLASSES
 from proto.mnist.v1 import classifier_pb2 as pb
 
 ENCODED_FIELD = pb.ClassifyRequest.ENCODED_FIELD_NUMBER
@@ -67,10 +77,18 @@ def _malformed(message_type: Any, exc: Exception) -> ParsedRequest:
     return ParsedRequest(message_type(), f"malformed request: not a valid {message_type.DESCRIPTOR.name} ({exc})")
 
 
+def _lost_nothing(message: Any, data: bytes) -> bool:
+    """Protobuf drops only repeated singular fields (a second oneof member among them) when parsing;
+    a message that re-serializes to as many bytes as arrived dropped nothing (the C parser keeps
+    unknown fields). Non-canonical encodings also differ in size: they take the slow, exact scan."""
+    return message.ByteSize() == len(data)
+
+
 def parse_classify_request(data: bytes) -> ParsedRequest:
-    """Never raises: a deserializer that raises makes gRPC answer INTERNAL, unseen by the metrics."""
     try:
         message = pb.ClassifyRequest.FromString(data)
+        if _lost_nothing(message, data):
+            return ParsedRequest(message)
         return ParsedRequest(message, BOTH_SET if _both_image_fields(data) else None)
     except Exception as exc:  # noqa: BLE001 - DecodeError, or our own scan's ValueError
         return _malformed(pb.ClassifyRequest, exc)
@@ -79,6 +97,8 @@ def parse_classify_request(data: bytes) -> ParsedRequest:
 def parse_classify_batch_request(data: bytes) -> ParsedRequest:
     try:
         message = pb.ClassifyBatchRequest.FromString(data)
+        if _lost_nothing(message, data):
+            return ParsedRequest(message)
         items = [payload for number, payload in _fields(data) if number == REQUESTS_FIELD]
         for index, payload in enumerate(items):
             if payload is not None and _both_image_fields(payload):
@@ -86,3 +106,144 @@ def parse_classify_batch_request(data: bytes) -> ParsedRequest:
         return ParsedRequest(message)
     except Exception as exc:  # noqa: BLE001
         return _malformed(pb.ClassifyBatchRequest, exc)
+
+
+def safe_parser(message_type: Any) -> Callable[[bytes], ParsedRequest]:
+    """A deserializer for any request type that, like the two above, reports garbage instead of raising."""
+
+    def parse(data: bytes) -> ParsedRequest:
+        try:
+            return ParsedRequest(message_type.FromString(data))
+        except Exception as exc:  # noqa: BLE001
+            return _malformed(message_type, exc)
+
+    return parse
+
+
+# --- responses ---------------------------------------------------------------------------------------
+
+
+def new_request_ids(count: int) -> list[str]:
+    """`count` random 32-hex-digit ids (uuid4-sized), from one urandom call."""
+    text = os.urandom(16 * count).hex()
+    return [text[i : i + 32] for i in range(0, 32 * count, 32)]
+
+
+def fill_request_ids(request_ids: Sequence[str]) -> list[str]:
+    """The ids clients sent, with a generated one wherever a client sent none."""
+    missing = [i for i, rid in enumerate(request_ids) if not rid]
+    if not missing:
+        return list(request_ids)
+    filled = list(request_ids)
+    for i, generated in zip(missing, new_request_ids(len(missing)), strict=True):
+        filled[i] = generated
+    return filled
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _tag(field_number: int, wire_type: int) -> bytes:
+    return _encode_varint(field_number << 3 | wire_type)
+
+
+_RESPONSES = _tag(pb.ClassifyBatchResponse.RESPONSES_FIELD_NUMBER, 2)
+_DIGIT = _tag(pb.ClassifyResponse.DIGIT_FIELD_NUMBER, 0)
+_CONFIDENCE = _tag(pb.ClassifyResponse.CONFIDENCE_FIELD_NUMBER, 5)
+_PROBABILITIES = _tag(pb.ClassifyResponse.PROBABILITIES_FIELD_NUMBER, 2) + _encode_varint(4 * NUM_CLASSES)
+_VERSION = _tag(pb.ClassifyResponse.MODEL_VERSION_FIELD_NUMBER, 2)
+_REQUEST_ID = _tag(pb.ClassifyResponse.REQUEST_ID_FIELD_NUMBER, 2)
+
+
+def encode_classify_response(
+    probabilities: np.ndarray, digit: int, confidence: float, model_version: str, request_id: str
+) -> bytes:
+    """The serialized `ClassifyResponse` of one image (the same record as one item of a batch response)."""
+    version, rid = model_version.encode(), request_id.encode()
+    return b"".join(
+        (
+            _DIGIT,
+            _encode_varint(int(digit)),
+            _CONFIDENCE,
+            struct.pack("<f", confidence),
+            _PROBABILITIES,
+            np.ascontiguousarray(probabilities, "<f4").tobytes(),
+            _VERSION,
+            _encode_varint(len(version)),
+            version,
+            _REQUEST_ID,
+            _encode_varint(len(rid)),
+            rid,
+        )
+    )
+
+
+def encode_classify_batch_response(
+    probabilities: np.ndarray,
+    digits: np.ndarray,
+    confidences: np.ndarray,
+    model_version: str,
+    request_ids: Sequence[str],
+) -> bytes:
+    """The serialized `ClassifyBatchResponse`, one response per row, in order.
+
+    When every request id has the same length (always so for generated ids), each response is a
+    record of the same width and the whole message is one numpy array; otherwise protobuf builds it.
+    Every field is written, the digit even when it is 0 (proto3 parsers accept an explicit default).
+    """
+    ids = [rid.encode() for rid in request_ids]
+    id_length = len(ids[0]) if ids else 0
+    if not ids or any(len(rid) != id_length for rid in ids):
+        return _protobuf_batch_response(probabilities, digits, confidences, model_version, request_ids)
+    version = model_version.encode()
+    tail = _VERSION + _encode_varint(len(version)) + version + _REQUEST_ID + _encode_varint(id_length)
+    inner = len(_DIGIT) + 1 + len(_CONFIDENCE) + 4 + len(_PROBABILITIES) + 4 * NUM_CLASSES + len(tail) + id_length
+    prefix = _RESPONSES + _encode_varint(inner)
+    head = prefix + _DIGIT
+    count = len(ids)
+    record = np.empty((count, len(prefix) + inner), np.uint8)
+    columns = [
+        (head, None),
+        (None, digits.astype(np.uint8).reshape(count, 1)),  # 0..9: a one-byte varint
+        (_CONFIDENCE, None),
+        (None, np.ascontiguousarray(confidences, "<f4").view(np.uint8).reshape(count, 4)),
+        (_PROBABILITIES, None),
+        (None, np.ascontiguousarray(probabilities, "<f4").view(np.uint8).reshape(count, 4 * NUM_CLASSES)),
+        (tail, None),
+        (None, np.frombuffer(b"".join(ids), np.uint8).reshape(count, id_length)),
+    ]
+    at = 0
+    for constant, values in columns:
+        width = len(constant) if constant is not None else values.shape[1]
+        record[:, at : at + width] = np.frombuffer(constant, np.uint8) if constant is not None else values
+        at += width
+    return record.tobytes()
+
+
+def _protobuf_batch_response(
+    probabilities: np.ndarray,
+    digits: np.ndarray,
+    confidences: np.ndarray,
+    model_version: str,
+    request_ids: Sequence[str],
+) -> bytes:
+    return pb.ClassifyBatchResponse(
+        responses=[
+            pb.ClassifyResponse(
+                digit=int(digit),
+                confidence=float(confidence),
+                probabilities=row,
+                model_version=model_version,
+                request_id=rid,
+            )
+            for digit, confidence, row, rid in zip(
+                digits.tolist(), confidences.tolist(), probabilities.tolist(), request_ids, strict=True
+            )
+        ]
+    ).SerializeToString()

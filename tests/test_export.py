@@ -10,7 +10,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.metadata import ModelMetadata, read_metadata
 from export.onnx_export import (
     ExportError,
     check_model_file,
@@ -19,6 +18,7 @@ from export.onnx_export import (
     main,
     normalized_test_images,
 )
+from proto.contract import ModelMetadata, read_metadata
 from training.data import sha256_file
 from training.train import TrainConfig, train
 

@@ -44,3 +44,18 @@ def test_stride_two_stem_halves_the_feature_maps() -> None:
 def test_unknown_preset_names_the_choices() -> None:
     with pytest.raises(ValueError, match="googlenet-fast"):
         build_model("resnet")
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_flops_are_counted_on_whatever_device_holds_the_model(preset: str) -> None:
+    """A model on PyTorch's `meta` device stands in for a GPU: a CPU probe tensor would fail against it."""
+    on_cpu = count_flops(build_model(preset))
+    assert count_flops(build_model(preset).to("meta")) == on_cpu
+
+
+def test_the_training_setup_places_model_and_counts_on_a_non_cpu_device() -> None:
+    from training.train import place_model
+
+    model, params, flops = place_model("googlenet-fast", torch.device("meta"))
+    assert next(model.parameters()).device.type == "meta"
+    assert params == 1_501_914 and flops == count_flops(build_model("googlenet-fast"))

@@ -18,8 +18,8 @@ import onnxruntime as ort
 import pytest
 import yaml
 
-from export.metadata import ModelMetadata
 from export.triton import write_triton_repository
+from proto.contract import ModelMetadata
 from proto.mnist.v1 import classifier_pb2 as pb
 from server.app import MnistServer
 from server.config import BUNDLED_MODEL, ServeConfig

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from proto.contract import Normalization
+from server.backends.onnxruntime_backend import OnnxRuntimeBackend
 from server.config import BUNDLED_MODEL
-from server.preprocess import InvalidImage, Normalization, decode, from_encoded, from_raw, mnist_like
-from server.runtime import OnnxModel
+from server.preprocess import InvalidImage, decode, from_encoded, from_raw, mnist_like
 from training.data import load_split
 
 NORM = Normalization()
@@ -25,8 +26,8 @@ BAR[6:22, 12:16] = 255
 
 
 @pytest.fixture(scope="module")
-def model() -> OnnxModel:
-    return OnnxModel(BUNDLED_MODEL, provider="cpu")
+def model() -> OnnxRuntimeBackend:
+    return OnnxRuntimeBackend(BUNDLED_MODEL, provider="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +80,8 @@ ENCODINGS: dict[str, Callable[[np.ndarray], bytes]] = {
 }
 
 
-def classify(model: OnnxModel, data: bytes) -> int:
-    tensor = from_encoded(data, model.normalization, MAX_PIXELS).tensor
+def classify(model: OnnxRuntimeBackend, data: bytes) -> int:
+    tensor = from_encoded(data, model.metadata.norm, MAX_PIXELS)
     return int(model.run(tensor[None]).argmax(1)[0])
 
 
@@ -90,7 +91,7 @@ def classify(model: OnnxModel, data: bytes) -> int:
 def test_a_raw_784_byte_payload_is_only_normalized() -> None:
     pixels = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
     norm = Normalization(scale=1 / 255, mean=0.5, std=0.25)
-    tensor = from_raw(pixels.tobytes(), norm).tensor
+    tensor = from_raw(pixels.tobytes(), norm)
     assert tensor.shape == (1, 28, 28) and tensor.dtype == np.float32
     np.testing.assert_allclose(tensor[0], (pixels / 255 - 0.5) / 0.25, rtol=1e-5, atol=1e-6)
 
@@ -112,7 +113,9 @@ def test_every_encoded_variant_is_a_real_image_of_its_format() -> None:
 
 
 @pytest.mark.parametrize("encoding", list(ENCODINGS))
-def test_a_digit_is_classified_correctly_however_it_is_encoded(model: OnnxModel, digits, encoding: str) -> None:
+def test_a_digit_is_classified_correctly_however_it_is_encoded(
+    model: OnnxRuntimeBackend, digits, encoding: str
+) -> None:
     make = ENCODINGS[encoding]
     correct = sum(classify(model, make(digit)) == label for digit, label in digits)
     assert correct >= DIGITS - 1, f"{encoding}: {correct}/{DIGITS} correct"
@@ -153,7 +156,7 @@ def test_the_output_is_in_the_0_to_255_range_of_mnist_pixels(digits) -> None:
     assert out.min() == 0 and 200 < out.max() <= 255
 
 
-def test_a_small_clear_digit_on_a_large_page_is_not_taken_for_blank(model: OnnxModel, digits) -> None:
+def test_a_small_clear_digit_on_a_large_page_is_not_taken_for_blank(model: OnnxRuntimeBackend, digits) -> None:
     """Regression: contrast measured at the 99.9th percentile missed digits covering under 0.1% of the page."""
     digit, label = digits[0]
     page = np.full((1200, 1600), 255, np.uint8)
@@ -161,7 +164,7 @@ def test_a_small_clear_digit_on_a_large_page_is_not_taken_for_blank(model: OnnxM
     assert classify(model, encode(Image.fromarray(page), "PNG")) == label
 
 
-def test_sensor_noise_far_from_the_digit_does_not_shrink_it(model: OnnxModel, digits) -> None:
+def test_sensor_noise_far_from_the_digit_does_not_shrink_it(model: OnnxRuntimeBackend, digits) -> None:
     """Regression: stray noise pixels anywhere in a photo used to stretch the crop to the whole image."""
     some = digits[:10]
     correct = sum(classify(model, noisy_photo_jpeg(digit, noise=12, gradient=0)) == label for digit, label in some)

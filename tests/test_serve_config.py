@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 
 from server.config import BUNDLED_MODEL, ServeConfig, build_parser, load_config
-from server.runtime import batch_shapes
 
 
 def test_defaults_load_without_flags_or_environment() -> None:
     config = load_config([], environ={})
     assert config == ServeConfig()
-    assert (config.port, config.max_batch_size, config.max_queue_delay_ms) == (50051, 32, 0.0)
+    assert (config.port, config.max_batch_size, config.max_queue_delay_ms) == (50051, 0, 0.0)  # 0: by device
 
 
 def test_the_default_model_is_the_bundled_googlenet() -> None:
@@ -35,9 +34,9 @@ def test_a_flag_overrides_the_environment_variable() -> None:
 
 
 def test_environment_values_are_converted_to_the_field_type() -> None:
-    config = load_config([], environ={"MNIST_SERVE_MAX_QUEUE_DELAY_MS": "0.5", "MNIST_SERVE_GRPC_WORKERS": "8"})
+    config = load_config([], environ={"MNIST_SERVE_MAX_QUEUE_DELAY_MS": "0.5", "MNIST_SERVE_PREPROCESS_WORKERS": "8"})
     assert config.max_queue_delay_ms == 0.5 and isinstance(config.max_queue_delay_ms, float)
-    assert config.grpc_workers == 8 and isinstance(config.grpc_workers, int)
+    assert config.preprocess_workers == 8 and isinstance(config.preprocess_workers, int)
 
 
 def test_the_process_environment_is_read_when_none_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,14 +65,31 @@ def test_a_malformed_flag_value_exits(capsys: pytest.CaptureFixture[str]) -> Non
 @pytest.mark.parametrize(
     ("flags", "environ", "problem"),
     [
-        (["--max-batch-size", "0"], {}, "max_batch_size must be at least 1"),
-        ([], {"MNIST_SERVE_MAX_BATCH_SIZE": "0"}, "max_batch_size must be at least 1"),
-        (["--provider", "tpu"], {}, "provider must be auto, cuda or cpu, not 'tpu'"),
+        (["--max-batch-size", "-1"], {}, "max_batch_size must not be negative"),
+        ([], {"MNIST_SERVE_MAX_BATCH_SIZE": "-2"}, "max_batch_size must not be negative"),
+        (["--provider", "tpu"], {}, "provider must be one of auto, cuda, cpu, not 'tpu'"),
         (["--model", "/nonexistent/model.onnx"], {}, "model file /nonexistent/model.onnx does not exist"),
         (["--max-request-images", "65", "--max-queue-size", "64"], {}, "max_request_images cannot exceed"),
         (["--max-queue-delay-ms", "-1"], {}, "max_queue_delay_ms must not be negative"),
+        (["--backend", "tensorrt"], {}, "backend must be one of onnxruntime, null, null-threaded"),
+        (["--precision", "int8"], {}, "precision must be one of auto, fp32, fp16"),
+        (["--batch-buckets", "1,x"], {}, "batch buckets must be comma-separated whole numbers"),
+        (["--batch-buckets", "0,8"], {}, "batch buckets must be at least 1"),
+        (["--batch-buckets", "8,64", "--max-batch-size", "32"], {}, "max_batch_size 32 is under the largest batch"),
     ],
-    ids=["batch-size-flag", "batch-size-env", "provider", "missing-model", "request-over-queue", "negative-delay"],
+    ids=[
+        "batch-size-flag",
+        "batch-size-env",
+        "provider",
+        "missing-model",
+        "request-over-queue",
+        "negative-delay",
+        "backend",
+        "precision",
+        "bucket-not-a-number",
+        "bucket-zero",
+        "max-under-largest-bucket",
+    ],
 )
 def test_an_invalid_setting_exits_naming_the_problem(flags: list[str], environ: dict[str, str], problem: str) -> None:
     with pytest.raises(SystemExit, match="invalid configuration: .*" + problem):
@@ -82,7 +98,7 @@ def test_an_invalid_setting_exits_naming_the_problem(flags: list[str], environ: 
 
 def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(SystemExit) as raised:
-        load_config(["--max-batch-size", "0", "--provider", "tpu"], environ={})
+        load_config(["--max-batch-size", "-1", "--provider", "tpu"], environ={})
     assert "max_batch_size" in str(raised.value) and "provider" in str(raised.value)
 
 
@@ -97,9 +113,10 @@ def test_help_names_every_flag_and_its_environment_variable() -> None:
         assert f"MNIST_SERVE_{field.name.upper()};" in text
 
 
-@pytest.mark.parametrize(
-    ("max_batch_size", "shapes"),
-    [(32, [1, 2, 4, 8, 16, 32]), (24, [1, 2, 4, 8, 16, 24]), (1, [1]), (2, [1, 2])],
-)
-def test_gpu_batch_shapes_are_powers_of_two_up_to_the_maximum_and_the_maximum(max_batch_size, shapes) -> None:
-    assert batch_shapes(max_batch_size) == shapes
+def test_choices_are_matched_whatever_their_case() -> None:
+    config = load_config(["--layout", "NHWC", "--log-level", "debug", "--cudnn-conv-algo-search", "heuristic"], {})
+    assert (config.layout, config.log_level, config.cudnn_conv_algo_search) == ("nhwc", "DEBUG", "HEURISTIC")
+
+
+def test_the_null_backend_needs_no_model_file() -> None:
+    assert load_config(["--backend", "null", "--model", "/nonexistent.onnx"], environ={}).backend == "null"

@@ -22,8 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from proto.mnist.v1 import classifier_pb2 as pb
 from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
 from server.app import MnistServer
+from server.backends.onnxruntime_backend import OnnxRuntimeBackend
 from server.config import BUNDLED_MODEL, ServeConfig
-from server.runtime import OnnxModel
 from training.data import load_split, sha256_file
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -129,7 +129,7 @@ def test_raw_digits_are_classified_with_probabilities_version_and_request_id(ser
         assert len(reply.probabilities) == 10 and sum(reply.probabilities) == pytest.approx(1, abs=1e-4)
         assert reply.confidence == pytest.approx(max(reply.probabilities)) and reply.confidence > 0.5
         assert reply.request_id == f"r{i}"
-        assert reply.model_version == served.server.model.metadata.model_version
+        assert reply.model_version == served.server.pipeline.info.model_version
 
 
 def test_an_empty_request_id_is_replaced_by_a_generated_one(served: Harness, digits) -> None:
@@ -262,8 +262,9 @@ def test_metrics_are_scraped_and_move_with_traffic(served: Harness, digits) -> N
     assert predicted == after["mnist_prediction_confidence_count{}"] > 0
     info = [k for k in after if k.startswith("mnist_model_info{")]
     assert info == [
-        'mnist_model_info{name="googlenet-fast",provider="CPUExecutionProvider",version="'
-        + served.server.model.metadata.model_version
+        'mnist_model_info{backend="onnxruntime",buckets="any",cuda_graph="false",layout="NCHW",'
+        'name="googlenet-fast",precision="fp32",provider="CPUExecutionProvider",version="'
+        + served.server.pipeline.info.model_version
         + '"}'
     ]
     assert "mnist_queue_depth{}" in after and "mnist_requests_in_flight{}" in after
@@ -316,8 +317,8 @@ def test_a_full_queue_answers_resource_exhausted_at_once(digits) -> None:
 
 def test_health_is_not_serving_until_warm_and_while_draining(monkeypatch: pytest.MonkeyPatch, digits) -> None:
     warm_up_may_finish = threading.Event()
-    original = OnnxModel.warm_up
-    monkeypatch.setattr(OnnxModel, "warm_up", lambda self: warm_up_may_finish.wait(10) and original(self))
+    original = OnnxRuntimeBackend.warm_up
+    monkeypatch.setattr(OnnxRuntimeBackend, "warm_up", lambda self: warm_up_may_finish.wait(10) and original(self))
     server = MnistServer(test_config(drain_seconds=1.0))
     starting = threading.Thread(target=server.start)
     starting.start()

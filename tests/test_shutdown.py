@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -88,24 +89,24 @@ def test_configuration_is_printed_at_start_and_env_vars_apply(tmp_path: Path) ->
     output, _ = process.communicate(timeout=30)
     assert process.returncode == 0
     for line in (
-        f"port                 {port}",
-        "max_batch_size       8",
-        "provider             cpu",
+        rf"port +{port}\n",
+        r"max_batch_size +8\n",
+        r"provider +cpu\n",
         "inference provider: CPUExecutionProvider",
     ):
-        assert line in output
+        assert re.search(line, output), line
 
 
 def test_an_invalid_configuration_exits_with_a_message() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "server.app", "--max-batch-size", "0", "--model", "/nope.onnx"],
+        [sys.executable, "-m", "server.app", "--max-batch-size", "-1", "--model", "/nope.onnx"],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=Path(__file__).resolve().parents[1],
     )
     assert result.returncode != 0
-    assert "max_batch_size must be at least 1" in result.stderr and "/nope.onnx does not exist" in result.stderr
+    assert "max_batch_size must not be negative" in result.stderr and "/nope.onnx does not exist" in result.stderr
 
 
 def test_a_file_that_is_no_model_stops_the_server_with_a_message(tmp_path: Path) -> None:

@@ -17,13 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from proto.contract import IMAGE_SIDE, NUM_CLASSES
+
 IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049
-IMAGE_SIDE = 28
-NUM_CLASSES = 10
-# Mean and standard deviation of the training pixels scaled to [0, 1]; the model's input normalization.
-MNIST_MEAN = 0.1307
-MNIST_STD = 0.3081
 
 SPLIT_FILES: dict[str, tuple[str, str]] = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

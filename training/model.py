@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from proto.contract import INPUT_SHAPE, NUM_CLASSES
+
 # Branch widths of the nine inception modules, as in Szegedy et al. (2014), table 1:
 # (1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool projection).
 INCEPTION_TABLE: dict[str, tuple[int, int, int, int, int, int]] = {
@@ -25,7 +27,6 @@ INCEPTION_TABLE: dict[str, tuple[int, int, int, int, int, int]] = {
     "5b": (384, 192, 384, 48, 128, 128),
 }
 STAGES: tuple[tuple[str, ...], ...] = (("3a", "3b"), ("4a", "4b", "4c", "4d", "4e"), ("5a", "5b"))
-NUM_CLASSES = 10
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class Inception(nn.Module):
 class GoogLeNet(nn.Module):
     """Stem -> stage 3 -> pool -> stage 4 -> pool -> stage 5 -> global average pool -> dropout -> linear.
 
-    Input: (N, 1, 28, 28) float, normalized with `MNIST_MEAN` / `MNIST_STD`. Output: (N, 10) logits.
+    Input: (N, 1, 28, 28) float, normalized as `proto.contract.MNIST_NORMALIZATION` says. Output: (N, 10) logits.
     """
 
     def __init__(self, config: GoogLeNetConfig) -> None:
@@ -121,7 +122,10 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def count_flops(model: nn.Module, batch: int = 1) -> int:
-    """Multiply-accumulates x2 of the convolutions and linear layers for one forward pass."""
+    """Multiply-accumulates x2 of the convolutions and linear layers for one forward pass.
+
+    The probe input is made on the model's own device (CPU, CUDA, or `meta`, where nothing is computed).
+    """
     total = 0
 
     def conv_hook(module: nn.Conv2d, _inputs: tuple, output: torch.Tensor) -> None:
@@ -142,7 +146,8 @@ def count_flops(model: nn.Module, batch: int = 1) -> int:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(batch, 1, 28, 28))
+        device = next(model.parameters()).device
+        model(torch.zeros(batch, *INPUT_SHAPE, device=device))
     model.train(was_training)
     for h in handles:
         h.remove()

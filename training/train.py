@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from proto.contract import MNIST_NORMALIZATION
 from training.augment import random_affine
-from training.data import MNIST_MEAN, MNIST_STD, REPO_ROOT, load_split, train_validation_split
+from training.data import REPO_ROOT, load_split, train_validation_split
 from training.model import PRESETS, build_model, count_flops, count_parameters
 
 CHECKPOINT_FORMAT = 1
@@ -89,11 +90,23 @@ def git_revision() -> str:
 
 def to_model_input(images_uint8: torch.Tensor) -> torch.Tensor:
     """(N, 28, 28) uint8 -> (N, 1, 28, 28) float in [0, 1] (normalization happens after augmentation)."""
-    return images_uint8.unsqueeze(1).float().div_(255.0)
+    return images_uint8.unsqueeze(1).float().mul_(MNIST_NORMALIZATION.scale)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    return (x - MNIST_MEAN) / MNIST_STD
+    """[0, 1] floats -> model input: the contract's normalization with the 1/255 already applied."""
+    return (x - MNIST_NORMALIZATION.mean) / MNIST_NORMALIZATION.std
+
+
+def place_model(preset: str, device: torch.device) -> tuple[torch.nn.Module, int, int]:
+    """The preset's model on `device` in channels-last layout, with its parameter and FLOP counts.
+
+    Everything here must work wherever the model lives: the tests run it on PyTorch's `meta` device,
+    which fails on any CPU tensor meeting a model that is not on the CPU (the bug that stopped GPU runs).
+    """
+    model = build_model(preset).to(device)
+    params, flops = count_parameters(model), count_flops(model)
+    return model.to(memory_format=torch.channels_last), params, flops  # faster convolutions (1.6x on CPU)
 
 
 @torch.no_grad()
@@ -142,9 +155,7 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
     test_labels = torch.from_numpy(test_split.labels[:n_test].astype(np.int64)).to(device)
 
     # --- model and optimizer ---
-    model = build_model(config.preset).to(device)
-    params, flops = count_parameters(model), count_flops(model)
-    model = model.to(memory_format=torch.channels_last)  # faster convolutions on GPU and CPU alike (1.6x on CPU)
+    model, params, flops = place_model(config.preset, device)
     torch.backends.cudnn.benchmark = True
     forward = torch.compile(model) if config.compile else model
     steps_per_epoch = math.ceil(len(train_labels) / config.batch_size)

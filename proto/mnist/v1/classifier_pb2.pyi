@@ -47,17 +47,33 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "sha256", "providers", "max_batch_size", "test_accuracy")
+    __slots__ = ("name", "version", "sha256", "providers", "max_batch_size", "test_accuracy", "backend", "precision", "layout", "batch_buckets", "cuda_graph", "device", "runtime", "engine_options")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    BATCH_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPH_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     sha256: str
     providers: _containers.RepeatedScalarFieldContainer[str]
     max_batch_size: int
     test_accuracy: float
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., sha256: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., test_accuracy: _Optional[float] = ...) -> None: ...
+    backend: str
+    precision: str
+    layout: str
+    batch_buckets: _containers.RepeatedScalarFieldContainer[int]
+    cuda_graph: bool
+    device: str
+    runtime: str
+    engine_options: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., sha256: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., layout: _Optional[str] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., cuda_graph: _Optional[bool] = ..., device: _Optional[str] = ..., runtime: _Optional[str] = ..., engine_options: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -1,0 +1,144 @@
+"""The model contract: what every stage agrees on about the network's input and output. numpy only.
+
+Training normalizes with it, export names the graph's tensors and writes the metadata with it,
+the server reads both back with it, and the load test builds payloads with it. A fact about the
+model's interface lives here once; everything else imports it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+# --- the tensors -------------------------------------------------------------------------------
+IMAGE_SIDE = 28
+RAW_BYTES = IMAGE_SIDE * IMAGE_SIDE  # one raw image: 28x28 uint8, row-major, light digit on dark
+INPUT_NAME = "image"
+INPUT_SHAPE = (1, IMAGE_SIDE, IMAGE_SIDE)  # one image, NCHW without the batch axis
+INPUT_DTYPE = np.float32
+BATCH_AXIS = "batch"  # name of the graph's dynamic first dimension
+LOGITS = "logits"
+PROBABILITIES = "probabilities"
+OUTPUT_NAMES = (LOGITS, PROBABILITIES)
+NUM_CLASSES = 10
+CLASS_LABELS = tuple(str(digit) for digit in range(NUM_CLASSES))  # output index i is the digit i
+
+# --- precisions a model file can be exported in (input and output stay float32 in all) ---------
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """input = (pixel * scale - mean) / std, pixel in 0..255: MNIST's training mean and deviation."""
+
+    scale: float = 1 / 255
+    mean: float = 0.1307
+    std: float = 0.3081
+
+    def apply(self, pixels: np.ndarray) -> np.ndarray:
+        """Pixels (uint8 or float in 0..255) of any shape -> float32 model input of that shape."""
+        return ((np.asarray(pixels, np.float32) * self.scale - self.mean) / self.std).astype(INPUT_DTYPE)
+
+    def lookup_table(self) -> np.ndarray:
+        """The normalized value of each of the 256 uint8 pixel values: `table[pixels]` normalizes in one gather."""
+        return self.apply(np.arange(256, dtype=np.float32))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "formula": "(pixel / 255 - mean) / std"}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Normalization:
+        return cls(scale=float(values["scale"]), mean=float(values["mean"]), std=float(values["std"]))
+
+
+MNIST_NORMALIZATION = Normalization()
+
+
+def input_layout(precision: str = "fp32") -> str:
+    weights = "" if precision == "fp32" else f", {precision} inside the graph"
+    return (
+        f"{INPUT_NAME}: float32 [{BATCH_AXIS}, 1, {IMAGE_SIDE}, {IMAGE_SIDE}] (NCHW){weights}, "
+        "light digit on dark background as in MNIST"
+    )
+
+
+OUTPUT_LAYOUT = f"{LOGITS}, {PROBABILITIES}: float32 [{BATCH_AXIS}, {NUM_CLASSES}], index = digit"
+
+# --- the self-description stored in an ONNX file's metadata_props ------------------------------
+METADATA_PREFIX = "mnist."
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """Written by mnist-export as `metadata_props` (string -> string); read back by the server through ONNX Runtime."""
+
+    model_name: str
+    model_version: str
+    class_labels: list[str]
+    normalization: dict[str, Any]  # Normalization.as_dict()
+    input_layout: str
+    output_layout: str
+    test_accuracy: float  # measured through ONNX Runtime on the exported file itself
+    test_images: int
+    checkpoint_sha256: str
+    opset: int
+    exported_with: str
+    precision: str = "fp32"  # files exported before fp16 variants existed carry no key: they are fp32
+
+    def to_props(self) -> dict[str, str]:
+        return {METADATA_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_props(cls, props: dict[str, str]) -> ModelMetadata:
+        """Parse metadata written by `to_props`; a missing required key is named in the error."""
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            key = METADATA_PREFIX + field.name
+            if key not in props:
+                if field.default is not MISSING:  # a field with a default is an optional key
+                    continue
+                raise ValueError(f"model metadata lacks {key!r}; was the model written by mnist-export?")
+            values[field.name] = props[key] if field.type == "str" else json.loads(props[key])
+        metadata = cls(**values)
+        if metadata.precision not in PRECISIONS:
+            raise ValueError(f"model metadata says precision {metadata.precision!r}; expected one of {PRECISIONS}")
+        return metadata
+
+    @property
+    def norm(self) -> Normalization:
+        return Normalization.from_dict(self.normalization)
+
+    def write_into(self, model_proto: Any) -> None:
+        """Replace this metadata's keys in an `onnx.ModelProto`; other props are kept."""
+        props = self.to_props()
+        kept = [p for p in model_proto.metadata_props if p.key not in props]
+        del model_proto.metadata_props[:]
+        model_proto.metadata_props.extend(kept)
+        for key, value in props.items():
+            entry = model_proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        model_proto.doc_string = (
+            f"{self.model_name} {self.model_version} ({self.precision}): MNIST digit classifier (GoogLeNet)"
+        )
+
+
+def read_metadata(model_proto: Any) -> ModelMetadata:
+    """The metadata of a loaded `onnx.ModelProto`."""
+    return ModelMetadata.from_props({p.key: p.value for p in model_proto.metadata_props})
+
+
+def variant_path(path: Any, precision: str) -> Any:
+    """Where mnist-export puts a model's variant: `name.onnx` (fp32) and `name.fp16.onnx` beside it.
+
+    `path` may name either variant (a `pathlib.Path`); the result is the same type.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    stem = path.name.removesuffix(".onnx")
+    for other in PRECISIONS[1:]:
+        stem = stem.removesuffix(f".{other}")
+    suffix = ".onnx" if precision == "fp32" else f".{precision}.onnx"
+    return path.with_name(stem + suffix)

@@ -1,0 +1,56 @@
+"""The null engine: answers at once with one fixed probability row. A benchmarking aid, not a model.
+
+With it the server does everything but inference (parsing, preprocessing, queueing, batching,
+responses, metrics), so `mnist-bench --compare-echo` can hold the server's own cost against a bare
+gRPC server of the same proto: how much of Python gRPC's ceiling the serving code keeps.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from proto.contract import NUM_CLASSES
+from server.backends.base import BackendInfo
+
+if TYPE_CHECKING:
+    from server.config import ServeConfig
+
+# Digit 0 with probability 0.91, the rest 0.01 each: a valid distribution that no real model would give
+# for every image, so a client can tell at a glance it is talking to the null engine.
+FIXED_ROW = np.full(NUM_CLASSES, 0.01, np.float32)
+FIXED_ROW[0] = 1.0 - 0.01 * (NUM_CLASSES - 1)
+
+
+class NullBackend:
+    """`blocking=False` (backend "null"): runs on the event loop, the server's own cost alone.
+    `blocking=True` (backend "null-threaded"): runs on the batch runner thread as a model would, so the
+    difference between the two is the cost of handing batches to a thread and back."""
+
+    def __init__(self, max_batch_size: int = 256, blocking: bool = False) -> None:
+        self.max_batch_size = max_batch_size
+        self.blocking = blocking
+
+    @classmethod
+    def from_config(cls, config: ServeConfig) -> NullBackend:
+        return cls(config.max_batch_size or 256, blocking=config.backend == "null-threaded")
+
+    def describe(self) -> BackendInfo:
+        return BackendInfo(
+            engine="null-threaded" if self.blocking else "null",
+            model_name="null",
+            model_version="0",
+            max_batch_size=self.max_batch_size,
+            device="none (answers without a model)",
+            runtime="null backend: fixed probability row, for benchmarking the server",
+        )
+
+    def warm_up(self) -> float:
+        return 0.0
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(FIXED_ROW, (len(images), NUM_CLASSES))
+
+    def close(self) -> None:
+        pass
