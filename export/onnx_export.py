@@ -140,8 +140,13 @@ def export_checkpoint(
     parity_images: int = 1000,
     accuracy_images: int = 0,
     data_dir: str | None = None,
+    provider: str = "cpu",
 ) -> dict:
-    """Export, verify and annotate; returns the export report (also written beside the model)."""
+    """Export, verify and annotate; returns the export report (also written beside the model).
+
+    Parity is checked on the CPU provider (fp32 there matches PyTorch to 1e-4); the stored test accuracy
+    is measured through `provider`.
+    """
     import onnx
     import torch
 
@@ -187,7 +192,8 @@ def export_checkpoint(
                 f"(tolerance {parity.tolerance:.0e}), {parity.argmax_mismatches} different predictions"
             )
         x_acc, y_acc = normalized_test_images(accuracy_images, data_dir)
-        accuracy = float((run_batched(session, x_acc).argmax(1) == y_acc).mean())
+        measuring = session if provider == "cpu" else ort_session(candidate, provider)
+        accuracy = float((run_batched(measuring, x_acc).argmax(1) == y_acc).mean())
 
     metadata = ModelMetadata(
         model_name=preset,
@@ -221,17 +227,86 @@ def export_checkpoint(
     return report
 
 
-def to_fp16(proto):
-    """fp16 weights and arithmetic; input and output stay float32 and the softmax runs in fp32."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+# Ops left in fp32 by `to_fp16`: the softmax, so probabilities near 0 and 1 keep their digits.
+FP32_OPS = frozenset({"Softmax"})
 
-    return convert_float_to_float16(proto, keep_io_types=True, op_block_list=["Softmax"])
+
+def to_fp16(proto):
+    """A copy of an fp32 model computing in fp16: fp16 weights and arithmetic, the graph's float inputs and
+    outputs still float32 (cast at the edges), ops in FP32_OPS still in fp32.
+
+    Written here rather than taken from onnxconverter-common, whose converter (1.16) types the output of a
+    node feeding both a graph output and another node as fp16 (our logits feed the softmax): ONNX Runtime
+    refuses that model. The result is checked against the fp32 file by `export_fp16_variant` anyway.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    graph = model.graph
+    float_inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT}
+    float_outputs = {o.name for o in graph.output if o.type.tensor_type.elem_type == TensorProto.FLOAT}
+    for tensor in graph.initializer:
+        if tensor.data_type == TensorProto.FLOAT:
+            half = np.clip(numpy_helper.to_array(tensor), -65504, 65504).astype(np.float16)
+            tensor.CopyFrom(numpy_helper.from_array(half, tensor.name))
+    fp32_nodes = [node for node in graph.node if node.op_type in FP32_OPS]
+    kept_fp32 = {name for node in fp32_nodes for name in node.output}
+    fp32_world = float_inputs | float_outputs | kept_fp32  # tensors that stay float32 under their own names
+    fp16_inputs = {name for node in graph.node if node.op_type not in FP32_OPS for name in node.input}
+    nodes = [helper.make_node("Cast", [name], [f"{name}__fp16"], to=TensorProto.FLOAT16) for name in float_inputs]
+    for node in graph.node:
+        fp32_op = node.op_type in FP32_OPS
+        for i, name in enumerate(node.input):
+            if fp32_op and name and name not in fp32_world:  # an fp16 tensor into an fp32 op
+                nodes.append(helper.make_node("Cast", [name], [f"{name}__fp32"], to=TensorProto.FLOAT))
+                node.input[i] = f"{name}__fp32"
+            elif not fp32_op and name in fp32_world:  # a float32 tensor into an fp16 op: its fp16 twin
+                node.input[i] = f"{name}__fp16"
+        produced_fp32 = []
+        for i, name in enumerate(node.output):
+            if not fp32_op and name in float_outputs:  # made in fp16, handed out as float32
+                node.output[i] = f"{name}__fp16"
+                produced_fp32.append(helper.make_node("Cast", [f"{name}__fp16"], [name], to=TensorProto.FLOAT))
+            elif fp32_op and name in fp16_inputs:  # an fp32 op's output read by fp16 ops
+                produced_fp32.append(helper.make_node("Cast", [name], [f"{name}__fp16"], to=TensorProto.FLOAT16))
+        nodes += [node, *produced_fp32]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]  # intermediate types changed; ONNX Runtime infers them again
+    sort_nodes_topologically(graph)
+    return model
+
+
+def sort_nodes_topologically(graph) -> None:
+    """Reorder `graph.node` so every node comes after the nodes producing its inputs (stable otherwise)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [node for node in pending if all(name in available for name in node.input)]
+        if not ready:
+            raise ExportError(f"graph cannot be ordered: {pending[0].name} needs an input nothing produces")
+        for node in ready:
+            available.update(node.output)
+        ordered.extend(ready)
+        ready_ids = {id(node) for node in ready}
+        pending = [node for node in pending if id(node) not in ready_ids]
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def export_fp16_variant(
-    fp32_model: Path, parity_images: int = 1000, accuracy_images: int = 0, data_dir: str | None = None
+    fp32_model: Path,
+    parity_images: int = 1000,
+    accuracy_images: int = 0,
+    data_dir: str | None = None,
+    provider: str = "cpu",
 ) -> dict:
-    """Write `name.fp16.onnx` beside an fp32 model written by mnist-export, checked against it; returns the report."""
+    """Write `name.fp16.onnx` beside an fp32 model written by mnist-export, checked against it; returns the report.
+
+    The fp16-against-fp32 check runs on the CPU provider; both accuracies are measured through `provider`.
+    """
     import onnx
 
     started = time.time()
@@ -272,6 +347,8 @@ def export_fp16_variant(
                 f"different predictions (at most {parity.allowed_mismatches})"
             )
         x_acc, y_acc = normalized_test_images(accuracy_images, data_dir)
+        if provider != "cpu":
+            session16, session32 = ort_session(candidate, provider), ort_session(fp32_model, provider)
         accuracy16 = float((run_batched(session16, x_acc).argmax(1) == y_acc).mean())
         accuracy32 = float((run_batched(session32, x_acc).argmax(1) == y_acc).mean())
     if accuracy32 - accuracy16 > FP16_MAX_ACCURACY_DROP:
@@ -288,7 +365,7 @@ def export_fp16_variant(
         input_layout=input_layout("fp16"),
         test_accuracy=accuracy16,
         test_images=len(y_acc),
-        exported_with=f"{metadata32.exported_with}; fp16 by onnxruntime.transformers.float16 (onnx {onnx.__version__})",
+        exported_with=f"{metadata32.exported_with}; fp16 by mnist-export (onnx {onnx.__version__})",
     )
     metadata.write_into(proto16)
     tmp_output = output.with_name(output.name + ".tmp")
@@ -307,6 +384,7 @@ def export_fp16_variant(
             "passed": True,
         },
         "fp32_test_accuracy_same_images": accuracy32,
+        "accuracy_provider": provider,
         "seconds": time.time() - started,
     }
     output.with_suffix(".export.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -320,6 +398,9 @@ def _check_io_contract(proto) -> None:
         raise ExportError(
             f"exported graph has inputs {inputs} and outputs {outputs}, expected [{INPUT_NAME}] {OUTPUT_NAMES}"
         )
+    not_float = [v.name for v in (*proto.graph.input, *proto.graph.output) if v.type.tensor_type.elem_type != 1]
+    if not_float:
+        raise ExportError(f"{', '.join(not_float)} must be float32 (the contract), whatever the precision inside")
     batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     if batch_dim.HasField("dim_value"):
         raise ExportError(f"batch axis of {INPUT_NAME} is fixed at {batch_dim.dim_value}, expected dynamic")
@@ -403,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--provider",
         choices=["cpu", "cuda"],
         default="cpu",
-        help="with --check: ONNX Runtime provider to measure accuracy with (cuda: what a GPU server computes)",
+        help="ONNX Runtime provider the test accuracy is measured with (cuda: what a GPU server computes); the "
+        "parity checks always run on the CPU",
     )
     parser.add_argument(
         "--check",
@@ -444,17 +526,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  first predictions {result['first_predictions']}\n  true labels       {result['first_labels']}")
             _write_triton(args, args.check)
             if args.fp16:
-                _print_fp16(export_fp16_variant(args.check, args.parity_images, args.accuracy_images, args.data_dir))
+                _print_fp16(
+                    export_fp16_variant(
+                        args.check, args.parity_images, args.accuracy_images, args.data_dir, args.provider
+                    )
+                )
             return 0
         if args.checkpoint is None:
             build_parser().error("give a checkpoint to export, or --check MODEL.onnx")
         output = args.output or args.checkpoint.with_name(f"{load_checkpoint_model(args.checkpoint)[1]}.onnx")
         report = export_checkpoint(
-            args.checkpoint, output, args.model_version, args.parity_images, args.accuracy_images, args.data_dir
+            args.checkpoint,
+            output,
+            args.model_version,
+            args.parity_images,
+            args.accuracy_images,
+            args.data_dir,
+            args.provider,
         )
         _write_triton(args, output)
         fp16_report = (
-            export_fp16_variant(output, args.parity_images, args.accuracy_images, args.data_dir) if args.fp16 else None
+            export_fp16_variant(output, args.parity_images, args.accuracy_images, args.data_dir, args.provider)
+            if args.fp16
+            else None
         )
     except (ExportError, ValueError, FileNotFoundError) as exc:
         print(f"mnist-export: {exc}", file=sys.stderr)

@@ -64,7 +64,7 @@ class BulkHistogram(Collector):
             self._sum += float(values.sum())
 
     def observe(self, value: float) -> None:
-        index = bisect.bisect_left(self._edge_list, value)
+        index = bisect.bisect_left(self._edge_list, value) if value == value else len(self._edge_list)  # NaN: +Inf
         with self._lock:
             self._counts[index] += 1
             self._sum += value

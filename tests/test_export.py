@@ -14,6 +14,7 @@ from export.onnx_export import (
     ExportError,
     check_model_file,
     export_checkpoint,
+    export_fp16_variant,
     load_checkpoint_model,
     main,
     normalized_test_images,
@@ -120,3 +121,89 @@ def test_the_bundled_model_is_verified_and_accurate(mnist_dir: Path) -> None:
 def test_bundled_model_files_stay_within_the_size_budget() -> None:
     total = sum(p.stat().st_size for p in BUNDLED.parent.glob("*.onnx"))
     assert 0 < total <= 12_000_000
+
+
+# --- the fp16 variant ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fp16_exported(exported, mnist_dir: Path) -> tuple[Path, dict]:
+    _, fp32_path, _ = exported
+    report = export_fp16_variant(fp32_path, parity_images=200, accuracy_images=300, data_dir=str(mnist_dir))
+    return Path(report["model"]), report
+
+
+def test_the_fp16_variant_is_written_beside_the_fp32_model_and_says_what_it_is(exported, fp16_exported) -> None:
+    _, fp32_path, _ = exported
+    path, report = fp16_exported
+    assert path == fp32_path.with_name("model.fp16.onnx") and path.is_file()
+    assert path.with_suffix(".export.json").is_file()
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    meta, meta32 = read_metadata(proto), read_metadata(onnx.load(str(fp32_path)))
+    assert meta.precision == "fp16" and meta32.precision == "fp32"
+    assert (meta.model_name, meta.model_version) == (meta32.model_name, meta32.model_version)
+    assert path.stat().st_size < 0.6 * fp32_path.stat().st_size  # half-size weights
+    assert report["parity_against_fp32"]["max_abs_logit_diff"] <= report["parity_against_fp32"]["tolerance"]
+
+
+def test_the_fp16_variant_keeps_float32_input_and_outputs_and_a_float32_softmax(fp16_exported) -> None:
+    path, _ = fp16_exported
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type) for i in session.get_inputs()] == [("image", "tensor(float)")]
+    assert [(o.name, o.type) for o in session.get_outputs()] == [
+        ("logits", "tensor(float)"),
+        ("probabilities", "tensor(float)"),
+    ]
+    graph = onnx.load(str(path)).graph
+    (softmax,) = [n for n in graph.node if n.op_type == "Softmax"]
+    assert list(softmax.input) == ["logits"]  # the float32 graph output, not an fp16 tensor
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
+
+
+def test_fp16_answers_match_fp32_and_its_accuracy_is_measured_on_its_own_file(exported, fp16_exported, mnist_dir):
+    _, fp32_path, _ = exported
+    path, report = fp16_exported
+    x, labels = normalized_test_images(300, str(mnist_dir))
+    s16 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    s32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+    p16, p32 = s16.run(["probabilities"], {"image": x})[0], s32.run(["probabilities"], {"image": x})[0]
+    assert np.abs(p16 - p32).max() <= 0.01
+    assert (p16.argmax(1) != p32.argmax(1)).mean() <= 0.01
+    assert read_metadata(onnx.load(str(path))).test_accuracy == pytest.approx(float((p16.argmax(1) == labels).mean()))
+    assert report["metadata"]["test_images"] == 300
+
+
+def test_an_fp16_variant_that_drifts_from_fp32_is_refused_and_not_written(exported, tmp_path, monkeypatch) -> None:
+    import export.onnx_export as exporter
+
+    _, fp32_path, _ = exported
+    copy = tmp_path / "drift.onnx"
+    copy.write_bytes(fp32_path.read_bytes())
+    original = exporter.to_fp16
+
+    def drifting(proto):  # every weight 10% off: what a broken conversion would do
+        converted = original(proto)
+        for tensor in converted.graph.initializer:
+            if tensor.data_type == onnx.TensorProto.FLOAT16:
+                array = onnx.numpy_helper.to_array(tensor) * np.float16(1.1)
+                tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
+        return converted
+
+    monkeypatch.setattr(exporter, "to_fp16", drifting)
+    with pytest.raises(ExportError, match="fp16 check failed"):
+        export_fp16_variant(copy, parity_images=100, accuracy_images=100)
+    assert not copy.with_name("drift.fp16.onnx").exists()
+
+
+def test_an_fp16_model_is_not_converted_again(fp16_exported) -> None:
+    path, _ = fp16_exported
+    with pytest.raises(ExportError, match="already fp16"):
+        export_fp16_variant(path)
+
+
+def test_the_bundled_fp16_variant_matches_its_fp32_model() -> None:
+    fp16 = BUNDLED.with_name("googlenet-fast.fp16.onnx")
+    meta16, meta32 = read_metadata(onnx.load(str(fp16))), read_metadata(onnx.load(str(BUNDLED)))
+    assert meta16.precision == "fp16" and meta16.model_version == meta32.model_version
+    assert meta16.test_accuracy >= meta32.test_accuracy - 0.001 and meta16.test_images == 10_000

@@ -60,6 +60,7 @@ def test_durations_read_like_locusts() -> None:
 
 
 def test_bench_summary_relates_the_server_to_the_floor() -> None:
+    """Single-image closed loops against the floor; batch and open-loop rows get their own keys."""
     floor = [
         LatencyStats("floor", 1, 1, 100, 1000, 1.0, 1.2, 2.0, 3.0),
         LatencyStats("floor", 32, 1, 100, 4000, 8.0, 9.0, 10.0, 11.0),
@@ -68,8 +69,12 @@ def test_bench_summary_relates_the_server_to_the_floor() -> None:
         LatencyStats("server", 1, 1, 100, 500, 1.5, 2.0, 3.0, 4.0),
         LatencyStats("server", 1, 8, 100, 2000, 4.0, 6.0, 9.0, 12.0),
         LatencyStats("server", 1, 32, 100, 3000, 12.0, 15.0, 20.0, 30.0),
+        LatencyStats("server", 256, 4, 100, 90_000, 7.0, 8.0, 9.5, 11.0),
+        LatencyStats("open-loop", 1, 2, 100, 1000, 1.0, 2.0, 4.5, 8.0, target_rate=1000),
     ]
     summary = summarize(floor, server)
+    assert summary["classify_batch_256_images_per_second_c4"] == 90_000
+    assert summary["classify_batch_256_p99_ms_c4"] == 9.5 and summary["open_loop_1000_per_s_p99_ms"] == 4.5
     assert summary["server_overhead_p50_ms_at_batch_1"] == pytest.approx(0.5)
     assert summary["p99_ratio_to_floor_batch_1"] == pytest.approx(1.5)
     assert summary["best_images_per_second_within_slo"] == 2000 and summary["best_within_slo_concurrency"] == 8
@@ -138,11 +143,15 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
             "1,4",
             "--concurrency",
             "1,2",
-            "--port",
-            "0",
+            "--batch-images",
+            "8",
+            "--batch-clients",
+            "2",
+            "--open-loop-rates",
+            "30",
             "--out",
             str(tmp_path),
-        ],
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=180,
@@ -151,9 +160,33 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "bench.json").read_text())
     assert [f["batch_size"] for f in report["floor"]] == [1, 4]
-    assert [s["concurrency"] for s in report["server"]] == [1, 2] and all(s["errors"] == 0 for s in report["server"])
+    rows = [(s["label"], s["batch_size"], s["concurrency"], s["target_rate"]) for s in report["server"]]
+    assert rows == [("server", 1, 1, 0), ("server", 1, 2, 0), ("server", 8, 2, 0), ("open-loop", 1, 2, 30)]
+    assert all(s["errors"] == 0 and s["calls"] > 0 for s in report["server"])
     assert "server_overhead_p50_ms_at_batch_1" in report["summary"]
+    assert (
+        "classify_batch_8_images_per_second_c2" in report["summary"]
+        and "open_loop_30_per_s_p99_ms" in report["summary"]
+    )
+    # what served, and where: the title of the plot says it too
+    assert report["served"]["name"] == "googlenet-fast" and report["served"]["precision"] == "fp32"
+    assert report["machine"]["cpus"] >= 1 and report["machine"]["onnxruntime"].startswith("onnxruntime")
+    assert "googlenet-fast fp32 NCHW on CPUExecutionProvider" in report["title"]
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_an_open_loop_keeps_its_rate_whatever_the_server_does() -> None:
+    """The sender's schedule is fixed: a server that answers slowly gets the same calls, not fewer."""
+    from loadtest.drivers import open_loop
+
+    server, port = start_server("--metrics-port", "0", "--max-batch-size", "1")
+    try:
+        result = open_loop(f"127.0.0.1:{port}", rate=100, seconds=2, processes=2)
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert result.sent == 200 and result.error_count == 0
+    assert len(result.latencies_s) == 200 and (result.latencies_s > 0).all()
 
 
 def test_wrong_answers_fail_the_run_by_default() -> None:

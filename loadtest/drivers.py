@@ -1,0 +1,196 @@
+"""Load generators for mnist-bench: closed-loop clients and an open-loop (fixed arrival rate) sender.
+
+Each client runs in a process of its own, so client-side Python does not serialize the calls.
+Closed loop: every client keeps one call in flight, the next sent when the last returns; a slow
+server slows its clients, so closed loops alone understate the tail. Open loop: calls are sent on
+a fixed schedule whatever the server does, and each latency counts from the moment the call was
+due (or sent, if later), so a server falling behind shows its queueing in the percentiles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CONNECT_TIMEOUT_S = 30.0
+
+
+@dataclass
+class LoadResult:
+    """What one load level measured: per-call latencies, failed calls by status, wall time."""
+
+    latencies_s: np.ndarray
+    errors: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    images_per_call: int = 1
+    sent: int = 0  # calls sent (open loop: as scheduled)
+    late_p99_ms: float = 0.0  # open loop: how late the sender itself was at the 99th percentile
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+def sample_digits(count: int = 1000) -> np.ndarray:
+    """Real MNIST test digits when the data is at hand, else seeded random strokes (same shapes, same cost)."""
+    try:
+        from training.data import load_split
+
+        return load_split("test").images[:count]
+    except Exception:  # noqa: BLE001 - the benchmark must run on a serving-only install
+        rng = np.random.default_rng(0)
+        return (rng.random((count, 28, 28)) > 0.8).astype(np.uint8) * 255
+
+
+def _requests(images_per_call: int, seed: int) -> tuple[list, str]:
+    """Prebuilt requests (raw MNIST digits) and the method that takes them."""
+    from proto.mnist.v1 import classifier_pb2 as pb
+
+    digits = sample_digits()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(digits))
+    singles = [pb.ClassifyRequest(raw=digits[i].tobytes()) for i in order]
+    if images_per_call == 1:
+        return singles, "Classify"
+    batches = [
+        pb.ClassifyBatchRequest(requests=[singles[(k + j) % len(singles)] for j in range(images_per_call)])
+        for k in range(0, 8 * images_per_call, images_per_call)
+    ]
+    return batches, "ClassifyBatch"
+
+
+def _closed_loop_client(
+    target: str, seconds: float, start_at: float, seed: int, images_per_call: int, queue: mp.Queue
+) -> None:
+    import grpc
+
+    from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
+
+    requests, method = _requests(images_per_call, seed)
+    latencies, errors = [], Counter()
+    with grpc.insecure_channel(target) as channel:
+        call = getattr(pb_grpc.ClassifierStub(channel), method)
+        call(requests[0], timeout=CONNECT_TIMEOUT_S)  # connect before the clock starts
+        while time.time() < start_at:
+            time.sleep(0.001)
+        end = start_at + seconds
+        i = 0
+        while time.time() < end:
+            t0 = time.perf_counter()
+            try:
+                call(requests[i % len(requests)], timeout=10)
+                latencies.append(time.perf_counter() - t0)
+            except grpc.RpcError as exc:
+                errors[exc.code().name] += 1
+            i += 1
+    queue.put((latencies, dict(errors), i))
+
+
+def closed_loop(target: str, clients: int, seconds: float, images_per_call: int = 1) -> LoadResult:
+    """`clients` processes, each with one call in flight for `seconds`."""
+    context = mp.get_context("spawn")
+    queue: mp.Queue = context.Queue()
+    start_at = time.time() + 2.0 + 0.05 * clients  # time to spawn, import and connect every client
+    procs = [
+        context.Process(target=_closed_loop_client, args=(target, seconds, start_at, i, images_per_call, queue))
+        for i in range(clients)
+    ]
+    for p in procs:
+        p.start()
+    gathered = [queue.get(timeout=seconds + 120) for _ in procs]
+    for p in procs:
+        p.join()
+    errors: Counter = Counter()
+    for _, errs, _ in gathered:
+        errors.update(errs)
+    latencies = np.concatenate([np.asarray(lat, float) for lat, _, _ in gathered])
+    return LoadResult(latencies, dict(errors), seconds, images_per_call, sum(sent for _, _, sent in gathered))
+
+
+async def _open_loop_sender(
+    target: str, rate: float, seconds: float, start_at: float, offset: float, images_per_call: int, seed: int
+) -> tuple[list[float], dict[str, int], int, list[float]]:
+    import grpc
+
+    from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
+
+    requests, method = _requests(images_per_call, seed)
+    latencies: list[float] = []
+    lateness: list[float] = []
+    errors: Counter = Counter()
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = getattr(pb_grpc.ClassifierStub(channel), method)
+        await call(requests[0], timeout=CONNECT_TIMEOUT_S)
+        perf_start = time.perf_counter() + (start_at - time.time()) + offset
+        interval = 1.0 / rate
+
+        async def one(request, due: float) -> None:
+            sent = time.perf_counter()
+            lateness.append(max(0.0, sent - due))
+            try:
+                await call(request, timeout=5)
+                latencies.append(time.perf_counter() - max(due, sent))
+            except grpc.aio.AioRpcError as exc:
+                errors[exc.code().name] += 1
+
+        tasks = []
+        k = 0
+        while (due := perf_start + k * interval) < perf_start + seconds:
+            wait = due - time.perf_counter()
+            if wait > 0.0005:  # the loop's timers are only millisecond-precise: never send more than 0.5 ms early
+                await asyncio.sleep(wait - 0.0005)
+            tasks.append(asyncio.ensure_future(one(requests[k % len(requests)], due)))
+            k += 1
+        await asyncio.gather(*tasks)
+    return latencies, dict(errors), k, lateness
+
+
+def _open_loop_process(
+    target: str,
+    rate: float,
+    seconds: float,
+    start_at: float,
+    offset: float,
+    images_per_call: int,
+    seed: int,
+    queue: mp.Queue,
+) -> None:
+    queue.put(asyncio.run(_open_loop_sender(target, rate, seconds, start_at, offset, images_per_call, seed)))
+
+
+def open_loop(target: str, rate: float, seconds: float, processes: int = 2, images_per_call: int = 1) -> LoadResult:
+    """Calls at `rate` per second in all, evenly spaced, from `processes` senders interleaved in time."""
+    context = mp.get_context("spawn")
+    queue: mp.Queue = context.Queue()
+    start_at = time.time() + 2.0 + 0.1 * processes
+    per_process = rate / processes
+    procs = [
+        context.Process(
+            target=_open_loop_process,
+            args=(target, per_process, seconds, start_at, i / rate, images_per_call, 100 + i, queue),
+        )
+        for i in range(processes)
+    ]
+    for p in procs:
+        p.start()
+    gathered = [queue.get(timeout=seconds + 120) for _ in procs]
+    for p in procs:
+        p.join()
+    errors: Counter = Counter()
+    for _, errs, _, _ in gathered:
+        errors.update(errs)
+    latencies = np.concatenate([np.asarray(lat, float) for lat, _, _, _ in gathered])
+    lateness = np.concatenate([np.asarray(late, float) for _, _, _, late in gathered])
+    return LoadResult(
+        latencies,
+        dict(errors),
+        seconds,
+        images_per_call,
+        sent=sum(sent for _, _, sent, _ in gathered),
+        late_p99_ms=float(np.percentile(lateness, 99) * 1000) if len(lateness) else 0.0,
+    )

@@ -1,0 +1,70 @@
+"""Where a benchmark ran: CPU, GPU and driver, and the versions of everything on the request path."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine() -> dict[str, Any]:
+    """Facts a reader needs to compare two benchmark runs; the GPU ones are absent where there is none."""
+    import grpc
+    import numpy as np
+    import onnxruntime as ort
+
+    from server.backends.onnxruntime_backend import gpu_description, nvidia_driver_present, runtime_description
+
+    facts: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "numpy": np.__version__,
+        "onnxruntime": runtime_description(ort),
+        "onnxruntime_providers": ort.get_available_providers(),
+    }
+    if nvidia_driver_present():
+        facts["gpu"] = gpu_description()
+    return facts
+
+
+def headline(machine: dict[str, Any], served: dict[str, Any] | None = None) -> str:
+    """One line for plot titles: what ran, on what, with which software."""
+    where = machine.get("gpu") or f"{machine['cpu']} ({machine['cpus']} cpus)"
+    if not served:
+        return f"{where}; {machine['onnxruntime']}"
+    buckets = ",".join(map(str, served.get("batch_buckets", []))) or "any"
+    provider = (served.get("providers") or [served.get("backend", "?")])[0]
+    graph = ", CUDA graph" if served.get("cuda_graph") else ""
+    return (
+        f"{served.get('name')} {served.get('precision', '')} {served.get('layout', '')} on {provider}{graph}, "
+        f"buckets {buckets}\n{where}; {served.get('runtime') or machine['onnxruntime']}"
+    )
+
+
+def main() -> int:
+    """Print the facts, and nvidia-smi's own view where there is a GPU (the suite's first step)."""
+    import json
+    import shutil
+    import subprocess
+
+    print(json.dumps(describe_machine(), indent=2))
+    if shutil.which("nvidia-smi"):
+        subprocess.run(["nvidia-smi"], check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,226 @@
+"""server.wire: hand-written responses parse as protobuf's own; request parsers name problems and never raise."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import server.wire
+from proto.mnist.v1 import classifier_pb2 as pb
+from server.wire import (
+    BOTH_SET,
+    encode_classify_batch_response,
+    encode_classify_response,
+    fill_request_ids,
+    new_request_ids,
+    parse_classify_batch_request,
+    parse_classify_request,
+    safe_parser,
+)
+
+HEX32 = re.compile(r"[0-9a-f]{32}")
+RAW = bytes(range(256)) * 3 + bytes(16)  # 784 bytes
+
+
+def predictions(count: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random float32 probability rows, their argmax digits (0 included) and confidences."""
+    rng = np.random.default_rng(seed)
+    probabilities = rng.dirichlet(np.ones(10), size=count).astype(np.float32)
+    probabilities[0] = np.eye(10, dtype=np.float32)[0]  # digit 0 with confidence exactly 1
+    probabilities[1, :] = np.float32(0.1)  # a tie: argmax says 0
+    digits = probabilities.argmax(1)
+    return probabilities, digits, probabilities[np.arange(count), digits]
+
+
+def expected_batch(probabilities, digits, confidences, version: str, ids: list[str]) -> pb.ClassifyBatchResponse:
+    return pb.ClassifyBatchResponse(
+        responses=[
+            pb.ClassifyResponse(
+                digit=int(digit), confidence=float(confidence), probabilities=row, model_version=version, request_id=rid
+            )
+            for row, digit, confidence, rid in zip(probabilities.tolist(), digits, confidences, ids, strict=True)
+        ]
+    )
+
+
+def assert_same_floats(parsed: pb.ClassifyBatchResponse, probabilities: np.ndarray, confidences: np.ndarray) -> None:
+    """Every float arrives as the very float32 that was sent."""
+    got_probabilities = np.array([list(r.probabilities) for r in parsed.responses], np.float32)
+    got_confidences = np.array([r.confidence for r in parsed.responses], np.float32)
+    np.testing.assert_array_equal(got_probabilities.view(np.uint32), probabilities.view(np.uint32))
+    np.testing.assert_array_equal(got_confidences.view(np.uint32), confidences.view(np.uint32))
+
+
+# --- responses -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fallbacks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the batch responses built by protobuf (the fallback) rather than by the numpy fast path."""
+    calls: list[int] = []
+    original = server.wire._protobuf_batch_response
+
+    def counted(*args):
+        calls.append(len(args[-1]))
+        return original(*args)
+
+    monkeypatch.setattr(server.wire, "_protobuf_batch_response", counted)
+    return calls
+
+
+@pytest.mark.parametrize("version", ["bbd9b92952ad", "v" * 40])  # a long version needs a 2-byte record length
+def test_a_batch_response_with_generated_ids_parses_as_protobufs_own(version: str, fallbacks: list[int]) -> None:
+    probabilities, digits, confidences = predictions(200, seed=1)
+    ids = new_request_ids(200)
+    data = encode_classify_batch_response(probabilities, digits, confidences, version, ids)
+    parsed = pb.ClassifyBatchResponse.FromString(data)
+    assert parsed == expected_batch(probabilities, digits, confidences, version, ids)
+    assert [r.digit for r in parsed.responses][:2] == [0, 0] and (digits == 0).sum() >= 2
+    assert_same_floats(parsed, probabilities, confidences)
+    assert fallbacks == []  # written by numpy
+
+
+def test_a_batch_response_with_ids_of_mixed_lengths_parses_as_protobufs_own(fallbacks: list[int]) -> None:
+    probabilities, digits, confidences = predictions(7, seed=2)
+    ids = fill_request_ids(["client-1", "", "zähler-1", "", "x" * 200, "7", "ünïcödé-✓"])
+    assert ids[0] == "client-1" and ids[2] == "zähler-1" and HEX32.fullmatch(ids[1]) and HEX32.fullmatch(ids[3])
+    data = encode_classify_batch_response(probabilities, digits, confidences, "v1", ids)
+    parsed = pb.ClassifyBatchResponse.FromString(data)
+    assert parsed == expected_batch(probabilities, digits, confidences, "v1", ids)
+    assert [r.request_id for r in parsed.responses] == ids
+    assert_same_floats(parsed, probabilities, confidences)
+    assert fallbacks == [7]  # built by protobuf
+
+
+def test_non_ascii_ids_of_equal_byte_length_take_the_fast_path_and_parse_right(fallbacks: list[int]) -> None:
+    """The fast path measures ids in UTF-8 bytes, not characters: 'zähler-1' is 9 bytes, 'zahler-12' too."""
+    probabilities, digits, confidences = predictions(3, seed=3)
+    ids = ["zähler-1", "zahler-12", "ÄÖ-abcd"]
+    assert len({len(rid.encode()) for rid in ids}) == 1 and len({len(rid) for rid in ids}) == 3
+    parsed = pb.ClassifyBatchResponse.FromString(
+        encode_classify_batch_response(probabilities, digits, confidences, "v", ids)
+    )
+    assert parsed == expected_batch(probabilities, digits, confidences, "v", ids)
+    assert fallbacks == []
+
+
+def test_uniformly_empty_ids_take_the_fast_path_and_parse_as_empty(fallbacks: list[int]) -> None:
+    probabilities, digits, confidences = predictions(4, seed=4)
+    data = encode_classify_batch_response(probabilities, digits, confidences, "v", [""] * 4)
+    assert pb.ClassifyBatchResponse.FromString(data) == expected_batch(
+        probabilities, digits, confidences, "v", [""] * 4
+    )
+    assert fallbacks == []
+
+
+def test_an_empty_batch_response_is_an_empty_message() -> None:
+    empty = np.empty((0, 10), np.float32)
+    data = encode_classify_batch_response(empty, np.empty(0, np.int64), np.empty(0, np.float32), "v", [])
+    assert pb.ClassifyBatchResponse.FromString(data) == pb.ClassifyBatchResponse()
+
+
+@pytest.mark.parametrize("digit", [0, 7])
+def test_a_single_response_parses_as_protobufs_own(digit: int) -> None:
+    rng = np.random.default_rng(digit)
+    row = rng.dirichlet(np.ones(10)).astype(np.float32)
+    data = encode_classify_response(row, digit, row[digit], "v2", "zähler-1")
+    expected = pb.ClassifyResponse(
+        digit=digit, confidence=float(row[digit]), probabilities=row.tolist(), model_version="v2", request_id="zähler-1"
+    )
+    assert pb.ClassifyResponse.FromString(data) == expected
+    # one image's response is the same record as one item of a batch response
+    batch = encode_classify_batch_response(row[None], np.array([digit]), row[digit : digit + 1], "v2", ["zähler-1"])
+    assert pb.ClassifyBatchResponse.FromString(batch).responses[0] == expected
+
+
+def test_new_request_ids_are_distinct_32_hex_digit_strings() -> None:
+    ids = new_request_ids(1000)
+    assert len(ids) == 1000 and len(set(ids)) == 1000
+    assert all(HEX32.fullmatch(rid) for rid in ids)
+    assert new_request_ids(0) == [] and set(new_request_ids(5)).isdisjoint(ids)
+
+
+def test_fill_request_ids_keeps_given_ids_and_fills_only_empty_ones() -> None:
+    given = ["a", "", "b", ""]
+    filled = fill_request_ids(given)
+    assert filled[0] == "a" and filled[2] == "b"
+    assert HEX32.fullmatch(filled[1]) and HEX32.fullmatch(filled[3]) and filled[1] != filled[3]
+    assert given == ["a", "", "b", ""]  # the caller's list is not changed
+    assert fill_request_ids(["x", "y"]) == ["x", "y"]
+
+
+# --- requests ---------------------------------------------------------------------------------------------
+
+
+def test_a_normal_request_parses_without_a_problem() -> None:
+    request = pb.ClassifyRequest(raw=RAW, request_id="r1")
+    parsed = parse_classify_request(request.SerializeToString())
+    assert parsed.problem is None and parsed.message == request
+
+
+def both_fields(raw: bytes = RAW) -> bytes:
+    return pb.ClassifyRequest(encoded=b"png?").SerializeToString() + pb.ClassifyRequest(raw=raw).SerializeToString()
+
+
+def test_a_request_carrying_both_image_fields_has_the_both_problem() -> None:
+    parsed = parse_classify_request(both_fields())
+    assert parsed.problem == BOTH_SET
+    reverse = pb.ClassifyRequest(raw=RAW).SerializeToString() + pb.ClassifyRequest(encoded=b"x").SerializeToString()
+    assert parse_classify_request(reverse).problem == BOTH_SET
+
+
+def test_a_duplicated_request_id_is_valid_and_the_last_one_wins() -> None:
+    """Non-canonical (the message re-serializes shorter) but valid protobuf: no problem."""
+    data = pb.ClassifyRequest(raw=RAW, request_id="first").SerializeToString()
+    data += pb.ClassifyRequest(request_id="second").SerializeToString()
+    parsed = parse_classify_request(data)
+    assert parsed.problem is None and parsed.message.request_id == "second" and parsed.message.raw == RAW
+    assert parsed.message.ByteSize() < len(data)  # the slow, exact scan was taken
+
+
+@pytest.mark.parametrize(
+    "data", [b"\x12\xff\xff\x03truncated", b"\xff", b"\x0a\x05ab", b"\x0f"], ids=["long", "ff", "short", "wiretype"]
+)
+def test_garbage_is_a_malformed_request_problem(data: bytes) -> None:
+    parsed = parse_classify_request(data)
+    assert parsed.problem is not None and parsed.problem.startswith("malformed request: not a valid ClassifyRequest")
+    assert isinstance(parsed.message, pb.ClassifyRequest)
+    batch = parse_classify_batch_request(data)
+    assert batch.problem is not None and "not a valid ClassifyBatchRequest" in batch.problem
+
+
+def test_the_parsers_never_raise_on_random_bytes() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(2000):
+        data = rng.integers(0, 256, size=int(rng.integers(0, 40)), dtype=np.uint8).tobytes()
+        for parse in (parse_classify_request, parse_classify_batch_request, safe_parser(pb.GetModelInfoRequest)):
+            parsed = parse(data)
+            assert parsed.problem is None or parsed.problem.startswith("malformed request")
+
+
+def test_a_batch_names_the_item_with_both_image_fields() -> None:
+    items = [pb.ClassifyRequest(raw=RAW).SerializeToString(), pb.ClassifyRequest(raw=RAW).SerializeToString()]
+    items.insert(2, both_fields())
+    data = b"".join(b"\x0a" + bytes([len(item) & 0x7F | 0x80, len(item) >> 7]) + item for item in items)
+    parsed = parse_classify_batch_request(data)
+    assert parsed.problem == f"requests[2]: {BOTH_SET}"
+    assert len(parsed.message.requests) == 3
+
+
+def test_a_normal_batch_and_one_with_only_duplicated_ids_have_no_problem() -> None:
+    batch = pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(raw=RAW, request_id=str(i)) for i in range(3)])
+    assert parse_classify_batch_request(batch.SerializeToString()) == (batch, None)
+    item = pb.ClassifyRequest(raw=RAW, request_id="a").SerializeToString() + b"\x1a\x01b"  # request_id again
+    data = b"\x0a" + bytes([len(item) & 0x7F | 0x80, len(item) >> 7]) + item
+    parsed = parse_classify_batch_request(data)
+    assert parsed.problem is None and parsed.message.requests[0].request_id == "b"
+
+
+def test_safe_parser_reports_garbage_instead_of_raising() -> None:
+    parse = safe_parser(pb.GetModelInfoRequest)
+    assert parse(b"") == (pb.GetModelInfoRequest(), None)
+    parsed = parse(b"\x12\xff\xff\x03truncated")
+    assert parsed.problem.startswith("malformed request: not a valid GetModelInfoRequest")
+    assert parsed.message == pb.GetModelInfoRequest()
