@@ -400,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare_echo
         else None
     )
-    print(table(floor + server))
+    if server:
+        print(table(floor + server))
     if echo:
         print(table([LatencyStats(**row) for rows in echo["rows"].values() for row in rows]))
     summary = summarize(floor, server)

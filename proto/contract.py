@@ -42,9 +42,10 @@ class Normalization:
         """Pixels (uint8 or float in 0..255) of any shape -> float32 model input of that shape."""
         return ((np.asarray(pixels, np.float32) * self.scale - self.mean) / self.std).astype(INPUT_DTYPE)
 
-    def lookup_table(self) -> np.ndarray:
-        """The normalized value of each of the 256 uint8 pixel values: `table[pixels]` normalizes in one gather."""
-        return self.apply(np.arange(256, dtype=np.float32))
+    def apply_into(self, pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """`apply` written into `out` (float32, same shape): one multiply and one subtract, no temporaries."""
+        np.multiply(pixels, np.float32(self.scale / self.std), out=out, casting="unsafe")
+        return np.subtract(out, np.float32(self.mean / self.std), out=out)
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "formula": "(pixel / 255 - mean) / std"}

@@ -41,7 +41,7 @@ class BatchObserver:
     the others from the event loop."""
 
     on_batch: Callable[[int, float], None] = lambda images, seconds: None  # images run, seconds the run took
-    on_waits: Callable[[np.ndarray], None] = lambda seconds: None  # queue wait of each job that started
+    on_waits: Callable[[list[float]], None] = lambda seconds: None  # queue wait of each job that started
     on_depth: Callable[[int], None] = lambda depth: None  # images waiting
     on_dropped: Callable[[int, int], None] = lambda expired, cancelled: None  # images never run, and why
 
@@ -203,7 +203,7 @@ class Batcher:
                 self._jobs.popleft()
         self._observer.on_depth(self._queued)
         if waits:
-            self._observer.on_waits(np.asarray(waits))
+            self._observer.on_waits(waits)
         if expired or cancelled:
             self._observer.on_dropped(expired, cancelled)
         return batch

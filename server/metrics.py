@@ -53,10 +53,12 @@ class BulkHistogram(Collector):
         self._lock = threading.Lock()  # observations come from the loop, scrapes from the HTTP thread
         registry.register(self)
 
-    def observe_many(self, values: np.ndarray) -> None:
-        values = np.asarray(values, np.float64).ravel()
-        if not len(values):
+    def observe_many(self, values: np.ndarray | list[float]) -> None:
+        if len(values) <= 4:  # numpy's fixed cost per call is larger than a few bisections
+            for value in values:
+                self.observe(float(value))
             return
+        values = np.asarray(values, np.float64).ravel()
         # Prometheus buckets are "less than or equal": a value equal to an edge falls in that edge's bucket.
         counts = np.bincount(np.searchsorted(self.edges, values, side="left"), minlength=len(self._counts))
         with self._lock:
@@ -140,10 +142,14 @@ class ServiceMetrics:
         ).set(1)
 
     def observe_predictions(self, digits: np.ndarray, confidences: np.ndarray) -> None:
-        """Once per call: the digit counts and the confidence histogram of all its images."""
-        for digit, count in enumerate(np.bincount(digits, minlength=10)[:10]):
-            if count:
-                self._digit_counters[digit].inc(int(count))
+        """Once per batch: the digit counts and the confidence histogram of all its images."""
+        if len(digits) <= 4:
+            for digit in digits.tolist():
+                self._digit_counters[digit].inc()
+        else:
+            for digit, count in enumerate(np.bincount(digits, minlength=10)[:10].tolist()):
+                if count:
+                    self._digit_counters[digit].inc(count)
         self.confidence.observe_many(confidences)
 
     def batch_observer(self) -> BatchObserver:

@@ -1,7 +1,7 @@
 """The model pipeline: payloads -> preprocess -> batch queue -> backend -> predictions. No transport here.
 
 Raw payloads of a request become one uint8 array in one step (joined bytes, `np.frombuffer`) and
-are normalized with the rest of their batch in the runner thread (a lookup table, one gather).
+are normalized with the rest of their batch in the runner thread (one multiply, one subtract).
 Encoded images are decoded in a thread pool sized to the cores, off the event loop, so a large
 PNG cannot stall raw traffic. Argmax and the prediction metrics run once per batch in the runner
 thread too. Failures are domain errors (server/errors.py) only.
@@ -63,7 +63,7 @@ class ModelPipeline:
         self.backend = backend
         self.info: BackendInfo = backend.describe()
         self.settings = settings
-        self._lookup_table = self.info.normalization.lookup_table()
+        self._normalization = self.info.normalization
         self._on_predictions = on_predictions
         self.batcher = Batcher(
             self._run_batch,
@@ -124,7 +124,7 @@ class ModelPipeline:
             if kind == RAW:
                 raw_rows.append(i)
         if raw_rows:
-            images[raw_rows] = self._lookup_table[raw_pixels([payloads[i] for i in raw_rows])]
+            images[raw_rows] = self._normalization.apply(raw_pixels([payloads[i] for i in raw_rows]))
         limit = first_problem[0] if first_problem else len(payloads)  # nothing after a known bad image is decoded
         encoded_rows = [i for i in range(limit) if kinds[i] == ENCODED]
         loop = asyncio.get_running_loop()
@@ -150,14 +150,14 @@ class ModelPipeline:
 
     def _run_batch(self, parts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """In the batch runner thread: assemble and normalize, run the backend, postprocess; once per batch."""
-        if len(parts) == 1 and parts[0].dtype == INPUT_DTYPE:
+        if len(parts) == 1 and parts[0].dtype == INPUT_DTYPE:  # one job of decoded images: already normalized
             images = parts[0]
         else:
             images = np.empty((sum(map(len, parts)), *INPUT_SHAPE), INPUT_DTYPE)
             at = 0
             for part in parts:
                 if part.dtype == np.uint8:
-                    np.take(self._lookup_table, part, out=images[at : at + len(part)])
+                    self._normalization.apply_into(part, images[at : at + len(part)])
                 else:
                     images[at : at + len(part)] = part
                 at += len(part)
