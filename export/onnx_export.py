@@ -126,7 +126,7 @@ def check_parity(model, session, x: np.ndarray, tolerance: float) -> ParityResul
 
     with torch.no_grad():
         reference = model(torch.from_numpy(x)).numpy()
-    single = np.concatenate([session.run(["logits"], {INPUT_NAME: x[i : i + 1]})[0] for i in range(min(8, len(x)))])
+    single = np.concatenate([session.run([LOGITS], {INPUT_NAME: x[i : i + 1]})[0] for i in range(min(8, len(x)))])
     batched = run_batched(session, x, batch_size=256)
     diff = max(float(np.abs(batched - reference).max()), float(np.abs(single - reference[: len(single)]).max()))
     mismatches = int((batched.argmax(1) != reference.argmax(1)).sum())
@@ -209,11 +209,7 @@ def export_checkpoint(
         exported_with=f"torch {torch.__version__}, onnx {onnx.__version__}",
     )
     metadata.write_into(proto)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp_output = output.with_name(output.name + ".tmp")
-    onnx.save(proto, str(tmp_output))
-    tmp_output.replace(output)
-
+    save_atomically(proto, output)
     report = {
         "model": str(output),
         "onnx_sha256": sha256_file(output),
@@ -368,9 +364,7 @@ def export_fp16_variant(
         exported_with=f"{metadata32.exported_with}; fp16 by mnist-export (onnx {onnx.__version__})",
     )
     metadata.write_into(proto16)
-    tmp_output = output.with_name(output.name + ".tmp")
-    onnx.save(proto16, str(tmp_output))
-    tmp_output.replace(output)
+    save_atomically(proto16, output)
     report = {
         "model": str(output),
         "onnx_sha256": sha256_file(output),
@@ -389,6 +383,16 @@ def export_fp16_variant(
     }
     output.with_suffix(".export.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def save_atomically(proto, output: Path) -> None:
+    """Write under a temporary name, then rename: a reader never sees half a model."""
+    import onnx
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".tmp")
+    onnx.save(proto, str(partial))
+    partial.replace(output)
 
 
 def _check_io_contract(proto) -> None:

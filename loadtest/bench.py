@@ -28,6 +28,7 @@ import numpy as np
 
 from loadtest.drivers import LoadResult, closed_loop, open_loop, sample_digits
 from loadtest.machine import describe_machine, headline
+from proto.contract import INPUT_SHAPE
 from server.config import BUNDLED_MODEL
 
 SLO_MS = 10.0
@@ -93,7 +94,7 @@ def measure_floor(server_args: list[str], batch_sizes: list[int], seconds: float
     x_all = info.normalization.apply(digits)[:, None]
     results = []
     for batch in batch_sizes:
-        x = np.ascontiguousarray(np.resize(x_all, (batch, 1, 28, 28)))
+        x = np.ascontiguousarray(np.resize(x_all, (batch, *INPUT_SHAPE)))
         for _ in range(5):
             backend.run(x)
         latencies, started = [], time.perf_counter()

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from proto.contract import IMAGE_SIDE
+
 CONNECT_TIMEOUT_S = 30.0
 
 
@@ -44,7 +46,7 @@ def sample_digits(count: int = 1000) -> np.ndarray:
         return load_split("test").images[:count]
     except Exception:  # noqa: BLE001 - the benchmark must run on a serving-only install
         rng = np.random.default_rng(0)
-        return (rng.random((count, 28, 28)) > 0.8).astype(np.uint8) * 255
+        return (rng.random((count, IMAGE_SIDE, IMAGE_SIDE)) > 0.8).astype(np.uint8) * 255
 
 
 def _requests(images_per_call: int, seed: int) -> tuple[list, str]:
@@ -91,20 +93,25 @@ def _closed_loop_client(
     queue.put((latencies, dict(errors), i))
 
 
-def closed_loop(target: str, clients: int, seconds: float, images_per_call: int = 1) -> LoadResult:
-    """`clients` processes, each with one call in flight for `seconds`."""
+def _in_processes(worker, arguments: list[tuple], seconds: float) -> list:
+    """Run `worker(*args, queue)` in one spawned process per entry of `arguments`; their results, in any order."""
     context = mp.get_context("spawn")
     queue: mp.Queue = context.Queue()
-    start_at = time.time() + 2.0 + 0.05 * clients  # time to spawn, import and connect every client
-    procs = [
-        context.Process(target=_closed_loop_client, args=(target, seconds, start_at, i, images_per_call, queue))
-        for i in range(clients)
-    ]
+    procs = [context.Process(target=worker, args=(*args, queue)) for args in arguments]
     for p in procs:
         p.start()
     gathered = [queue.get(timeout=seconds + 120) for _ in procs]
     for p in procs:
         p.join()
+    return gathered
+
+
+def closed_loop(target: str, clients: int, seconds: float, images_per_call: int = 1) -> LoadResult:
+    """`clients` processes, each with one call in flight for `seconds`."""
+    start_at = time.time() + 2.0 + 0.05 * clients  # time to spawn, import and connect every client
+    gathered = _in_processes(
+        _closed_loop_client, [(target, seconds, start_at, i, images_per_call) for i in range(clients)], seconds
+    )
     errors: Counter = Counter()
     for _, errs, _ in gathered:
         errors.update(errs)
@@ -165,22 +172,13 @@ def _open_loop_process(
 
 def open_loop(target: str, rate: float, seconds: float, processes: int = 2, images_per_call: int = 1) -> LoadResult:
     """Calls at `rate` per second in all, evenly spaced, from `processes` senders interleaved in time."""
-    context = mp.get_context("spawn")
-    queue: mp.Queue = context.Queue()
     start_at = time.time() + 2.0 + 0.1 * processes
     per_process = rate / processes
-    procs = [
-        context.Process(
-            target=_open_loop_process,
-            args=(target, per_process, seconds, start_at, i / rate, images_per_call, 100 + i, queue),
-        )
-        for i in range(processes)
-    ]
-    for p in procs:
-        p.start()
-    gathered = [queue.get(timeout=seconds + 120) for _ in procs]
-    for p in procs:
-        p.join()
+    gathered = _in_processes(
+        _open_loop_process,
+        [(target, per_process, seconds, start_at, i / rate, images_per_call, 100 + i) for i in range(processes)],
+        seconds,
+    )
     errors: Counter = Counter()
     for _, errs, _, _ in gathered:
         errors.update(errs)

@@ -10,8 +10,6 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from server.backends.buckets import parse_buckets
-
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "googlenet-fast.onnx"
 ENV_PREFIX = "MNIST_SERVE_"
 
@@ -136,6 +134,19 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
     config = ServeConfig(**{name: _normalize_case(name, value) for name, value in values.items()})
     validate(config)
     return config
+
+
+def parse_buckets(text: str) -> tuple[int, ...]:
+    """'1,8,32' -> (1, 8, 32), sorted and checked; names what is wrong."""
+    try:
+        sizes = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise ValueError(f"batch buckets must be comma-separated whole numbers, not {text!r}") from None
+    if not sizes:
+        raise ValueError("batch buckets: give at least one size")
+    if sizes[0] < 1:
+        raise ValueError(f"batch buckets must be at least 1, got {sizes[0]}")
+    return tuple(sizes)
 
 
 def validate(config: ServeConfig) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from proto.contract import INPUT_NAME, INPUT_SHAPE, LOGITS, MNIST_NORMALIZATION, OUTPUT_NAMES, variant_path
 from server.backends import ENGINES, BackendUnavailable, build_backend
-from server.backends.buckets import Run, parse_buckets, plan_runs, powers_of_two
+from server.backends.buckets import Run, plan_runs, powers_of_two
 from server.backends.null_backend import FIXED_ROW, NullBackend
 from server.backends.onnxruntime_backend import (
     CPU,
@@ -19,7 +19,7 @@ from server.backends.onnxruntime_backend import (
     nvidia_driver_present,
     resolve_plan,
 )
-from server.config import BUNDLED_MODEL, CHOICES, ServeConfig
+from server.config import BUNDLED_MODEL, CHOICES, ServeConfig, parse_buckets
 from training.data import load_split
 
 FP16_MODEL = variant_path(BUNDLED_MODEL, "fp16")

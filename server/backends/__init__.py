@@ -6,12 +6,9 @@ A new engine is a new module here with a class that satisfies `Backend`, and a l
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from server.backends.base import Backend, BackendInfo, BackendUnavailable
-
-if TYPE_CHECKING:
-    from server.config import ServeConfig
+from server.config import ServeConfig
 
 
 def _onnxruntime(config: ServeConfig) -> Backend:

@@ -33,19 +33,6 @@ def powers_of_two(largest: int) -> tuple[int, ...]:
     return (*sizes, largest)
 
 
-def parse_buckets(text: str) -> tuple[int, ...]:
-    """'1,8,32' -> (1, 8, 32), sorted and checked; names what is wrong."""
-    try:
-        sizes = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise ValueError(f"batch buckets must be comma-separated whole numbers, not {text!r}") from None
-    if not sizes:
-        raise ValueError("batch buckets: give at least one size")
-    if sizes[0] < 1:
-        raise ValueError(f"batch buckets must be at least 1, got {sizes[0]}")
-    return tuple(sizes)
-
-
 def plan_runs(n: int, buckets: Iterable[int]) -> list[Run]:
     """Cut a batch of `n` images into runs, each at one of `buckets`, padding only the last."""
     sizes = sorted(buckets)

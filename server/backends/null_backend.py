@@ -7,15 +7,11 @@ gRPC server of the same proto: how much of Python gRPC's ceiling the serving cod
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from proto.contract import NUM_CLASSES
 from server.backends.base import BackendInfo
-
-if TYPE_CHECKING:
-    from server.config import ServeConfig
+from server.config import ServeConfig
 
 # Digit 0 with probability 0.91, the rest 0.01 each: a valid distribution that no real model would give
 # for every image, so a client can tell at a glance it is talking to the null engine.

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -37,10 +37,8 @@ from proto.contract import (
     variant_path,
 )
 from server.backends.base import BackendInfo, BackendUnavailable
-from server.backends.buckets import parse_buckets, plan_runs, powers_of_two
-
-if TYPE_CHECKING:
-    from server.config import ServeConfig
+from server.backends.buckets import plan_runs, powers_of_two
+from server.config import ServeConfig, parse_buckets
 
 log = logging.getLogger("mnist.backend.onnxruntime")
 
