@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import socket
 import threading
@@ -409,3 +410,53 @@ def test_malformed_protobuf_bytes_are_invalid_argument_and_counted(served: Harne
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed request" in err.value.details()
     after = served.metrics()[f'mnist_requests_total{{code="INVALID_ARGUMENT",method="{method}"}}']
     assert after == before + 1
+
+
+def test_a_call_cancelled_while_queued_is_never_run_and_is_counted(digits) -> None:
+    harness = Harness(MnistServer(test_config(max_batch_size=1, max_request_images=256, max_queue_size=512)).start())
+    try:
+        busy = pb.ClassifyBatchRequest(
+            requests=[pb.ClassifyRequest(raw=digits[0][i % 64].tobytes()) for i in range(256)]
+        )
+        backlog = harness.stub.ClassifyBatch.future(busy, timeout=60)  # ~256 single-image runs ahead
+        time.sleep(0.05)
+        gone = harness.stub.Classify.future(pb.ClassifyRequest(raw=digits[0][0].tobytes()), timeout=60)
+        time.sleep(0.05)
+        assert gone.cancel()
+        assert len(backlog.result().responses) == 256
+        for _ in range(100):  # the batcher reaches the abandoned image just after the backlog
+            metrics = harness.metrics()
+            if metrics["mnist_cancelled_images_total{}"]:
+                break
+            time.sleep(0.02)
+        assert metrics["mnist_cancelled_images_total{}"] == 1 and metrics["mnist_deadline_expired_images_total{}"] == 0
+        assert metrics["mnist_batch_size_sum{}"] == 256  # the cancelled image never reached the model
+        assert harness.stub.Classify(pb.ClassifyRequest(raw=digits[0][1].tobytes()), timeout=10).digit == digits[1][1]
+    finally:
+        harness.close()
+
+
+def test_a_thousand_concurrent_calls_are_answered_without_a_thread_each(digits) -> None:
+    """The event loop holds waiting calls as coroutines: the server's thread count does not grow with them."""
+    server = MnistServer(test_config(backend="null", max_queue_size=2048)).start()
+    threads_before = threading.active_count()
+    peak = threads_before
+
+    async def many() -> list[int]:
+        nonlocal peak
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+            calls = [
+                stub.Classify(pb.ClassifyRequest(raw=digits[0][i % 64].tobytes()), timeout=60) for i in range(1000)
+            ]
+            waiting = asyncio.ensure_future(asyncio.gather(*calls))
+            while not waiting.done():
+                peak = max(peak, threading.active_count())
+                await asyncio.sleep(0.005)
+            return [reply.digit for reply in await waiting]
+
+    try:
+        assert asyncio.run(many()) == [0] * 1000  # the null backend's fixed answer
+    finally:
+        server.stop()
+    assert peak - threads_before < 20
