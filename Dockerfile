@@ -35,7 +35,7 @@ ENV MNIST_SERVE_HOST=[::] \
     MNIST_SERVE_METRICS_PORT=9464 \
     PYTHONUNBUFFERED=1
 EXPOSE 50051 9464
-HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=3s --start-period=180s --retries=3 \
     CMD ["mnist-classify", "--health", "--server", "localhost:50051", "--timeout", "2"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["mnist-serve"]

@@ -118,6 +118,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_serving(process: subprocess.Popen, target: str, seconds: float) -> bool:
+    """Poll health until SERVING; give up at once if the process has exited (a failed start)."""
+    from server.client import ClassifierClient
+
+    deadline = time.monotonic() + seconds
+    with ClassifierClient(target, timeout=10) as client:
+        while process.poll() is None and time.monotonic() < deadline:
+            if client.wait_until_serving(1.0):
+                return process.poll() is None
+    return False
+
+
 class ServerProcess:
     """`mnist-serve` (or the echo server) on a free port for the length of a `with` block."""
 
@@ -143,10 +155,10 @@ class ServerProcess:
         from server.client import ClassifierClient
 
         self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL)
+        if not wait_until_serving(self.process, self.target, self.wait_s):
+            self.process.kill()
+            raise SystemExit(f"mnist-bench: {' '.join(self.command)} did not become SERVING (see its log above)")
         with ClassifierClient(self.target, timeout=10) as client:
-            if not client.wait_until_serving(self.wait_s) or self.process.poll() is not None:
-                self.process.kill()
-                raise SystemExit(f"mnist-bench: {' '.join(self.command)} did not become SERVING (see its log above)")
             reply = client.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
             self.info = MessageToDict(reply, preserving_proto_field_name=True)
         return self
@@ -356,6 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
         "tiny, on any machine)",
     )
     parser.add_argument("--dry-run", action="store_true", help="with --suite: print the steps, run nothing")
+    parser.add_argument(
+        "--results-to",
+        type=Path,
+        metavar="DIR",
+        help="with --suite: also put summary.md, suite.json, floors.png and one .tar.gz of every other result "
+        "(no models or checkpoints) in DIR, e.g. a device machine's $OUT",
+    )
     return parser
 
 
@@ -364,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite:
         from loadtest.suite import run_suite
 
-        return run_suite(args.suite, args.out, dry_run=args.dry_run)
+        return run_suite(args.suite, args.out, dry_run=args.dry_run, results_to=args.results_to)
     server_args = ["--model", str(args.model), "--provider", args.provider, *shlex.split(args.server_args)]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     levels = [int(c) for c in args.concurrency.split(",") if c]

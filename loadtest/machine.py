@@ -54,15 +54,36 @@ def headline(machine: dict[str, Any], served: dict[str, Any] | None = None) -> s
     )
 
 
-def main() -> int:
-    """Print the facts, and nvidia-smi's own view where there is a GPU (the suite's first step)."""
+def probe_cuda() -> str:
+    """Start a CUDA session on the bundled model and run it once: the cheapest proof that serving on the GPU works."""
+    import numpy as np
+
+    from proto.contract import INPUT_SHAPE
+    from server.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from server.config import BUNDLED_MODEL
+
+    backend = OnnxRuntimeBackend(BUNDLED_MODEL, provider="cuda", batch_buckets="1", cuda_graph="off")
+    probabilities = backend.run(np.zeros((1, *INPUT_SHAPE), np.float32))
+    return f"CUDA session started: providers {list(backend.providers)}, one run gave {probabilities.shape}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the facts, nvidia-smi's own view where there is a GPU, and with --probe whether CUDA starts."""
     import json
     import shutil
     import subprocess
+    import sys
 
     print(json.dumps(describe_machine(), indent=2))
-    if shutil.which("nvidia-smi"):
-        subprocess.run(["nvidia-smi"], check=False)
+    if not shutil.which("nvidia-smi"):
+        return 0
+    subprocess.run(["nvidia-smi"], check=False)
+    if "--probe" in (sys.argv[1:] if argv is None else argv):
+        try:
+            print(probe_cuda())
+        except Exception as exc:  # noqa: BLE001 - reported, and the suite's step fails on the exit status
+            print(f"CUDA does not start here: {type(exc).__name__}: {exc}")
+            return 1
     return 0
 
 

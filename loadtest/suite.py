@@ -15,8 +15,12 @@ GPU run cannot fail on a Python error. `--dry-run` prints the steps and runs not
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +56,7 @@ class Profile:
     open_loop_rates: str
     ceiling_concurrency: str
     loadtest: list[str]
+    budget_s: float  # the whole suite; steps that no longer fit are skipped (the summary says so)
     slo_ms: float = SLO_MS
 
 
@@ -67,6 +72,7 @@ PROFILES = {
         open_loop_rates="1000,4000",
         ceiling_concurrency="1,16,64",
         loadtest=["--users", "16", "--spawn-rate", "16", "--run-time", "20s"],
+        budget_s=470,  # under 8 minutes, and a device call of 10 minutes keeps room for the install
     ),
     "smoke": Profile(
         provider="cpu",
@@ -90,6 +96,7 @@ PROFILES = {
         open_loop_rates="40",
         ceiling_concurrency="1",
         loadtest=["--users", "2", "--spawn-rate", "2", "--run-time", "3s", "--batch-images", "4"],
+        budget_s=600,
         slo_ms=5000.0,
     ),
 }
@@ -97,112 +104,42 @@ SERVER_PORT, METRICS_PORT = 50651, 9651
 
 
 def plan(profile_name: str, out: Path) -> list[Step]:
+    """The steps in the order they run: training first, then what the serving targets need, then comparisons."""
     p = PROFILES[profile_name]
     model = out / "models" / f"{p.train[1]}.onnx"  # named after the trained preset
+    fp16_bundled = BUNDLED_MODEL.with_name("googlenet-fast.fp16.onnx")
+    export = [PY, "-m", "export.onnx_export", "--provider", p.provider, *p.export_images]
     bench = [PY, "-m", "loadtest.bench", "--provider", p.provider, "--seconds", p.seconds, "--floor-seconds", "1"]
-    floors_only = [*bench, "--skip-server", "--batch-sizes", p.floor_batches]
-    full = [
-        *bench, "--batch-sizes", p.floor_batches, "--concurrency", p.concurrency, "--batch-images", p.batch_images,
-        "--open-loop-rates", p.open_loop_rates,
-    ]  # fmt: skip
+    full = [*bench, "--batch-sizes", p.floor_batches, "--concurrency", p.concurrency, "--batch-images", p.batch_images]
+
+    def floors(name: str, model_path: Path, flags: str) -> list[str]:  # three buckets: the sizes compared
+        sizes = p.floor_batches.split(",")
+        sizes = ",".join(dict.fromkeys([sizes[0], sizes[len(sizes) // 2], sizes[-1]]))
+        return [*bench, "--skip-server", "--batch-sizes", sizes, "--model", str(model_path),
+                f"--server-args={flags} --batch-buckets {sizes}", "--out", str(out / name)]  # fmt: skip
+
     return [
-        Step("environment", [PY, "-m", "loadtest.machine"], 60, why="GPU, driver, runtime versions"),
+        Step("environment", [PY, "-m", "loadtest.machine", "--probe"], 60, why="GPU, driver, versions; CUDA starts?"),
         Step(
             "train",
             [PY, "-m", "training.train", *p.train, "--out-dir", str(out / "train")],
-            300,
-            why="the README's GPU recipe, timed from start to saved checkpoint",
-        ),
-        Step(
-            "export",
-            [
-                PY,
-                "-m",
-                "export.onnx_export",
-                str(out / "train" / "model.pt"),
-                "-o",
-                str(model),
-                "--fp16",
-                "--provider",
-                p.provider,
-                *p.export_images,
-            ],  # fmt: skip
             240,
-            needs=["train"],
-            why="fp32 and fp16, each checked; accuracy measured through ONNX Runtime on the serving provider",
-        ),
-        Step(
-            "bundled-fp16-accuracy",
-            [
-                PY,
-                "-m",
-                "export.onnx_export",
-                "--check",
-                str(BUNDLED_MODEL.with_name("googlenet-fast.fp16.onnx")),
-                "--provider",
-                p.provider,
-                "--accuracy-images",
-                p.export_images[-1],
-            ],  # fmt: skip
-            120,
-            why="the served default's accuracy on the GPU itself",
-        ),
+            why="the README's GPU recipe, timed from start to saved checkpoint",
+        ),  # fmt: skip
         Step(
             "bench-googlenet-fast",
-            [*full, "--model", str(BUNDLED_MODEL), "--out", str(out / "bench-googlenet-fast")],
-            180,
-            why="the served default (precision/layout/buckets/graph: auto) against its floor",
-        ),
-        Step(
-            "floor-googlenet-fast-fp32",
             [
-                *floors_only,
+                *full,
+                "--open-loop-rates",
+                p.open_loop_rates,
                 "--model",
                 str(BUNDLED_MODEL),
-                "--server-args",
-                "--precision fp32",
                 "--out",
-                str(out / "floor-googlenet-fast-fp32"),
-            ],  # fmt: skip
-            90,
-            why="is fp16 the faster default?",
-        ),
-        Step(
-            "floor-googlenet-fast-no-graph",
-            [
-                *floors_only,
-                "--model",
-                str(BUNDLED_MODEL),
-                "--server-args",
-                "--cuda-graph off",
-                "--out",
-                str(out / "floor-googlenet-fast-no-graph"),
-            ],  # fmt: skip
-            90,
-            why="do CUDA graphs pay?",
-        ),
-        Step(
-            "bench-googlenet",
-            [*full, "--model", str(model), "--out", str(out / "bench-googlenet")],
-            180,
-            needs=["export"],
-            why="the full model, fp16 by default",
-        ),
-        Step(
-            "floor-googlenet-fp32",
-            [
-                *floors_only,
-                "--model",
-                str(model),
-                "--server-args",
-                "--precision fp32",
-                "--out",
-                str(out / "floor-googlenet-fp32"),
-            ],  # fmt: skip
-            90,
-            needs=["export"],
-            why="fp16 against fp32 for the full model",
-        ),
+                str(out / "bench-googlenet-fast"),
+            ],
+            150,
+            why="the served default (precision, layout, buckets, graph: auto) against its floor",
+        ),  # fmt: skip
         Step(
             "ceiling",
             [
@@ -216,10 +153,10 @@ def plan(profile_name: str, out: Path) -> list[Step]:
                 p.batch_images,
                 "--out",
                 str(out / "ceiling"),
-            ],  # fmt: skip
-            150,
+            ],
+            120,
             why="Python gRPC's limit on this host (echo server) and the null-backend server's share of it",
-        ),
+        ),  # fmt: skip
         Step(
             "loadtest",
             [
@@ -235,29 +172,80 @@ def plan(profile_name: str, out: Path) -> list[Step]:
                 f"http://127.0.0.1:{METRICS_PORT}/metrics",
                 "--report-dir",
                 str(out / "loadtest"),
-            ],  # fmt: skip
-            120,
+            ],
+            90,
             server=["--model", str(BUNDLED_MODEL), "--provider", p.provider],
             why="Locust, 6:3:1 raw/encoded/batch mix, answers checked, against the served default",
-        ),
+        ),  # fmt: skip
+        Step(
+            "export",
+            [*export, str(out / "train" / "model.pt"), "-o", str(model)],
+            150,
+            needs=["train"],
+            why="fp32, checked against PyTorch; accuracy through ONNX Runtime on the serving provider",
+        ),  # fmt: skip
+        Step(
+            "export-fp16",
+            [*export, "--check", str(model), "--fp16"],
+            120,
+            needs=["export"],
+            why="the fp16 variant, checked against fp32",
+        ),  # fmt: skip
+        Step(
+            "bench-googlenet",
+            [*full, "--model", str(model), "--out", str(out / "bench-googlenet")],
+            150,
+            needs=["export"],
+            why="the full model, fp16 where its variant was written",
+        ),  # fmt: skip
+        Step(
+            "floor-googlenet-fast-fp32",
+            floors("floor-googlenet-fast-fp32", BUNDLED_MODEL, "--precision fp32"),
+            60,
+            why="is fp16 the faster default?",
+        ),  # fmt: skip
+        Step(
+            "floor-googlenet-fast-no-graph",
+            floors("floor-googlenet-fast-no-graph", BUNDLED_MODEL, "--cuda-graph off"),
+            60,
+            why="do CUDA graphs pay?",
+        ),  # fmt: skip
+        Step(
+            "floor-googlenet-fp32",
+            floors("floor-googlenet-fp32", model, "--precision fp32"),
+            60,
+            needs=["export"],
+            why="fp16 against fp32 for the full model",
+        ),  # fmt: skip
+        Step(
+            "bundled-fp16-accuracy",
+            [*export, "--check", str(fp16_bundled)],
+            60,
+            why="the served default's accuracy computed by the GPU itself",
+        ),  # fmt: skip
     ]
 
 
-def run_step(step: Step, out: Path) -> dict[str, Any]:
+def run_step(step: Step, out: Path, seconds_left: float) -> dict[str, Any]:
+    """Run one step in a process group of its own (a timeout kills its servers and clients too); log to a file."""
     log_path = out / "logs" / f"{step.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     record: dict[str, Any] = {"name": step.name, "command": " ".join(step.command), "log": str(log_path)}
+    timeout = min(step.timeout_s, seconds_left)
     server = None
     with log_path.open("w") as log:
         try:
             if step.server is not None:
                 server = start_server(step.server, log)
-            result = subprocess.run(step.command, stdout=log, stderr=subprocess.STDOUT, timeout=step.timeout_s)
-            record["exit_code"] = result.returncode
-            record["status"] = "passed" if result.returncode == 0 else "failed"
-        except subprocess.TimeoutExpired:
-            record["status"], record["exit_code"] = "timed out", None
+            process = subprocess.Popen(step.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                record["exit_code"] = process.wait(timeout=max(1.0, timeout - (time.monotonic() - started)))
+                record["status"] = "passed" if record["exit_code"] == 0 else "failed"
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                record["status"], record["exit_code"] = f"timed out after {timeout:.0f} s", None
         except (OSError, RuntimeError) as exc:
             record["status"], record["exit_code"] = f"could not run: {exc}", None
         finally:
@@ -273,48 +261,76 @@ def run_step(step: Step, out: Path) -> dict[str, Any]:
 
 
 def start_server(flags: list[str], log) -> subprocess.Popen:
-    from server.client import ClassifierClient
+    from loadtest.bench import wait_until_serving
 
     command = [
         PY, "-m", "server.app", "--host", "127.0.0.1", "--port", str(SERVER_PORT), "--metrics-port",
         str(METRICS_PORT), "--drain-seconds", "0", "--log-level", "WARNING", *flags,
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    with ClassifierClient(f"127.0.0.1:{SERVER_PORT}") as client:
-        if client.wait_until_serving(180) and process.poll() is None:
-            return process
+    if wait_until_serving(process, f"127.0.0.1:{SERVER_PORT}", 180):
+        return process
     process.kill()
     raise RuntimeError("the server for this step did not become SERVING")
 
 
-def run_suite(profile: str, out: Path, dry_run: bool = False) -> int:
+def run_suite(profile: str, out: Path, dry_run: bool = False, results_to: Path | None = None) -> int:
+    """Run every step (within the profile's time budget), then write suite.json, summary.md and floors.png.
+
+    The summary is rewritten after every step, so a run cut short still leaves one. With `results_to`,
+    a few flat files land there: summary.md, suite.json, floors.png and a .tar.gz of everything else
+    except models and checkpoints (what a machine that returns few, small files can carry back).
+    """
     steps = plan(profile, out)
+    budget = PROFILES[profile].budget_s
     if dry_run:
-        print(f"mnist-bench --suite {profile}: {len(steps)} steps into {out}/ (dry run: nothing is run)")
+        print(f"mnist-bench --suite {profile}: {len(steps)} steps into {out}/, at most {budget:g} s (dry run)")
         for step in steps:
             needs = f" (needs {', '.join(step.needs)})" if step.needs else ""
-            server = f"\n    with a server: mnist-serve {' '.join(step.server)}" if step.server is not None else ""
-            print(
-                f"- {step.name}{needs}, at most {step.timeout_s:g} s: {step.why}{server}\n    {' '.join(step.command)}"
-            )
+            print(f"- {step.name}{needs}, at most {step.timeout_s:g} s: {step.why}")
+            if step.server is not None:
+                print(f"    with a server: mnist-serve {' '.join(step.server)}")
+            print(f"    {' '.join(step.command)}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     records: list[dict[str, Any]] = []
     for step in steps:
         failed_needs = [r["name"] for r in records if r["name"] in step.needs and r["status"] != "passed"]
+        left = budget - (time.monotonic() - started)
         if failed_needs:
             records.append({"name": step.name, "status": f"skipped: {', '.join(failed_needs)} did not pass"})
+        elif left < 10:
+            records.append({"name": step.name, "status": f"skipped: the suite's {budget:g} s were used up"})
         else:
             print(f"[{time.monotonic() - started:6.1f} s] {step.name} ...", flush=True)
-            records.append(run_step(step, out))
+            records.append(run_step(step, out, left))
         print(f"[{time.monotonic() - started:6.1f} s] {step.name}: {records[-1]['status']}", flush=True)
-    results = collect(profile, out, records, time.monotonic() - started)
-    (out / "suite.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (out / "summary.md").write_text(summary_markdown(results))
+        write_results(profile, out, records, time.monotonic() - started)
     plot_floors(out)
     print((out / "summary.md").read_text())
+    if results_to is not None:
+        pack_results(out, results_to)
     return 0 if all(r["status"] == "passed" for r in records) else 1
+
+
+def write_results(profile: str, out: Path, records: list[dict], seconds: float) -> None:
+    results = collect(profile, out, records, seconds)
+    (out / "suite.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / "summary.md").write_text(summary_markdown(results))
+
+
+def pack_results(out: Path, destination: Path) -> None:
+    """summary.md, suite.json, floors.png and one archive of the JSON, PNG, logs and reports (no models)."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in ("summary.md", "suite.json", "floors.png"):
+        if (out / name).is_file():
+            shutil.copyfile(out / name, destination / name)
+    with tarfile.open(destination / f"{out.name}.tar.gz", "w:gz") as archive:
+        for path in sorted(out.rglob("*")):
+            if path.is_file() and path.suffix not in (".pt", ".onnx", ".tmp"):
+                archive.add(path, arcname=str(Path(out.name) / path.relative_to(out)))
+    print(f"results for the trip back: {', '.join(sorted(p.name for p in destination.iterdir()))} in {destination}/")
 
 
 # --- results ------------------------------------------------------------------------------------------

@@ -89,8 +89,6 @@ class MnistServer:
             log.info("inference provider: %s (no usable CUDA GPU, or --provider cpu)", info.providers[0])
         else:
             log.info("inference provider: %s", info.providers[0] if info.providers else info.engine)
-        log.info("warm-up took %.2f s", await loop.run_in_executor(None, backend.warm_up))
-        info = backend.describe()  # warm-up may have turned CUDA graphs off for some buckets
         self.pipeline = ModelPipeline(
             backend,
             PipelineSettings(
@@ -104,6 +102,8 @@ class MnistServer:
             self.metrics.observe_predictions,
         )
         self.pipeline.start()
+        log.info("warm-up took %.2f s", await self.pipeline.warm_up())
+        info = self.pipeline.info
         self.servicer.pipeline = self.pipeline
         self.metrics.describe_model(info)
         await self._set_health(SERVING)

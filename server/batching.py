@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +92,7 @@ class Batcher:
         self._timer: asyncio.TimerHandle | None = None  # the queue delay's wake-up
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Event | None = None
-        self._work: queue.SimpleQueue[list[Slice] | None] = queue.SimpleQueue()
+        self._work: queue.SimpleQueue[list[Slice] | _Call | None] = queue.SimpleQueue()
         self._runner = threading.Thread(target=self._runner_loop, name="batch-runner", daemon=True)
 
     # --- on the event loop ---------------------------------------------------------------------------
@@ -138,6 +140,18 @@ class Batcher:
 
     def depth(self) -> int:
         return self._queued
+
+    async def run_in_runner(self, function: Callable[[], Any]) -> Any:
+        """`function()` on the thread that runs the batches (the loop itself for an inline engine).
+
+        The backend's warm-up goes through here: ONNX Runtime keeps a session's CUDA graph per thread,
+        so the graph must be captured and checked on the thread that will replay it.
+        """
+        if self._inline:
+            return function()
+        call = _Call(function)
+        self._work.put(call)
+        return await asyncio.wrap_future(call.future)
 
     async def close(self, timeout: float | None = None) -> None:
         """Refuse new work, finish what is queued (within `timeout`), stop the runner."""
@@ -237,6 +251,9 @@ class Batcher:
 
     def _runner_loop(self) -> None:
         while (batch := self._work.get()) is not None:
+            if isinstance(batch, _Call):
+                batch.run()
+                continue
             results = self._run(batch)
             try:
                 self._loop.call_soon_threadsafe(self._finish, batch, results)
@@ -252,6 +269,20 @@ class Batcher:
             return exc
         self._observer.on_batch(_rows(batch), time.perf_counter() - started)
         return results
+
+
+class _Call:
+    """A function for the runner thread to run between batches, and the future of its result."""
+
+    def __init__(self, function: Callable[[], Any]) -> None:
+        self.function = function
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run(self) -> None:
+        try:
+            self.future.set_result(self.function())
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+            self.future.set_exception(exc)
 
 
 def _rows(batch: list[Slice]) -> int:

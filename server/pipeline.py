@@ -80,6 +80,12 @@ class ModelPipeline:
     def start(self) -> None:
         self.batcher.start()
 
+    async def warm_up(self) -> float:
+        """The backend's warm-up, on the thread that will run its batches; returns seconds."""
+        seconds = await self.batcher.run_in_runner(self.backend.warm_up)
+        self.info = self.backend.describe()  # warm-up may have turned CUDA graphs off for some buckets
+        return seconds
+
     async def close(self, timeout: float | None = None) -> None:
         await self.batcher.close(timeout)
         self._decoders.shutdown(wait=False, cancel_futures=True)

@@ -313,3 +313,15 @@ def test_a_caller_whose_deadline_passes_first_does_not_stop_the_batcher() -> Non
         assert 3 not in model.seen()
 
     run(scenario)
+
+
+def test_a_function_runs_on_the_runner_thread_between_batches_and_its_errors_come_back() -> None:
+    """The backend's warm-up goes this way: ONNX Runtime keeps a CUDA graph per thread."""
+
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        assert await batcher.run_in_runner(lambda: threading.current_thread().name) == "batch-runner"
+        with pytest.raises(ZeroDivisionError):
+            await batcher.run_in_runner(lambda: 1 / 0)
+        assert rows(await batcher.classify(images(1))) == [1]
+
+    run(scenario)

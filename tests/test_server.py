@@ -460,3 +460,26 @@ def test_a_thousand_concurrent_calls_are_answered_without_a_thread_each(digits) 
     finally:
         server.stop()
     assert peak - threads_before < 20
+
+
+def test_the_backend_warms_up_on_the_thread_that_runs_its_batches(monkeypatch: pytest.MonkeyPatch, digits) -> None:
+    """ONNX Runtime captures a CUDA graph per thread: the one warm-up checks must be the one requests replay."""
+    threads: dict[str, set[str]] = {"warm_up": set(), "run": set()}
+    original_warm_up, original_run = OnnxRuntimeBackend.warm_up, OnnxRuntimeBackend.run
+
+    def warm_up(self) -> float:
+        threads["warm_up"].add(threading.current_thread().name)
+        return original_warm_up(self)
+
+    def run(self, images):
+        threads["run"].add(threading.current_thread().name)
+        return original_run(self, images)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "warm_up", warm_up)
+    monkeypatch.setattr(OnnxRuntimeBackend, "run", run)
+    harness = Harness(MnistServer(test_config(batch_buckets="1,4")).start())
+    try:
+        assert harness.stub.Classify(pb.ClassifyRequest(raw=digits[0][0].tobytes()), timeout=10).digit == digits[1][0]
+    finally:
+        harness.close()
+    assert threads["warm_up"] == threads["run"] == {"batch-runner"}

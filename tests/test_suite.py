@@ -10,11 +10,15 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from loadtest.suite import PROFILES, collect, plan, summary_markdown
+from loadtest import suite
+from loadtest.suite import PROFILES, Step, collect, plan, summary_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +38,8 @@ def test_the_dry_run_lists_every_step_and_runs_nothing(tmp_path: Path) -> None:
         assert f"- {step.name}" in result.stdout
     # the README's GPU training recipe, the fp16 export, the CUDA provider, 16 Locust users
     assert "--preset googlenet --epochs 3 --batch-size 256 --lr 0.2" in result.stdout
-    assert "--fp16 --provider cuda" in result.stdout and "--users 16" in result.stdout
-    assert "--compare-echo" in result.stdout
+    assert "--provider cuda" in result.stdout and "--fp16" in result.stdout and "--users 16" in result.stdout
+    assert "--compare-echo" in result.stdout and "at most 470 s" in result.stdout
 
 
 def test_the_gpu_plan_measures_what_the_targets_need() -> None:
@@ -46,8 +50,10 @@ def test_the_gpu_plan_measures_what_the_targets_need() -> None:
     assert steps["bench-googlenet"].needs == ["export"] and steps["export"].needs == ["train"]
     assert "--concurrency 1,16,64" in " ".join(steps["ceiling"].command)
     assert steps["loadtest"].server is not None
-    assert sum(step.timeout_s for step in steps.values()) > 0
     assert PROFILES["gpu"].provider == "cuda" and PROFILES["smoke"].provider == "cpu"
+    order = list(steps)
+    assert order[:2] == ["environment", "train"]  # training first: its crash was the first GPU bug
+    assert order.index("loadtest") < order.index("export") < order.index("floor-googlenet-fp32")  # targets first
 
 
 def bench_json(folder: Path, server: list[dict], echo: dict | None = None, floor: list | None = None) -> None:
@@ -142,3 +148,51 @@ def test_the_smoke_suite_leaves_one_folder_of_json_pictures_and_a_summary(smoke)
     ).is_file()
     (verdict,) = (out / "loadtest").glob("*/verdict.json")
     assert json.loads(verdict.read_text())["passed"]
+
+
+def quick_steps(monkeypatch: pytest.MonkeyPatch, steps: list[Step], budget: float) -> None:
+    monkeypatch.setattr(suite, "plan", lambda profile, out: steps)
+    monkeypatch.setitem(suite.PROFILES, "smoke", replace(PROFILES["smoke"], budget_s=budget))
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_a_step_over_its_time_is_killed_with_everything_it_started(tmp_path: Path, monkeypatch) -> None:
+    pid_file = tmp_path / "child.pid"
+    spawner = (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)"
+    )
+    quick_steps(monkeypatch, [Step("slow", python(spawner), timeout_s=2), Step("after", python("pass"), 10)], 600)
+    assert suite.run_suite("smoke", tmp_path / "out") == 1
+    steps = {s["name"]: s for s in json.loads((tmp_path / "out" / "suite.json").read_text())["steps"]}
+    assert steps["slow"]["status"].startswith("timed out") and steps["after"]["status"] == "passed"
+    status = Path(f"/proc/{int(pid_file.read_text())}/status")
+    time.sleep(0.2)
+    assert not status.exists() or "\tZ (zombie)" in status.read_text()  # the grandchild went with its step
+
+
+def test_steps_that_no_longer_fit_the_budget_are_skipped_and_said_so(tmp_path: Path, monkeypatch) -> None:
+    steps = [Step("first", python("import time; time.sleep(3)"), 30), Step("second", python("pass"), 30)]
+    quick_steps(monkeypatch, steps, budget=12)
+    assert suite.run_suite("smoke", tmp_path / "out") == 1
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| first | passed |" in summary and "| second | skipped: the suite's 12 s were used up |" in summary
+
+
+def test_results_travel_back_as_a_few_flat_files_without_models(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "gpu-check"
+    writer = f"import pathlib; d = pathlib.Path({str(out)!r}) / 'models'; d.mkdir(parents=True); " + (
+        "(d / 'm.onnx').write_bytes(b'x' * 1000); (d / 'note.json').write_text('{}')"
+    )
+    quick_steps(monkeypatch, [Step("write", python(writer), 30)], 600)
+    assert suite.run_suite("smoke", out, results_to=tmp_path / "back") == 0
+    back = sorted(p.name for p in (tmp_path / "back").iterdir())
+    assert back == ["gpu-check.tar.gz", "suite.json", "summary.md"]  # no floors.png: no floor was measured
+    with tarfile.open(tmp_path / "back" / "gpu-check.tar.gz") as archive:
+        names = archive.getnames()
+    assert "gpu-check/models/note.json" in names and "gpu-check/logs/write.log" in names
+    assert not any(name.endswith(".onnx") for name in names)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
 import logging
 import shutil
 import subprocess
@@ -162,11 +163,7 @@ def cuda_usable(ort: Any, provider: str) -> bool:
             raise BackendUnavailable("--provider cuda asked for, but no NVIDIA driver (libcuda.so.1) is present")
         log.info("no NVIDIA driver (libcuda.so.1) found; using CPU")
         return False
-    if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21: CUDA/cuDNN from the nvidia-* wheels if present
-        try:
-            ort.preload_dlls()
-        except Exception as exc:  # noqa: BLE001 - a missing library only means no CUDA
-            log.debug("preload_dlls: %s", exc)
+    preload_cuda_libraries(ort)
     if CUDA not in ort.get_available_providers():
         if provider == "cuda":
             raise BackendUnavailable(
@@ -175,6 +172,45 @@ def cuda_usable(ort: Any, provider: str) -> bool:
         log.info("CUDAExecutionProvider not in this onnxruntime build; using CPU")
         return False
     return True
+
+
+def preload_cuda_libraries(ort: Any) -> None:
+    """Load CUDA and cuDNN before the CUDA provider looks for them.
+
+    onnxruntime-gpu >= 1.21 finds the nvidia-* wheels installed beside it (`preload_dlls`). Where they were
+    installed with another package (PyTorch's, on a machine that has torch but carries onnxruntime-gpu
+    elsewhere), each library still missing is looked for in every `nvidia/*/lib` folder on the path.
+    Whatever is loaded first is what the provider uses; a library missing everywhere only means no CUDA,
+    found out when the first session starts.
+    """
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception as exc:  # noqa: BLE001
+            log.debug("preload_dlls: %s", exc)
+    try:
+        from onnxruntime.capi import build_and_package_info as build
+
+        major = str(build.cuda_version).split(".")[0]
+    except (ImportError, AttributeError):
+        return  # a CPU build: nothing to load
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    names = [f"libcudart.so.{major}", f"libcublasLt.so.{major}", f"libcublas.so.{major}", "libcurand.so.10",
+             f"libnvrtc.so.{major}", "libcudnn.so.9"]  # fmt: skip
+    for name in names:
+        try:
+            ctypes.CDLL(name)  # already loaded, or on the loader's own path
+            continue
+        except OSError:
+            pass
+        for candidate in (path for root in roots for path in sorted(Path(root).glob(f"*/lib/{name}"))):
+            try:
+                ctypes.CDLL(str(candidate))
+                log.info("loaded %s", candidate)
+                break
+            except OSError as exc:
+                log.debug("cannot load %s: %s", candidate, exc)
 
 
 def gpu_description() -> str:
@@ -320,8 +356,9 @@ class OnnxRuntimeBackend:
         ort = self._ort
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self._intra_op_threads:
-            options.intra_op_num_threads = self._intra_op_threads
+        threads = self._intra_op_threads or (1 if self.plan.on_gpu else 0)  # the GPU needs no CPU thread pool
+        if threads:
+            options.intra_op_num_threads = threads
         if bucket is not None:  # a static batch axis: this session can run no other shape
             options.add_free_dimension_override_by_name(BATCH_AXIS, bucket)
         providers: list[Any] = [CPU]
@@ -337,6 +374,11 @@ class OnnxRuntimeBackend:
                 f"{session.get_providers()}); run with --provider cpu to serve on the CPU"
             )
         self._check_io(session)
+        if bucket is not None and session.get_inputs()[0].shape[0] != bucket:
+            raise BackendUnavailable(
+                f"{self.plan.model_path}: the batch axis of {INPUT_NAME!r} is {session.get_inputs()[0].shape[0]!r}, "
+                f"not the contract's {BATCH_AXIS!r}, so it could not be fixed at {bucket}; re-export with mnist-export"
+            )
         return session
 
     def _check_io(self, session: Any) -> None:
@@ -358,7 +400,13 @@ class OnnxRuntimeBackend:
 
     def _bucket_session(self, bucket: int, graph: bool) -> BucketSession:
         device = "cuda" if self.plan.on_gpu else "cpu"
-        return BucketSession(self._ort, self._new_session(bucket, graph), bucket, device, graph)
+        try:
+            return BucketSession(self._ort, self._new_session(bucket, graph), bucket, device, graph)
+        except BackendUnavailable as exc:
+            if not graph:
+                raise
+            log.warning("batch bucket %d: no session with a CUDA graph (%s); building it without", bucket, exc)
+            return BucketSession(self._ort, self._new_session(bucket, False), bucket, device, False)
 
     def _any_session(self) -> Any:
         return self._dynamic_session or next(iter(self._buckets.values())).session
@@ -444,7 +492,9 @@ class OnnxRuntimeBackend:
             return logits, "gives the same answer for different images"
         if reference is not None:
             error = float(np.abs(logits - reference[:bucket]).max() / max(1.0, float(np.abs(reference).max())))
-            if error > BUCKET_AGREEMENT[self.plan.precision]:
+            limit = BUCKET_AGREEMENT[self.plan.precision]
+            log.info("batch bucket %d agrees with the largest: relative error %.1e (limit %.0e)", bucket, error, limit)
+            if error > limit:
                 return logits, f"disagrees with the largest bucket (relative error {error:.2e})"
         return logits, ""
 
