@@ -278,10 +278,13 @@ def plot(floor: list[LatencyStats], server: list[LatencyStats], echo: dict | Non
             "k--o",
             label="floor: backend run p50 (batch " + ",".join(str(s.batch_size) for s in floor) + ")",
         )
+    ceiling = [LatencyStats(**row) for rows in (echo or {}).get("rows", {}).values() for row in rows]
     groups = {
         "Classify": [s for s in server if s.label == "server" and s.batch_size == 1],
         "ClassifyBatch": [s for s in server if s.label == "server" and s.batch_size > 1],
         "open loop": [s for s in server if s.label == "open-loop"],
+        "echo server Classify": [s for s in ceiling if s.label == "echo" and s.batch_size == 1],
+        "null backend Classify": [s for s in ceiling if s.label == "null" and s.batch_size == 1],
     }
     for name, rows in groups.items():
         for field, style in (("p50_ms", "o-"), ("p99_ms", "s-")):
@@ -368,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tiny, on any machine)",
     )
     parser.add_argument("--dry-run", action="store_true", help="with --suite: print the steps, run nothing")
+    parser.add_argument("--replot", type=Path, metavar="DIR", help="only redraw DIR/bench.png from DIR/bench.json")
     parser.add_argument(
         "--results-to",
         type=Path,
@@ -378,8 +382,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def replot(folder: Path) -> Path:
+    """Draw bench.png again from a recorded bench.json (figures unchanged, only the picture)."""
+    report = json.loads((folder / "bench.json").read_text())
+    floor = [LatencyStats(**row) for row in report["floor"]]
+    server = [LatencyStats(**row) for row in report["server"]]
+    plot(floor, server, report.get("echo"), folder / "bench.png", report["title"])
+    return folder / "bench.png"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.replot:
+        print(f"redrew {replot(args.replot)}")
+        return 0
     if args.suite:
         from loadtest.suite import run_suite
 
