@@ -108,22 +108,18 @@ class ModelPipeline:
             raise InvalidInput("no images to classify")
         if kinds is None or all(kind == RAW for kind in kinds):
             lengths = set(map(len, payloads))
-            if len(lengths) != 1 or self._raw_problem(payloads[0]):
-                index = next(i for i, raw in enumerate(payloads) if self._raw_problem(raw))
-                raise InvalidInput(self._raw_problem(payloads[index]), index)
+            if len(lengths) != 1 or raw_length_problem(payloads[0]):
+                index = next(i for i, raw in enumerate(payloads) if raw_length_problem(raw))
+                raise InvalidInput(raw_length_problem(payloads[index]), index)
             return raw_pixels(payloads)
         return await self._preprocess_mixed(payloads, kinds)
-
-    @staticmethod
-    def _raw_problem(raw: bytes) -> str | None:
-        return raw_length_problem(raw)
 
     async def _preprocess_mixed(self, payloads: Sequence[bytes], kinds: Sequence[str | None]) -> np.ndarray:
         images = np.empty((len(payloads), *INPUT_SHAPE), INPUT_DTYPE)
         first_problem: tuple[int, str] | None = None
         raw_rows = []
         for i, (kind, payload) in enumerate(zip(kinds, payloads, strict=True)):  # the cheap checks first
-            problem = NO_IMAGE if kind is None else self._raw_problem(payload) if kind == RAW else None
+            problem = NO_IMAGE if kind is None else raw_length_problem(payload) if kind == RAW else None
             if problem:
                 first_problem = (i, problem)
                 break
