@@ -330,9 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnist-bench",
         description=__doc__,
-        epilog="Examples: `mnist-bench` (floor + Classify at 1,4,16 clients); `mnist-bench --skip-floor "
-        "--backend-args '--backend null' --compare-echo` (the server's own ceiling); `mnist-bench --suite gpu "
-        "--out gpu-check` (the whole GPU check: train, export, bench both presets, load test).",
+        epilog="Examples: `mnist-bench` (floor + Classify at 1,4,16 clients); `mnist-bench --skip-floor --skip-server "
+        "--compare-echo --batch-images 256` (the server's own ceiling against an echo server); `mnist-bench --suite "
+        "gpu --out gpu-check` (the whole GPU check: train, export, bench both presets, load test).",
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="ONNX model to benchmark")
