@@ -370,23 +370,33 @@ def test_the_classify_cli_prints_digit_and_certainty_per_file(served: Harness, t
     assert f"{broken}: INVALID_ARGUMENT:" in err
 
 
-def test_a_request_whose_deadline_passes_in_the_queue_is_never_run(digits) -> None:
+def one_image_per_run_with_a_backlog(digits) -> tuple[Harness, grpc.Future]:
+    """A server running one image per session run, busy with a 256-image batch (~256 runs ahead of any new call)."""
     harness = Harness(MnistServer(test_config(max_batch_size=1, max_request_images=256, max_queue_size=512)).start())
+    busy = pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(raw=digits[0][i % 64].tobytes()) for i in range(256)])
+    backlog = harness.stub.ClassifyBatch.future(busy, timeout=60)
+    time.sleep(0.05)
+    return harness, backlog
+
+
+def metrics_once(harness: Harness, sample: str) -> dict[str, float]:
+    """/metrics as soon as `sample` is non-zero (the batcher reaches a dropped image just after the backlog)."""
+    for _ in range(100):
+        metrics = harness.metrics()
+        if metrics[sample]:
+            return metrics
+        time.sleep(0.02)
+    return metrics
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_never_run(digits) -> None:
+    harness, backlog = one_image_per_run_with_a_backlog(digits)
     try:
-        busy = pb.ClassifyBatchRequest(
-            requests=[pb.ClassifyRequest(raw=digits[0][i % 64].tobytes()) for i in range(256)]
-        )
-        backlog = harness.stub.ClassifyBatch.future(busy, timeout=60)  # ~256 single-image runs ahead
-        time.sleep(0.05)
         with pytest.raises(grpc.RpcError) as err:
             harness.stub.Classify(pb.ClassifyRequest(raw=digits[0][0].tobytes()), timeout=0.05)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert len(backlog.result().responses) == 256
-        for _ in range(100):  # the worker reaches the expired image just after the backlog
-            metrics = harness.metrics()
-            if metrics["mnist_deadline_expired_images_total{}"]:
-                break
-            time.sleep(0.02)
+        metrics = metrics_once(harness, "mnist_deadline_expired_images_total{}")
         assert metrics["mnist_deadline_expired_images_total{}"] == 1
         assert metrics["mnist_batch_size_sum{}"] == 256  # the expired image never reached the model
     finally:
@@ -413,22 +423,13 @@ def test_malformed_protobuf_bytes_are_invalid_argument_and_counted(served: Harne
 
 
 def test_a_call_cancelled_while_queued_is_never_run_and_is_counted(digits) -> None:
-    harness = Harness(MnistServer(test_config(max_batch_size=1, max_request_images=256, max_queue_size=512)).start())
+    harness, backlog = one_image_per_run_with_a_backlog(digits)
     try:
-        busy = pb.ClassifyBatchRequest(
-            requests=[pb.ClassifyRequest(raw=digits[0][i % 64].tobytes()) for i in range(256)]
-        )
-        backlog = harness.stub.ClassifyBatch.future(busy, timeout=60)  # ~256 single-image runs ahead
-        time.sleep(0.05)
         gone = harness.stub.Classify.future(pb.ClassifyRequest(raw=digits[0][0].tobytes()), timeout=60)
         time.sleep(0.05)
         assert gone.cancel()
         assert len(backlog.result().responses) == 256
-        for _ in range(100):  # the batcher reaches the abandoned image just after the backlog
-            metrics = harness.metrics()
-            if metrics["mnist_cancelled_images_total{}"]:
-                break
-            time.sleep(0.02)
+        metrics = metrics_once(harness, "mnist_cancelled_images_total{}")
         assert metrics["mnist_cancelled_images_total{}"] == 1 and metrics["mnist_deadline_expired_images_total{}"] == 0
         assert metrics["mnist_batch_size_sum{}"] == 256  # the cancelled image never reached the model
         assert harness.stub.Classify(pb.ClassifyRequest(raw=digits[0][1].tobytes()), timeout=10).digit == digits[1][1]
