@@ -66,6 +66,36 @@ def _requests(images_per_call: int, seed: int) -> tuple[list, str]:
     return batches, "ClassifyBatch"
 
 
+RETRY_AFTER_KEY = "retry-after-ms"  # server/guards.py: the hint a RESOURCE_EXHAUSTED answer carries
+MAX_RETRY_AFTER_S = 0.1
+
+
+def retry_after(error) -> float:
+    """Seconds the server asked us to wait before the next call (0 when it gave no hint), at most 0.1 s."""
+    for key, value in error.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return min(MAX_RETRY_AFTER_S, max(0.0, float(value) / 1000))
+            except ValueError:
+                return 0.0
+    return 0.0
+
+
+def _connect(call, request) -> None:
+    """One call that succeeds, before the clock starts: the connection is up, the server answers."""
+    import grpc
+
+    give_up = time.monotonic() + CONNECT_TIMEOUT_S
+    while True:
+        try:
+            call(request, timeout=CONNECT_TIMEOUT_S)
+            return
+        except grpc.RpcError as exc:  # a busy server sheds load (RESOURCE_EXHAUSTED): try again shortly
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > give_up:
+                raise
+            time.sleep(0.01)
+
+
 def _closed_loop_client(
     target: str, seconds: float, start_at: float, seed: int, images_per_call: int, queue: mp.Queue
 ) -> None:
@@ -77,7 +107,7 @@ def _closed_loop_client(
     latencies, errors = [], Counter()
     with grpc.insecure_channel(target) as channel:
         call = getattr(pb_grpc.ClassifierStub(channel), method)
-        call(requests[0], timeout=CONNECT_TIMEOUT_S)  # connect before the clock starts
+        _connect(call, requests[0])
         while time.time() < start_at:
             time.sleep(0.001)
         end = start_at + seconds
@@ -89,6 +119,7 @@ def _closed_loop_client(
                 latencies.append(time.perf_counter() - t0)
             except grpc.RpcError as exc:
                 errors[exc.code().name] += 1
+                time.sleep(retry_after(exc))  # a shed call says when to come back: a well-behaved client waits
             i += 1
     queue.put((latencies, dict(errors), i))
 

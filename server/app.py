@@ -10,24 +10,57 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import sys
 import threading
-import time
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from server.backends import build_backend
 from server.config import ServeConfig, describe, load_config
+from server.digit_detector import DigitDetector
+from server.guards import CallGate, StreamGate, generic_handler
 from server.metrics import ServiceMetrics
+from server.metrics_http import MetricsHttpServer
 from server.pipeline import ModelPipeline, PipelineSettings
 from server.service import SERVICE, ClassifierServicer, add_to_server
+from server.sockets import cut_connections
 
 log = logging.getLogger("mnist.serve")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
+REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+METRICS_MAX_CONNECTIONS = 4096  # slow or idle scrapers cost a descriptor each, never a thread
+SHUTDOWN_FLUSH_SECONDS = 1.0  # after every call is answered: time for the last responses to leave
+
+
+def grpc_options(config: ServeConfig) -> list[tuple[str, int]]:
+    """Channel arguments that keep untrusted connections from holding the server's resources."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", config.max_calls_per_connection),  # per connection (HTTP/2 setting)
+        ("grpc.server_handshake_timeout_ms", 10_000),  # a connection that never finishes its preface is dropped
+        ("grpc.max_connection_idle_ms", 5 * 60_000),  # a connection with no call for 5 min gets GOAWAY
+        ("grpc.keepalive_time_ms", 60_000),  # ping idle connections: dead peers are found and dropped
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # clients may ping as often as every 10 s
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def raise_open_file_limit() -> int:
+    """Every connection is a file descriptor: take the hard limit, so 1,000 idle clients do not use them up."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
 
 
 class MnistServer:
@@ -38,12 +71,14 @@ class MnistServer:
         self.metrics = ServiceMetrics()
         self.metrics.queue_capacity.set(config.max_queue_size)
         self.servicer = ClassifierServicer(config)
+        self.calls = CallGate(config.max_concurrent_calls)
+        self.streams = StreamGate(config.max_streams, config.stream_idle_seconds)
         self.pipeline: ModelPipeline | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
-        self._metrics_http = None
+        self._metrics_http: MetricsHttpServer | None = None
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -57,16 +92,16 @@ class MnistServer:
 
     async def start_async(self) -> MnistServer:
         """Bind and answer health (NOT_SERVING) at once, then load and warm the model, then SERVING."""
-        options = [
-            ("grpc.max_receive_message_length", self.config.max_message_bytes),
-            ("grpc.max_send_message_length", self.config.max_message_bytes),
-        ]
-        self._grpc = grpc.aio.server(options=options)
+        log.info("open-file limit: %d", raise_open_file_limit())
+        self._grpc = grpc.aio.server(options=grpc_options(self.config))
         self._health = health.aio.HealthServicer()
-        add_to_server(self.servicer, self._grpc, self.metrics)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        reflection.enable_server_reflection(
-            (SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        add_to_server(self.servicer, self._grpc, self.metrics, self.calls, self.streams)
+        reflector = ReflectionServicer((SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME))
+        self._grpc.add_generic_rpc_handlers(
+            (
+                generic_handler(self._health, HEALTH, self.metrics, streams=self.streams),
+                generic_handler(reflector, REFLECTION, self.metrics, streams=self.streams),
+            )
         )
         await self._set_health(NOT_SERVING)
         try:
@@ -77,12 +112,18 @@ class MnistServer:
             raise RuntimeError(f"cannot listen on {self.config.host}:{self.config.port}")
         await self._grpc.start()
         if self.config.metrics_port:
-            self._metrics_http, _ = self.metrics.serve_http(self.config.metrics_port)
-            self.metrics_port = self._metrics_http.server_port
+            self._metrics_http = MetricsHttpServer(
+                self.metrics.registry,
+                self.config.metrics_host or self.config.host,
+                self.config.metrics_port,
+                max_connections=METRICS_MAX_CONNECTIONS,
+            )
+            self.metrics_port = self._metrics_http.start()
         log.info("gRPC listening on port %d (health NOT_SERVING while the model loads)", self.port)
 
         loop = asyncio.get_running_loop()
         backend = await loop.run_in_executor(None, build_backend, self.config)
+        detector = None if self.config.digit_detector == "none" else DigitDetector.load(self.config.digit_detector)
         info = backend.describe()
         log.info("backend: %s", info.summary())
         if info.engine == "onnxruntime" and not info.on_gpu:
@@ -96,10 +137,15 @@ class MnistServer:
                 max_queue_size=self.config.max_queue_size,
                 max_queue_delay=self.config.max_queue_delay_ms / 1000,
                 max_image_pixels=self.config.max_image_pixels,
+                max_request_pixels=self.config.max_request_pixels,
+                max_decoding_pixels=self.config.max_decoding_pixels,
+                max_queue_wait=self.config.max_queue_wait_ms / 1000,
                 preprocess_workers=self.config.preprocess_workers,
             ),
             self.metrics.batch_observer(),
             self.metrics.observe_predictions,
+            detector,
+            self.metrics.decoding_pixels.set,
         )
         self.pipeline.start()
         log.info("warm-up took %.2f s", await self.pipeline.warm_up())
@@ -117,7 +163,8 @@ class MnistServer:
         return self
 
     async def stop_async(self) -> None:
-        """Drain: NOT_SERVING, wait `drain_seconds`, refuse new calls, let in-flight ones finish."""
+        """Drain: NOT_SERVING for `drain_seconds`, then refuse new calls (UNAVAILABLE) and give in-flight ones
+        `grace_seconds`; what is still running then is answered UNAVAILABLE too, never left to be CANCELLED."""
         if self._stopping:
             return
         self._stopping = True
@@ -130,13 +177,16 @@ class MnistServer:
             await self._health.enter_graceful_shutdown()
         self.metrics.serving.set(0)
         await asyncio.sleep(self.config.drain_seconds)
-        grace_ends = time.monotonic() + self.config.grace_seconds  # one budget for calls and queue together
-        if self._grpc is not None:
-            await self._grpc.stop(self.config.grace_seconds)
+        self.streams.closing.set()  # health watchers and reflection streams end UNAVAILABLE
+        await self.calls.close(self.config.grace_seconds)
         if self.pipeline is not None:
-            await self.pipeline.close(timeout=max(0.0, grace_ends - time.monotonic()))
+            await self.pipeline.close(timeout=0)
+        if self._grpc is not None:
+            await asyncio.sleep(SHUTDOWN_FLUSH_SECONDS)  # the last UNAVAILABLE answers leave
+            cut_connections(self.port)
+            await self._grpc.stop(0)
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
+            self._metrics_http.stop()
         log.info("stopped")
 
     # --- from another thread (tests, embedding) ------------------------------------------------------

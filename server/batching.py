@@ -20,6 +20,7 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import math
 import queue
 import threading
 import time
@@ -69,6 +70,64 @@ class Job:
 Slice = tuple[Job, int, int]  # rows [start, stop) of a job that go into one batch
 
 
+class BatchCost:
+    """What a batch of n images takes, learnt from the runs: seconds = fixed + per_image * n (moving averages).
+
+    The admission check uses it to predict a new request's wait from the images queued ahead of it.
+    """
+
+    def __init__(self, weight: float = 0.05) -> None:
+        self.weight = weight
+        self.runs = 0
+        self._n = self._t = self._nn = self._nt = 0.0  # moving averages of n, t, n^2, n*t
+
+    def observe(self, images: int, seconds: float) -> None:
+        w = 1.0 if self.runs == 0 else self.weight
+        self._n += w * (images - self._n)
+        self._t += w * (seconds - self._t)
+        self._nn += w * (images * images - self._nn)
+        self._nt += w * (images * seconds - self._nt)
+        self.runs += 1
+
+    def service_rate(self) -> float:
+        """Images per second of run time over the recent batches (infinite before any run)."""
+        return self._n / self._t if self.runs and self._t > 0 else math.inf
+
+    def seconds(self, images: int) -> float:
+        """Predicted run time of a batch of `images`; 0 before any run was seen."""
+        if not self.runs:
+            return 0.0
+        spread = self._nn - self._n * self._n
+        if spread > 1e-9:  # batches of several sizes seen: fit the line
+            per_image = max(0.0, (self._nt - self._n * self._t) / spread)
+            fixed = max(0.0, self._t - per_image * self._n)
+        else:  # one size so far: assume the cost is all per image (an overestimate for larger batches)
+            per_image, fixed = self._t / max(self._n, 1.0), 0.0
+        return fixed + per_image * images
+
+
+class OfferedLoad:
+    """Images per second arriving (admitted or refused), an exponentially decaying count with time constant `tau`.
+
+    A burst moves it by its size / tau and fades within a few tau; only a sustained excess keeps it high.
+    """
+
+    def __init__(self, tau: float = 0.1) -> None:
+        self.tau = tau
+        self._rate = 0.0
+        self._at = time.monotonic()
+
+    def add(self, images: int) -> float:
+        now = time.monotonic()
+        self._rate = self._rate * math.exp(-(now - self._at) / self.tau) + images / self.tau
+        self._at = now
+        return self._rate
+
+
+OVERLOAD_FACTOR = 1.5  # offered load over this times the runner's recent throughput: overloaded ...
+OVERLOAD_AFTER = 0.05  # ... once that has lasted this many seconds
+
+
 class Batcher:
     def __init__(
         self,
@@ -78,12 +137,21 @@ class Batcher:
         max_queue_delay: float = 0.0,
         observer: BatchObserver | None = None,
         inline: bool = False,
+        max_queue_wait: float = 0.0,
     ) -> None:
         self._run_batch = run_batch
         self._inline = inline
         self.max_batch_size = max_batch_size
         self.max_queue_size = max_queue_size
         self.max_queue_delay = max_queue_delay
+        self.max_queue_wait = max_queue_wait  # seconds; 0 = bounded by size (and deadlines) only
+        self.cost = BatchCost()
+        self.offered = OfferedLoad()
+        self.overloaded = False  # offered load is beyond what the runner can do: shed to max_queue_wait
+        self._over_since: float | None = None
+        self._running_rows = 0  # images in the batch the runner has now
+        self._running_since = 0.0
+        self._last_run_seconds = 0.0
         self._observer = observer or BatchObserver()
         self._jobs: collections.deque[Job] = collections.deque()
         self._queued = 0  # images queued and not yet taken into a batch
@@ -105,7 +173,7 @@ class Batcher:
         if not self._inline:
             self._runner.start()
 
-    def submit(self, images: np.ndarray, deadline: float | None = None) -> Job:
+    def submit(self, images: np.ndarray, deadline: float | None = None, admitted: bool = False) -> Job:
         """Queue all of `images` or none of them (Overloaded, ShuttingDown); the job's future gets its result rows."""
         if self._closed or self._loop is None:
             raise ShuttingDown("server is shutting down; retry on another replica")
@@ -113,8 +181,10 @@ class Batcher:
         if self._queued + count > self.max_queue_size:
             raise Overloaded(
                 f"queue full: {self._queued} images waiting, {count} more would exceed the limit of "
-                f"{self.max_queue_size}; retry later"
+                f"{self.max_queue_size}; retry later",
+                self.expected_wait(),
             )
+        self._admit(count, deadline, counted=admitted)
         job = Job(images, deadline, self._loop.create_future())
         self._jobs.append(job)
         self._queued += count
@@ -124,12 +194,14 @@ class Batcher:
             self._dispatch()
         return job
 
-    async def classify(self, images: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, ...]:
+    async def classify(
+        self, images: np.ndarray, deadline: float | None = None, admitted: bool = False
+    ) -> tuple[np.ndarray, ...]:
         """Queue `images` and wait for their result rows, at most until `deadline` (time.monotonic()).
 
         A caller cancelled while waiting cancels its job: rows not yet running are never run.
         """
-        job = self.submit(images, deadline)
+        job = self.submit(images, deadline, admitted)
         if deadline is None:
             return await job.future
         timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), _expire, job)
@@ -140,6 +212,72 @@ class Batcher:
 
     def depth(self) -> int:
         return self._queued
+
+    def expected_wait(self) -> float:
+        """Seconds a request arriving now would wait before its batch starts: the running batch's rest,
+        then every image queued ahead of it, in batches of max_batch_size."""
+        if not self._busy:
+            return 0.0
+        rest = max(0.0, self._running_since + self.cost.seconds(self._running_rows) - time.monotonic())
+        full, partial = divmod(self._queued, self.max_batch_size)
+        ahead = full * self.cost.seconds(self.max_batch_size) + (self.cost.seconds(partial) if partial else 0.0)
+        return rest + ahead
+
+    def capacity(self) -> float:
+        """Images per second the runner gets through while busy, at the batch sizes of late (infinite before any run).
+
+        Under a closed loop of clients the offered load equals this; only an open stream of calls beyond it (an
+        overload, not a burst) drives the offered load well over it."""
+        return self.cost.service_rate()
+
+    def note_offered(self, images: int) -> None:
+        """Count images offered (admitted or not). Overloaded once the offered load has stayed over OVERLOAD_FACTOR
+        x capacity for OVERLOAD_AFTER seconds (a burst or a stall of the machine does not count); no longer once it
+        falls under the capacity."""
+        offered = self.offered.add(images)
+        capacity = self.capacity()
+        now = time.monotonic()
+        if offered > OVERLOAD_FACTOR * capacity:
+            if self._over_since is None:
+                self._over_since = now
+            if now - self._over_since >= OVERLOAD_AFTER:
+                self.overloaded = True
+        elif offered < capacity:
+            self._over_since = None
+            self.overloaded = False
+
+    def admit(self, count: int, deadline: float | None) -> None:
+        """Raise Overloaded for a request of `count` images that `submit` would refuse now for its wait: called
+        before preprocessing, so a request that will be shed costs no decoding. Counts the offered load."""
+        self.note_offered(count)
+        self._check_wait(count, deadline)
+
+    def _admit(self, count: int, deadline: float | None, counted: bool = False) -> None:
+        """Refuse at once what could not be answered by its deadline and, while the offered load is beyond the
+        runner's capacity (not a passing burst), what would wait longer than max_queue_wait."""
+        if not counted:
+            self.note_offered(count)
+        self._check_wait(count, deadline)
+
+    def _check_wait(self, count: int, deadline: float | None) -> None:
+        if not self._busy or (not self.max_queue_wait and deadline is None):
+            return
+        wait = self.expected_wait()
+        if self.max_queue_wait and self.overloaded and wait > self.max_queue_wait:
+            raise Overloaded(
+                f"server busy: expected queue wait {wait * 1000:.1f} ms is over the limit of "
+                f"{self.max_queue_wait * 1000:.1f} ms; retry later",
+                wait,
+            )
+        if deadline is not None:
+            full, partial = divmod(count, self.max_batch_size)
+            own = full * self.cost.seconds(self.max_batch_size) + (self.cost.seconds(partial) if partial else 0.0)
+            if time.monotonic() + wait + own > deadline:
+                raise Overloaded(
+                    f"server busy: the answer would take about {(wait + own) * 1000:.1f} ms, past the call's "
+                    "deadline; retry later or with a longer deadline",
+                    wait,
+                )
 
     async def run_in_runner(self, function: Callable[[], Any]) -> Any:
         """`function()` on the thread that runs the batches (the loop itself for an inline engine).
@@ -160,7 +298,8 @@ class Batcher:
             if not self._busy and self._jobs:
                 self._dispatch()
             try:
-                await asyncio.wait_for(self._idle.wait(), timeout)
+                if not self._idle.is_set():
+                    await asyncio.wait_for(self._idle.wait(), timeout)
             except TimeoutError:
                 log.warning("batcher did not drain within %.1f s; failing what is left", timeout)
                 self._fail_all(ShuttingDown("server shut down before the image was classified"))
@@ -179,6 +318,7 @@ class Batcher:
         batch = self._take()
         if batch:
             self._busy = True
+            self._running_rows, self._running_since = _rows(batch), time.monotonic()
             if self._inline:
                 self._loop.call_soon(self._finish, batch, self._run(batch))
             else:
@@ -225,6 +365,8 @@ class Batcher:
     def _finish(self, batch: list[Slice], results: tuple[np.ndarray, ...] | BaseException) -> None:
         """The runner is done with `batch`: give each job its rows, then dispatch the next batch."""
         self._busy = False
+        if not isinstance(results, BaseException):
+            self.cost.observe(self._running_rows, self._last_run_seconds)
         try:
             if isinstance(results, BaseException):
                 log.error("a batch of %d images failed: %s: %s", _rows(batch), type(results).__name__, results)
@@ -267,7 +409,8 @@ class Batcher:
             results = self._run_batch(parts)
         except Exception as exc:  # noqa: BLE001 - a failed run fails its own jobs, never the runner
             return exc
-        self._observer.on_batch(_rows(batch), time.perf_counter() - started)
+        self._last_run_seconds = time.perf_counter() - started  # read by _finish, which this run schedules
+        self._observer.on_batch(_rows(batch), self._last_run_seconds)
         return results
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "googlenet-fast.onnx"
+DIGIT_DETECTOR = Path(__file__).resolve().parent / "bundled" / "digit-detector.npz"
 ENV_PREFIX = "MNIST_SERVE_"
 
 
@@ -19,6 +20,7 @@ class ServeConfig:
     host: str = "[::]"
     port: int = 50051
     metrics_port: int = 9464  # not 9090, which is Prometheus's own
+    metrics_host: str = ""  # "" = the same address as `host`
     model: str = str(BUNDLED_MODEL)
     backend: str = "onnxruntime"  # or "null" / "null-threaded": answer at once without a model (benchmarking aids)
     provider: str = "auto"  # auto: CUDA when usable, else CPU; or cuda / cpu
@@ -30,10 +32,18 @@ class ServeConfig:
     cudnn_conv_algo_search: str = "EXHAUSTIVE"  # once per bucket session at warm-up; HEURISTIC / DEFAULT start faster
     max_queue_delay_ms: float = 0.0  # extra wait for a fuller batch once the queue has run dry
     max_queue_size: int = 4096  # images waiting; beyond it requests get RESOURCE_EXHAUSTED
+    max_queue_wait_ms: float = 5.0  # refuse at once when the expected queue wait is longer (or past the deadline)
+    max_concurrent_calls: int = 4096  # Classifier calls in flight at once, all connections together
+    max_calls_per_connection: int = 1024  # HTTP/2 streams a single connection may have open
+    max_streams: int = 64  # long-lived streams (health Watch, reflection) open at once
+    stream_idle_seconds: float = 60.0  # a reflection stream with no request this long is closed
     max_request_images: int = 256  # images per ClassifyBatch
-    max_image_pixels: int = 40_000_000  # width x height of one encoded image (decompression-bomb guard)
+    max_image_pixels: int = 4_000_000  # pixels decoded for one encoded image (JPEG is reduced on load to fit)
+    max_request_pixels: int = 16_000_000  # pixels decoded for all the encoded images of one request
+    max_decoding_pixels: int = 16_000_000  # pixels being decoded at once, all requests together
     max_message_bytes: int = 16 * 1024 * 1024
     preprocess_workers: int = 0  # threads decoding encoded images off the event loop; 0 = one per core
+    digit_detector: str = str(DIGIT_DETECTOR)  # the out-of-distribution detector behind digit_score; "none" = off
     intra_op_threads: int = 0  # ONNX Runtime threads per session run (0 = one per core)
     drain_seconds: float = 1.0  # after SIGTERM: report NOT_SERVING this long before refusing new calls
     grace_seconds: float = 10.0  # then: how long in-flight calls may take to finish
@@ -54,6 +64,8 @@ HELP = {
     "host": "address to listen on for gRPC",
     "port": "gRPC port",
     "metrics_port": "Prometheus /metrics HTTP port (0 = no metrics endpoint)",
+    "metrics_host": "address the /metrics endpoint listens on (empty = the same as --host); e.g. 127.0.0.1 to keep it "
+    "off the network",
     "model": "ONNX model written by mnist-export (default: the bundled googlenet-fast); its fp16 variant "
     "NAME.fp16.onnx is looked for beside it",
     "backend": "inference engine: onnxruntime; or null (answers every image at once with a fixed probability row, "
@@ -71,10 +83,26 @@ HELP = {
     "kernels), HEURISTIC or DEFAULT (faster start)",
     "max_queue_delay_ms": "how long a batch may wait for more requests once the queue is empty (0 = run at once)",
     "max_queue_size": "most images waiting to run; further requests are answered RESOURCE_EXHAUSTED at once",
+    "max_queue_wait_ms": "admission bound: a request whose expected wait in the queue (queued images / measured "
+    "throughput) is longer than this, or than the time left to its deadline, is refused at once with "
+    "RESOURCE_EXHAUSTED and a retry-after-ms hint",
+    "max_concurrent_calls": "most Classifier calls in flight at once, over all connections; more are refused at once "
+    "with RESOURCE_EXHAUSTED",
+    "max_calls_per_connection": "most concurrent calls (HTTP/2 streams) one connection may open; a client's further "
+    "calls wait on its side",
+    "max_streams": "most long-lived streams (grpc.health.v1 Watch, server reflection) open at once; more are refused "
+    "with RESOURCE_EXHAUSTED",
+    "stream_idle_seconds": "a server-reflection stream that sends no request for this long is closed (UNAVAILABLE)",
     "max_request_images": "most images in one ClassifyBatch request",
-    "max_image_pixels": "largest encoded image accepted, in pixels (width x height)",
+    "max_image_pixels": "most pixels decoded for one encoded image: a JPEG is decoded at 1/2, 1/4 or 1/8 scale to fit "
+    "(so JPEGs up to 64x this are accepted); any other format over it is refused from its header, before decoding",
+    "max_request_pixels": "most pixels decoded for the encoded images of one request together (after JPEG reduction)",
+    "max_decoding_pixels": "most pixels being decoded at once over all requests: bounds decode memory (about 12 bytes "
+    "per pixel at peak); requests wait their turn within their deadline",
     "max_message_bytes": "largest gRPC request or response message in bytes",
     "preprocess_workers": "threads decoding encoded images (PNG, JPEG, ...) off the event loop (0 = one per core)",
+    "digit_detector": "the digit detector (.npz) that scores every image's digit_score / is_digit, or none to "
+    "send digit_score NaN and is_digit true",
     "intra_op_threads": "ONNX Runtime intra-op threads (0 = ONNX Runtime's default, one per core)",
     "drain_seconds": "on SIGTERM/SIGINT, seconds of NOT_SERVING health before new calls are refused",
     "grace_seconds": "on shutdown, seconds in-flight calls get to finish",
@@ -151,12 +179,24 @@ def parse_buckets(text: str) -> tuple[int, ...]:
 
 def validate(config: ServeConfig) -> None:
     problems = []
-    for name in ("max_queue_size", "max_request_images", "max_image_pixels", "max_message_bytes"):
+    for name in (
+        "max_queue_size",
+        "max_request_images",
+        "max_image_pixels",
+        "max_request_pixels",
+        "max_decoding_pixels",
+        "max_message_bytes",
+        "max_concurrent_calls",
+        "max_calls_per_connection",
+        "max_streams",
+    ):
         if getattr(config, name) < 1:
             problems.append(f"{name} must be at least 1")
     for name in (
         "max_batch_size",
         "max_queue_delay_ms",
+        "max_queue_wait_ms",
+        "stream_idle_seconds",
         "drain_seconds",
         "grace_seconds",
         "intra_op_threads",
@@ -179,6 +219,10 @@ def validate(config: ServeConfig) -> None:
                 )
     if config.max_request_images > config.max_queue_size:
         problems.append("max_request_images cannot exceed max_queue_size (such a batch could never be queued)")
+    if config.max_image_pixels > min(config.max_request_pixels, config.max_decoding_pixels):
+        problems.append("max_image_pixels cannot exceed max_request_pixels or max_decoding_pixels")
+    if config.digit_detector != "none" and not Path(config.digit_detector).is_file():
+        problems.append(f"digit detector {config.digit_detector} does not exist (or pass none)")
     if config.backend == "onnxruntime" and not Path(config.model).is_file():
         problems.append(f"model file {config.model} does not exist")
     if problems:

@@ -20,7 +20,11 @@ class InvalidInput(ServiceError):
 
 
 class Overloaded(ServiceError):
-    """The queue cannot take the images now; retry later."""
+    """The server cannot take the images now; retry later (`retry_after` seconds: a hint, when known)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class NotReady(ServiceError):

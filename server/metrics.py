@@ -1,4 +1,4 @@
-"""Prometheus metrics of the service, on their own registry and HTTP port.
+"""Prometheus metrics of the service, on their own registry (served by server/metrics_http.py).
 
 Per-image figures (predicted digits, confidences, queue waits) arrive as arrays once per batch
 or call and are counted with numpy (`BulkHistogram`), not with one Python call per image.
@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -122,6 +122,21 @@ class ServiceMetrics:
             ["name", "version", "provider", "backend", "precision", "layout", "buckets", "cuda_graph"],
             registry=r,
         )
+        self.decoding_pixels = Gauge(
+            "mnist_decoding_pixels",
+            "pixels of encoded images being decoded now (bounded by max_decoding_pixels)",
+            registry=r,
+        )
+        self.open_streams = Gauge(
+            "mnist_open_streams",
+            "long-lived streams open now (health Watch, reflection; bounded by max_streams)",
+            registry=r,
+        )
+        self.non_digits = Counter(
+            "mnist_non_digit_images",
+            "images answered is_digit=false: the detector says they are not digits",
+            registry=r,
+        )
         self.predictions = Counter("mnist_predictions", "predicted digits", ["digit"], registry=r)
         self._digit_counters = [self.predictions.labels(digit=str(digit)) for digit in range(10)]
         self.confidence = BulkHistogram(
@@ -141,8 +156,12 @@ class ServiceMetrics:
             cuda_graph=str(info.cuda_graph).lower(),
         ).set(1)
 
-    def observe_predictions(self, digits: np.ndarray, confidences: np.ndarray) -> None:
-        """Once per batch: the digit counts and the confidence histogram of all its images."""
+    def observe_predictions(
+        self, digits: np.ndarray, confidences: np.ndarray, is_digit: np.ndarray | None = None
+    ) -> None:
+        """Once per batch: the digit counts, the confidence histogram and the non-digits of all its images."""
+        if is_digit is not None and len(is_digit) and not is_digit.all():
+            self.non_digits.inc(int(len(is_digit) - np.count_nonzero(is_digit)))
         if len(digits) <= 4:
             for digit in digits.tolist():
                 self._digit_counters[digit].inc()
@@ -169,7 +188,3 @@ class ServiceMetrics:
             on_depth=self.queue_depth.set,
             on_dropped=on_dropped,
         )
-
-    def serve_http(self, port: int, addr: str = "0.0.0.0"):
-        """Start /metrics on `port` in a background thread; returns (server, thread)."""
-        return start_http_server(port, addr=addr, registry=self.registry)

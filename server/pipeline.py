@@ -3,42 +3,57 @@
 Raw payloads of a request become one uint8 array in one step (joined bytes, `np.frombuffer`) and
 are normalized with the rest of their batch in the runner thread (one multiply, one subtract).
 Encoded images are decoded in a thread pool sized to the cores, off the event loop, so a large
-PNG cannot stall raw traffic. Argmax and the prediction metrics run once per batch in the runner
-thread too. Failures are domain errors (server/errors.py) only.
+PNG cannot stall raw traffic. Decoding is budgeted: headers are read first, and a request's images
+are refused before any pixel is decoded if they are over the per-image or per-request pixel
+limits; then each image waits (within its deadline) for room in the global budget of pixels being
+decoded, and stops between steps once its caller has gone. Argmax, the digit detector's scores and
+the prediction metrics run once per batch in the runner thread. Failures are domain errors
+(server/errors.py) only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from proto.contract import INPUT_DTYPE, INPUT_SHAPE
 from server.backends.base import Backend, BackendInfo
 from server.batching import Batcher, BatchObserver
-from server.errors import InvalidInput
-from server.preprocess import InvalidImage, from_encoded, raw_length_problem
+from server.budgets import PixelBudget, return_freed_memory
+from server.errors import Cancelled, DeadlineExpired, InvalidInput
+from server.predictions import Predictions
+from server.preprocess import (
+    BLANK_RAW_SPREAD,
+    RAW_BLANK,
+    DecodeStopped,
+    InvalidImage,
+    OpenedImage,
+    blank_raw_rows,
+    from_opened,
+    open_image,
+    raw_length_problem,
+)
 
 RAW = "raw"
 ENCODED = "encoded"
 NO_IMAGE = "no image: set either 'encoded' or 'raw'"
+RAW_BLANK_PROBLEM = RAW_BLANK.format(spread=BLANK_RAW_SPREAD)
 
 
-@dataclass(frozen=True)
-class Predictions:
-    """The answers for one request's images, as arrays: row i is image i."""
+class DigitScorer(Protocol):
+    """Scores how much each model input looks like a digit (server/digit_detector.py)."""
 
-    probabilities: np.ndarray  # (N, 10) float32
-    digits: np.ndarray  # (N,) int
-    confidences: np.ndarray  # (N,) float32: probability of the predicted digit
-    model_version: str
+    threshold: float
 
-    def __len__(self) -> int:
-        return len(self.digits)
+    def score(self, images: np.ndarray, probabilities: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -47,7 +62,13 @@ class PipelineSettings:
     max_queue_size: int
     max_queue_delay: float  # seconds
     max_image_pixels: int
+    max_request_pixels: int = 16_000_000
+    max_decoding_pixels: int = 16_000_000
+    max_queue_wait: float = 0.0  # seconds; 0 = no bound in time
     preprocess_workers: int = 0  # 0 = one per core
+
+
+TRIM_AFTER_PIXELS = 4_000_000  # once this much was decoded since the last trim and decoding goes idle: return memory
 
 
 class ModelPipeline:
@@ -58,11 +79,14 @@ class ModelPipeline:
         backend: Backend,
         settings: PipelineSettings,
         observer: BatchObserver | None = None,
-        on_predictions: Callable[[np.ndarray, np.ndarray], None] = lambda digits, confidences: None,
+        on_predictions: Callable[[np.ndarray, np.ndarray, np.ndarray], None] = lambda digits, conf, is_digit: None,
+        detector: DigitScorer | None = None,
+        on_decoding: Callable[[int], None] = lambda pixels: None,
     ) -> None:
         self.backend = backend
         self.info: BackendInfo = backend.describe()
         self.settings = settings
+        self.detector = detector
         self._normalization = self.info.normalization
         self._on_predictions = on_predictions
         self.batcher = Batcher(
@@ -72,10 +96,14 @@ class ModelPipeline:
             settings.max_queue_delay,
             observer,
             inline=not backend.blocking,
+            max_queue_wait=settings.max_queue_wait,
         )
         self._decoders = ThreadPoolExecutor(
             settings.preprocess_workers or os.cpu_count() or 1, thread_name_prefix="decode"
         )
+        self._on_decoding = on_decoding
+        self.decode_budget = PixelBudget(settings.max_decoding_pixels, self._decoding_changed)
+        self._decoded_since_trim = 0
 
     def start(self) -> None:
         self.batcher.start()
@@ -98,11 +126,16 @@ class ModelPipeline:
 
         Raises InvalidInput naming the first bad image by `index`, or the batcher's errors.
         """
-        images = await self.preprocess(payloads, kinds)
-        probabilities, digits, confidences = await self.batcher.classify(images, deadline)
-        return Predictions(probabilities, digits, confidences, self.info.model_version)
+        self.batcher.admit(len(payloads), deadline)  # shed before any preprocessing is spent on the request
+        images = await self.preprocess(payloads, kinds, deadline)
+        probabilities, digits, confidences, scores, is_digit = await self.batcher.classify(
+            images, deadline, admitted=True
+        )
+        return Predictions(probabilities, digits, confidences, scores, is_digit, self.info.model_version)
 
-    async def preprocess(self, payloads: Sequence[bytes], kinds: Sequence[str | None] | None) -> np.ndarray:
+    async def preprocess(
+        self, payloads: Sequence[bytes], kinds: Sequence[str | None] | None, deadline: float | None = None
+    ) -> np.ndarray:
         """(N, 1, 28, 28): uint8 pixels when every image is raw (normalized later, with the batch), else float32."""
         if not payloads:
             raise InvalidInput("no images to classify")
@@ -110,11 +143,17 @@ class ModelPipeline:
             lengths = set(map(len, payloads))
             if len(lengths) != 1 or raw_length_problem(payloads[0]):
                 index = next(i for i, raw in enumerate(payloads) if raw_length_problem(raw))
+                if index:  # a blank image before the first one of the wrong length is the first problem
+                    _refuse_blank(raw_pixels(payloads[:index]), range(index))
                 raise InvalidInput(raw_length_problem(payloads[index]), index)
-            return raw_pixels(payloads)
-        return await self._preprocess_mixed(payloads, kinds)
+            pixels = raw_pixels(payloads)
+            _refuse_blank(pixels, range(len(payloads)))
+            return pixels
+        return await self._preprocess_mixed(payloads, kinds, deadline)
 
-    async def _preprocess_mixed(self, payloads: Sequence[bytes], kinds: Sequence[str | None]) -> np.ndarray:
+    async def _preprocess_mixed(
+        self, payloads: Sequence[bytes], kinds: Sequence[str | None], deadline: float | None
+    ) -> np.ndarray:
         images = np.empty((len(payloads), *INPUT_SHAPE), INPUT_DTYPE)
         first_problem: tuple[int, str] | None = None
         raw_rows = []
@@ -126,22 +165,48 @@ class ModelPipeline:
             if kind == RAW:
                 raw_rows.append(i)
         if raw_rows:
-            images[raw_rows] = self._normalization.apply(raw_pixels([payloads[i] for i in raw_rows]))
+            pixels = raw_pixels([payloads[i] for i in raw_rows])
+            blank = blank_raw_rows(pixels)
+            if len(blank):
+                first_problem = min(first_problem or (len(payloads), ""), (raw_rows[blank[0]], RAW_BLANK_PROBLEM))
+            images[raw_rows] = self._normalization.apply(pixels)
         limit = first_problem[0] if first_problem else len(payloads)  # nothing after a known bad image is decoded
         encoded_rows = [i for i in range(limit) if kinds[i] == ENCODED]
-        loop = asyncio.get_running_loop()
-        decoded = await asyncio.gather(
-            *(
-                loop.run_in_executor(
-                    self._decoders, from_encoded, payloads[i], self.info.normalization, self.settings.max_image_pixels
-                )
-                for i in encoded_rows
-            ),
-            return_exceptions=True,
-        )
+        opened = await self._open_all([payloads[i] for i in encoded_rows])
+        for i, header in zip(encoded_rows, opened, strict=True):
+            if isinstance(header, InvalidImage):
+                first_problem = min(first_problem or (i, str(header)), (i, str(header)))
+        if first_problem:
+            raise InvalidInput(first_problem[1], first_problem[0])
+        if too_big := [h for h in opened if h.pixels > self.decode_budget.capacity]:  # only a misconfiguration
+            raise InvalidInput(f"an image decodes to {too_big[0].pixels:,} pixels, over the decode budget")
+        total = sum(header.pixels for header in opened)
+        if total > self.settings.max_request_pixels:
+            raise InvalidInput(
+                f"the request's {len(opened)} encoded images would decode to {total:,} pixels, over the limit of "
+                f"{self.settings.max_request_pixels:,} per request; send smaller images or fewer per request"
+            )
+        gone = threading.Event()  # set when the caller goes away: decoding threads stop at their next step
+
+        def stop() -> str | None:
+            if gone.is_set():
+                return "the caller went away"
+            if deadline is not None and time.monotonic() > deadline:
+                return "deadline expired while decoding"
+            return None
+
+        try:
+            decoded = await asyncio.gather(
+                *(self._decode(header, deadline, stop) for header in opened), return_exceptions=True
+            )
+        except asyncio.CancelledError:
+            gone.set()
+            raise
         for i, result in zip(encoded_rows, decoded, strict=True):
             if isinstance(result, InvalidImage):
                 first_problem = min(first_problem or (i, str(result)), (i, str(result)))
+            elif isinstance(result, DecodeStopped):
+                raise DeadlineExpired(str(result)) if "deadline" in str(result) else Cancelled(str(result))
             elif isinstance(result, BaseException):
                 raise result
             else:
@@ -150,7 +215,43 @@ class ModelPipeline:
             raise InvalidInput(first_problem[1], first_problem[0])
         return images
 
-    def _run_batch(self, parts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    async def _open_all(self, payloads: list[bytes]) -> list[OpenedImage | InvalidImage]:
+        """Every image's header, read in a decoder thread (cheap: no pixels yet); problems as values."""
+
+        def open_each() -> list[OpenedImage | InvalidImage]:
+            headers: list[OpenedImage | InvalidImage] = []
+            for payload in payloads:
+                try:
+                    headers.append(open_image(payload, self.settings.max_image_pixels))
+                except InvalidImage as problem:
+                    headers.append(problem)
+            return headers
+
+        if not payloads:
+            return []
+        return await asyncio.get_running_loop().run_in_executor(self._decoders, open_each)
+
+    async def _decode(self, header: OpenedImage, deadline: float | None, stop: Callable[[], str | None]) -> np.ndarray:
+        """Wait for room in the decode budget, then decode in a thread; the budget is returned when the thread is
+        done with the pixels (or never started), not when the caller stops waiting."""
+        pixels = header.pixels
+        await self.decode_budget.acquire(pixels, deadline)
+        loop = asyncio.get_running_loop()
+        work = self._decoders.submit(from_opened, header, self._normalization, stop)
+        work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._decoded, pixels))
+        return await asyncio.wrap_future(work)
+
+    def _decoded(self, pixels: int) -> None:
+        self.decode_budget.release(pixels)
+        self._decoded_since_trim += pixels
+        if self.decode_budget.in_use == 0 and self._decoded_since_trim >= TRIM_AFTER_PIXELS:
+            self._decoded_since_trim = 0
+            self._decoders.submit(return_freed_memory)  # a burst of large images is over: give the memory back
+
+    def _decoding_changed(self, pixels: int) -> None:
+        self._on_decoding(pixels)
+
+    def _run_batch(self, parts: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
         """In the batch runner thread: assemble and normalize, run the backend, postprocess; once per batch."""
         if len(parts) == 1 and parts[0].dtype == INPUT_DTYPE:  # one job of decoded images: already normalized
             images = parts[0]
@@ -166,8 +267,21 @@ class ModelPipeline:
         probabilities = np.asarray(self.backend.run(images), np.float32)
         digits = probabilities.argmax(1)
         confidences = probabilities[np.arange(len(digits)), digits]
-        self._on_predictions(digits, confidences)
-        return probabilities, digits, confidences
+        if self.detector is None:
+            scores = np.full(len(digits), np.nan, np.float32)
+            is_digit = np.ones(len(digits), bool)
+        else:
+            scores = np.asarray(self.detector.score(images, probabilities), np.float32)
+            is_digit = scores >= self.detector.threshold
+        self._on_predictions(digits, confidences, is_digit)
+        return probabilities, digits, confidences, scores, is_digit
+
+
+def _refuse_blank(pixels: np.ndarray, rows: Sequence[int]) -> None:
+    """InvalidInput naming the first blank raw image (`rows[k]` is the request index of `pixels[k]`)."""
+    blank = blank_raw_rows(pixels)
+    if len(blank):
+        raise InvalidInput(RAW_BLANK_PROBLEM, rows[blank[0]])
 
 
 def raw_pixels(raws: Sequence[bytes]) -> np.ndarray:

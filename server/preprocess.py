@@ -9,6 +9,9 @@ payloads are already in that layout and are only normalized, many at once.
 from __future__ import annotations
 
 import io
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -19,6 +22,7 @@ DIGIT_BOX = 20
 ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
 # `max_pixels` (checked from the header, before decoding) replaces Pillow's process-wide bomb guard,
 # so the limit is the operator's and the error message names the image's size.
+# Truncated files stay errors (Pillow's default), never half-decoded images.
 Image.MAX_IMAGE_PIXELS = None
 INK_THRESHOLD = 0.25  # fraction of the ink's contrast above which a pixel counts as ink for the bounding box
 
@@ -27,50 +31,205 @@ class InvalidImage(ValueError):
     """The payload cannot be turned into a digit image; the message says why (sent to the client)."""
 
 
+class DecodeStopped(Exception):
+    """Decoding was abandoned between steps: the caller's deadline passed or the caller went away."""
+
+
+# The checkpoint between decode steps: returns why to stop (the caller's deadline passed, the caller went
+# away) or None to go on. Pillow cannot be interrupted inside one step, which is why steps are bounded in pixels.
+StopCheck = Callable[[], str | None]
+
+JPEG_SCALES = (1, 2, 4, 8)  # libjpeg decodes at 1/1, 1/2, 1/4 or 1/8 of the size for (almost) the cost of the output
+WORK_PIXELS = 1_000_000  # images are reduced to about this before the float steps: a 28x28 answer needs no more
+BLANK_RAW_SPREAD = 26  # raw pixels: brightest minus darkest under this (0.1 of the range) is a blank image
+RAW_BLANK = "raw image is blank: no digit stands out from the background (all pixels within {spread} gray levels)"
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
 def raw_length_problem(raw: bytes) -> str | None:
     if len(raw) != RAW_BYTES:
         return f"raw image must be exactly {RAW_BYTES} bytes ({IMAGE_SIDE}x{IMAGE_SIDE} uint8), got {len(raw)}"
     return None
 
 
+def blank_raw_rows(pixels: np.ndarray) -> np.ndarray:
+    """Indices of raw (N, 1, 28, 28) uint8 images with no contrast: nothing there to classify."""
+    flat = pixels.reshape(len(pixels), -1)
+    return np.flatnonzero(flat.max(1) - flat.min(1) < BLANK_RAW_SPREAD)
+
+
 def from_raw(raw: bytes, norm: Normalization) -> np.ndarray:
     """One raw image -> (1, 28, 28) float32."""
     if problem := raw_length_problem(raw):
         raise InvalidImage(problem)
-    return norm.apply(np.frombuffer(raw, dtype=np.uint8).reshape(INPUT_SHAPE))
+    pixels = np.frombuffer(raw, dtype=np.uint8).reshape(1, *INPUT_SHAPE)
+    if len(blank_raw_rows(pixels)):
+        raise InvalidImage(RAW_BLANK.format(spread=BLANK_RAW_SPREAD))
+    return norm.apply(pixels[0])
 
 
-def from_encoded(data: bytes, norm: Normalization, max_pixels: int) -> np.ndarray:
-    """One image file (PNG, JPEG, ...) of a digit on paper -> (1, 28, 28) float32 in MNIST's layout."""
-    return norm.apply(mnist_like(decode(data, max_pixels))[None])
+@dataclass
+class OpenedImage:
+    """An image whose header is read and whose decode size is fixed; no pixel decoded yet."""
+
+    image: Image.Image
+    format: str
+    size: tuple[int, int]  # as stored in the file
+    scale: int  # JPEG: decoded at 1/scale per side; else 1
+    data: bytes = b""  # the file, for checks over all of it at decode time
+
+    @property
+    def pixels(self) -> int:
+        """Pixels the decode will produce: what the decode budgets count."""
+        width, height = self.image.size
+        return width * height
 
 
-def decode(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode an image file to grayscale float32 in [0, 1] with alpha composited on white."""
+def open_image(data: bytes, max_pixels: int) -> OpenedImage:
+    """Read the header only and fix how the image will be decoded, within `max_pixels`.
+
+    A JPEG is decoded at the smallest libjpeg scale that keeps about WORK_PIXELS (never more than
+    `max_pixels`), so a 48-megapixel photo costs what a 0.75-megapixel one does. Other formats
+    cannot be decoded smaller, so one over `max_pixels` is refused here, before it costs anything.
+    """
     if not data:
         raise InvalidImage("encoded image is empty")
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-        width, height = image.size  # known from the header, before any pixel is decoded
-        if width * height > max_pixels:
-            raise InvalidImage(
-                f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
-            )
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("P", "PA", "LA", "RGBA", "La") or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(white, rgba)
-        gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    except InvalidImage:
-        raise
     except UnidentifiedImageError:
         raise InvalidImage(f"bytes are not an image in a supported format ({', '.join(ALLOWED_FORMATS)})") from None
-    except Exception as exc:  # Pillow raises many types for damaged files (OSError, SyntaxError, ...)
-        raise InvalidImage(f"image data is damaged or truncated ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for damaged headers
+        raise InvalidImage(f"image header is damaged ({exc})") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidImage(f"image is {width}x{height}: it has no pixels")
+    scale = 1
+    if image.format == "JPEG":
+        fits = [s for s in JPEG_SCALES if _ceil_div(width, s) * _ceil_div(height, s) <= max_pixels]
+        if not fits:
+            raise InvalidImage(
+                f"JPEG is {width}x{height} = {width * height:,} pixels: even decoded at 1/8 scale it is over the "
+                f"limit of {max_pixels:,} pixels"
+            )
+        enough = [s for s in fits if _ceil_div(width, s) * _ceil_div(height, s) >= WORK_PIXELS]
+        scale = enough[-1] if enough else fits[0]
+        if scale > 1:
+            # Pillow picks the largest libjpeg scale with size // requested >= scale: ask for the floor
+            image.draft(image.mode, (max(1, width // scale), max(1, height // scale)))
+        decoded = image.size[0] * image.size[1]
+        if decoded > max_pixels:  # never trust the arithmetic above with the memory limit
+            raise InvalidImage(
+                f"JPEG is {width}x{height}: decoded at {image.size[0]}x{image.size[1]} it is over the limit of "
+                f"{max_pixels:,} pixels"
+            )
+    elif width * height > max_pixels:
+        raise InvalidImage(
+            f"{image.format} image is {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,} (only JPEG can be decoded at a reduced size; send a smaller image)"
+        )
+    return OpenedImage(image, image.format or "?", (width, height), scale, data)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_chunk_problem(data: bytes) -> str | None:
+    """What is wrong with a PNG's chunk structure, or None: every chunk's CRC is checked (Pillow checks only
+    some), so a corrupted file is refused instead of decoded into a wrong picture. Costs one crc32 pass."""
+    at = len(PNG_SIGNATURE)
+    while at + 12 <= len(data):
+        length = int.from_bytes(data[at : at + 4], "big")
+        kind = data[at + 4 : at + 8]
+        end = at + 12 + length
+        if end > len(data):
+            return f"chunk {kind.decode('latin-1')!r} needs {length:,} bytes, the file ends first"
+        if zlib.crc32(data[at + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
+            return f"chunk {kind.decode('latin-1')!r} fails its CRC check"
+        if kind == b"IEND":
+            return None
+        at = end
+    return "the file ends before its IEND chunk"
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def from_encoded(data: bytes, norm: Normalization, max_pixels: int) -> np.ndarray:
+    """One image file (PNG, JPEG, ...) of a digit on paper -> (1, 28, 28) float32 in MNIST's layout."""
+    return from_opened(open_image(data, max_pixels), norm)
+
+
+def from_opened(opened: OpenedImage, norm: Normalization, stop: StopCheck = lambda: None) -> np.ndarray:
+    """The rest of `from_encoded` once the header is read and the decode budget granted; checks `stop` between steps."""
+    gray = decode_opened(opened, stop)
+    _checkpoint(stop)
+    return norm.apply(mnist_like(gray)[None])
+
+
+def _checkpoint(stop: StopCheck) -> None:
+    if reason := stop():
+        raise DecodeStopped(reason)
+
+
+def decode(data: bytes, max_pixels: int) -> np.ndarray:
+    """An image file -> grayscale float32 in [0, 1], alpha composited on white, reduced to about WORK_PIXELS."""
+    return decode_opened(open_image(data, max_pixels))
+
+
+def decode_opened(opened: OpenedImage, stop: StopCheck = lambda: None) -> np.ndarray:
+    """`decode` once the header is read: the pixels, with `stop` checked before and after the expensive step."""
+    image = opened.image
+    _checkpoint(stop)
+    if opened.format == "PNG" and (problem := png_chunk_problem(opened.data)):
+        raise InvalidImage(f"PNG image data is damaged or truncated ({problem})")
+    try:
+        image.load()  # the one expensive step; Pillow refuses truncated data here
+        _checkpoint(stop)
+        image = ImageOps.exif_transpose(image)
+        gray = _to_gray(image)
+    except (InvalidImage, DecodeStopped):
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for damaged files (OSError, SyntaxError, ...)
+        raise InvalidImage(f"{opened.format} image data is damaged or truncated ({exc})") from None
     if gray.size == 0:
         raise InvalidImage("image has no pixels")
     return gray
+
+
+def _to_gray(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> float32 [0, 1]: high bit depths scaled by their range, alpha on white, colour to luma."""
+    if image.mode in HIGH_BIT_MODES:
+        values = np.asarray(image, dtype=np.float32)
+        top = 65535.0 if image.mode.startswith("I;16") else _value_range(values)
+        gray = np.clip(values / top, 0.0, 1.0)
+        if gray.size > WORK_PIXELS:
+            gray = np.asarray(_reduced(Image.fromarray(gray, "F")), np.float32)
+        return gray
+    if image.mode in ("P", "PA", "LA", "La", "RGBA", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    if image.mode not in ("L", "1", "RGB", "RGBA"):
+        image = image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, ...: through RGB, as Pillow knows each
+    return np.asarray(_reduced(image.convert("L")), dtype=np.float32) / 255.0
+
+
+def _value_range(values: np.ndarray) -> float:
+    """The full scale of a 32-bit integer or float image, from its contents: 1, 255, 65535 or its maximum."""
+    top = float(values.max()) if values.size else 1.0
+    for scale in (1.0, 255.0, 65535.0):
+        if top <= scale:
+            return scale
+    return top
+
+
+def _reduced(image: Image.Image) -> Image.Image:
+    """An image of more than WORK_PIXELS made about that size (box filter: every pixel counts, cheaply)."""
+    width, height = image.size
+    if width * height <= WORK_PIXELS:
+        return image
+    factor = (width * height / WORK_PIXELS) ** 0.5
+    return image.resize((max(1, round(width / factor)), max(1, round(height / factor))), Image.Resampling.BOX)
 
 
 def box_blur(image: np.ndarray, k: int) -> np.ndarray:

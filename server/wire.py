@@ -21,6 +21,7 @@ import numpy as np
 
 from proto.contract import NUM_CLASSES
 from proto.mnist.v1 import classifier_pb2 as pb
+from server.predictions import Predictions
 
 ENCODED_FIELD = pb.ClassifyRequest.ENCODED_FIELD_NUMBER
 RAW_FIELD = pb.ClassifyRequest.RAW_FIELD_NUMBER
@@ -47,25 +48,39 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def _fields(data: bytes) -> Iterator[tuple[int, bytes | None]]:
-    """(field number, payload of length-delimited fields, else None) for each top-level field."""
+    """(field number, payload of length-delimited fields, else None) for each top-level field.
+
+    Fields inside a group (deprecated wire types 3 and 4, only ever unknown to us) belong to the
+    group, not to this message, and are skipped."""
     pos = 0
+    groups: list[int] = []  # numbers of the groups we are inside, innermost last
     while pos < len(data):
         key, pos = _varint(data, pos)
         number, wire_type = key >> 3, key & 7
+        payload = None
         if wire_type == 2:
             length, pos = _varint(data, pos)
-            yield number, data[pos : pos + length]
+            if pos + length > len(data):
+                raise ValueError("truncated length-delimited field")
+            payload = data[pos : pos + length]
             pos += length
         elif wire_type == 0:
             _, pos = _varint(data, pos)
-            yield number, None
         elif wire_type in (1, 5):
             pos += 8 if wire_type == 1 else 4
-            yield number, None
-        elif wire_type in (3, 4):  # group start/end markers (deprecated); their contents scan as fields
-            yield number, None
+        elif wire_type == 3:
+            groups.append(number)
+            continue
+        elif wire_type == 4:
+            if not groups or groups.pop() != number:
+                raise ValueError(f"group end for field {number} without its start")
+            continue
         else:
             raise ValueError(f"unsupported wire type {wire_type}")
+        if not groups:
+            yield number, payload
+    if groups:
+        raise ValueError(f"group {groups[-1]} is never closed")
 
 
 def _both_image_fields(data: bytes) -> bool:
@@ -159,38 +174,36 @@ _CONFIDENCE = _tag(pb.ClassifyResponse.CONFIDENCE_FIELD_NUMBER, 5)
 _PROBABILITIES = _tag(pb.ClassifyResponse.PROBABILITIES_FIELD_NUMBER, 2) + _encode_varint(4 * NUM_CLASSES)
 _VERSION = _tag(pb.ClassifyResponse.MODEL_VERSION_FIELD_NUMBER, 2)
 _REQUEST_ID = _tag(pb.ClassifyResponse.REQUEST_ID_FIELD_NUMBER, 2)
+_DIGIT_SCORE = _tag(pb.ClassifyResponse.DIGIT_SCORE_FIELD_NUMBER, 5)
+_IS_DIGIT = _tag(pb.ClassifyResponse.IS_DIGIT_FIELD_NUMBER, 0)
 
 
-def encode_classify_response(
-    probabilities: np.ndarray, digit: int, confidence: float, model_version: str, request_id: str
-) -> bytes:
-    """The serialized `ClassifyResponse` of one image (the same record as one item of a batch response)."""
-    version, rid = model_version.encode(), request_id.encode()
+def encode_classify_response(predictions: Predictions, request_id: str) -> bytes:
+    """The serialized `ClassifyResponse` of a one-image request (the same record as one item of a batch response)."""
+    version, rid = predictions.model_version.encode(), request_id.encode()
     return b"".join(
         (
             _DIGIT,
-            _encode_varint(int(digit)),
+            _encode_varint(int(predictions.digits[0])),
             _CONFIDENCE,
-            struct.pack("<f", confidence),
+            struct.pack("<f", predictions.confidences[0]),
             _PROBABILITIES,
-            np.ascontiguousarray(probabilities, "<f4").tobytes(),
+            np.ascontiguousarray(predictions.probabilities[0], "<f4").tobytes(),
             _VERSION,
             _encode_varint(len(version)),
             version,
             _REQUEST_ID,
             _encode_varint(len(rid)),
             rid,
+            _DIGIT_SCORE,
+            struct.pack("<f", predictions.digit_scores[0]),
+            _IS_DIGIT,
+            b"\x01" if predictions.is_digit[0] else b"\x00",
         )
     )
 
 
-def encode_classify_batch_response(
-    probabilities: np.ndarray,
-    digits: np.ndarray,
-    confidences: np.ndarray,
-    model_version: str,
-    request_ids: Sequence[str],
-) -> bytes:
+def encode_classify_batch_response(predictions: Predictions, request_ids: Sequence[str]) -> bytes:
     """The serialized `ClassifyBatchResponse`, one response per row, in order.
 
     When every request id has the same length (always so for generated ids), each response is a
@@ -200,23 +213,32 @@ def encode_classify_batch_response(
     ids = [rid.encode() for rid in request_ids]
     id_length = len(ids[0]) if ids else 0
     if not ids or any(len(rid) != id_length for rid in ids):
-        return _protobuf_batch_response(probabilities, digits, confidences, model_version, request_ids)
-    version = model_version.encode()
-    tail = _VERSION + _encode_varint(len(version)) + version + _REQUEST_ID + _encode_varint(id_length)
-    inner = len(_DIGIT) + 1 + len(_CONFIDENCE) + 4 + len(_PROBABILITIES) + 4 * NUM_CLASSES + len(tail) + id_length
+        return _protobuf_batch_response(predictions, request_ids)
+    version = predictions.model_version.encode()
+    middle = _VERSION + _encode_varint(len(version)) + version + _REQUEST_ID + _encode_varint(id_length)
+    inner = (
+        len(_DIGIT) + 1 + len(_CONFIDENCE) + 4 + len(_PROBABILITIES) + 4 * NUM_CLASSES + len(middle) + id_length
+    ) + (len(_DIGIT_SCORE) + 4 + len(_IS_DIGIT) + 1)
     prefix = _RESPONSES + _encode_varint(inner)
     head = prefix + _DIGIT
     count = len(ids)
     record = np.empty((count, len(prefix) + inner), np.uint8)
     columns = [
         (head, None),
-        (None, digits.astype(np.uint8).reshape(count, 1)),  # 0..9: a one-byte varint
+        (None, predictions.digits.astype(np.uint8).reshape(count, 1)),  # 0..9: a one-byte varint
         (_CONFIDENCE, None),
-        (None, np.ascontiguousarray(confidences, "<f4").view(np.uint8).reshape(count, 4)),
+        (None, np.ascontiguousarray(predictions.confidences, "<f4").view(np.uint8).reshape(count, 4)),
         (_PROBABILITIES, None),
-        (None, np.ascontiguousarray(probabilities, "<f4").view(np.uint8).reshape(count, 4 * NUM_CLASSES)),
-        (tail, None),
+        (
+            None,
+            np.ascontiguousarray(predictions.probabilities, "<f4").view(np.uint8).reshape(count, 4 * NUM_CLASSES),
+        ),
+        (middle, None),
         (None, np.frombuffer(b"".join(ids), np.uint8).reshape(count, id_length)),
+        (_DIGIT_SCORE, None),
+        (None, np.ascontiguousarray(predictions.digit_scores, "<f4").view(np.uint8).reshape(count, 4)),
+        (_IS_DIGIT, None),
+        (None, predictions.is_digit.astype(np.uint8).reshape(count, 1)),
     ]
     at = 0
     for constant, values in columns:
@@ -226,24 +248,26 @@ def encode_classify_batch_response(
     return record.tobytes()
 
 
-def _protobuf_batch_response(
-    probabilities: np.ndarray,
-    digits: np.ndarray,
-    confidences: np.ndarray,
-    model_version: str,
-    request_ids: Sequence[str],
-) -> bytes:
+def _protobuf_batch_response(predictions: Predictions, request_ids: Sequence[str]) -> bytes:
     return pb.ClassifyBatchResponse(
         responses=[
             pb.ClassifyResponse(
                 digit=int(digit),
                 confidence=float(confidence),
                 probabilities=row,
-                model_version=model_version,
+                model_version=predictions.model_version,
                 request_id=rid,
+                digit_score=float(score),
+                is_digit=bool(is_digit),
             )
-            for digit, confidence, row, rid in zip(
-                digits.tolist(), confidences.tolist(), probabilities.tolist(), request_ids, strict=True
+            for digit, confidence, row, rid, score, is_digit in zip(
+                predictions.digits.tolist(),
+                predictions.confidences.tolist(),
+                predictions.probabilities.tolist(),
+                request_ids,
+                predictions.digit_scores.tolist(),
+                predictions.is_digit.tolist(),
+                strict=True,
             )
         ]
     ).SerializeToString()

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import numpy as np
 import pytest
 
-from server.batching import Batcher, BatchObserver
+from server.batching import OVERLOAD_AFTER, BatchCost, Batcher, BatchObserver
 from server.errors import DeadlineExpired, Overloaded, ShuttingDown
 
 WAIT = 5.0  # seconds a test waits for something that should happen almost at once
@@ -323,5 +323,274 @@ def test_a_function_runs_on_the_runner_thread_between_batches_and_its_errors_com
         with pytest.raises(ZeroDivisionError):
             await batcher.run_in_runner(lambda: 1 / 0)
         assert rows(await batcher.classify(images(1))) == [1]
+
+    run(scenario)
+
+
+# --- the batch cost model -----------------------------------------------------------------------------------------
+
+
+def test_the_cost_of_a_batch_is_zero_before_any_run_was_seen() -> None:
+    cost = BatchCost()
+    assert cost.runs == 0 and cost.seconds(1) == 0.0 and cost.seconds(256) == 0.0
+
+
+def test_with_one_batch_size_seen_the_cost_is_taken_as_proportional_to_the_images() -> None:
+    cost = BatchCost()
+    cost.observe(4, 0.4)
+    assert cost.runs == 1
+    assert cost.seconds(4) == pytest.approx(0.4)
+    assert cost.seconds(8) == pytest.approx(0.8) and cost.seconds(1) == pytest.approx(0.1)
+    cost.observe(4, 0.4)
+    assert cost.seconds(2) == pytest.approx(0.2)  # still one size: still proportional
+
+
+def test_with_several_batch_sizes_seen_the_cost_is_a_fixed_part_plus_a_part_per_image() -> None:
+    cost = BatchCost()
+    for n in (1, 9, 4, 16, 2) * 4:
+        cost.observe(n, 0.010 + 0.002 * n)  # exactly 10 ms per batch plus 2 ms per image
+    for n in (1, 8, 32, 100):
+        assert cost.seconds(n) == pytest.approx(0.010 + 0.002 * n, rel=1e-6)
+
+
+def test_the_cost_follows_the_recent_runs_when_the_engine_gets_faster() -> None:
+    cost = BatchCost()
+    cost.observe(8, 0.8)
+    for _ in range(200):
+        cost.observe(8, 0.08)
+    assert cost.seconds(8) == pytest.approx(0.08, rel=0.01)
+
+
+def test_the_predicted_cost_is_never_negative() -> None:
+    cost = BatchCost()
+    cost.observe(1, 1.0)
+    cost.observe(100, 0.01)  # larger batch, shorter run: a negative slope must not predict negative time
+    assert all(cost.seconds(n) >= 0.0 for n in (0, 1, 10, 100, 1000))
+
+
+def test_the_batcher_learns_the_cost_of_its_batches_from_the_runs() -> None:
+    class SlowModel(FakeModel):
+        def __call__(self, parts: Sequence[np.ndarray]) -> tuple[np.ndarray]:
+            time.sleep(0.05)
+            return super().__call__(parts)
+
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        assert batcher.cost.seconds(2) == 0.0
+        await batcher.classify(images(1, 2))
+        assert batcher.cost.runs == 1
+        assert 0.05 <= batcher.cost.seconds(2) < 2.0  # at least the run's sleep, generously bounded
+        assert batcher.cost.seconds(4) == pytest.approx(2 * batcher.cost.seconds(2))
+
+    run(scenario, SlowModel())
+
+
+# --- admission control ------------------------------------------------------------------------------------------------
+
+
+def teach(batcher: Batcher, seconds_per_image: float) -> None:
+    """Make the batcher believe each image takes `seconds_per_image` (as if it had seen one such run)."""
+    batcher.cost.observe(1, seconds_per_image)
+
+
+async def sustain_overload(batcher: Batcher) -> None:
+    """Offer far more than the taught capacity for longer than OVERLOAD_AFTER: a sustained overload, not a burst."""
+    for _ in range(3):
+        batcher.note_offered(1000)
+        await asyncio.sleep(OVERLOAD_AFTER / 2 + 0.001)
+    assert batcher.overloaded
+
+
+def test_an_idle_batcher_reports_no_expected_wait_and_admits_whatever_the_estimate() -> None:
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        teach(batcher, 100.0)  # a batch would take "100 s per image"
+        assert batcher.expected_wait() == 0.0
+        result = await batcher.classify(images(1, 2), deadline=time.monotonic() + WAIT)
+        assert rows(result) == [1, 2]
+
+    run(scenario, max_queue_wait=0.001)
+
+
+def test_a_busy_batcher_refuses_at_once_what_would_wait_longer_than_max_queue_wait() -> None:
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        teach(batcher, 10.0)
+        held = await model.hold(batcher)  # a 1-image batch "of 10 s" is running
+        assert 9.0 <= batcher.expected_wait() <= 10.0
+        await sustain_overload(batcher)
+        started = time.monotonic()
+        with pytest.raises(Overloaded, match="busy") as refused:
+            batcher.submit(images(5))
+        assert time.monotonic() - started < 0.5
+        assert refused.value.retry_after is not None and 9.0 <= refused.value.retry_after <= 10.0
+        assert batcher.depth() == 0  # nothing of the refused request was queued
+        model.released.set()
+        await held
+        assert 5 not in model.seen()
+
+    run(scenario, max_queue_wait=1.0)
+
+
+def test_a_busy_batcher_admits_what_will_start_within_max_queue_wait() -> None:
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        teach(batcher, 0.01)
+        held = await model.hold(batcher)
+        call = asyncio.ensure_future(batcher.classify(images(5, 6)))
+        await asyncio.sleep(0)
+        assert batcher.depth() == 2
+        model.released.set()
+        assert rows(await call) == [5, 6]
+        await held
+
+    run(scenario, max_queue_wait=5.0)
+
+
+def test_before_any_run_was_timed_a_busy_batcher_admits() -> None:
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        held = await model.hold(batcher)  # the first run ever: no cost known yet
+        assert batcher.expected_wait() == 0.0
+        call = asyncio.ensure_future(batcher.classify(images(3), deadline=time.monotonic() + WAIT))
+        await asyncio.sleep(0)
+        model.released.set()
+        assert rows(await call) == [3]
+        await held
+
+    run(scenario, max_queue_wait=0.001)
+
+
+def test_without_max_queue_wait_or_deadline_a_busy_batcher_admits_however_long_the_wait() -> None:
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        teach(batcher, 1000.0)
+        held = await model.hold(batcher)
+        call = asyncio.ensure_future(batcher.classify(images(4)))
+        await asyncio.sleep(0)
+        assert batcher.depth() == 1
+        model.released.set()
+        assert rows(await call) == [4]
+        await held
+
+    run(scenario, max_queue_wait=0.0)
+
+
+def test_the_expected_wait_counts_the_running_batch_and_every_image_queued_in_full_batches() -> None:
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        teach(batcher, 0.1)  # a batch of 8 "takes 0.8 s"
+        held = await model.hold(batcher)  # 1 image running: at most 0.1 s left
+        queued = asyncio.ensure_future(batcher.classify(images(*range(20))))  # 2 full batches and one of 4
+        await asyncio.sleep(0)
+        assert 2.0 - 0.01 <= batcher.expected_wait() <= 2.1 + 0.01
+        model.released.set()
+        await asyncio.gather(held, queued)
+        assert batcher.expected_wait() == 0.0  # idle again
+
+    run(scenario, max_batch_size=8)
+
+
+def test_a_request_behind_a_long_queue_is_refused_with_the_queue_wait_as_retry_after() -> None:
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        teach(batcher, 0.1)
+        held = await model.hold(batcher)
+        first = asyncio.ensure_future(batcher.classify(images(*range(20))))  # admitted: 0.1 s wait <= 1.5 s
+        await asyncio.sleep(0)
+        assert batcher.depth() == 20
+        await sustain_overload(batcher)
+        with pytest.raises(Overloaded, match="expected queue wait") as refused:
+            batcher.submit(images(99))  # now about 2.0 s to wait
+        assert 1.8 <= refused.value.retry_after <= 2.2
+        assert batcher.depth() == 20
+        model.released.set()
+        await asyncio.gather(held, first)
+        assert 99 not in model.seen()
+
+    run(scenario, max_batch_size=8, max_queue_wait=1.5)
+
+
+def test_a_request_that_could_not_be_answered_by_its_deadline_is_refused_at_once() -> None:
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        teach(batcher, 1.0)
+        held = await model.hold(batcher)  # about 1 s left of the running batch
+        started = time.monotonic()
+        with pytest.raises(Overloaded, match="deadline") as refused:
+            batcher.submit(images(7), deadline=time.monotonic() + 0.5)
+        assert time.monotonic() - started < 0.5
+        assert refused.value.retry_after is not None and 0.5 <= refused.value.retry_after <= 1.0
+        assert batcher.depth() == 0
+        patient = asyncio.ensure_future(batcher.classify(images(8), deadline=time.monotonic() + 30))
+        await asyncio.sleep(0)
+        assert batcher.depth() == 1  # the same request with time enough is admitted
+        model.released.set()
+        assert rows(await patient) == [8]
+        await held
+        assert 7 not in model.seen()
+
+    run(scenario, max_queue_wait=0.0)
+
+
+def test_the_deadline_check_counts_the_requests_own_run_not_only_its_wait() -> None:
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        teach(batcher, 0.1)
+        held = await model.hold(batcher)  # at most 0.1 s of waiting
+        with pytest.raises(Overloaded, match="deadline"):
+            batcher.submit(images(*range(8)), deadline=time.monotonic() + 0.5)  # its own batch "takes 0.8 s"
+        small = asyncio.ensure_future(batcher.classify(images(1), deadline=time.monotonic() + 0.5 + WAIT))
+        await asyncio.sleep(0)
+        assert batcher.depth() == 1
+        model.released.set()
+        assert rows(await small) == [1]
+        await held
+
+    run(scenario, max_batch_size=8)
+
+
+def test_the_deadline_check_counts_every_batch_a_large_request_is_split_into() -> None:
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        teach(batcher, 0.1)  # a batch of 8 "takes 0.8 s"
+        held = await model.hold(batcher)
+        # 24 images in batches of 8 need about 0.1 + 3 * 0.8 = 2.5 s: every batch counts, not only the first
+        with pytest.raises(Overloaded, match="deadline"):
+            batcher.submit(images(*range(24)), deadline=time.monotonic() + 1.5)
+        model.released.set()
+        await held
+
+    run(scenario, max_batch_size=8, max_queue_size=64)
+
+
+def test_a_full_queue_refusal_carries_the_expected_wait_as_retry_after() -> None:
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        teach(batcher, 0.5)
+        held = await model.hold(batcher)
+        queued = asyncio.ensure_future(batcher.classify(images(1, 2, 3, 4)))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="queue full") as refused:
+            batcher.submit(images(9))
+        # at most 0.5 s left of the running image, then a batch of 4 "of 2 s"
+        assert refused.value.retry_after is not None and 2.0 - 0.01 <= refused.value.retry_after <= 2.5 + 0.01
+        model.released.set()
+        await asyncio.gather(held, queued)
+
+    run(scenario, max_queue_size=4)
+
+
+def test_a_burst_beyond_max_queue_wait_is_admitted_when_the_load_is_not_sustained() -> None:
+    """A busy batcher that is not overloaded queues a burst it will finish in time, however long the wait."""
+
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        teach(batcher, 0.01)
+        held = await model.hold(batcher)
+        burst = [asyncio.ensure_future(batcher.classify(images(n))) for n in range(40)]  # 0.4 s of work at once
+        await asyncio.sleep(0)
+        assert batcher.depth() == 40 and not batcher.overloaded
+        model.released.set()
+        assert sorted(rows(r)[0] for r in await asyncio.gather(*burst)) == list(range(40))
+        await held
+
+    run(scenario, max_batch_size=8, max_queue_wait=0.005)
+
+
+def test_overload_ends_once_the_offered_load_falls_under_the_capacity() -> None:
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        teach(batcher, 0.01)  # 100 images/s
+        await sustain_overload(batcher)
+        await asyncio.sleep(1.0)  # the offered load decays (time constant 0.1 s) far under 100/s
+        batcher.note_offered(1)
+        assert not batcher.overloaded
 
     run(scenario)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,19 @@ from PIL import Image
 from proto.contract import Normalization
 from server.backends.onnxruntime_backend import OnnxRuntimeBackend
 from server.config import BUNDLED_MODEL
-from server.preprocess import InvalidImage, decode, from_encoded, from_raw, mnist_like
+from server.preprocess import (
+    DecodeStopped,
+    InvalidImage,
+    OpenedImage,
+    blank_raw_rows,
+    decode,
+    decode_opened,
+    from_encoded,
+    from_opened,
+    from_raw,
+    mnist_like,
+    open_image,
+)
 from training.data import load_split
 
 NORM = Normalization()
@@ -245,3 +258,397 @@ def test_an_image_of_exactly_the_pixel_limit_is_accepted() -> None:
     assert decode(data, max_pixels=5_000).shape == (50, 100)
     with pytest.raises(InvalidImage, match="100x50"):
         decode(data, max_pixels=4_999)
+
+
+# --- colour modes and bit depths ------------------------------------------------------------------------------------
+
+
+def png_of(image: Image.Image, **options) -> bytes:
+    return encode(image, "PNG", **options)
+
+
+def paper(digit: np.ndarray) -> np.ndarray:
+    """The digit as dark ink on a 400x300 white page (uint8): the 8-bit reference picture."""
+    return on_paper(digit)
+
+
+def as_16_bit(page: np.ndarray) -> bytes:
+    image = Image.fromarray(page.astype(np.uint16) * 257)  # 0..255 -> 0..65535, the same picture
+    assert image.mode == "I;16"
+    data = png_of(image)
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    return data
+
+
+def test_a_16_bit_grayscale_png_preprocesses_like_the_8_bit_picture(digits) -> None:
+    for digit, _ in digits[:5]:
+        page = paper(digit)
+        np.testing.assert_allclose(
+            decode(as_16_bit(page), MAX_PIXELS), decode(png_of(Image.fromarray(page)), MAX_PIXELS)
+        )
+        eight = from_encoded(png_of(Image.fromarray(page)), NORM, MAX_PIXELS)
+        sixteen = from_encoded(as_16_bit(page), NORM, MAX_PIXELS)
+        np.testing.assert_allclose(sixteen, eight, atol=1e-3)
+
+
+def test_a_16_bit_digit_is_classified_as_its_8_bit_version(model: OnnxRuntimeBackend, digits) -> None:
+    eight = [classify(model, png_of(Image.fromarray(paper(d)))) for d, _ in digits]
+    sixteen = [classify(model, as_16_bit(paper(d))) for d, _ in digits]
+    assert sixteen == eight
+    assert sum(s == label for s, (_, label) in zip(sixteen, digits, strict=True)) >= DIGITS - 1
+
+
+def test_a_large_16_bit_png_is_reduced_like_the_8_bit_picture(digits) -> None:
+    page = on_paper(digits[0][0], (1600, 1200), 30)  # 1.92 megapixels: over WORK_PIXELS, so reduced
+    eight, sixteen = decode(png_of(Image.fromarray(page)), MAX_PIXELS), decode(as_16_bit(page), MAX_PIXELS)
+    assert sixteen.shape == eight.shape and sixteen.size <= 1_100_000
+    np.testing.assert_allclose(sixteen, eight, atol=1.01 / 255)
+
+
+def in_memory(image: Image.Image) -> OpenedImage:
+    """An image of a mode no accepted file format stores (Pillow: 32-bit "I", float "F"), as if just opened."""
+    return OpenedImage(image, "in-memory", image.size, 1)
+
+
+@pytest.mark.parametrize(
+    ("full_scale", "mode"),
+    [(65535, "I"), (255, "I"), (1.0, "F"), (255.0, "F")],
+    ids=["I-16-bit-range", "I-8-bit-range", "F-unit-range", "F-8-bit-range"],
+)
+def test_a_32_bit_image_is_scaled_by_the_range_its_values_use(digits, full_scale: float, mode: str) -> None:
+    page = paper(digits[1][0])
+    dtype = np.int32 if mode == "I" else np.float32
+    image = Image.fromarray((page.astype(np.float64) / 255 * full_scale).round(6).astype(dtype))
+    assert image.mode == mode
+    np.testing.assert_allclose(decode_opened(in_memory(image)), page / 255, atol=0.5 / 255 + 1e-6)
+
+
+def test_a_one_bit_png_is_black_and_white_paper(model: OnnxRuntimeBackend, digits) -> None:
+    correct = 0
+    for digit, label in digits:
+        ink = paper(digit) >= 128
+        data = png_of(Image.fromarray(ink))
+        assert Image.open(io.BytesIO(data)).mode == "1"
+        gray = decode(data, MAX_PIXELS)
+        np.testing.assert_array_equal(gray, ink.astype(np.float32))
+        correct += classify(model, data) == label
+    assert correct >= DIGITS - 2
+
+
+def palette_png_with_transparent_paper(page: np.ndarray) -> bytes:
+    """Ink levels as palette entries 1..8; entry 0 (the paper) is fully transparent and coloured black under it."""
+    levels = (255 - page.astype(np.int32) + 31) // 32  # 0 = paper, 8 = darkest ink
+    image = Image.fromarray(levels.astype(np.uint8), "P")
+    palette = [0, 0, 0] + [max(0, 255 - 32 * k) for k in range(1, 9) for _ in range(3)]
+    image.putpalette(palette)
+    return png_of(image, transparency=0)
+
+
+def test_a_palette_png_with_a_transparent_background_is_ink_on_white_paper(digits) -> None:
+    page = paper(digits[2][0])
+    data = palette_png_with_transparent_paper(page)
+    opened = Image.open(io.BytesIO(data))
+    assert opened.mode == "P" and opened.info.get("transparency") == 0
+    gray = decode(data, MAX_PIXELS)
+    paper_pixels = page == 255
+    assert (gray[paper_pixels] == 1.0).all()  # black under transparency: shown as white paper, not ink
+    assert gray[page < 64].max() <= 0.25  # the dark ink stays dark
+    assert np.abs(mnist_like(gray) - mnist_like(page / 255)).mean() < 8  # out of 255
+
+
+def test_a_gray_alpha_png_is_its_ink_composited_on_white(digits) -> None:
+    page = paper(digits[3][0])
+    alpha = 255 - page  # black everywhere, opaque where the ink is
+    image = Image.merge("LA", (Image.new("L", alpha.shape[::-1], 0), Image.fromarray(alpha)))
+    gray = decode(png_of(image), MAX_PIXELS)
+    np.testing.assert_allclose(gray, page / 255, atol=1.01 / 255)
+
+
+def test_an_rgba_png_is_its_coloured_ink_composited_on_white(model: OnnxRuntimeBackend, digits) -> None:
+    correct = 0
+    for digit, label in digits:
+        alpha = Image.fromarray(255 - paper(digit))
+        image = Image.new("RGB", alpha.size, (10, 10, 90))  # dark-blue ink; transparent parts are blue too
+        image.putalpha(alpha)
+        data = png_of(image)
+        gray = decode(data, MAX_PIXELS)
+        assert (gray[np.asarray(alpha) == 0] == 1.0).all()
+        correct += classify(model, data) == label
+    assert correct >= DIGITS - 1
+
+
+def jpeg_of(page: np.ndarray, mode: str = "L", **options) -> bytes:
+    return encode(Image.fromarray(page).convert(mode), "JPEG", quality=92, **options)
+
+
+def test_a_cmyk_jpeg_is_read_through_rgb(model: OnnxRuntimeBackend, digits) -> None:
+    correct = 0
+    for digit, label in digits:
+        page = paper(digit)
+        data = jpeg_of(page, "CMYK")
+        assert Image.open(io.BytesIO(data)).mode == "CMYK"
+        gray = decode(data, MAX_PIXELS)
+        assert np.abs(gray - page / 255).mean() < 0.03  # white paper stays white, ink stays dark
+        correct += classify(model, data) == label
+    assert correct >= DIGITS - 1
+
+
+def test_a_progressive_jpeg_decodes_like_a_baseline_one(digits) -> None:
+    page = paper(digits[4][0])
+    progressive = jpeg_of(page, "RGB", progressive=True)
+    assert Image.open(io.BytesIO(progressive)).info.get("progressive") == 1
+    baseline = decode(jpeg_of(page, "RGB"), MAX_PIXELS)
+    np.testing.assert_allclose(decode(progressive, MAX_PIXELS), baseline, atol=3 / 255)
+
+
+def exif_rotated_jpeg(upright: np.ndarray, orientation: int) -> bytes:
+    """The picture stored turned, with the EXIF orientation that tells a viewer how to turn it back upright."""
+    stored = {
+        3: Image.Transpose.ROTATE_180,
+        6: Image.Transpose.ROTATE_90,  # orientation 6: the viewer turns it 90 degrees clockwise
+        8: Image.Transpose.ROTATE_270,
+    }[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(Image.fromarray(upright).transpose(stored), "JPEG", quality=92, exif=exif)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_an_exif_rotated_jpeg_is_turned_upright(digits, orientation: int) -> None:
+    page = paper(digits[5][0])
+    turned = decode(exif_rotated_jpeg(page, orientation), MAX_PIXELS)
+    assert turned.shape == page.shape
+    assert np.abs(turned - decode(jpeg_of(page), MAX_PIXELS)).mean() < 0.01
+
+
+def test_an_exif_rotated_large_jpeg_decoded_at_reduced_scale_is_turned_upright(digits) -> None:
+    page = on_paper(digits[5][0], (4000, 3000), 80)
+    data = exif_rotated_jpeg(page, 6)
+    opened = open_image(data, 4_000_000)
+    assert opened.size == (3000, 4000) and opened.scale == 2  # as stored: turned
+    gray = decode_opened(opened)
+    assert gray.shape[1] > gray.shape[0]  # landscape again, as the page was drawn
+    small = np.asarray(Image.fromarray(page).resize(gray.shape[::-1], Image.Resampling.BOX), np.float32) / 255
+    assert np.abs(gray - small).mean() < 0.02
+
+
+# --- open_image: the header, the decode size, the limits -------------------------------------------------------------
+
+
+def gray_jpeg(width: int, height: int, **options) -> bytes:
+    """A gray page of the size with a dark bar, as JPEG (cheap to make at any size)."""
+    page = Image.new("L", (width, height), 230)
+    page.paste(20, (width // 3, height // 4, width // 3 + max(1, width // 10), height * 3 // 4))
+    return encode(page, "JPEG", quality=80, **options)
+
+
+def test_open_image_reads_the_header_only() -> None:
+    data = png_header_only(300, 200)  # its pixel data is missing: decoding it would fail
+    opened = open_image(data, MAX_PIXELS)
+    assert opened.format == "PNG" and opened.size == (300, 200) and opened.scale == 1 and opened.pixels == 60_000
+    with pytest.raises(InvalidImage, match="damaged or truncated"):
+        decode_opened(opened)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "max_pixels", "scale"),
+    [
+        (800, 600, MAX_PIXELS, 1),  # small: decoded whole
+        (2400, 2000, 3_000_000, 2),  # 4.8 MP over a 3 MP limit: 1/2 is 1.2 MP
+        (6000, 6000, MAX_PIXELS, 4),  # 36 MP: 1/4 keeps 2.25 MP, 1/8 would be under WORK_PIXELS
+        (6400, 4800, 600_000, 8),  # 30.7 MP: only 1/8 (480,000) fits the limit
+    ],
+    ids=["small-whole", "half", "quarter", "eighth"],
+)
+def test_a_large_jpeg_is_decoded_at_the_smallest_libjpeg_scale_within_the_limit(
+    width: int, height: int, max_pixels: int, scale: int
+) -> None:
+    opened = open_image(gray_jpeg(width, height), max_pixels)
+    assert opened.format == "JPEG" and opened.size == (width, height) and opened.scale == scale
+    assert opened.pixels == (width // scale) * (height // scale) <= max_pixels
+    assert decode_opened(opened).size <= max(opened.pixels, 1_100_000)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "max_pixels"),
+    [(2001, 2001, 1_100_000), (6001, 6001, 4_000_000), (6001, 4001, 600_000)],
+    ids=["half-odd", "quarter-odd", "eighth-odd"],
+)
+def test_a_jpeg_whose_sides_are_not_multiples_of_the_scale_still_decodes_within_the_limit(
+    width: int, height: int, max_pixels: int
+) -> None:
+    opened = open_image(gray_jpeg(width, height), max_pixels)
+    expected = (-(-width // opened.scale), -(-height // opened.scale))
+    # Pillow's draft() picks its scale as side // requested: odd sides must not decode larger
+    assert opened.image.size == expected, f"scale {opened.scale} but decoding at {opened.image.size}"
+    assert opened.pixels <= max_pixels
+
+
+def test_a_6000x6000_jpeg_decodes_in_well_under_a_second() -> None:
+    data = gray_jpeg(6000, 6000)
+    started = time.perf_counter()
+    opened = open_image(data, MAX_PIXELS)
+    gray = decode_opened(opened)
+    mnist_like(gray)
+    assert time.perf_counter() - started < 0.8
+    assert opened.scale >= 4 and gray.size <= 2_250_000
+
+
+def test_a_progressive_6000x6000_jpeg_is_also_decoded_at_reduced_scale() -> None:
+    data = gray_jpeg(6000, 6000, progressive=True)
+    started = time.perf_counter()
+    opened = open_image(data, MAX_PIXELS)
+    decode_opened(opened)
+    assert opened.scale == 4 and opened.pixels == 1500 * 1500
+    assert time.perf_counter() - started < 1.5
+
+
+def test_a_jpeg_too_big_even_at_one_eighth_is_refused_from_its_header() -> None:
+    data = gray_jpeg(6000, 6000)
+    started = time.perf_counter()
+    with pytest.raises(InvalidImage, match=r"6000x6000 = 36,000,000 .*1/8.*limit of 500,000"):
+        open_image(data, 500_000)  # 750x750 = 562,500 at 1/8: still over
+    assert time.perf_counter() - started < 0.1
+
+
+@pytest.fixture(scope="module")
+def png_bomb() -> bytes:
+    """6000x6000 of white paper with a small digit-like mark: 36 megapixels in a few tens of kilobytes."""
+    page = Image.new("L", (6000, 6000), 255)
+    page.paste(0, (2900, 2800, 3000, 3200))
+    return png_of(page)
+
+
+def test_a_png_bomb_over_the_pixel_limit_is_refused_in_milliseconds_naming_its_size(png_bomb: bytes) -> None:
+    assert len(png_bomb) < 100_000
+    started = time.perf_counter()
+    with pytest.raises(InvalidImage, match=r"PNG image is 6000x6000 = 36,000,000 pixels.*limit of 10,000,000"):
+        open_image(png_bomb, MAX_PIXELS)
+    assert time.perf_counter() - started < 0.05
+    with pytest.raises(InvalidImage, match="6000x6000"):
+        from_encoded(png_bomb, NORM, MAX_PIXELS)
+
+
+def noise_png() -> bytes:
+    return png_of(Image.fromarray(np.random.default_rng(1).integers(0, 256, (120, 120), dtype=np.uint8)))
+
+
+def test_a_png_cut_in_half_is_refused_as_truncated() -> None:
+    data = noise_png()
+    decode(data, MAX_PIXELS)  # whole, it is fine
+    with pytest.raises(InvalidImage, match="PNG image data is damaged or truncated"):
+        from_encoded(data[: len(data) // 2], NORM, MAX_PIXELS)
+
+
+def test_a_jpeg_cut_in_half_is_refused_as_truncated(digits) -> None:
+    data = noisy_photo_jpeg(digits[0][0])
+    decode(data, MAX_PIXELS)
+    with pytest.raises(InvalidImage, match="JPEG image data is damaged or truncated"):
+        from_encoded(data[: len(data) // 2], NORM, MAX_PIXELS)
+
+
+def png_chunks(data: bytes) -> dict[bytes, int]:
+    """Where each chunk of a PNG starts (its length field)."""
+    positions, at = {}, 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        positions[data[at + 4 : at + 8]] = at
+        at += 12 + length
+    return positions
+
+
+def test_a_png_whose_header_checksum_is_corrupted_is_refused() -> None:
+    data = bytearray(noise_png())
+    at = png_chunks(bytes(data))[b"IHDR"]
+    data[at + 8 + 13] ^= 0xFF  # the IHDR chunk's CRC
+    with pytest.raises(InvalidImage):
+        from_encoded(bytes(data), NORM, MAX_PIXELS)
+
+
+def test_a_png_whose_compressed_pixels_are_corrupted_is_refused() -> None:
+    data = bytearray(noise_png())
+    at = png_chunks(bytes(data))[b"IDAT"]
+    data[at + 8 + 200] ^= 0xFF  # a byte inside the zlib stream
+    with pytest.raises(InvalidImage, match="damaged or truncated"):
+        from_encoded(bytes(data), NORM, MAX_PIXELS)
+
+
+# --- stopping a decode between steps ---------------------------------------------------------------------------------
+
+
+class StopAfter:
+    """A stop check that says go on `calls` times, then gives its reason."""
+
+    def __init__(self, calls: int, reason: str = "the caller went away") -> None:
+        self.calls, self.reason, self.asked = calls, reason, 0
+
+    def __call__(self) -> str | None:
+        self.asked += 1
+        return self.reason if self.asked > self.calls else None
+
+
+def test_a_decode_whose_stop_check_gives_a_reason_stops_before_decoding() -> None:
+    stop = StopAfter(0, "deadline expired while decoding")
+    with pytest.raises(DecodeStopped, match="deadline expired while decoding"):
+        decode_opened(open_image(PNG_OF_A_BAR, MAX_PIXELS), stop)
+    assert stop.asked == 1
+
+
+def test_a_decode_stops_at_the_checkpoint_after_the_expensive_step() -> None:
+    stop = StopAfter(1)
+    with pytest.raises(DecodeStopped, match="went away"):
+        decode_opened(open_image(PNG_OF_A_BAR, MAX_PIXELS), stop)
+    assert stop.asked == 2
+
+
+def test_from_opened_checks_the_stop_before_the_layout_step_too() -> None:
+    counting = StopAfter(10**9)
+    from_opened(open_image(PNG_OF_A_BAR, MAX_PIXELS), NORM, counting)
+    checks = counting.asked
+    assert checks >= 3
+    with pytest.raises(DecodeStopped):
+        from_opened(open_image(PNG_OF_A_BAR, MAX_PIXELS), NORM, StopAfter(checks - 1))
+
+
+def test_a_stopped_decode_is_not_an_invalid_image() -> None:
+    assert not issubclass(DecodeStopped, InvalidImage)
+    tensor = from_opened(open_image(PNG_OF_A_BAR, MAX_PIXELS), NORM, lambda: None)
+    np.testing.assert_array_equal(tensor, from_encoded(PNG_OF_A_BAR, NORM, MAX_PIXELS))
+
+
+# --- blank raw images ------------------------------------------------------------------------------------------------
+
+
+def raw_batch(*images: np.ndarray) -> np.ndarray:
+    return np.stack([np.asarray(image, np.uint8).reshape(1, 28, 28) for image in images])
+
+
+def test_raw_images_without_contrast_are_found_blank_and_real_digits_are_not(digits) -> None:
+    rng = np.random.default_rng(3)
+    noise = np.clip(rng.normal(128, 3, (28, 28)), 120, 136)  # tiny sensor noise around mid gray
+    batch = raw_batch(
+        digits[0][0],
+        np.zeros((28, 28)),
+        np.full((28, 28), 255),
+        digits[1][0],
+        np.full((28, 28), 128),
+        noise,
+        BAR,
+    )
+    np.testing.assert_array_equal(blank_raw_rows(batch), [1, 2, 4, 5])
+    assert len(blank_raw_rows(raw_batch(*(digit for digit, _ in digits)))) == 0
+
+
+def test_the_blank_limit_is_a_spread_of_26_gray_levels() -> None:
+    just_blank = np.full((28, 28), 100)
+    just_blank[14, 14] = 125  # spread 25
+    just_enough = just_blank.copy()
+    just_enough[0, 0] = 99  # spread 26
+    np.testing.assert_array_equal(blank_raw_rows(raw_batch(just_blank, just_enough)), [0])
+
+
+@pytest.mark.parametrize("value", [0, 128, 255])
+def test_a_blank_raw_image_is_refused(value: int) -> None:
+    with pytest.raises(InvalidImage, match="blank"):
+        from_raw(bytes([value]) * 784, NORM)
+    from_raw(BAR.tobytes(), NORM)  # a digit with contrast is fine

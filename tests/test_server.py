@@ -25,6 +25,7 @@ from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
 from server.app import MnistServer
 from server.backends.onnxruntime_backend import OnnxRuntimeBackend
 from server.config import BUNDLED_MODEL, ServeConfig
+from server.guards import RETRY_AFTER_KEY
 from training.data import load_split, sha256_file
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -292,7 +293,8 @@ def test_concurrent_requests_are_coalesced_into_batches(served: Harness, digits)
 
 
 def test_a_full_queue_answers_resource_exhausted_at_once(digits) -> None:
-    harness = Harness(MnistServer(test_config(max_batch_size=4, max_queue_size=8, max_request_images=8)).start())
+    config = test_config(max_batch_size=4, max_queue_size=8, max_request_images=8, max_queue_wait_ms=0)
+    harness = Harness(MnistServer(config).start())
     try:
         batch = pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(raw=digits[0][i].tobytes()) for i in range(8)])
 
@@ -371,8 +373,10 @@ def test_the_classify_cli_prints_digit_and_certainty_per_file(served: Harness, t
 
 
 def one_image_per_run_with_a_backlog(digits) -> tuple[Harness, grpc.Future]:
-    """A server running one image per session run, busy with a 256-image batch (~256 runs ahead of any new call)."""
-    harness = Harness(MnistServer(test_config(max_batch_size=1, max_request_images=256, max_queue_size=512)).start())
+    """A server running one image per session run, busy with a 256-image batch (~256 runs ahead of any new call);
+    its queue is bounded in size only (no --max-queue-wait-ms), so a call with time to wait is queued."""
+    config = test_config(max_batch_size=1, max_request_images=256, max_queue_size=512, max_queue_wait_ms=0)
+    harness = Harness(MnistServer(config).start())
     busy = pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(raw=digits[0][i % 64].tobytes()) for i in range(256)])
     backlog = harness.stub.ClassifyBatch.future(busy, timeout=60)
     time.sleep(0.05)
@@ -389,16 +393,17 @@ def metrics_once(harness: Harness, sample: str) -> dict[str, float]:
     return metrics
 
 
-def test_a_request_whose_deadline_passes_in_the_queue_is_never_run(digits) -> None:
+def test_a_request_that_cannot_be_answered_by_its_deadline_is_refused_at_once_and_never_run(digits) -> None:
     harness, backlog = one_image_per_run_with_a_backlog(digits)
     try:
+        started = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
-            harness.stub.Classify(pb.ClassifyRequest(raw=digits[0][0].tobytes()), timeout=0.05)
-        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            harness.stub.Classify(pb.ClassifyRequest(raw=digits[0][0].tobytes()), timeout=0.2)
+        assert time.monotonic() - started < 0.15  # refused at once, not after waiting out its deadline
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "deadline" in err.value.details()
+        assert int(dict(err.value.trailing_metadata())[RETRY_AFTER_KEY]) > 0
         assert len(backlog.result().responses) == 256
-        metrics = metrics_once(harness, "mnist_deadline_expired_images_total{}")
-        assert metrics["mnist_deadline_expired_images_total{}"] == 1
-        assert metrics["mnist_batch_size_sum{}"] == 256  # the expired image never reached the model
+        assert harness.metrics()["mnist_batch_size_sum{}"] == 256  # the refused image never reached the model
     finally:
         harness.close()
 

@@ -9,6 +9,7 @@ import pytest
 
 import server.wire
 from proto.mnist.v1 import classifier_pb2 as pb
+from server.predictions import Predictions
 from server.wire import (
     BOTH_SET,
     encode_classify_batch_response,
@@ -24,33 +25,51 @@ HEX32 = re.compile(r"[0-9a-f]{32}")
 RAW = bytes(range(256)) * 3 + bytes(16)  # 784 bytes
 
 
-def predictions(count: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Random float32 probability rows, their argmax digits (0 included) and confidences."""
+def predictions(count: int, seed: int, version: str = "v") -> Predictions:
+    """Random float32 probability rows, their argmax digits (0 included), confidences and digit scores."""
     rng = np.random.default_rng(seed)
     probabilities = rng.dirichlet(np.ones(10), size=count).astype(np.float32)
-    probabilities[0] = np.eye(10, dtype=np.float32)[0]  # digit 0 with confidence exactly 1
-    probabilities[1, :] = np.float32(0.1)  # a tie: argmax says 0
+    if count > 1:
+        probabilities[0] = np.eye(10, dtype=np.float32)[0]  # digit 0 with confidence exactly 1
+        probabilities[1, :] = np.float32(0.1)  # a tie: argmax says 0
     digits = probabilities.argmax(1)
-    return probabilities, digits, probabilities[np.arange(count), digits]
+    scores = rng.random(count).astype(np.float32)
+    return Predictions(probabilities, digits, probabilities[np.arange(count), digits], scores, scores >= 0.5, version)
 
 
-def expected_batch(probabilities, digits, confidences, version: str, ids: list[str]) -> pb.ClassifyBatchResponse:
+def expected_batch(answers: Predictions, ids: list[str]) -> pb.ClassifyBatchResponse:
     return pb.ClassifyBatchResponse(
         responses=[
             pb.ClassifyResponse(
-                digit=int(digit), confidence=float(confidence), probabilities=row, model_version=version, request_id=rid
+                digit=int(digit),
+                confidence=float(confidence),
+                probabilities=row,
+                model_version=answers.model_version,
+                request_id=rid,
+                digit_score=float(score),
+                is_digit=bool(is_digit),
             )
-            for row, digit, confidence, rid in zip(probabilities.tolist(), digits, confidences, ids, strict=True)
+            for row, digit, confidence, rid, score, is_digit in zip(
+                answers.probabilities.tolist(),
+                answers.digits,
+                answers.confidences,
+                ids,
+                answers.digit_scores,
+                answers.is_digit,
+                strict=True,
+            )
         ]
     )
 
 
-def assert_same_floats(parsed: pb.ClassifyBatchResponse, probabilities: np.ndarray, confidences: np.ndarray) -> None:
+def assert_same_floats(parsed: pb.ClassifyBatchResponse, answers: Predictions) -> None:
     """Every float arrives as the very float32 that was sent."""
     got_probabilities = np.array([list(r.probabilities) for r in parsed.responses], np.float32)
     got_confidences = np.array([r.confidence for r in parsed.responses], np.float32)
-    np.testing.assert_array_equal(got_probabilities.view(np.uint32), probabilities.view(np.uint32))
-    np.testing.assert_array_equal(got_confidences.view(np.uint32), confidences.view(np.uint32))
+    got_scores = np.array([r.digit_score for r in parsed.responses], np.float32)
+    np.testing.assert_array_equal(got_probabilities.view(np.uint32), answers.probabilities.view(np.uint32))
+    np.testing.assert_array_equal(got_confidences.view(np.uint32), answers.confidences.view(np.uint32))
+    np.testing.assert_array_equal(got_scores.view(np.uint32), answers.digit_scores.view(np.uint32))
 
 
 # --- responses -------------------------------------------------------------------------------------------
@@ -62,9 +81,9 @@ def fallbacks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     original = server.wire._protobuf_batch_response
 
-    def counted(*args):
-        calls.append(len(args[-1]))
-        return original(*args)
+    def counted(answers, request_ids):
+        calls.append(len(request_ids))
+        return original(answers, request_ids)
 
     monkeypatch.setattr(server.wire, "_protobuf_batch_response", counted)
     return calls
@@ -72,52 +91,48 @@ def fallbacks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 @pytest.mark.parametrize("version", ["bbd9b92952ad", "v" * 40])  # a long version needs a 2-byte record length
 def test_a_batch_response_with_generated_ids_parses_as_protobufs_own(version: str, fallbacks: list[int]) -> None:
-    probabilities, digits, confidences = predictions(200, seed=1)
+    answers = predictions(200, seed=1, version=version)
     ids = new_request_ids(200)
-    data = encode_classify_batch_response(probabilities, digits, confidences, version, ids)
+    data = encode_classify_batch_response(answers, ids)
     parsed = pb.ClassifyBatchResponse.FromString(data)
-    assert parsed == expected_batch(probabilities, digits, confidences, version, ids)
-    assert [r.digit for r in parsed.responses][:2] == [0, 0] and (digits == 0).sum() >= 2
-    assert_same_floats(parsed, probabilities, confidences)
+    assert parsed == expected_batch(answers, ids)
+    assert [r.digit for r in parsed.responses][:2] == [0, 0] and (answers.digits == 0).sum() >= 2
+    assert {r.is_digit for r in parsed.responses} == {True, False}
+    assert_same_floats(parsed, answers)
     assert fallbacks == []  # written by numpy
 
 
 def test_a_batch_response_with_ids_of_mixed_lengths_parses_as_protobufs_own(fallbacks: list[int]) -> None:
-    probabilities, digits, confidences = predictions(7, seed=2)
+    answers = predictions(7, seed=2, version="v1")
     ids = fill_request_ids(["client-1", "", "zähler-1", "", "x" * 200, "7", "ünïcödé-✓"])
     assert ids[0] == "client-1" and ids[2] == "zähler-1" and HEX32.fullmatch(ids[1]) and HEX32.fullmatch(ids[3])
-    data = encode_classify_batch_response(probabilities, digits, confidences, "v1", ids)
+    data = encode_classify_batch_response(answers, ids)
     parsed = pb.ClassifyBatchResponse.FromString(data)
-    assert parsed == expected_batch(probabilities, digits, confidences, "v1", ids)
+    assert parsed == expected_batch(answers, ids)
     assert [r.request_id for r in parsed.responses] == ids
-    assert_same_floats(parsed, probabilities, confidences)
+    assert_same_floats(parsed, answers)
     assert fallbacks == [7]  # built by protobuf
 
 
 def test_non_ascii_ids_of_equal_byte_length_take_the_fast_path_and_parse_right(fallbacks: list[int]) -> None:
     """The fast path measures ids in UTF-8 bytes, not characters: 'zähler-1' is 9 bytes, 'zahler-12' too."""
-    probabilities, digits, confidences = predictions(3, seed=3)
+    answers = predictions(3, seed=3)
     ids = ["zähler-1", "zahler-12", "ÄÖ-abcd"]
     assert len({len(rid.encode()) for rid in ids}) == 1 and len({len(rid) for rid in ids}) == 3
-    parsed = pb.ClassifyBatchResponse.FromString(
-        encode_classify_batch_response(probabilities, digits, confidences, "v", ids)
-    )
-    assert parsed == expected_batch(probabilities, digits, confidences, "v", ids)
+    parsed = pb.ClassifyBatchResponse.FromString(encode_classify_batch_response(answers, ids))
+    assert parsed == expected_batch(answers, ids)
     assert fallbacks == []
 
 
 def test_uniformly_empty_ids_take_the_fast_path_and_parse_as_empty(fallbacks: list[int]) -> None:
-    probabilities, digits, confidences = predictions(4, seed=4)
-    data = encode_classify_batch_response(probabilities, digits, confidences, "v", [""] * 4)
-    assert pb.ClassifyBatchResponse.FromString(data) == expected_batch(
-        probabilities, digits, confidences, "v", [""] * 4
-    )
+    answers = predictions(4, seed=4)
+    data = encode_classify_batch_response(answers, [""] * 4)
+    assert pb.ClassifyBatchResponse.FromString(data) == expected_batch(answers, [""] * 4)
     assert fallbacks == []
 
 
 def test_an_empty_batch_response_is_an_empty_message() -> None:
-    empty = np.empty((0, 10), np.float32)
-    data = encode_classify_batch_response(empty, np.empty(0, np.int64), np.empty(0, np.float32), "v", [])
+    data = encode_classify_batch_response(predictions(0, seed=0), [])
     assert pb.ClassifyBatchResponse.FromString(data) == pb.ClassifyBatchResponse()
 
 
@@ -125,14 +140,29 @@ def test_an_empty_batch_response_is_an_empty_message() -> None:
 def test_a_single_response_parses_as_protobufs_own(digit: int) -> None:
     rng = np.random.default_rng(digit)
     row = rng.dirichlet(np.ones(10)).astype(np.float32)
-    data = encode_classify_response(row, digit, row[digit], "v2", "zähler-1")
-    expected = pb.ClassifyResponse(
-        digit=digit, confidence=float(row[digit]), probabilities=row.tolist(), model_version="v2", request_id="zähler-1"
-    )
-    assert pb.ClassifyResponse.FromString(data) == expected
-    # one image's response is the same record as one item of a batch response
-    batch = encode_classify_batch_response(row[None], np.array([digit]), row[digit : digit + 1], "v2", ["zähler-1"])
-    assert pb.ClassifyBatchResponse.FromString(batch).responses[0] == expected
+    for score in (np.float32(0.25), np.float32(0.75), np.float32("nan")):
+        answer = Predictions(
+            row[None], np.array([digit]), row[digit : digit + 1], np.array([score]), np.array([score >= 0.5]), "v2"
+        )
+        parsed = pb.ClassifyResponse.FromString(encode_classify_response(answer, "zähler-1"))
+        expected = pb.ClassifyResponse(
+            digit=digit,
+            confidence=float(row[digit]),
+            probabilities=row.tolist(),
+            model_version="v2",
+            request_id="zähler-1",
+            digit_score=float(score),
+            is_digit=bool(score >= 0.5),
+        )
+        if np.isnan(score):
+            assert np.isnan(parsed.digit_score) and not parsed.is_digit
+            parsed.digit_score = expected.digit_score = 0.0
+        assert parsed == expected
+        # one image's response is the same record as one item of a batch response
+        batch = pb.ClassifyBatchResponse.FromString(encode_classify_batch_response(answer, ["zähler-1"]))
+        if np.isnan(score):
+            batch.responses[0].digit_score = 0.0
+        assert batch.responses[0] == expected
 
 
 def test_new_request_ids_are_distinct_32_hex_digit_strings() -> None:
@@ -224,3 +254,28 @@ def test_safe_parser_reports_garbage_instead_of_raising() -> None:
     parsed = parse(b"\x12\xff\xff\x03truncated")
     assert parsed.problem.startswith("malformed request: not a valid GetModelInfoRequest")
     assert parsed.message == pb.GetModelInfoRequest()
+
+
+def _group(number: int, body: bytes) -> bytes:
+    return bytes([number << 3 | 3]) + body + bytes([number << 3 | 4])
+
+
+def test_an_unknown_group_holding_fields_1_and_2_is_not_mistaken_for_both_image_fields() -> None:
+    inner = pb.ClassifyRequest(encoded=b"png").SerializeToString() + pb.ClassifyRequest(raw=b"x").SerializeToString()
+    data = pb.ClassifyRequest(raw=RAW).SerializeToString() + _group(15, inner)
+    parsed = parse_classify_request(data)
+    assert parsed.problem is None and parsed.message.raw == RAW
+    batch = pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(raw=RAW)]).SerializeToString() + _group(9, inner)
+    assert parse_classify_batch_request(batch).problem is None
+
+
+def test_both_image_fields_beside_an_unknown_group_are_still_caught() -> None:
+    data = pb.ClassifyRequest(raw=RAW).SerializeToString() + _group(15, b"\x08\x01")
+    data += pb.ClassifyRequest(encoded=b"png").SerializeToString()
+    assert parse_classify_request(data).problem == BOTH_SET
+
+
+def test_an_unclosed_or_mismatched_group_is_malformed() -> None:
+    base = pb.ClassifyRequest(raw=RAW).SerializeToString()
+    for tail in (bytes([15 << 3 | 3]), bytes([15 << 3 | 3, 14 << 3 | 4])):
+        assert "malformed" in (parse_classify_request(base + tail).problem or "")

@@ -17,18 +17,22 @@ class ClassifyRequest(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[bytes] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("digit", "confidence", "probabilities", "model_version", "request_id")
+    __slots__ = ("digit", "confidence", "probabilities", "model_version", "request_id", "digit_score", "is_digit")
     DIGIT_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DIGIT_SCORE_FIELD_NUMBER: _ClassVar[int]
+    IS_DIGIT_FIELD_NUMBER: _ClassVar[int]
     digit: int
     confidence: float
     probabilities: _containers.RepeatedScalarFieldContainer[float]
     model_version: str
     request_id: str
-    def __init__(self, digit: _Optional[int] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    digit_score: float
+    is_digit: bool
+    def __init__(self, digit: _Optional[int] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., digit_score: _Optional[float] = ..., is_digit: _Optional[bool] = ...) -> None: ...
 
 class ClassifyBatchRequest(_message.Message):
     __slots__ = ("requests",)
@@ -47,7 +51,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "sha256", "providers", "max_batch_size", "test_accuracy", "backend", "precision", "layout", "batch_buckets", "cuda_graph", "device", "runtime", "engine_options")
+    __slots__ = ("name", "version", "sha256", "providers", "max_batch_size", "test_accuracy", "backend", "precision", "layout", "batch_buckets", "cuda_graph", "device", "runtime", "engine_options", "digit_threshold", "digit_detector")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +66,8 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     ENGINE_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    DIGIT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DIGIT_DETECTOR_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     sha256: str
@@ -76,4 +82,6 @@ class ModelInfo(_message.Message):
     device: str
     runtime: str
     engine_options: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., sha256: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., layout: _Optional[str] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., cuda_graph: _Optional[bool] = ..., device: _Optional[str] = ..., runtime: _Optional[str] = ..., engine_options: _Optional[_Iterable[str]] = ...) -> None: ...
+    digit_threshold: float
+    digit_detector: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., sha256: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., layout: _Optional[str] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., cuda_graph: _Optional[bool] = ..., device: _Optional[str] = ..., runtime: _Optional[str] = ..., engine_options: _Optional[_Iterable[str]] = ..., digit_threshold: _Optional[float] = ..., digit_detector: _Optional[str] = ...) -> None: ...

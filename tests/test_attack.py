@@ -1,0 +1,237 @@
+"""mnist-attack: its crafted inputs are what they claim to be, and its quick checks pass against a real server.
+
+The quick checks are the hardening contract (decode budgets, image modes, blanks, malformed messages,
+shutdown codes): the tests that read the quick run's report fail until the server meets it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
+from PIL import Image, ImageOps
+
+from loadtest import attack
+from loadtest import attacks_images as craft
+from proto.mnist.v1 import classifier_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK_CHECKS = [c.name for c in attack.CHECKS if c.quick]
+
+
+def opened(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def modes(mnist_dir: Path) -> dict[str, craft.Case]:
+    return {case.name: case for case in craft.mode_cases()}
+
+
+# --- the crafted images ------------------------------------------------------------------------------
+
+
+def test_the_bomb_is_6000_pixels_square_and_under_100_kb() -> None:
+    bomb = craft.bomb_png()
+    assert opened(bomb).size == (6000, 6000)
+    assert opened(bomb).format == "PNG"
+    assert len(bomb) < 100_000
+
+
+def test_the_big_jpeg_and_png_have_the_sizes_asked_for(mnist_dir: Path) -> None:
+    jpeg = craft.big_jpeg_digit(0)
+    assert opened(jpeg).size == (6000, 6000) and opened(jpeg).format == "JPEG"
+    png = craft.big_png_digit(0, 4_000_000)
+    width, height = craft.image_size(png)
+    assert width == height and 3_900_000 < width * height <= 4_000_000
+
+
+def test_every_mode_case_opens_in_its_mode(modes: dict[str, craft.Case]) -> None:
+    expected = {
+        "png-I;16": "I;16",
+        "png-I-16bit-high": "I;16",
+        "png-P-alpha": "P",
+        "png-LA": "LA",
+        "png-RGBA": "RGBA",
+        "jpeg-CMYK": "CMYK",
+        "png-1bit": "1",
+        "jpeg-gray": "L",
+        "jpeg-progressive": "RGB",
+        "jpeg-exif-rotated": "RGB",
+    }
+    assert {name: opened(case.data).mode for name, case in modes.items()} == expected
+    assert len({case.label for case in modes.values()}) >= 8  # several digits, not one
+
+
+def test_the_16_bit_pngs_use_more_than_8_bits(modes: dict[str, craft.Case]) -> None:
+    full = np.asarray(opened(modes["png-I;16"].data))
+    assert full.min() < 1000 and full.max() == 65535  # dark ink near 0, paper at the top of 16 bits
+    high = np.asarray(opened(modes["png-I-16bit-high"].data))
+    assert high.min() > 255  # an 8-bit clip turns it into a blank white page
+    assert high.max() - high.min() > 30_000
+
+
+def composited(data: bytes) -> np.ndarray:
+    image = opened(data).convert("RGBA")
+    return np.asarray(Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("L"))
+
+
+def test_transparent_cases_show_the_digit_only_when_composited_on_white(modes: dict[str, craft.Case]) -> None:
+    for name in ("png-LA", "png-RGBA"):
+        data = modes[name].data
+        assert np.asarray(opened(data).convert("L")).max() == 0  # dropping alpha leaves all black
+        on_white = composited(data)
+        assert on_white.max() == 255 and on_white.min() < 50 and np.median(on_white) == 255
+    palette = opened(modes["png-P-alpha"].data)
+    assert "transparency" in palette.info
+    on_white = composited(modes["png-P-alpha"].data)
+    assert np.median(on_white) == 255 and on_white.min() < 50
+
+
+def test_the_progressive_and_exif_jpegs_are_what_they_say(modes: dict[str, craft.Case]) -> None:
+    assert opened(modes["jpeg-progressive"].data).info.get("progressive")
+    rotated = opened(modes["jpeg-exif-rotated"].data)
+    assert rotated.getexif()[craft.EXIF_ORIENTATION] == 6
+    images, _ = craft.mnist_test()
+    index = craft.digit_indices(len(craft.MODE_MAKERS))[-1]
+    upright = np.asarray(ImageOps.exif_transpose(rotated).convert("L"), float)
+    truth = craft.paper(images[index]).astype(float)
+    as_stored = np.asarray(rotated.convert("L"), float)
+    assert np.corrcoef(upright.ravel(), truth.ravel())[0, 1] > 0.95
+    assert np.corrcoef(as_stored.ravel(), truth.ravel())[0, 1] < 0.8  # ignoring EXIF gives a turned digit
+
+
+def test_corrupt_cases_are_damaged_the_way_their_names_say(mnist_dir: Path) -> None:
+    must, either = craft.corrupt_cases()
+    cases = {case.name: case.data for case in [*must, *either]}
+    assert cases["png-truncated"].startswith(b"\x89PNG") and b"IEND" not in cases["png-truncated"]
+    assert cases["jpeg-truncated"].startswith(b"\xff\xd8") and not cases["jpeg-truncated"].endswith(b"\xff\xd9")
+    for name, chunk in (("png-bad-idat-crc", b"IDAT"), ("png-bad-ihdr-crc", b"IHDR")):
+        data = cases[name]
+        offset = next(o for o, kind in craft.png_chunks(data) if kind == chunk)
+        length = struct.unpack(">I", data[offset : offset + 4])[0]
+        stored = struct.unpack(">I", data[offset + 8 + length : offset + 12 + length])[0]
+        assert stored != zlib.crc32(data[offset + 4 : offset + 8 + length])
+    garbage = cases["png-header-garbage"]
+    assert garbage.startswith(b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR") and b"IDAT" not in garbage
+    zeroed = cases["jpeg-zeroed-200"]
+    assert bytes(200) in zeroed and zeroed.endswith(b"\xff\xd9")
+
+
+def test_blanks_are_flat_and_non_digits_are_not_empty() -> None:
+    for case in craft.blank_cases():
+        pixels = np.frombuffer(case.data, np.uint8) if case.raw else np.asarray(opened(case.data))
+        assert pixels.min() == pixels.max(), case.name
+    for case in craft.nondigit_cases():
+        pixels = np.frombuffer(case.data, np.uint8) if case.raw else np.asarray(opened(case.data).convert("L"))
+        assert pixels.max() > pixels.min(), case.name
+    assert opened(craft.line_png()).size == (10_000, 1)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pb.ClassifyRequest,
+        pb.ClassifyBatchRequest,
+        pb.GetModelInfoRequest,
+        health_pb2.HealthCheckRequest,
+        reflection_pb2.ServerReflectionRequest,
+    ],
+)
+@pytest.mark.parametrize("name,payload", attack.GARBAGE)
+def test_every_garbage_payload_is_undecodable_for_every_request_type(message, name: str, payload: bytes) -> None:
+    with pytest.raises(Exception):  # noqa: B017 - protobuf's DecodeError differs between implementations
+        message.FromString(payload)
+
+
+def test_the_group_requests_parse_with_raw_set_and_the_group_kept(mnist_dir: Path) -> None:
+    raw = bytes(range(256)) * 3 + bytes(16)
+    for overlong in (False, True):
+        data = attack.group_request(raw, overlong=overlong)
+        message = pb.ClassifyRequest.FromString(data)
+        assert message.WhichOneof("image") == "raw" and message.raw == raw
+        assert (message.ByteSize() == len(data)) is not overlong  # the overlong one forces a server's exact scan
+        assert message.ByteSize() > 2 + len(raw) + 3  # the unknown group survives parsing
+
+
+def test_report_helpers() -> None:
+    text = (
+        "# TYPE mnist_requests_total counter\n"
+        'mnist_requests_total{method="Check",code="INVALID_ARGUMENT"} 5.0\n'
+        'mnist_requests_total{method="Classify",code="INVALID_ARGUMENT"} 2.0\n'
+        'mnist_requests_total{method="Classify",code="OK"} 7.0\n'
+    )
+    assert attack.metric(text, "mnist_requests_total", code="INVALID_ARGUMENT") == 7.0
+    assert attack.metric(text, "mnist_requests_total", method="Classify", code="OK") == 7.0
+    assert attack.metric(text, "mnist_decoding_pixels") is None
+    assert attack.top_level_fields(pb.ClassifyResponse(digit=3, request_id="x").SerializeToString()) == {1, 5}
+    # busy (1 core) until t=2, then idle
+    times, cpu = [0.0, 1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 2.01, 2.02]
+    assert attack.busy_until(times, cpu, after=0.5, threshold=0.25) == 2.0
+    help_text = "--max-image-pixels MAX_IMAGE_PIXELS largest image [env MNIST_SERVE_MAX_IMAGE_PIXELS; default 40000000]"
+    assert attack.flag_default(help_text, "--max-image-pixels") == "40000000"
+    assert (
+        attack.flag_value(["--a", "1", "--max-image-pixels=7", "--max-image-pixels", "9"], "--max-image-pixels") == "9"
+    )
+
+
+def test_only_selects_checks_and_groups_and_refuses_unknown_names() -> None:
+    assert [c.name for c in attack.select("bomb,shutdown", quick=False)] == ["bomb", "shutdown"]
+    assert {c.name for c in attack.select("5", quick=False)} == {"malformed", "unknown-fields"}
+    with pytest.raises(SystemExit):
+        attack.select("no-such-check", quick=False)
+    assert {c.name for c in attack.select(None, quick=True)} == set(QUICK_CHECKS)
+
+
+# --- the quick suite against a real server --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> dict:
+    out = tmp_path_factory.mktemp("attack")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loadtest.attack", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # SIGTERM: the suite stops the servers it started
+        output, _ = process.communicate(timeout=60)
+    assert (out / "report.json").is_file(), output
+    assert (out / "report.md").read_text().count("\n| ") >= len(QUICK_CHECKS) + 1
+    report = json.loads((out / "report.json").read_text())
+    report["returncode"], report["stdout"] = process.returncode, output
+    return report
+
+
+def test_the_quick_run_writes_its_report_in_time(quick_report: dict) -> None:
+    assert quick_report["quick"] is True
+    assert quick_report["elapsed_s"] <= 90, quick_report["stdout"][-3000:]
+    names = {line["name"].split(".")[0] for line in quick_report["lines"]}
+    assert names == set(QUICK_CHECKS)
+    assert quick_report["returncode"] == (1 if quick_report["summary"].get("FAIL") else 0)
+
+
+@pytest.mark.parametrize("name", QUICK_CHECKS)
+def test_quick_check_passes(quick_report: dict, name: str) -> None:
+    lines = [line for line in quick_report["lines"] if line["name"].split(".")[0] == name]
+    assert lines, f"{name} did not report"
+    failed = [  # a SKIP for something not served (e.g. reflection v1) is no failure; one for lack of time is
+        f"{line['name']}: {line['status']} {line['reason']} ({line['measured']})"
+        for line in lines
+        if line["status"] == "FAIL" or (line["status"] == "SKIP" and line["reason"].startswith("budget"))
+    ]
+    assert not failed, "\n".join(failed)

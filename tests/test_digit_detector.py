@@ -1,0 +1,248 @@
+"""server.digit_detector with the bundled detector: real digits pass, non-digits are flagged, the file is checked.
+
+The model's probabilities come from the bundled ONNX model through ONNX Runtime, as in serving. The
+MNIST part is skipped where the project's MNIST copy is absent; the rest needs no data.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from proto.contract import INPUT_NAME, MNIST_NORMALIZATION, PROBABILITIES
+from server.digit_detector import FORMAT_VERSION, KIND, DigitDetector, DigitDetectorError
+from server.preprocess import from_encoded
+from training.data import REPO_ROOT, load_split
+
+BUNDLED = REPO_ROOT / "server" / "bundled"
+DETECTOR = BUNDLED / "digit-detector.npz"
+REPORT = BUNDLED / "digit-detector.report.json"
+MODEL = BUNDLED / "googlenet-fast.onnx"
+MNIST_DIRS = [REPO_ROOT.parent / "shared" / "data" / "mnist", Path.cwd().parent / "shared" / "data" / "mnist"]
+MNIST = next((d for d in MNIST_DIRS if (d / "t10k-images-idx3-ubyte.gz").is_file()), None)
+needs_mnist = pytest.mark.skipif(MNIST is None, reason=f"MNIST not found in {' or '.join(map(str, MNIST_DIRS))}")
+
+
+@pytest.fixture(scope="module")
+def detector() -> DigitDetector:
+    return DigitDetector.load(DETECTOR)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """(N, 1, 28, 28) normalized input -> (N, 10) softmax, through the bundled model."""
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    return lambda x: session.run([PROBABILITIES], {INPUT_NAME: np.ascontiguousarray(x, np.float32)})[0]
+
+
+def raw(pixels: np.ndarray) -> np.ndarray:
+    """(N, 28, 28) uint8 -> the model input of raw uploads."""
+    return MNIST_NORMALIZATION.apply(pixels)[:, None]
+
+
+def upload(gray: np.ndarray) -> np.ndarray:
+    """A grayscale [0, 1] image of any size, as PNG through the server's preprocessing -> (1, 1, 28, 28)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(gray * 255).astype(np.uint8)).save(buffer, "PNG")
+    return from_encoded(buffer.getvalue(), MNIST_NORMALIZATION, 100_000_000)[None]
+
+
+def line_field(angle_deg: float, width: int) -> np.ndarray:
+    """A light straight line on a dark 28x28 field, through its centre."""
+    image = Image.new("L", (28, 28), 0)
+    dx, dy = 12 * np.cos(np.radians(angle_deg)), 12 * np.sin(np.radians(angle_deg))
+    ImageDraw.Draw(image).line([(14 - dx, 14 - dy), (14 + dx, 14 + dy)], fill=255, width=width)
+    return np.asarray(image)
+
+
+# --- the file ----------------------------------------------------------------------------------------
+
+
+def test_bundled_detector_is_small_and_describes_itself(detector: DigitDetector) -> None:
+    assert DETECTOR.stat().st_size < 400_000
+    assert 0.0 < detector.threshold < 1.0
+    info = detector.describe()
+    assert info["threshold"] == detector.threshold
+    assert info["format_version"] == FORMAT_VERSION
+    assert "logistic regression" in info["method"]
+    assert 0.0 <= info["calibration"]["expected_calibration_error"] < 0.1
+    assert json.dumps(info)  # model info is sent as JSON
+
+
+def test_report_matches_the_bundled_detector(detector: DigitDetector) -> None:
+    report = json.loads(REPORT.read_text())
+    assert report["kind"] == KIND
+    assert report["evaluation"]["threshold"] == pytest.approx(detector.threshold, abs=1e-6)
+    assert report["detector_bytes"] == DETECTOR.stat().st_size
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.npz"
+    with pytest.raises(DigitDetectorError, match=r"nowhere\.npz.*not found"):
+        DigitDetector.load(missing)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip file at all", b"PK\x03\x04broken"])
+def test_garbage_file_is_named(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "garbage.npz"
+    path.write_bytes(content)
+    with pytest.raises(DigitDetectorError, match=r"garbage\.npz"):
+        DigitDetector.load(path)
+
+
+def test_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DigitDetectorError, match=str(tmp_path)):
+        DigitDetector.load(tmp_path)
+
+
+def _bundled_params() -> dict[str, np.ndarray]:
+    with np.load(DETECTOR, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p: p.pop("weights"), r"missing weights"),
+        (lambda p: p.update(format_version=np.int64(FORMAT_VERSION + 1)), r"version 2; this code reads version 1"),
+        (lambda p: p.update(kind=np.str_("something-else")), r"'something-else', not a 'mnist-digit-detector'"),
+        (lambda p: p.update(weights=p["weights"][:-1]), r"weights has shape"),
+        (lambda p: p.update(projection=p["projection"][:, :-1]), r"projection has shape"),
+        (lambda p: p.update(threshold=np.float64(1.5)), r"threshold 1.5 is outside"),
+        (lambda p: p.update(feature_names=p["feature_names"][::-1]), r"features \["),
+    ],
+)
+def test_foreign_or_damaged_files_are_refused_with_the_reason(tmp_path: Path, change, message: str) -> None:
+    params = _bundled_params()
+    change(params)
+    path = tmp_path / "edited.npz"
+    np.savez(path, **params)
+    with pytest.raises(DigitDetectorError, match=r"edited\.npz.*" + message):
+        DigitDetector.load(path)
+
+
+def test_runtime_imports_neither_torch_nor_onnx() -> None:
+    code = (
+        "import sys, server.digit_detector; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'onnx', 'onnxruntime', 'PIL'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# --- shapes and numbers ------------------------------------------------------------------------------
+
+
+def test_scores_are_float32_in_unit_interval_one_per_image(detector: DigitDetector) -> None:
+    rng = np.random.default_rng(0)
+    x = raw(rng.integers(0, 256, (7, 28, 28)).astype(np.uint8))
+    p = rng.dirichlet(np.full(10, 0.3), 7).astype(np.float32)
+    scores = detector.score(x, p)
+    assert scores.shape == (7,) and scores.dtype == np.float32
+    assert np.all((scores >= 0) & (scores <= 1))
+    assert detector.is_digit(scores).dtype == bool
+    np.testing.assert_array_equal(detector.is_digit(scores), scores >= detector.threshold)
+    assert detector.score(x[:0], p[:0]).shape == (0,)
+
+
+def test_extreme_inputs_still_give_scores_in_range(detector: DigitDetector) -> None:
+    x = np.stack([np.full((1, 28, 28), v, np.float32) for v in (-1e6, 0.0, 1e6, np.nan)])
+    p = np.stack([np.eye(10, dtype=np.float32)[1], np.zeros(10, np.float32), np.full(10, 0.1, np.float32)] * 2)[:4]
+    scores = detector.score(x, p)
+    assert np.all((scores >= 0) & (scores <= 1)), scores
+
+
+def test_batch_of_one_equals_its_row_of_a_batch(detector: DigitDetector) -> None:
+    rng = np.random.default_rng(1)
+    x = raw(rng.integers(0, 256, (32, 28, 28)).astype(np.uint8))
+    p = rng.dirichlet(np.full(10, 0.2), 32).astype(np.float32)
+    batch = detector.score(x, p)
+    single = np.concatenate([detector.score(x[i : i + 1], p[i : i + 1]) for i in range(32)])
+    np.testing.assert_allclose(single, batch, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(batch, batch[0])  # the scores depend on the image
+
+
+def test_mismatched_probabilities_are_refused(detector: DigitDetector) -> None:
+    x = np.zeros((3, 1, 28, 28), np.float32)
+    with pytest.raises(ValueError, match=r"\(3, 10\)"):
+        detector.score(x, np.full((2, 10), 0.1, np.float32))
+
+
+# --- what it is for ----------------------------------------------------------------------------------
+
+
+def test_the_reported_failures_are_flagged(detector: DigitDetector, model) -> None:
+    """All white -> "1" at 1.000, a 10000x1 line -> "1" at 1.000, noise -> "8" at 0.86 (the bug report)."""
+    strip = np.ones((1, 10_000))
+    strip[:, 3_000:7_000] = 0.0
+    x = np.concatenate(
+        [
+            raw(np.full((1, 28, 28), 255, np.uint8)),
+            upload(strip),
+            upload(strip.T),
+            raw(np.random.default_rng(0).integers(0, 256, (1, 28, 28)).astype(np.uint8)),
+        ]
+    )
+    scores = detector.score(x, model(x))
+    assert not detector.is_digit(scores).any(), scores
+
+
+def test_noise_is_not_a_digit(detector: DigitDetector, model) -> None:
+    rng = np.random.default_rng(2)
+    uniform = rng.integers(0, 256, (40, 28, 28))
+    gaussian = np.clip(
+        rng.normal(rng.uniform(20, 200, (40, 1, 1)), rng.uniform(20, 80, (40, 1, 1)), (40, 28, 28)), 0, 255
+    )
+    x = raw(np.concatenate([uniform, gaussian]).astype(np.uint8))
+    flagged = ~detector.is_digit(detector.score(x, model(x)))
+    assert flagged.mean() >= 0.9, flagged.mean()
+
+
+def test_blank_fields_with_specks_are_not_digits(detector: DigitDetector, model) -> None:
+    rng = np.random.default_rng(3)
+    levels = (0, 40, 128, 200, 255)
+    fields = np.stack([np.full((28, 28), level, np.uint8) for level in levels] * 2)
+    for i, level in enumerate(levels, start=len(levels)):  # the second five get four specks 30 levels off
+        ys, xs = rng.integers(0, 28, (2, 4))
+        fields[i, ys, xs] = np.clip(level + rng.choice([-30, 30], 4), 0, 255)
+    x = raw(fields)
+    flagged = ~detector.is_digit(detector.score(x, model(x)))
+    assert flagged.all(), flagged
+
+
+def test_horizontal_and_diagonal_lines_are_not_digits(detector: DigitDetector, model) -> None:
+    fields = [line_field(angle, width) for angle in (0, 30, 45, 135, 150, 180) for width in (1, 3, 6)]
+    x = raw(np.stack(fields))
+    flagged = ~detector.is_digit(detector.score(x, model(x)))
+    assert flagged.mean() >= 0.8, flagged
+
+
+@needs_mnist
+def test_real_test_digits_mostly_count_as_digits(detector: DigitDetector, model) -> None:
+    test = load_split("test", MNIST)
+    x = raw(test.images[:500])
+    scores = detector.score(x, model(x))
+    accepted = detector.is_digit(scores)
+    assert accepted.mean() >= 0.97, accepted.mean()
+    assert np.median(scores) > 0.9
+
+
+@needs_mnist
+def test_digits_score_above_noise(detector: DigitDetector, model) -> None:
+    """The ranking itself: real digits against the same digits' pixels shuffled (same ink, no shape)."""
+    test = load_split("test", MNIST)
+    digits = test.images[500:700]
+    shuffled = np.random.default_rng(4).permuted(digits.reshape(200, -1), axis=1).reshape(200, 28, 28)
+    x_digits, x_shuffled = raw(digits), raw(shuffled)
+    s_digits = detector.score(x_digits, model(x_digits))
+    s_shuffled = detector.score(x_shuffled, model(x_shuffled))
+    auroc = (s_digits[:, None] > s_shuffled[None, :]).mean()
+    assert auroc > 0.99, auroc
