@@ -24,6 +24,7 @@ from server.backends import build_backend
 from server.config import ServeConfig, describe, load_config
 from server.digit_detector import DigitDetector
 from server.guards import CallGate, StreamGate, generic_handler
+from server.health import HealthService
 from server.metrics import ServiceMetrics
 from server.metrics_http import MetricsHttpServer
 from server.pipeline import ModelPipeline, PipelineSettings
@@ -77,7 +78,7 @@ class MnistServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
-        self._health: health.aio.HealthServicer | None = None
+        self._health: HealthService | None = None
         self._metrics_http: MetricsHttpServer | None = None
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -94,7 +95,7 @@ class MnistServer:
         """Bind and answer health (NOT_SERVING) at once, then load and warm the model, then SERVING."""
         log.info("open-file limit: %d", raise_open_file_limit())
         self._grpc = grpc.aio.server(options=grpc_options(self.config))
-        self._health = health.aio.HealthServicer()
+        self._health = HealthService()
         add_to_server(self.servicer, self._grpc, self.metrics, self.calls, self.streams)
         reflector = ReflectionServicer((SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME))
         self._grpc.add_generic_rpc_handlers(

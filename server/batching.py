@@ -173,7 +173,7 @@ class Batcher:
         if not self._inline:
             self._runner.start()
 
-    def submit(self, images: np.ndarray, deadline: float | None = None, admitted: bool = False) -> Job:
+    def submit(self, images: np.ndarray, deadline: float | None = None) -> Job:
         """Queue all of `images` or none of them (Overloaded, ShuttingDown); the job's future gets its result rows."""
         if self._closed or self._loop is None:
             raise ShuttingDown("server is shutting down; retry on another replica")
@@ -184,7 +184,7 @@ class Batcher:
                 f"{self.max_queue_size}; retry later",
                 self.expected_wait(),
             )
-        self._admit(count, deadline, counted=admitted)
+        self._admit(count, deadline)
         job = Job(images, deadline, self._loop.create_future())
         self._jobs.append(job)
         self._queued += count
@@ -194,14 +194,12 @@ class Batcher:
             self._dispatch()
         return job
 
-    async def classify(
-        self, images: np.ndarray, deadline: float | None = None, admitted: bool = False
-    ) -> tuple[np.ndarray, ...]:
+    async def classify(self, images: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, ...]:
         """Queue `images` and wait for their result rows, at most until `deadline` (time.monotonic()).
 
         A caller cancelled while waiting cancels its job: rows not yet running are never run.
         """
-        job = self.submit(images, deadline, admitted)
+        job = self.submit(images, deadline)
         if deadline is None:
             return await job.future
         timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), _expire, job)
@@ -248,15 +246,19 @@ class Batcher:
 
     def admit(self, count: int, deadline: float | None) -> None:
         """Raise Overloaded for a request of `count` images that `submit` would refuse now for its wait: called
-        before preprocessing, so a request that will be shed costs no decoding. Counts the offered load."""
-        self.note_offered(count)
-        self._check_wait(count, deadline)
+        before preprocessing, so a request that will be shed costs no decoding. A request refused here counts
+        as offered load; one let through is counted when it is submitted, once it has proved valid (invalid
+        requests must not make the server look overloaded)."""
+        try:
+            self._check_wait(count, deadline)
+        except Overloaded:
+            self.note_offered(count)
+            raise
 
-    def _admit(self, count: int, deadline: float | None, counted: bool = False) -> None:
+    def _admit(self, count: int, deadline: float | None) -> None:
         """Refuse at once what could not be answered by its deadline and, while the offered load is beyond the
         runner's capacity (not a passing burst), what would wait longer than max_queue_wait."""
-        if not counted:
-            self.note_offered(count)
+        self.note_offered(count)
         self._check_wait(count, deadline)
 
     def _check_wait(self, count: int, deadline: float | None) -> None:
@@ -304,6 +306,11 @@ class Batcher:
                 log.warning("batcher did not drain within %.1f s; failing what is left", timeout)
                 self._fail_all(ShuttingDown("server shut down before the image was classified"))
         self._work.put(None)
+
+    async def stopped(self, timeout: float = 10.0) -> None:
+        """After close: wait (off the loop) until the runner thread has finished its last batch."""
+        if self._runner.is_alive():
+            await asyncio.get_running_loop().run_in_executor(None, self._runner.join, timeout)
 
     def _dispatch(self) -> None:
         """Hand the next batch to the runner, or wait (queue delay) for it to fill, or go idle."""

@@ -49,6 +49,7 @@ STATUS_OF: dict[type[ServiceError], grpc.StatusCode] = {
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
 }
+STREAM_WRITE_TIMEOUT_S = 10.0  # a stream whose client reads nothing this long is ended
 RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata on RESOURCE_EXHAUSTED: how long to wait before retrying
 # grpcio reports "no deadline" as a huge time_remaining().
 NO_DEADLINE_SECONDS = 24 * 3600
@@ -143,6 +144,11 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
     await context.abort(code, message, trailing_metadata=trailers)
 
 
+def _aborted_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
 def _cancel_code(deadline: float | None, gate: CallGate | None) -> tuple[grpc.StatusCode, str]:
     """Why a handler was cancelled: shutdown (ours), the caller's deadline, or the caller went away."""
     if gate is not None and gate.ended:
@@ -174,6 +180,9 @@ def unary(method: str, handler: Handler, metrics: ServiceMetrics, gate: CallGate
             code, message = _cancel_code(deadline, gate)
             if code != grpc.StatusCode.UNAVAILABLE:
                 raise  # the caller is gone: nobody hears an answer
+        except grpc.aio.AbortError:  # the implementation aborted with its own status (health: NOT_FOUND)
+            code = _aborted_code(context)
+            raise
         except Exception:  # a bug, not the client's fault: log it, answer INTERNAL, keep serving
             log.exception("%s failed", method)
             code, message = grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log"
@@ -219,6 +228,9 @@ def streaming(
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
+        except grpc.aio.AbortError:
+            code = _aborted_code(context)
+            raise
         except Exception:
             log.exception("%s failed", method.name)
             code, message = grpc.StatusCode.INTERNAL, f"internal error in {method.name}; see the server log"
@@ -237,9 +249,19 @@ async def _write_all(result: Any, context: grpc.aio.ServicerContext) -> None:
     """Run a streaming implementation in either style grpc.aio allows: an async generator, or context.write."""
     if inspect.isasyncgen(result):
         async for response in result:
-            await context.write(response)
+            await timed_write(context, response)
     else:
         await result
+
+
+async def timed_write(context: grpc.aio.ServicerContext, response: Any) -> None:
+    """context.write, but a client that stops reading (a zero flow-control window) cannot hold the stream forever."""
+    try:
+        await asyncio.wait_for(context.write(response), STREAM_WRITE_TIMEOUT_S)
+    except TimeoutError:
+        raise _StreamEnded(
+            grpc.StatusCode.UNAVAILABLE, f"stream closed: the client read nothing for {STREAM_WRITE_TIMEOUT_S:g} s"
+        ) from None
 
 
 async def _until_closing(work: Awaitable[None], gate: StreamGate) -> None:

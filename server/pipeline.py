@@ -14,13 +14,14 @@ the prediction metrics run once per batch in the runner thread. Failures are dom
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -117,6 +118,7 @@ class ModelPipeline:
     async def close(self, timeout: float | None = None) -> None:
         await self.batcher.close(timeout)
         self._decoders.shutdown(wait=False, cancel_futures=True)
+        await self.batcher.stopped()  # never close the backend under a batch that is still running
         self.backend.close()
 
     async def classify(
@@ -128,9 +130,7 @@ class ModelPipeline:
         """
         self.batcher.admit(len(payloads), deadline)  # shed before any preprocessing is spent on the request
         images = await self.preprocess(payloads, kinds, deadline)
-        probabilities, digits, confidences, scores, is_digit = await self.batcher.classify(
-            images, deadline, admitted=True
-        )
+        probabilities, digits, confidences, scores, is_digit = await self.batcher.classify(images, deadline)
         return Predictions(probabilities, digits, confidences, scores, is_digit, self.info.model_version)
 
     async def preprocess(
@@ -238,7 +238,7 @@ class ModelPipeline:
         await self.decode_budget.acquire(pixels, deadline)
         loop = asyncio.get_running_loop()
         work = self._decoders.submit(from_opened, header, self._normalization, stop)
-        work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._decoded, pixels))
+        work.add_done_callback(lambda _: _call_soon(loop, self._decoded, pixels))
         return await asyncio.wrap_future(work)
 
     def _decoded(self, pixels: int) -> None:
@@ -246,7 +246,8 @@ class ModelPipeline:
         self._decoded_since_trim += pixels
         if self.decode_budget.in_use == 0 and self._decoded_since_trim >= TRIM_AFTER_PIXELS:
             self._decoded_since_trim = 0
-            self._decoders.submit(return_freed_memory)  # a burst of large images is over: give the memory back
+            with contextlib.suppress(RuntimeError):  # shut down meanwhile
+                self._decoders.submit(return_freed_memory)  # a burst of large images is over: give the memory back
 
     def _decoding_changed(self, pixels: int) -> None:
         self._on_decoding(pixels)
@@ -275,6 +276,12 @@ class ModelPipeline:
             is_digit = scores >= self.detector.threshold
         self._on_predictions(digits, confidences, is_digit)
         return probabilities, digits, confidences, scores, is_digit
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    """From a decoding thread, on the loop; nothing when the loop has closed (the server is gone)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback, *args)
 
 
 def _refuse_blank(pixels: np.ndarray, rows: Sequence[int]) -> None:

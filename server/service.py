@@ -73,6 +73,8 @@ class ClassifierServicer:
         try:
             predictions = await pipeline.classify(payloads, kinds, request_deadline(context))
         except InvalidInput as err:
+            if err.index is None:
+                raise
             raise InvalidInput(f"requests[{err.index}]: {err}", err.index) from None
         return encode_classify_batch_response(predictions, fill_request_ids([item.request_id for item in items]))
 

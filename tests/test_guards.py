@@ -3,6 +3,7 @@ streams are bounded and end cleanly, shutdown answers UNAVAILABLE, and deadlines
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 import time
@@ -18,6 +19,7 @@ from PIL import Image
 from proto.mnist.v1 import classifier_pb2 as pb
 from server.app import MnistServer
 from server.guards import RETRY_AFTER_KEY
+from server.health import HealthService
 from tests.test_server import Harness, test_config
 
 GARBAGE = b"\xff\xff\xff\xff"  # a truncated varint key: no protobuf parser accepts it
@@ -185,3 +187,62 @@ def test_calls_during_shutdown_are_unavailable_never_cancelled() -> None:
     assert grpc.StatusCode.OK in codes
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, set(codes)
     assert grpc.StatusCode.UNAVAILABLE in codes
+
+
+def test_health_check_of_an_unknown_service_is_not_found_and_counted_as_such(guarded: Harness) -> None:
+    label = 'mnist_requests_total{{code="{}",method="Check"}}'
+    before = {code: guarded.metrics().get(label.format(code), 0.0) for code in ("NOT_FOUND", "INTERNAL")}
+    with pytest.raises(grpc.RpcError) as err:
+        guarded.health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    after = {code: guarded.metrics().get(label.format(code), 0.0) for code in ("NOT_FOUND", "INTERNAL")}
+    assert after == {"NOT_FOUND": before["NOT_FOUND"] + 1, "INTERNAL": before["INTERNAL"]}
+
+
+def test_a_health_watcher_that_never_reads_does_not_block_status_changes() -> None:
+    """grpc_health's own servicer held a lock while writing: one stalled watcher froze SERVING and the drain."""
+
+    class StalledClient:
+        written = 0
+
+        async def write(self, response) -> None:
+            self.written += 1
+            await asyncio.Event().wait()  # the client's window is zero: the write never completes
+
+    async def scenario() -> None:
+        service = HealthService()
+        watcher = asyncio.ensure_future(service.Watch(health_pb2.HealthCheckRequest(), StalledClient()))
+        await asyncio.sleep(0.01)
+        await asyncio.wait_for(service.set("", health_pb2.HealthCheckResponse.NOT_SERVING), 1)
+        await asyncio.wait_for(service.enter_graceful_shutdown(), 1)
+        watcher.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await watcher
+
+    asyncio.run(scenario())
+
+
+def test_a_health_watcher_hears_every_change_of_its_service() -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.statuses: list[int] = []
+
+        async def write(self, response) -> None:
+            self.statuses.append(response.status)
+
+    async def scenario() -> list[int]:
+        service = HealthService()
+        client = Recorder()
+        watcher = asyncio.ensure_future(service.Watch(health_pb2.HealthCheckRequest(service="svc"), client))
+        await asyncio.sleep(0.01)
+        for status in (health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING):
+            await service.set("svc", status)
+            await asyncio.sleep(0.01)
+        await service.enter_graceful_shutdown()
+        await asyncio.sleep(0.01)
+        watcher.cancel()
+        return client.statuses
+
+    statuses = asyncio.run(scenario())
+    response = health_pb2.HealthCheckResponse
+    assert statuses == [response.SERVICE_UNKNOWN, response.NOT_SERVING, response.SERVING, response.NOT_SERVING]
