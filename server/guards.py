@@ -16,6 +16,7 @@ failure into a status through one table, and counts the call by method and code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -49,6 +50,7 @@ STATUS_OF: dict[type[ServiceError], grpc.StatusCode] = {
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
 }
+REFUSAL_GRACE_S = 0.2  # a refused request stream: how long its first request may take to arrive
 STREAM_WRITE_TIMEOUT_S = 10.0  # a stream whose client reads nothing this long is ended
 RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata on RESOURCE_EXHAUSTED: how long to wait before retrying
 # grpcio reports "no deadline" as a huge time_remaining().
@@ -209,13 +211,17 @@ def streaming(
         try:
             if gate.closing.is_set():
                 raise ShuttingDown("server is shutting down; retry on another replica")
+            requests = request
             if bidirectional:
-                request = _checked_requests(request, gate.idle_seconds)
+                request = _checked_requests(requests, gate.idle_seconds)
             elif request.problem:
                 raise InvalidInput(request.problem)
             else:
                 request = request.message
             if gate.open >= gate.limit:
+                if bidirectional:  # let a first request in flight land: refusing under it makes clients see INTERNAL
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(anext(aiter(requests)), REFUSAL_GRACE_S)
                 raise Overloaded(f"too many open streams ({gate.open}, the limit); retry later", 1.0)
             gate.open += 1
             metrics.open_streams.set(gate.open)
