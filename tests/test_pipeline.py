@@ -45,17 +45,7 @@ def with_pipeline(
     on_predictions: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
 ) -> Any:
     """Run `body(pipeline)` on a fresh event loop with a started pipeline, closed afterwards."""
-
-    async def main() -> Any:
-        hooks = {} if on_predictions is None else {"on_predictions": on_predictions}
-        pipeline = ModelPipeline(backend, settings(max_batch_size), **hooks)
-        pipeline.start()
-        try:
-            return await body(pipeline)
-        finally:
-            await pipeline.close()
-
-    return asyncio.run(main())
+    return run_pipeline(body, backend, on_predictions=on_predictions, max_batch_size=max_batch_size)
 
 
 def png(pixels: np.ndarray) -> bytes:
