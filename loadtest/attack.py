@@ -8,8 +8,11 @@ and PASS / FAIL / SKIP. Exit status 1 when any line FAILs. Loopback only: nothin
 
 Checks share one server where they cannot disturb each other (malformed messages, image modes,
 non-digits); memory, overload, idle-client and shutdown checks get a fresh server each. The load
-of the overload check comes from separate processes (one Python process cannot send fast enough on
-two cores), and the rate they actually reached is reported beside the rate asked for. Every step
+of the overload checks comes from separate processes (one Python process cannot send fast enough on
+two cores), and the rate they actually reached is reported beside the rate asked for, with the CPU
+the senders, the server and the whole machine used. `overload` loads the server as configured (the
+CPU model: senders, server and model share the cores); `overload-device` loads a server whose
+model runs off the CPU (emulated device time), where the model, not the CPU, is the limit. Every step
 has a time limit; the whole run stays within `--budget-s` (a check that no longer fits is SKIPped).
 A check that needs a server flag the server does not accept yet FAILs with "flag missing".
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -692,6 +696,8 @@ async def _open_async(target, rate, seconds, offset, deadline_s, seed, ready, go
         to_wall = time.time() - time.perf_counter()
         first = start.value - to_wall + offset
         interval = 1.0 / rate
+        cpu_at_start = time.process_time()
+        gc.disable()  # a collection here would stall every call in flight and be charged to the server
 
         async def one(payload: bytes, due: float) -> None:
             sent = time.perf_counter()
@@ -711,12 +717,14 @@ async def _open_async(target, rate, seconds, offset, deadline_s, seed, ready, go
             tasks.append(asyncio.ensure_future(one(payloads[k % len(payloads)], due)))
             k += 1
         await asyncio.gather(*tasks)
+        gc.enable()
     array = np.array([r[:3] for r in records], float) + to_wall
     return {
         "times": array,
         "codes": np.array([r[3] for r in records], int),
         "hints": np.array([r[4] for r in records], bool),
         "scheduled": k,
+        "cpu_s": time.process_time() - cpu_at_start,
     }
 
 
@@ -1993,22 +2001,68 @@ def server_quantile_ms(before: str, after: str, code: str, q: float = 0.99) -> f
     return None if value is None else value * 1000
 
 
-@check(
-    "overload",
-    "2 admission control",
+OVERLOAD_SENDS = (
     "capacity first: closed loops of raw Classify with 4 and 16 clients (several processes, 10 s each; the better "
     "OK calls/s is the capacity) and 1 client (idle); then an open loop at 5x capacity with 1 s deadlines for 20 s "
-    "from several processes (achieved send rate reported), while 1 client probes, until 5 s after the load",
+    "from several processes (achieved send rate reported), while 1 client probes, until 5 s after the load"
+)
+OVERLOAD_TARGET = (
     "successful calls/s >= 80% of capacity; refusals (RESOURCE_EXHAUSTED) answered in <= 5 ms at p99 (client side, "
     "from send; the server's own histogram and the senders' lateness reported beside it) and each with "
     "retry-after-ms or grpc-retry-pushback-ms; successful p99 (client side, from send) <= 3x idle p99; p50 back "
-    "within 1.5x of idle within 1 s after the load",
+    "within 1.5x of idle within 1 s after the load"
+)
+# A model that keeps the CPU free, as on an accelerator: 1 ms per batch and 4 ms per image of emulated device time.
+# Its capacity (about 230/s here) leaves the CPU to the senders, whose 5x rate this machine can then send.
+DEVICE_FLAGS = ["--backend", "null-threaded", "--null-device-ms", "1+4"]
+
+
+@check(
+    "overload",
+    "2 admission control",
+    OVERLOAD_SENDS + "; to the server as configured (the CPU model by default: senders, server and model share the "
+    "CPU, and the CPU each used is reported)",
+    OVERLOAD_TARGET,
     quick=False,
     timeout_s=240,
     estimate_s=80,
 )
 def check_overload(ctx: Ctx) -> list[Line]:
-    server = ctx.server("overload")
+    return overload_lines(ctx, "overload", [])
+
+
+@check(
+    "overload-device",
+    "2 admission control",
+    OVERLOAD_SENDS
+    + "; to a server whose model runs off the CPU, as on an accelerator ("
+    + " ".join(DEVICE_FLAGS)
+    + ": 1 ms per batch + 4 ms per image of emulated device time), so that the model, not the CPU, is the limit",
+    OVERLOAD_TARGET,
+    quick=False,
+    timeout_s=240,
+    estimate_s=80,
+)
+def check_overload_device(ctx: Ctx) -> list[Line]:
+    return overload_lines(ctx, "overload-device", DEVICE_FLAGS)
+
+
+def cpu_seconds(pid: int) -> float:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def busy_cpu_seconds() -> float:
+    import psutil
+
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def overload_lines(ctx: Ctx, name: str, extra: list[str]) -> list[Line]:
+    server = ctx.server(name, extra)
     senders = max(1, ctx.senders)
     idle = closed_load(server.target, 1, ctx.short(3.0, 5.0), 1)
     levels = {
@@ -2051,7 +2105,19 @@ def check_overload(ctx: Ctx) -> list[Line]:
 
     scrape_before = scrape(server.metrics_url)
     arguments = [(server.target, rate / senders, seconds, i / rate, 1.0, 100 + i) for i in range(senders)]
-    start_at, gathered, thread = run_workers(_open_worker, arguments, seconds, during=during)
+    server_cpu, machine_cpu, clock = cpu_seconds(server.pid), busy_cpu_seconds(), time.time()
+
+    def during_load(start_at: float) -> threading.Thread:
+        nonlocal server_cpu, machine_cpu, clock
+        time.sleep(max(0.0, start_at - time.time()))
+        server_cpu, machine_cpu, clock = cpu_seconds(server.pid), busy_cpu_seconds(), time.time()
+        return during(start_at)
+
+    start_at, gathered, thread = run_workers(_open_worker, arguments, seconds, during=during_load)
+    busy_s = time.time() - clock
+    server_cores = (cpu_seconds(server.pid) - server_cpu) / busy_s
+    machine_cores = (busy_cpu_seconds() - machine_cpu) / busy_s
+    sender_cores = sum(g["cpu_s"] for g in gathered) / busy_s
     thread.join(seconds + 30)
     scrape_after = scrape(server.metrics_url)
     times = np.concatenate([g["times"] for g in gathered])
@@ -2075,6 +2141,11 @@ def check_overload(ctx: Ctx) -> list[Line]:
         f"open loop {rate:,.0f}/s asked (5x capacity {cap:,.0f}/s), {sent_rate:,.0f}/s sent ({100 * reached:.0f}%, "
         f"sender lateness p99 {fmt_ms(late_p99)}) by {senders} processes for {seconds:.0f} s, deadline 1 s"
     )
+    cpu_text = (
+        f"CPU during the load: senders {sender_cores:.2f} cores, server {server_cores:.2f}, whole machine "
+        f"{machine_cores:.2f} of {os.cpu_count()}"
+    )
+    load += "; " + cpu_text
     if reached < 0.9:
         load += "; THE LOAD GENERATOR FELL SHORT of the rate asked"
     short = f"the same open loop ({sent_rate:,.0f}/s sent of {rate:,.0f}/s)"
@@ -2082,7 +2153,7 @@ def check_overload(ctx: Ctx) -> list[Line]:
     share = 100 * good_rate / max(cap, 1e-9)
     lines = [
         judge(
-            "overload.goodput",
+            f"{name}.goodput",
             good_rate >= 0.8 * cap,
             load,
             f"{good_rate:,.0f} OK calls/s = {share:.0f}% of capacity {cap:,.0f}/s (closed loop: {levels_text}); "
@@ -2093,6 +2164,9 @@ def check_overload(ctx: Ctx) -> list[Line]:
             idle=idle,
             asked=rate,
             sent_rate=sent_rate,
+            sender_cores=sender_cores,
+            server_cores=server_cores,
+            machine_cores=machine_cores,
         )
     ]
     client_p99 = percentile_ms(latency[refused], 99)
@@ -2106,7 +2180,7 @@ def check_overload(ctx: Ctx) -> list[Line]:
         ok_refusal = client_p99 <= 5.0
         lines.append(
             judge(
-                "overload.refusal-latency",
+                f"{name}.refusal-latency",
                 ok_refusal,
                 short,
                 measured,
@@ -2117,7 +2191,7 @@ def check_overload(ctx: Ctx) -> list[Line]:
         with_hint = float(hints[refused].mean())
         lines.append(
             judge(
-                "overload.retry-hint",
+                f"{name}.retry-hint",
                 with_hint == 1.0,
                 short,
                 f"{100 * with_hint:.1f}% of {int(refused.sum())} refusals carry a retry hint (metadata "
@@ -2128,13 +2202,13 @@ def check_overload(ctx: Ctx) -> list[Line]:
         )
     else:
         reason = "" if not other else f"no RESOURCE_EXHAUSTED at all; failures instead: {dict(other)}"
-        for name, target in (("refusal-latency", "refusal p99 <= 5 ms"), ("retry-hint", "every refusal has a hint")):
-            lines.append(judge(f"overload.{name}", not other, short, "no refusals; " + summary, target, reason))
+        for kind, target in (("refusal-latency", "refusal p99 <= 5 ms"), ("retry-hint", "every refusal has a hint")):
+            lines.append(judge(f"{name}.{kind}", not other, short, "no refusals; " + summary, target, reason))
     ok_p99 = percentile_ms(latency[ok], 99)
     server_ok_p99 = server_quantile_ms(scrape_before, scrape_after, "OK")
     lines.append(
         judge(
-            "overload.latency",
+            f"{name}.latency",
             ok_p99 <= 3 * idle["p99_ms"],
             short,
             f"successful p99 {fmt_ms(ok_p99)} (client side, from send) vs idle p99 {fmt_ms(idle['p99_ms'])} "
@@ -2163,7 +2237,7 @@ def check_overload(ctx: Ctx) -> list[Line]:
     )
     lines.append(
         judge(
-            "overload.recovery",
+            f"{name}.recovery",
             recovered_at is not None and recovered_at <= 1.0,
             short,
             measured,

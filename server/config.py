@@ -23,6 +23,7 @@ class ServeConfig:
     metrics_host: str = ""  # "" = the same address as `host`
     model: str = str(BUNDLED_MODEL)
     backend: str = "onnxruntime"  # or "null" / "null-threaded": answer at once without a model (benchmarking aids)
+    null_device_ms: str = "0+0"  # null-threaded only: emulated device time per batch, "FIXED+PER_IMAGE" ms, no CPU
     provider: str = "auto"  # auto: CUDA when usable, else CPU; or cuda / cpu
     precision: str = "auto"  # auto: fp16 on a GPU when NAME.fp16.onnx exists, else fp32; or fp32 / fp16
     layout: str = "auto"  # auto: NHWC for fp16 on a GPU, else NCHW; or nchw / nhwc
@@ -45,6 +46,7 @@ class ServeConfig:
     preprocess_workers: int = 0  # threads decoding encoded images off the event loop; 0 = one per core
     digit_detector: str = str(DIGIT_DETECTOR)  # the out-of-distribution detector behind digit_score; "none" = off
     intra_op_threads: int = 0  # ONNX Runtime threads per session run (0 = one per core)
+    ort_spinning: str = "auto"  # auto: ONNX Runtime's idle threads spin on a GPU only (on CPU they would burn cores)
     drain_seconds: float = 1.0  # after SIGTERM: report NOT_SERVING this long before refusing new calls
     grace_seconds: float = 10.0  # then: how long in-flight calls may take to finish
     log_level: str = "INFO"
@@ -56,6 +58,7 @@ CHOICES = {
     "precision": ("auto", "fp32", "fp16"),
     "layout": ("auto", "nchw", "nhwc"),
     "cuda_graph": ("auto", "on", "off"),
+    "ort_spinning": ("auto", "on", "off"),
     "cudnn_conv_algo_search": ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
@@ -71,6 +74,9 @@ HELP = {
     "backend": "inference engine: onnxruntime; or null (answers every image at once with a fixed probability row, "
     "no model: a benchmarking aid that measures the server's own cost), or null-threaded (the same, run on the batch "
     "runner thread as a model is: adds the cost of the thread hand-off)",
+    "null_device_ms": "with --backend null-threaded: each batch also takes FIXED+PER_IMAGE milliseconds (e.g. 2+1.5) "
+    "of emulated device time, sleeping on the runner thread without using the CPU, like a model on an accelerator: "
+    "a benchmarking aid for admission control where the model, not the CPU, is the limit",
     "provider": "ONNX Runtime provider: auto (CUDA when usable, else CPU), cuda (fail without it) or cpu",
     "precision": "model variant: auto (fp16 on a GPU when NAME.fp16.onnx exists, else fp32), fp32 or fp16",
     "layout": "CUDA convolution layout: auto (NHWC for fp16 on a GPU, else NCHW), nchw or nhwc (prefer_nhwc)",
@@ -83,9 +89,10 @@ HELP = {
     "kernels), HEURISTIC or DEFAULT (faster start)",
     "max_queue_delay_ms": "how long a batch may wait for more requests once the queue is empty (0 = run at once)",
     "max_queue_size": "most images waiting to run; further requests are answered RESOURCE_EXHAUSTED at once",
-    "max_queue_wait_ms": "admission bound: a request whose expected wait in the queue (queued images / measured "
-    "throughput) is longer than this, or than the time left to its deadline, is refused at once with "
-    "RESOURCE_EXHAUSTED and a retry-after-ms hint",
+    "max_queue_wait_ms": "admission bound: while the offered load stays over 1.5x the measured throughput, a request "
+    "whose expected wait in the queue (predicted from the measured batch cost) is longer than this, or than two "
+    "single-image runs if those take longer, is refused at once with RESOURCE_EXHAUSTED and a retry-after-ms hint; "
+    "at any load, so is one that could not be answered before its deadline",
     "max_concurrent_calls": "most Classifier calls in flight at once, over all connections; more are refused at once "
     "with RESOURCE_EXHAUSTED",
     "max_calls_per_connection": "most concurrent calls (HTTP/2 streams) one connection may open; a client's further "
@@ -104,6 +111,9 @@ HELP = {
     "digit_detector": "the digit detector (.npz) that scores every image's digit_score / is_digit, or none to "
     "send digit_score NaN and is_digit true",
     "intra_op_threads": "ONNX Runtime intra-op threads (0 = ONNX Runtime's default, one per core)",
+    "ort_spinning": "whether ONNX Runtime's intra-op threads spin while waiting for work: auto (only on a GPU, where "
+    "they are one thread; on CPU, spinning threads took 1.5 of 2 cores at half load and starved the gRPC front end), "
+    "on, off",
     "drain_seconds": "on SIGTERM/SIGINT, seconds of NOT_SERVING health before new calls are refused",
     "grace_seconds": "on shutdown, seconds in-flight calls get to finish",
     "log_level": "logging level: DEBUG, INFO, WARNING, ERROR",
@@ -177,6 +187,19 @@ def parse_buckets(text: str) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def parse_device_ms(text: str) -> tuple[float, float]:
+    """'2+1.5' -> (2.0, 1.5): fixed milliseconds per batch and milliseconds per image; names what is wrong."""
+    parts = [part.strip() for part in (text or "0").split("+")]
+    try:
+        values = [float(part) for part in parts]
+    except ValueError:
+        raise ValueError(f"null_device_ms must look like FIXED+PER_IMAGE in ms (e.g. 2+1.5), not {text!r}") from None
+    if len(values) > 2 or any(value < 0 or value != value for value in values):
+        raise ValueError(f"null_device_ms must be FIXED+PER_IMAGE, two non-negative numbers, not {text!r}")
+    fixed, per_image = (values + [0.0])[:2]
+    return fixed, per_image
+
+
 def validate(config: ServeConfig) -> None:
     problems = []
     for name in (
@@ -207,6 +230,13 @@ def validate(config: ServeConfig) -> None:
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             problems.append(f"{name} must be one of {', '.join(allowed)}, not {getattr(config, name)!r}")
+    try:
+        parse_device_ms(config.null_device_ms)
+    except ValueError as exc:
+        problems.append(str(exc))
+    else:
+        if config.null_device_ms.strip() not in ("0+0", "0", "") and config.backend != "null-threaded":
+            problems.append("null_device_ms needs --backend null-threaded (emulated device time runs on its thread)")
     if config.batch_buckets not in ("auto", "none"):
         try:
             buckets = parse_buckets(config.batch_buckets)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -351,8 +352,30 @@ def test_the_default_cpu_backend_describes_one_any_shape_fp32_session() -> None:
     assert list(info.providers) == ["CPUExecutionProvider"] and not info.on_gpu
     assert (info.precision, info.layout, info.batch_buckets) == ("fp32", "NCHW", ())
     assert info.max_batch_size == 32 and info.io_binding is False and info.cuda_graph is False
-    assert info.device == "CPU" and info.runtime.startswith("onnxruntime") and info.options == {}
+    assert info.device == "CPU" and info.runtime.startswith("onnxruntime")
+    assert info.options == {"intra_op_spinning": "off"}
     assert info.model_path == str(BUNDLED_MODEL) and len(info.model_sha256) == 64
+
+
+@pytest.mark.parametrize(("spinning", "allowed"), [("auto", "0"), ("off", "0"), ("on", "")])
+def test_cpu_sessions_idle_without_spinning_unless_asked(spinning: str, allowed: str) -> None:
+    """Spinning intra-op threads burnt 1.5 of 2 cores at half load, starving the gRPC front end."""
+    options: list[ort.SessionOptions] = []
+
+    def factory(path: str, sess_options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+        options.append(sess_options)
+        return ort.InferenceSession(path, sess_options, providers=providers)
+
+    backend = OnnxRuntimeBackend(BUNDLED_MODEL, provider="cpu", spinning=spinning, session_factory=factory)
+
+    def entry(o: ort.SessionOptions) -> str:
+        try:
+            return o.get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # not set: ONNX Runtime's default, spinning
+            return ""
+
+    assert [entry(o) for o in options] == [allowed]
+    assert backend.describe().options["intra_op_spinning"] == ("on" if spinning == "on" else "off")
 
 
 def test_a_cpu_backend_with_buckets_describes_them_and_io_binding() -> None:
@@ -387,6 +410,22 @@ def test_the_null_backend_answers_digit_0_for_every_image() -> None:
     assert rows.argmax(1).tolist() == [0] * 5 and rows[0, 0] == pytest.approx(0.91)
     assert rows.sum(1) == pytest.approx(np.ones(5), abs=1e-6)
     assert backend.warm_up() == 0.0
+
+
+def test_emulated_device_time_keeps_the_runner_waiting_without_using_the_cpu() -> None:
+    """An accelerator's run, for admission-control benchmarks: 1 ms + 4 ms per image, slept, not computed."""
+    backend = build_backend(ServeConfig(backend="null-threaded", null_device_ms="1+4"))
+    assert backend.device_ms == (1.0, 4.0) and "emulated device 1+4 ms" in backend.describe().device
+    images = np.zeros((5, *INPUT_SHAPE), np.float32)
+    wall, cpu = time.perf_counter(), time.process_time()
+    assert (backend.run(images) == FIXED_ROW).all()
+    assert time.perf_counter() - wall >= 0.021
+    assert time.process_time() - cpu < 0.015
+
+
+def test_emulated_device_time_is_refused_on_the_event_loop() -> None:
+    with pytest.raises(ValueError, match="threaded null backend"):
+        NullBackend(blocking=False, device_ms=(1.0, 0.0))
 
 
 @pytest.mark.parametrize(("name", "blocking"), [("null", False), ("null-threaded", True)])

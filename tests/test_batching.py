@@ -202,6 +202,28 @@ def test_a_caller_cancelled_while_queued_has_its_images_dropped_unrun() -> None:
     run(scenario, observer=BatchObserver(on_dropped=lambda expired, cancelled: dropped.append((expired, cancelled))))
 
 
+def test_the_runner_starts_the_next_batch_itself_while_the_event_loop_is_busy() -> None:
+    """The engine must not sit idle waiting for a loop that is busy with other calls."""
+    second_started = threading.Event()
+
+    class Recorder(FakeModel):
+        def __call__(self, parts: Sequence[np.ndarray]) -> tuple[np.ndarray]:
+            if len(self.batches) == 1:
+                second_started.set()
+            return super().__call__(parts)
+
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        held = await model.hold(batcher)
+        queued = asyncio.ensure_future(batcher.classify(images(1, 2)))
+        await asyncio.sleep(0)
+        model.released.set()
+        assert second_started.wait(WAIT)  # blocks the loop: only the runner itself can have started batch 2
+        assert rows(await queued) == [1, 2]
+        await held
+
+    assert run(scenario, Recorder()).batches == [[-1], [1, 2]]
+
+
 def test_the_observer_hears_of_batches_waits_and_queue_depth() -> None:
     batches: list[tuple[int, float]] = []
     waits: list[float] = []
@@ -412,19 +434,42 @@ def test_an_idle_batcher_reports_no_expected_wait_and_admits_whatever_the_estima
 
 def test_a_busy_batcher_refuses_at_once_what_would_wait_longer_than_max_queue_wait() -> None:
     async def scenario(batcher: Batcher, model: FakeModel) -> None:
-        teach(batcher, 10.0)
-        held = await model.hold(batcher)  # a 1-image batch "of 10 s" is running
-        assert 9.0 <= batcher.expected_wait() <= 10.0
+        teach(batcher, 0.2)
+        held = await model.hold(batcher)  # a 1-image batch "of 0.2 s" is running
+        queued = asyncio.ensure_future(batcher.classify(images(*range(10, 20))))  # 10 images "of 2 s" ahead
+        await asyncio.sleep(0)
+        assert 2.0 <= batcher.expected_wait() <= 2.2
         await sustain_overload(batcher)
         started = time.monotonic()
         with pytest.raises(Overloaded, match="busy") as refused:
             batcher.submit(images(5))
         assert time.monotonic() - started < 0.5
-        assert refused.value.retry_after is not None and 9.0 <= refused.value.retry_after <= 10.0
-        assert batcher.depth() == 0  # nothing of the refused request was queued
+        assert refused.value.retry_after is not None and 1.9 <= refused.value.retry_after <= 2.2
+        assert batcher.depth() == 10  # nothing of the refused request was queued
         model.released.set()
-        await held
+        await asyncio.gather(held, queued)
         assert 5 not in model.seen()
+
+    run(scenario, max_queue_wait=1.0)
+
+
+def test_under_overload_a_request_may_still_wait_two_single_image_runs() -> None:
+    """A device slower per run than max_queue_wait would otherwise idle between batches of one image."""
+
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        teach(batcher, 10.0)  # one image "takes 10 s": the bound becomes 20 s, not max_queue_wait's 1 s
+        assert batcher.wait_bound() == pytest.approx(20.0)
+        held = await model.hold(batcher)
+        await sustain_overload(batcher)
+        second = asyncio.ensure_future(batcher.classify(images(2)))  # expected wait 10 s: admitted
+        await asyncio.sleep(0)
+        third = asyncio.ensure_future(batcher.classify(images(3)))  # just under 20 s (the running run has begun)
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="over the limit of 20000"):
+            batcher.submit(images(4))  # about 30 s
+        model.released.set()
+        await asyncio.gather(held, second, third)
+        assert 4 not in model.seen()
 
     run(scenario, max_queue_wait=1.0)
 
@@ -594,3 +639,16 @@ def test_overload_ends_once_the_offered_load_falls_under_the_capacity() -> None:
         assert not batcher.overloaded
 
     run(scenario)
+
+
+def test_the_capacity_is_what_full_batches_would_do_when_small_ones_are_all_that_ran() -> None:
+    """A light load runs small, inefficient batches; judged by their rate, two clients looked like an overload."""
+
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        for _ in range(20):  # runs of 1 image take 3 ms, runs of 8 take 10 ms: 2 ms fixed + 1 ms per image
+            batcher.cost.observe(1, 0.003)
+            batcher.cost.observe(8, 0.010)
+        assert 600 < batcher.cost.service_rate() < 720  # at the sizes run (moving averages of both)
+        assert batcher.capacity() == pytest.approx(8 / 0.010)  # 800/s at full batches: the fitted line is exact
+
+    run(scenario, max_batch_size=8)

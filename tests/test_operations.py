@@ -176,7 +176,7 @@ def test_every_dashboard_query_names_a_metric_the_server_exports(served: Harness
     exported = {key.split("{")[0] for key in served.metrics()}
     assert used and used <= exported, used - exported
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
-    for topic in ("p99", "code", "batch size", "queue", "provider", "prediction", "confidence"):
+    for topic in ("p99", "code", "batch size", "queue", "provider", "prediction", "confidence", "refused", "streams"):
         assert topic in titles, topic
     latency = next(p for p in dashboard["panels"] if "p99" in p["title"] and "latency" in p["title"].lower())
     assert latency["fieldConfig"]["defaults"]["thresholds"]["steps"][-1]["value"] == 0.01

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import BUNDLED_MODEL, ServeConfig, build_parser, load_config
+from server.config import BUNDLED_MODEL, ServeConfig, build_parser, load_config, parse_device_ms
 
 
 def test_defaults_load_without_flags_or_environment() -> None:
@@ -76,6 +76,10 @@ def test_a_malformed_flag_value_exits(capsys: pytest.CaptureFixture[str]) -> Non
         (["--batch-buckets", "1,x"], {}, "batch buckets must be comma-separated whole numbers"),
         (["--batch-buckets", "0,8"], {}, "batch buckets must be at least 1"),
         (["--batch-buckets", "8,64", "--max-batch-size", "32"], {}, "max_batch_size 32 is under the largest batch"),
+        (["--backend", "null-threaded", "--null-device-ms", "2ms"], {}, "null_device_ms must look like FIXED"),
+        (["--backend", "null-threaded", "--null-device-ms", "1+-4"], {}, "two non-negative numbers"),
+        (["--backend", "null", "--null-device-ms", "1+4"], {}, "null_device_ms needs --backend null-threaded"),
+        (["--ort-spinning", "always"], {}, "ort_spinning must be one of auto, on, off"),
     ],
     ids=[
         "batch-size-flag",
@@ -89,6 +93,10 @@ def test_a_malformed_flag_value_exits(capsys: pytest.CaptureFixture[str]) -> Non
         "bucket-not-a-number",
         "bucket-zero",
         "max-under-largest-bucket",
+        "device-ms-unit",
+        "device-ms-negative",
+        "device-ms-on-the-loop",
+        "spinning",
     ],
 )
 def test_an_invalid_setting_exits_naming_the_problem(flags: list[str], environ: dict[str, str], problem: str) -> None:
@@ -120,3 +128,11 @@ def test_choices_are_matched_whatever_their_case() -> None:
 
 def test_the_null_backend_needs_no_model_file() -> None:
     assert load_config(["--backend", "null", "--model", "/nonexistent.onnx"], environ={}).backend == "null"
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"), [("0+0", (0.0, 0.0)), ("2", (2.0, 0.0)), ("1+4", (1.0, 4.0)), ("0.5 + 0.25", (0.5, 0.25))]
+)
+def test_emulated_device_time_reads_as_fixed_plus_per_image_milliseconds(text: str, parsed: tuple) -> None:
+    assert parse_device_ms(text) == parsed
+    assert load_config(["--backend", "null-threaded", "--null-device-ms", text], environ={}).null_device_ms == text

@@ -7,11 +7,13 @@ gRPC server of the same proto: how much of Python gRPC's ceiling the serving cod
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from proto.contract import NUM_CLASSES
 from server.backends.base import BackendInfo
-from server.config import ServeConfig
+from server.config import ServeConfig, parse_device_ms
 
 # Digit 0 with probability 0.91, the rest 0.01 each: a valid distribution that no real model would give
 # for every image, so a client can tell at a glance it is talking to the null engine.
@@ -22,16 +24,27 @@ FIXED_ROW[0] = 1.0 - 0.01 * (NUM_CLASSES - 1)
 class NullBackend:
     """`blocking=False` (backend "null"): runs on the event loop, the server's own cost alone.
     `blocking=True` (backend "null-threaded"): runs on the batch runner thread as a model would, so the
-    difference between the two is the cost of handing batches to a thread and back."""
+    difference between the two is the cost of handing batches to a thread and back.
+    `device_ms=(fixed, per_image)` (threaded only): each batch sleeps that long, as a model on an accelerator
+    keeps the runner waiting without using the CPU; then the model, not the CPU, limits throughput."""
 
-    def __init__(self, max_batch_size: int = 256, blocking: bool = False) -> None:
+    def __init__(
+        self, max_batch_size: int = 256, blocking: bool = False, device_ms: tuple[float, float] = (0.0, 0.0)
+    ) -> None:
+        if any(device_ms) and not blocking:
+            raise ValueError("emulated device time needs the threaded null backend (it would stall the event loop)")
         self.max_batch_size = max_batch_size
         self.blocking = blocking
+        self.device_ms = device_ms
         self._rows = np.tile(FIXED_ROW, (max_batch_size, 1))
 
     @classmethod
     def from_config(cls, config: ServeConfig) -> NullBackend:
-        return cls(config.max_batch_size or 256, blocking=config.backend == "null-threaded")
+        return cls(
+            config.max_batch_size or 256,
+            blocking=config.backend == "null-threaded",
+            device_ms=parse_device_ms(config.null_device_ms),
+        )
 
     def describe(self) -> BackendInfo:
         return BackendInfo(
@@ -39,7 +52,8 @@ class NullBackend:
             model_name="null",
             model_version="0",
             max_batch_size=self.max_batch_size,
-            device="none (answers without a model)",
+            device="none (answers without a model)"
+            + (" + emulated device {:g}+{:g} ms per batch".format(*self.device_ms) if any(self.device_ms) else ""),
             runtime="null backend: fixed probability row, for benchmarking the server",
         )
 
@@ -47,6 +61,8 @@ class NullBackend:
         return 0.0
 
     def run(self, images: np.ndarray) -> np.ndarray:
+        if any(self.device_ms):
+            time.sleep((self.device_ms[0] + self.device_ms[1] * len(images)) / 1000)
         if len(images) <= self.max_batch_size:
             return self._rows[: len(images)]
         return np.broadcast_to(FIXED_ROW, (len(images), NUM_CLASSES))

@@ -291,6 +291,7 @@ class OnnxRuntimeBackend:
         cuda_graph: str = "auto",
         cudnn_conv_algo_search: str = "EXHAUSTIVE",
         intra_op_threads: int = 0,
+        spinning: str = "auto",
         session_factory: SessionFactory | None = None,
     ) -> None:
         import onnxruntime as ort
@@ -298,6 +299,7 @@ class OnnxRuntimeBackend:
         self._ort = ort
         self._session_factory = session_factory or ort.InferenceSession
         self._intra_op_threads = intra_op_threads
+        self._spinning = spinning
         self._cudnn_search = cudnn_conv_algo_search
         on_gpu = cuda_usable(ort, provider)
         self.plan = resolve_plan(Path(model), on_gpu, precision, layout, batch_buckets, max_batch_size, cuda_graph)
@@ -340,6 +342,7 @@ class OnnxRuntimeBackend:
             cuda_graph=config.cuda_graph,
             cudnn_conv_algo_search=config.cudnn_conv_algo_search,
             intra_op_threads=config.intra_op_threads,
+            spinning=config.ort_spinning,
         )
 
     # --- sessions --------------------------------------------------------------------------------------
@@ -359,6 +362,8 @@ class OnnxRuntimeBackend:
         threads = self._intra_op_threads or (1 if self.plan.on_gpu else 0)  # the GPU needs no CPU thread pool
         if threads:
             options.intra_op_num_threads = threads
+        if not self._spins():
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if bucket is not None:  # a static batch axis: this session can run no other shape
             options.add_free_dimension_override_by_name(BATCH_AXIS, bucket)
         providers: list[Any] = [CPU]
@@ -391,6 +396,11 @@ class OnnxRuntimeBackend:
                 f"[({INPUT_NAME!r}, 'tensor(float)')] and {expected_outputs}"
             )
 
+    def _spins(self) -> bool:
+        """Idle intra-op threads spin only on a GPU (one thread) unless asked: on CPU they burn the cores that the
+        gRPC front end and the other sessions' threads need."""
+        return self._spinning == "on" or (self._spinning == "auto" and self.plan.on_gpu)
+
     def _open_sessions(self) -> None:
         if not self.plan.buckets:
             self._dynamic_session = self._new_session(None, graph=False)
@@ -418,6 +428,7 @@ class OnnxRuntimeBackend:
         options = self._provider_options(plan.cuda_graph) if plan.on_gpu else {}
         if self._intra_op_threads:
             options["intra_op_num_threads"] = str(self._intra_op_threads)
+        options["intra_op_spinning"] = "on" if self._spins() else "off"
         return BackendInfo(
             engine="onnxruntime",
             model_name=self.metadata.model_name,
