@@ -66,6 +66,7 @@ GARBAGE = (
 )
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 RECOVERY_WATCH_S = 5.0  # overload: how long after the load the recovery probe keeps measuring
+PROBE_INTERVAL_S = 0.01  # the probe sends at most 100 calls/s (unpaced, fast refusals made it a 700/s sender)
 # Flags the hardened server is to accept; the report notes which it does.
 EXPECTED_FLAGS = (
     "--metrics-host",
@@ -2097,6 +2098,7 @@ def overload_lines(ctx: Ctx, name: str, extra: list[str]) -> list[Line]:
                     code = err.code().name
                 probe_log.append((sent, time.perf_counter() - t0, code))
                 i += 1
+                time.sleep(max(0.0, t0 + PROBE_INTERVAL_S - time.perf_counter()))  # refusals must not make it a sender
 
     def during(start_at: float) -> threading.Thread:
         thread = threading.Thread(target=recovery_probe, args=(start_at,), daemon=True)

@@ -115,7 +115,7 @@ class OfferedLoad:
     A burst moves it by its size / tau and fades within a few tau; only a sustained excess keeps it high.
     """
 
-    def __init__(self, tau: float = 0.1) -> None:
+    def __init__(self, tau: float = 0.05) -> None:
         self.tau = tau
         self._rate = 0.0
         self._at = time.monotonic()
@@ -128,7 +128,7 @@ class OfferedLoad:
 
 
 OVERLOAD_FACTOR = 1.5  # offered load over this times the runner's recent throughput: overloaded ...
-OVERLOAD_AFTER = 0.05  # ... once that has lasted this many seconds
+OVERLOAD_AFTER = 0.02  # ... once that has lasted this many seconds; meanwhile the queue is held to one full batch
 # Under overload a request may still wait this many single-image runs: a device whose run takes longer than
 # max_queue_wait then forms batches of a few images instead of runs of one with gaps between them. Measured on a
 # 1 ms + 4 ms/image emulated device at 5x its capacity: 1 run kept 69% of capacity, 1.5 runs 82%, 2 runs 87% (with
@@ -295,7 +295,9 @@ class Batcher:
             return
         wait = self._expected_wait()
         bound = self.wait_bound()
-        if bound and self.overloaded and wait > bound:
+        if bound and not self.overloaded and self._over_since is not None:  # an overload beginning, or a burst
+            bound = max(bound, self.cost.seconds(self.max_batch_size))
+        if bound and (self.overloaded or self._over_since is not None) and wait > bound:
             raise Overloaded(
                 f"server busy: expected queue wait {wait * 1000:.1f} ms is over the limit of {bound * 1000:.1f} ms; "
                 "retry later",

@@ -615,16 +615,35 @@ def test_a_full_queue_refusal_carries_the_expected_wait_as_retry_after() -> None
 
 
 def test_a_burst_beyond_max_queue_wait_is_admitted_when_the_load_is_not_sustained() -> None:
-    """A busy batcher that is not overloaded queues a burst it will finish in time, however long the wait."""
+    """A busy batcher that is not overloaded queues a burst that one full batch's run time covers."""
+
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        teach(batcher, 0.01)  # 100 images/s; a full batch of 8 "takes 80 ms"
+        held = await model.hold(batcher)
+        burst = [asyncio.ensure_future(batcher.classify(images(n))) for n in range(6)]  # 60 ms of work at once
+        await asyncio.sleep(0)
+        assert batcher.depth() == 6 and not batcher.overloaded
+        model.released.set()
+        assert sorted(rows(r)[0] for r in await asyncio.gather(*burst)) == list(range(6))
+        await held
+
+    run(scenario, max_batch_size=8, max_queue_wait=0.005)
+
+
+def test_while_an_overload_is_not_yet_sure_the_queue_is_held_to_one_full_batch() -> None:
+    """The first 20 ms of a 5x overload must not fill the queue with work that will wait for seconds."""
 
     async def scenario(batcher: Batcher, model: FakeModel) -> None:
         teach(batcher, 0.01)
         held = await model.hold(batcher)
-        burst = [asyncio.ensure_future(batcher.classify(images(n))) for n in range(40)]  # 0.4 s of work at once
+        calls = [asyncio.ensure_future(batcher.classify(images(n))) for n in range(40)]  # 0.4 s of work at once
         await asyncio.sleep(0)
-        assert batcher.depth() == 40 and not batcher.overloaded
+        assert not batcher.overloaded and 7 <= batcher.depth() <= 9  # about 80 ms queued, the rest refused
         model.released.set()
-        assert sorted(rows(r)[0] for r in await asyncio.gather(*burst)) == list(range(40))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        refused = [r for r in results if isinstance(r, Overloaded)]
+        assert len(refused) == 40 - len([r for r in results if not isinstance(r, BaseException)]) >= 31
+        assert all("over the limit of 80.0 ms" in str(r) and r.retry_after for r in refused)
         await held
 
     run(scenario, max_batch_size=8, max_queue_wait=0.005)
