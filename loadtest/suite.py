@@ -63,7 +63,7 @@ class Profile:
 PROFILES = {
     "gpu": Profile(
         provider="cuda",
-        train=["--preset", "googlenet", "--epochs", "3", "--batch-size", "256", "--lr", "0.2"],
+        train=["--preset", "googlenet", "--epochs", "3", "--batch-size", "256", "--lr", "0.2", "--augment", "basic"],
         export_images=["--parity-images", "500", "--accuracy-images", "0"],
         seconds="3",
         concurrency="1,4,16,64",

@@ -11,7 +11,8 @@ import torch
 
 from training.train import TrainConfig, build_parser, main, train
 
-TINY = TrainConfig(epochs=3, batch_size=32, lr=0.05, train_limit=600, eval_limit=500, device="cpu")
+# The basic recipe: 600 images and 3 epochs are too few to learn through the robust one's corruptions.
+TINY = TrainConfig(epochs=3, batch_size=32, lr=0.05, train_limit=600, eval_limit=500, device="cpu", augment="basic")
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +82,43 @@ def test_cli_reports_bad_data_without_a_traceback(tmp_path: Path, capsys) -> Non
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"junk")
     assert main(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")]) == 2
     assert "mnist-train:" in capsys.readouterr().err
+
+
+def test_the_robust_recipe_is_the_default_and_the_report_names_the_recipe(tiny_run: tuple[Path, dict]) -> None:
+    assert TrainConfig().augment == "robust"
+    _, report = tiny_run
+    assert report["config"]["augment"] == "basic"
+
+
+def test_an_unknown_augmentation_recipe_is_refused_naming_the_known_ones(capsys) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--augment", "heavy"])
+    assert "basic" in capsys.readouterr().err
+
+
+def test_the_report_breaks_the_time_to_checkpoint_into_phases(tiny_run: tuple[Path, dict]) -> None:
+    """Where the seconds went: start-up, data, first step (autotune/compile), each epoch's training and evaluation."""
+    _, report = tiny_run
+    phases = report["phases_seconds"]
+    for phase in ("start-up", "data to device", "first step (autotune, compile)", "epoch 1 train", "epoch 3 evaluate"):
+        assert phases[phase] >= 0, phase
+    assert "plots" in phases and "checkpoints" in phases
+    before_plots = sum(seconds for name, seconds in phases.items() if name != "plots")
+    assert before_plots == pytest.approx(report["wall_seconds_to_checkpoint"], rel=0.05, abs=0.5)
+    assert report["steady_train_images_per_second"] > 0 and report["achieved_train_tflops"] > 0
+    assert report["bf16_peak_fraction"] is None  # no bf16 peak is known for a CPU
+
+
+def test_every_training_step_has_the_same_shape(tiny_run: tuple[Path, dict]) -> None:
+    """540 training images in batches of 32: 16 full steps, the ragged 28 left out (one shape, one autotune)."""
+    _, report = tiny_run
+    first = report["history"][0]
+    assert first["train_images_per_second"] * first["train_seconds"] == pytest.approx(16 * 32)
+
+
+def test_the_bf16_peak_is_known_for_the_gpus_we_are_lent() -> None:
+    from training.train import peak_bf16_tflops
+
+    assert peak_bf16_tflops("NVIDIA H200") == peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_bf16_tflops("cpu (x86_64, 2 threads)") is None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from proto.contract import MNIST_NORMALIZATION
-from training.augment import random_affine
+from training.augment import AUGMENTATIONS, augment
 from training.data import REPO_ROOT, load_split, train_validation_split
 from training.model import PRESETS, build_model, count_flops, count_parameters
 
@@ -43,9 +42,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     warmup_fraction: float = 0.2
-    max_rotation_deg: float = 10.0
-    max_scale: float = 0.1
-    max_shift_px: float = 2.0
+    augment: str = "robust"  # a recipe of training/augment.py: basic (small warps) or robust (photos and scans)
     validation_size: int = 5000
     seed: int = 0
     device: str = "auto"
@@ -56,6 +53,41 @@ class TrainConfig:
     out_dir: str = "runs/latest"
     resume: bool = False
     stop_after: int = 0  # stop after this epoch (0 = run all); continue later with --resume
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' data sheets, by a name fragment.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L4": 121.0}
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """The device's dense bf16 peak, for the achieved fraction; None where unknown (and on CPU)."""
+    return next((peak for fragment, peak in PEAK_BF16_TFLOPS.items() if fragment in device_name), None)
+
+
+class PhaseClock:
+    """Wall time of each named phase of a run, from the process start: what the time to a checkpoint is made of.
+
+    On a GPU it waits for queued work at each mark, so a phase is charged for what it launched."""
+
+    def __init__(self, device: torch.device, started_at: float) -> None:
+        self.device = device
+        self.phases: dict[str, float] = {}
+        self._last = started_at
+
+    def mark(self, phase: str) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.time()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._last
+        self._last = now
+        return self.phases[phase]
+
+    def table(self) -> str:
+        total = sum(self.phases.values())
+        rows = [
+            f"  {name:<24} {seconds:8.2f} s  {100 * seconds / total:5.1f}%" for name, seconds in self.phases.items()
+        ]
+        return "\n".join(["time to checkpoint, by phase:", *rows, f"  {'total':<24} {total:8.2f} s"])
 
 
 # Fields that may differ between a run and its resumption; all others must match the checkpoint.
@@ -113,21 +145,30 @@ def place_model(preset: str, device: torch.device) -> tuple[torch.nn.Module, int
 def evaluate(
     model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int = 1000
 ) -> tuple[float, float, np.ndarray]:
-    """Mean loss, accuracy and the 10x10 confusion matrix (rows: true digit) over a whole split."""
+    """Mean loss, accuracy and the 10x10 confusion matrix (rows: true digit) over a whole split.
+
+    Every batch has the same shape (the last is padded with blank images, whose answers are dropped): one
+    cuDNN autotune and one compiled graph serve the whole evaluation."""
     model.eval()
-    total_loss, predictions = 0.0, []
+    batch_size = min(batch_size, len(labels))
+    total_loss = torch.zeros((), device=images.device)
+    predictions = []
     for start in range(0, len(labels), batch_size):
-        x = normalize(to_model_input(images[start : start + batch_size])).contiguous(memory_format=torch.channels_last)
+        chunk = images[start : start + batch_size]
+        real = len(chunk)
+        if real < batch_size:
+            chunk = torch.cat([chunk, chunk.new_zeros((batch_size - real, *chunk.shape[1:]))])
+        x = normalize(to_model_input(chunk)).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(x).float()
+            logits = model(x).float()[:real]
         y = labels[start : start + batch_size]
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        total_loss += F.cross_entropy(logits, y, reduction="sum")
         predictions.append(logits.argmax(1))
     predicted = torch.cat(predictions).cpu().numpy()
     truth = labels.cpu().numpy()
     confusion = np.zeros((10, 10), dtype=np.int64)
     np.add.at(confusion, (truth, predicted), 1)
-    return total_loss / len(labels), float((predicted == truth).mean()), confusion
+    return total_loss.item() / len(labels), float((predicted == truth).mean()), confusion
 
 
 def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any]:
@@ -139,6 +180,8 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
     if config.resume and not checkpoint_path.is_file():  # before the slow data loading
         raise SystemExit(f"mnist-train: --resume given but {checkpoint_path} does not exist")
     device = pick_device(config.device)
+    clock = PhaseClock(device, started_at)
+    clock.mark("start-up")
     torch.manual_seed(config.seed)
 
     # --- data: whole splits live on the device as uint8; batches are sliced from them ---
@@ -153,12 +196,17 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
     n_test = config.eval_limit or len(test_split)
     test_images = torch.from_numpy(test_split.images[:n_test].copy()).to(device)
     test_labels = torch.from_numpy(test_split.labels[:n_test].astype(np.int64)).to(device)
+    clock.mark("data to device")
 
     # --- model and optimizer ---
     model, params, flops = place_model(config.preset, device)
+    recipe = AUGMENTATIONS[config.augment]
     torch.backends.cudnn.benchmark = True
     forward = torch.compile(model) if config.compile else model
-    steps_per_epoch = math.ceil(len(train_labels) / config.batch_size)
+    steps_per_epoch = len(train_labels) // config.batch_size  # the ragged rest is dropped: one shape for every step
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {config.batch_size} is larger than the {len(train_labels)} training images")
+    trained_per_epoch = steps_per_epoch * config.batch_size
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
     )
@@ -175,7 +223,7 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
         changed = {
             k: (v, getattr(config, k))
             for k, v in state["config"].items()
-            if k not in RESUMABLE_CHANGES and v != getattr(config, k)
+            if k not in RESUMABLE_CHANGES and v != getattr(config, k, None)
         }
         if changed:
             detail = ", ".join(f"--{k.replace('_', '-')} was {old!r}, now {new!r}" for k, (old, new) in changed.items())
@@ -186,6 +234,7 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
         history, best = state["history"], state["best"]
         first_epoch = state["epoch"] + 1
         print(f"resumed from {checkpoint_path} after epoch {state['epoch']}")
+    clock.mark("model and optimizer")
 
     print(
         f"{config.preset}: {params:,} parameters, {flops / 1e6:.1f} MFLOPs/image | device {device_name(device)} | "
@@ -196,7 +245,9 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
         torch.manual_seed(config.seed * 1000 + epoch)  # dropout
         generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + epoch)
         order = torch.randperm(len(train_labels), generator=generator, device=device)
+        clock.mark("other")
         epoch_start = time.time()
+        first_step_seconds = 0.0
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         bar = tqdm(
@@ -210,7 +261,7 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
         for step in bar:
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
             x = to_model_input(train_images[batch])
-            x = random_affine(x, generator, config.max_rotation_deg, config.max_scale, config.max_shift_px)
+            x = augment(x, generator, recipe)
             x = normalize(x).contiguous(memory_format=torch.channels_last)
             y = train_labels[batch]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -222,24 +273,32 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
             scheduler.step()
             loss_sum += loss.detach() * len(batch)
             correct += (logits.argmax(1) == y).sum()
+            if step == 0 and epoch == first_epoch:  # cuDNN autotune, and compilation with --compile
+                first_step_seconds = clock.mark("first step (autotune, compile)")
             if step % 20 == 0:
                 seen = min((step + 1) * config.batch_size, len(train_labels))
                 bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.time() - epoch_start):,.0f}")
         bar.close()
-        train_seconds = time.time() - epoch_start
+        steady_seconds = clock.mark(f"epoch {epoch} train")
+        train_seconds = steady_seconds + first_step_seconds
+        steady_images = trained_per_epoch - (config.batch_size if first_step_seconds else 0)
         val_loss, val_acc, _ = evaluate(model, val_images, val_labels, device) if len(val_labels) else (0.0, 0.0, None)
         test_loss, test_acc, confusion = evaluate(model, test_images, test_labels, device)
+        eval_seconds = clock.mark(f"epoch {epoch} evaluate")
         record = {
             "epoch": epoch,
-            "train_loss": loss_sum.item() / len(train_labels),
-            "train_accuracy": correct.item() / len(train_labels),
+            "train_loss": loss_sum.item() / trained_per_epoch,
+            "train_accuracy": correct.item() / trained_per_epoch,
             "val_loss": val_loss,
             "val_accuracy": val_acc,
             "test_loss": test_loss,
             "test_accuracy": test_acc,
             "lr_end": scheduler.get_last_lr()[0],
             "train_seconds": train_seconds,
-            "train_images_per_second": len(train_labels) / train_seconds,
+            "train_images_per_second": trained_per_epoch / train_seconds,
+            "steady_images_per_second": steady_images / steady_seconds if steady_seconds > 0 else 0.0,
+            "first_step_seconds": first_step_seconds,
+            "eval_seconds": eval_seconds,
             "elapsed_seconds": time.time() - started_at,
         }
         history.append(record)
@@ -272,6 +331,7 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
             partial,
         )
         partial.replace(checkpoint_path)
+        clock.mark("checkpoints")
         if epoch == config.stop_after and epoch < config.epochs:
             print(f"stopped after epoch {epoch} as asked; continue with --resume")
             break
@@ -289,18 +349,29 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
         },
         model_path,
     )
+    clock.mark("checkpoints")
     wall_seconds = time.time() - started_at
+    steady = [h["steady_images_per_second"] for h in history if h.get("steady_images_per_second")]
+    images_per_second = float(np.median(steady)) if steady else 0.0
+    achieved_tflops = 3 * flops * images_per_second / 1e12  # forward + backward ~ 3x the forward FLOPs
+    peak = peak_bf16_tflops(device_name(device))
 
     report = {
         "preset": config.preset,
         "parameters": params,
         "flops_per_image": flops,
         "config": asdict(config),
+        "augmentation": asdict(recipe),
         "device": device_name(device),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "git_revision": git_revision(),
         "wall_seconds_to_checkpoint": wall_seconds,
+        "phases_seconds": dict(clock.phases),
+        "steady_train_images_per_second": images_per_second,
+        "achieved_train_tflops": achieved_tflops,
+        "bf16_peak_tflops": peak,
+        "bf16_peak_fraction": achieved_tflops / peak if peak else None,
         "selected_epoch": best["epoch"],
         "selected_val_accuracy": best["val_accuracy"],
         "test_accuracy": best["test_accuracy"],
@@ -309,7 +380,6 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
         "history": history,
         "model_file": model_path.name,
     }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     from training.plots import plot_confusion_matrix, plot_training_curves
 
     title = f"{config.preset} on {report['device']}"
@@ -319,6 +389,12 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
         out_dir / "confusion_matrix.png",
         f"{config.preset}, epoch {best['epoch']}: test accuracy {100 * best['test_accuracy']:.2f}%",
     )
+    report["phases_seconds"]["plots"] = clock.mark("plots")
+    report["wall_seconds_with_plots"] = time.time() - started_at
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(clock.table())
+    fraction = f", {100 * report['bf16_peak_fraction']:.1f}% of the GPU's bf16 peak" if peak else ""
+    print(f"steady training: {images_per_second:,.0f} images/s = {achieved_tflops:.2f} TFLOP/s{fraction}")
     print(
         f"selected epoch {best['epoch']} (validation {100 * best['val_accuracy']:.2f}%): test accuracy "
         f"{100 * best['test_accuracy']:.2f}% | {wall_seconds:.1f}s from start to saved checkpoint | wrote {out_dir}/"
@@ -341,9 +417,9 @@ FLAG_HELP = {
     "weight_decay": "L2 weight decay",
     "label_smoothing": "label smoothing of the cross-entropy loss (0 = off)",
     "warmup_fraction": "fraction of the steps spent raising the learning rate to its peak",
-    "max_rotation_deg": "augmentation: largest random rotation in degrees (0 = off)",
-    "max_scale": "augmentation: largest random relative zoom, e.g. 0.1 = +-10%% (0 = off)",
-    "max_shift_px": "augmentation: largest random shift in pixels (0 = off)",
+    "augment": "augmentation recipe: basic (rotation +-10 deg, zoom +-10%%, shift +-2 px) or robust (stronger warps "
+    "with shear and an elastic wobble, and half the images given one or two photo/scan corruptions: stroke width, "
+    "blur, low resolution, noise, paper tone, fog, partial inversion, occlusion, stray lines, edges only)",
     "validation_size": "training images held out for model selection (the best epoch on it is kept)",
     "seed": "seed of the split, shuffling, augmentation, dropout and initialization",
     "device": "auto (CUDA if torch sees a GPU, else CPU), cpu, or cuda[:N]",
@@ -378,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                 type=kind,
                 default=field.default,
                 help=FLAG_HELP[field.name],
-                choices=list(PRESETS) if field.name == "preset" else None,
+                choices={"preset": list(PRESETS), "augment": list(AUGMENTATIONS)}.get(field.name),
             )
     parser.add_argument(
         "--describe-presets", action="store_true", help="print each preset's parameter and FLOP counts and exit"
