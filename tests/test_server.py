@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import socket
 import threading
 import time
@@ -172,7 +173,10 @@ def test_model_info_describes_what_is_served(served: Harness) -> None:
     assert info.name == "googlenet-fast"
     assert info.sha256 == sha256_file(BUNDLED_MODEL)
     assert list(info.providers) == ["CPUExecutionProvider"]
-    assert info.max_batch_size == 32 and info.test_accuracy == pytest.approx(0.9973, abs=1e-4)
+    measured_at_export = json.loads(BUNDLED_MODEL.with_suffix(".export.json").read_text())
+    assert info.max_batch_size == 32 and info.test_accuracy == pytest.approx(
+        measured_at_export["metadata"]["test_accuracy"]
+    )
 
 
 # --- bad input -----------------------------------------------------------------------------------
