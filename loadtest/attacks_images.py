@@ -32,6 +32,7 @@ class Case:
     data: bytes
     raw: bool = False
     label: int | None = None
+    index: int | None = None  # the MNIST test digit it was made from, if any
 
 
 # --- MNIST digits ------------------------------------------------------------------------------------
@@ -159,7 +160,8 @@ def mode_cases() -> list[Case]:
     cases = []
     for (name, what, make), index in zip(MODE_MAKERS, digit_indices(len(MODE_MAKERS)), strict=True):
         label = int(labels[index])
-        cases.append(Case(name, f"{what}, test #{index} ({label})", make(paper(images[index])), label=label))
+        data = make(paper(images[index]))
+        cases.append(Case(name, f"{what}, test #{index} ({label})", data, label=label, index=int(index)))
     return cases
 
 
