@@ -295,14 +295,15 @@ class Batcher:
             return
         wait = self._expected_wait()
         bound = self.wait_bound()
-        if bound and not self.overloaded and self._over_since is not None:  # an overload beginning, or a burst
-            bound = max(bound, self.cost.seconds(self.max_batch_size))
-        if bound and (self.overloaded or self._over_since is not None) and wait > bound:
-            raise Overloaded(
-                f"server busy: expected queue wait {wait * 1000:.1f} ms is over the limit of {bound * 1000:.1f} ms; "
-                "retry later",
-                wait,
-            )
+        if bound and self._over_since is not None:  # overloaded, or an overload beginning (or a burst)
+            if not self.overloaded:
+                bound = max(bound, self.cost.seconds(self.max_batch_size))
+            if wait > bound:
+                raise Overloaded(
+                    f"server busy: expected queue wait {wait * 1000:.1f} ms is over the limit of {bound * 1000:.1f} "
+                    "ms; retry later",
+                    wait,
+                )
         if deadline is not None:
             full, partial = divmod(count, self.max_batch_size)
             own = full * self.cost.seconds(self.max_batch_size) + (self.cost.seconds(partial) if partial else 0.0)
