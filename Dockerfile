@@ -3,6 +3,14 @@
 #   docker build -t mnist-serve:cpu --build-arg VARIANT=cpu .  # CPU build of onnxruntime, ~20x smaller
 #   docker run --rm --gpus all -p 50051:50051 -p 9464:9464 mnist-serve:gpu
 # Configuration: MNIST_SERVE_* environment variables (see `mnist-serve --help`).
+# TLS and tokens (README "TLS and tokens"): mount the PEM files read-only at /etc/mnist/tls and the tokens
+# file at /etc/mnist/tokens, and point the server at them, e.g.
+#   docker run ... -v "$PWD/tls:/etc/mnist/tls:ro" -v "$PWD/tokens:/etc/mnist/tokens:ro" \
+#     -e MNIST_SERVE_TLS_CERT=/etc/mnist/tls/tls.crt -e MNIST_SERVE_TLS_KEY=/etc/mnist/tls/tls.key \
+#     -e MNIST_SERVE_AUTH_TOKENS_FILE=/etc/mnist/tokens/tokens -e MNIST_TLS_CA=/etc/mnist/tls/ca.crt mnist-serve:gpu
+# (MNIST_SERVE_TLS_CLIENT_CA=/etc/mnist/tls/ca.crt adds mTLS.) The HEALTHCHECK client reads MNIST_TLS_CA and, for
+# mTLS, MNIST_TLS_CERT/MNIST_TLS_KEY from the same environment; health needs no token. Files must be readable by
+# uid 10001 (e.g. mode 0440, group 10001); the tokens file should not be world-readable.
 ARG PYTHON=python:3.12-slim-bookworm
 
 # --- build: turn the project into a wheel (the bundled model is package data) ---
@@ -34,7 +42,7 @@ ENV MNIST_SERVE_HOST=[::] \
     MNIST_SERVE_PORT=50051 \
     MNIST_SERVE_METRICS_PORT=9464 \
     PYTHONUNBUFFERED=1
-EXPOSE 50051 9464
+EXPOSE 50051 9464 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=180s --retries=3 \
     CMD ["mnist-classify", "--health", "--server", "localhost:50051", "--timeout", "2"]
 STOPSIGNAL SIGTERM

@@ -157,7 +157,8 @@ class AttackServer(ServerProcess):
 
     def __init__(self, name: str, args: list[str], log_dir: Path, wait_s: float = 90.0) -> None:
         self.metrics_port = free_port()
-        super().__init__(["--metrics-port", str(self.metrics_port), "--log-level", "INFO", *args], wait_s=wait_s)
+        flags = ["--metrics-port", str(self.metrics_port), "--http-port", "0", "--log-level", "INFO"]
+        super().__init__([*flags, *args], wait_s=wait_s)
         self.name = name
         self.log_path = log_dir / f"server-{name}.log"
         self._log = None

@@ -138,7 +138,7 @@ class ServerProcess:
         module = "loadtest.echo_server" if echo else "server.app"
         common = ["--host", "127.0.0.1", "--port", str(self.port)]
         if not echo:
-            common += ["--metrics-port", "0", "--drain-seconds", "0", "--log-level", "WARNING"]
+            common += ["--metrics-port", "0", "--http-port", "0", "--drain-seconds", "0", "--log-level", "WARNING"]
         self.command = [sys.executable, "-m", module, *common, *args]
         self.wait_s = wait_s
         self.process: subprocess.Popen | None = None

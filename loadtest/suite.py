@@ -265,7 +265,7 @@ def start_server(flags: list[str], log) -> subprocess.Popen:
 
     command = [
         PY, "-m", "server.app", "--host", "127.0.0.1", "--port", str(SERVER_PORT), "--metrics-port",
-        str(METRICS_PORT), "--drain-seconds", "0", "--log-level", "WARNING", *flags,
+        str(METRICS_PORT), "--http-port", "0", "--drain-seconds", "0", "--log-level", "WARNING", *flags,
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     if wait_until_serving(process, f"127.0.0.1:{SERVER_PORT}", 180):

@@ -15,6 +15,7 @@ import resource
 import signal
 import sys
 import threading
+from importlib import metadata
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -28,9 +29,17 @@ from server.guards import CallGate, StreamGate, generic_handler
 from server.health import HealthService
 from server.metrics import ServiceMetrics
 from server.metrics_http import MetricsHttpServer
+from server.oip import InferenceDataPlane
+from server.oip_grpc import SERVICE as INFERENCE_SERVICE
+from server.oip_grpc import InferenceServicer
+from server.oip_grpc import add_to_server as add_inference_to_server
 from server.pipeline import ModelPipeline, PipelineSettings
+from server.rest import RestApi, RestServer
+from server.security import TokenChecker, grpc_server_credentials, http_ssl_context, load_token_checker
+from server.security import describe as describe_security
 from server.service import SERVICE, ClassifierServicer, add_to_server
 from server.sockets import cut_connections
+from server.tracing import Tracing
 
 log = logging.getLogger("mnist.serve")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -56,6 +65,13 @@ def grpc_options(config: ServeConfig) -> list[tuple[str, int]]:
     ]
 
 
+def _version() -> str:
+    try:
+        return metadata.version("mnist-googlenet-service")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
 def raise_open_file_limit() -> int:
     """Every connection is a file descriptor: take the hard limit, so 1,000 idle clients do not use them up."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -76,6 +92,12 @@ class MnistServer:
         self.calls = CallGate(config.max_concurrent_calls)
         self.streams = StreamGate(config.max_streams, config.stream_idle_seconds)
         self.pipeline: ModelPipeline | None = None
+        # The Open Inference Protocol (gRPC beside mnist.v1, and REST): the same pipeline, once it is warm.
+        self.inference = InferenceDataPlane(lambda: self.servicer.pipeline, config.max_request_images, _version())
+        self.http_port: int | None = None
+        self._rest: RestServer | None = None
+        self.tracing: Tracing | None = None  # OpenTelemetry spans, with --otlp-endpoint (server/tracing.py)
+        self.tokens: TokenChecker | None = None  # loaded at start from --auth-tokens-file; the HTTP API uses it too
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -88,26 +110,40 @@ class MnistServer:
     # --- on the event loop ---------------------------------------------------------------------------
 
     async def _set_health(self, status: int) -> None:
-        for name in ("", SERVICE.full_name):
+        for name in ("", SERVICE.full_name, INFERENCE_SERVICE.full_name):
             await self._health.set(name, status)
         self.metrics.serving.set(1 if status == SERVING else 0)
 
     async def start_async(self) -> MnistServer:
         """Bind and answer health (NOT_SERVING) at once, then load and warm the model, then SERVING."""
         log.info("open-file limit: %d", raise_open_file_limit())
+        if (tracing := Tracing.from_config(self.config)) is not None:
+            self.tracing = tracing.install()
+            log.info("traces: OTLP to %s, %g of new traces sampled", self.config.otlp_endpoint, tracing.sample_ratio)
+        self.tokens = load_token_checker(self.config)
         self._grpc = grpc.aio.server(options=grpc_options(self.config))
         self._health = HealthService()
-        add_to_server(self.servicer, self._grpc, self.metrics, self.calls, self.streams)
-        reflector = ReflectionServicer((SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME))
+        # Bearer tokens: the Classifier and reflection (it lists the API) need one; health never does (probes).
+        add_to_server(self.servicer, self._grpc, self.metrics, self.calls, self.streams, self.tokens)
+        add_inference_to_server(
+            InferenceServicer(self.inference), self._grpc, self.metrics, self.calls, self.streams, self.tokens
+        )
+        reflector = ReflectionServicer(
+            (SERVICE.full_name, INFERENCE_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        )
         self._grpc.add_generic_rpc_handlers(
             (
                 generic_handler(self._health, HEALTH, self.metrics, streams=self.streams),
-                generic_handler(reflector, REFLECTION, self.metrics, streams=self.streams),
+                generic_handler(reflector, REFLECTION, self.metrics, streams=self.streams, auth=self.tokens),
             )
         )
         await self._set_health(NOT_SERVING)
         try:
-            self.port = self._grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
+            address, credentials = f"{self.config.host}:{self.config.port}", grpc_server_credentials(self.config)
+            if credentials is None:
+                self.port = self._grpc.add_insecure_port(address)
+            else:
+                self.port = self._grpc.add_secure_port(address, credentials)
         except RuntimeError:
             self.port = 0
         if not self.port:
@@ -119,9 +155,24 @@ class MnistServer:
                 self.config.metrics_host or self.config.host,
                 self.config.metrics_port,
                 max_connections=METRICS_MAX_CONNECTIONS,
+                ssl_context=http_ssl_context(self.config),
+                auth=self.tokens if self.config.metrics_auth == "on" else None,
+                on_refused=lambda refused: self.metrics.count_refusal("metrics", refused),
             )
             self.metrics_port = self._metrics_http.start()
-        log.info("gRPC listening on port %d (health NOT_SERVING while the model loads)", self.port)
+        if self.config.http_port:
+            api = RestApi(self.inference, self.metrics, self.tokens, self.config.max_message_bytes)
+            host = self.config.http_host or self.config.host
+            self._rest = RestServer(
+                api, host, self.config.http_port, http_ssl_context(self.config), self.config.grace_seconds
+            )
+            self.http_port = await self._rest.start()
+            log.info("REST API (Open Inference Protocol /v2) and web page on port %d", self.http_port)
+        log.info(
+            "gRPC listening on port %d: %s (health NOT_SERVING while the model loads)",
+            self.port,
+            describe_security(self.config),
+        )
 
         loop = asyncio.get_running_loop()
         backend = await loop.run_in_executor(None, build_backend, self.config)
@@ -179,10 +230,14 @@ class MnistServer:
         )
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        self.inference.draining = True  # the protocol's ServerReady and ModelReady say false, as health does
         self.metrics.serving.set(0)
         await asyncio.sleep(self.config.drain_seconds)
         self.streams.closing.set()  # health watchers and reflection streams end UNAVAILABLE
+        rest_stopped = asyncio.ensure_future(self._rest.stop()) if self._rest is not None else None
         await self.calls.close(self.config.grace_seconds)
+        if rest_stopped is not None:
+            await rest_stopped  # aiohttp refuses new requests and lets running ones finish within the grace
         if self.pipeline is not None:
             await self.pipeline.close(timeout=0)
         if self._grpc is not None:
@@ -191,6 +246,8 @@ class MnistServer:
             await self._grpc.stop(0)
         if self._metrics_http is not None:
             self._metrics_http.stop()
+        if self.tracing is not None:  # the last spans leave (within a few seconds, collector or not)
+            await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
         log.info("stopped")
 
     # --- from another thread (tests, embedding) ------------------------------------------------------

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from server import tracing
 from server.errors import DeadlineExpired, Overloaded, ShuttingDown
 
 log = logging.getLogger("mnist.batching")
@@ -55,7 +56,10 @@ class BatchObserver:
 class Job:
     """One request's images and where their answers go. Rows are taken in order; the future gets all of them."""
 
-    __slots__ = ("images", "deadline", "future", "enqueued_at", "taken", "filled", "results")
+    __slots__ = (
+        "images", "deadline", "future", "enqueued_at", "taken", "filled", "results",
+        "run_started", "run_ended", "batch_images",
+    )  # fmt: skip
 
     def __init__(self, images: np.ndarray, deadline: float | None, future: asyncio.Future) -> None:
         self.images = images
@@ -65,6 +69,11 @@ class Job:
         self.taken = 0  # rows handed to batches so far
         self.filled = 0  # rows answered so far (when split across batches)
         self.results: tuple[np.ndarray, ...] | None = None
+        # Set by the runner (server/tracing.py draws queue wait and inference from them): time.monotonic() when the
+        # first batch with its rows started, when the last one ended, and that batch's size.
+        self.run_started: float | None = None
+        self.run_ended: float | None = None
+        self.batch_images = 0
 
     def __len__(self) -> int:
         return len(self.images)
@@ -212,13 +221,14 @@ class Batcher:
         A caller cancelled while waiting cancels its job: rows not yet running are never run.
         """
         job = self.submit(images, deadline)
-        if deadline is None:
-            return await job.future
-        timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), _expire, job)
+        timer = None if deadline is None else self._loop.call_later(max(0.0, deadline - time.monotonic()), _expire, job)
         try:
             return await job.future
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
+            if tracing.enabled:
+                tracing.record_job(job)
 
     def depth(self) -> int:
         return self._queued
@@ -479,11 +489,13 @@ class Batcher:
 
     def _run(self, batch: list[Slice]) -> tuple[np.ndarray, ...] | BaseException:
         parts = [job.images[start:stop] for job, start, stop in batch]
-        started = time.perf_counter()
+        started, began = time.perf_counter(), time.monotonic()
         try:
             results = self._run_batch(parts)
         except Exception as exc:  # noqa: BLE001 - a failed run fails its own jobs, never the runner
             return exc
+        finally:
+            _stamp_run(batch, began, time.monotonic())
         self._last_run_seconds = time.perf_counter() - started  # read by _finish, which this run schedules
         self._observer.on_batch(_rows(batch), self._last_run_seconds)
         return results
@@ -505,6 +517,15 @@ class _Call:
 
 def _rows(batch: list[Slice]) -> int:
     return sum(stop - start for _, start, stop in batch)
+
+
+def _stamp_run(batch: list[Slice], began: float, ended: float) -> None:
+    """In the runner, before the results are handed back: when each job's rows ran, for its trace spans."""
+    images = _rows(batch)
+    for job, _, _ in batch:
+        if job.run_started is None:
+            job.run_started = began
+        job.run_ended, job.batch_images = ended, images
 
 
 def _distribute(batch: list[Slice], results: tuple[np.ndarray, ...]) -> None:

@@ -1,8 +1,16 @@
-"""A small Python client for mnist.v1.Classifier, and the `mnist-classify` command."""
+"""A small Python client for mnist.v1.Classifier, and the `mnist-classify` command.
+
+Against a server started with TLS (README: TLS and tokens): `--tls` trusts the system's root CAs,
+`--tls-ca FILE` a CA of your own; `--tls-cert/--tls-key` present a client certificate (mTLS);
+`--token` (better: the environment variable MNIST_TOKEN, which `ps` does not show) sends
+`authorization: Bearer <token>` with every call. Each flag has an environment variable (see --help),
+so the image's HEALTHCHECK follows the container's settings.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,12 +21,40 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proto.mnist.v1 import classifier_pb2 as pb
 from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
 
+STOPPING_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
 
 class ClassifierClient:
     """`with ClassifierClient("localhost:50051") as c: c.classify_file("digit.png").digit`"""
 
-    def __init__(self, target: str, timeout: float = 10.0) -> None:
-        self.channel = grpc.insecure_channel(target)
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 10.0,
+        *,
+        tls: bool = False,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
+    ) -> None:
+        """TLS when `tls` or any of the `tls_*` files is given (else plaintext): `tls_ca` replaces the system's
+        root CAs, `tls_cert`+`tls_key` are the client's certificate for mTLS, `tls_server_name` the name the
+        server's certificate is checked against (default: the host of `target`). `token`: sent as a bearer token."""
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("a client certificate needs both tls_cert and tls_key")
+        if tls or tls_ca or tls_cert:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
+                private_key=Path(tls_key).read_bytes() if tls_key else None,
+                certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
+            )
+            options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.stub = pb_grpc.ClassifierStub(self.channel)
         self.timeout = timeout
 
@@ -32,21 +68,27 @@ class ClassifierClient:
         self.channel.close()
 
     def classify_encoded(self, data: bytes, request_id: str = "") -> pb.ClassifyResponse:
-        return self.stub.Classify(pb.ClassifyRequest(encoded=data, request_id=request_id), timeout=self.timeout)
+        return self.stub.Classify(
+            pb.ClassifyRequest(encoded=data, request_id=request_id), timeout=self.timeout, metadata=self.metadata
+        )
 
     def classify_raw(self, pixels: bytes, request_id: str = "") -> pb.ClassifyResponse:
         """`pixels`: 784 bytes, 28x28 uint8 row-major, light digit on dark (MNIST layout)."""
-        return self.stub.Classify(pb.ClassifyRequest(raw=pixels, request_id=request_id), timeout=self.timeout)
+        return self.stub.Classify(
+            pb.ClassifyRequest(raw=pixels, request_id=request_id), timeout=self.timeout, metadata=self.metadata
+        )
 
     def classify_file(self, path: str | Path) -> pb.ClassifyResponse:
         return self.classify_encoded(Path(path).read_bytes(), request_id=str(path))
 
     def classify_batch(self, requests: list[pb.ClassifyRequest]) -> list[pb.ClassifyResponse]:
-        reply = self.stub.ClassifyBatch(pb.ClassifyBatchRequest(requests=requests), timeout=self.timeout)
+        reply = self.stub.ClassifyBatch(
+            pb.ClassifyBatchRequest(requests=requests), timeout=self.timeout, metadata=self.metadata
+        )
         return list(reply.responses)
 
     def model_info(self) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
 
     def wait_until_serving(self, seconds: float) -> bool:
         """Poll grpc.health.v1 until the server reports SERVING (True) or `seconds` pass (False)."""
@@ -70,7 +112,64 @@ def certainty(confidence: float) -> str:
     return text[1:] if text.startswith("0") else text
 
 
-def main(argv: list[str] | None = None) -> int:
+def _add_security_arguments(parser: argparse.ArgumentParser, environ: dict[str, str]) -> None:
+    def env(name: str) -> str | None:
+        return environ.get(name) or None
+
+    group = parser.add_argument_group("TLS and tokens (each also read from the environment variable shown)")
+    group.add_argument(
+        "--tls",
+        action="store_true",
+        default=(env("MNIST_TLS") or "").lower() in ("1", "true", "yes", "on"),
+        help="connect over TLS, trusting the system's root CAs [env MNIST_TLS=1]",
+    )
+    group.add_argument(
+        "--tls-ca",
+        default=env("MNIST_TLS_CA"),
+        metavar="PEM",
+        help="connect over TLS, trusting this CA instead of the system's [env MNIST_TLS_CA]",
+    )
+    group.add_argument(
+        "--tls-cert",
+        default=env("MNIST_TLS_CERT"),
+        metavar="PEM",
+        help="client certificate for servers that require one (mTLS; with --tls-key) [env MNIST_TLS_CERT]",
+    )
+    group.add_argument(
+        "--tls-key", default=env("MNIST_TLS_KEY"), metavar="PEM", help="its private key [env MNIST_TLS_KEY]"
+    )
+    group.add_argument(
+        "--tls-server-name",
+        default=env("MNIST_TLS_SERVER_NAME"),
+        metavar="NAME",
+        help="check the server's certificate against this name instead of --server's host [env MNIST_TLS_SERVER_NAME]",
+    )
+    group.add_argument(
+        "--token",
+        default=env("MNIST_TOKEN"),
+        help="bearer token sent with every call; prefer the environment variable, which ps does not show "
+        "[env MNIST_TOKEN]",
+    )
+
+
+def _security_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together (a client certificate and its key)")
+    for flag in ("tls_ca", "tls_cert", "tls_key"):
+        path = getattr(args, flag)
+        if path and not Path(path).is_file():
+            parser.error(f"--{flag.replace('_', '-')} {path}: no such file")
+    return {
+        "tls": args.tls,
+        "tls_ca": args.tls_ca,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_server_name": args.tls_server_name,
+        "token": args.token,
+    }
+
+
+def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mnist-classify",
         description="Classify image files of handwritten digits with a running mnist-serve; prints one line per file.",
@@ -91,16 +190,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only check grpc.health.v1: exit 0 if the server is SERVING, else 1 (for HEALTHCHECK)",
     )
+    _add_security_arguments(parser, dict(os.environ if environ is None else environ))
     args = parser.parse_args(argv)
+    security = _security_options(parser, args)
     if args.health:
-        with ClassifierClient(args.server, args.timeout) as client:
+        with ClassifierClient(args.server, args.timeout, **security) as client:
             serving = client.wait_until_serving(args.wait)
         print(f"{args.server}: {'SERVING' if serving else 'not serving'}")
         return 0 if serving else 1
     if not args.images:
         parser.error("give at least one image file (or --health)")
     failures = 0
-    with ClassifierClient(args.server, args.timeout) as client:
+    with ClassifierClient(args.server, args.timeout, **security) as client:
         if args.wait and not client.wait_until_serving(args.wait):
             print(f"mnist-classify: {args.server} did not report SERVING within {args.wait:g} s", file=sys.stderr)
             return 1
@@ -114,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             except grpc.RpcError as exc:
                 print(f"{path}: {exc.code().name}: {exc.details()}", file=sys.stderr)
                 failures += 1
-                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                if exc.code() in STOPPING_CODES:  # every further call would fail the same way
                     break
                 continue
             line = f"{path}: {reply.digit} with {certainty(reply.confidence)} certainty"

@@ -9,6 +9,7 @@ import argparse
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
+from urllib.parse import urlparse
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "googlenet-fast.onnx"
 DIGIT_DETECTOR = Path(__file__).resolve().parent / "bundled" / "digit-detector.npz"
@@ -21,6 +22,8 @@ class ServeConfig:
     port: int = 50051
     metrics_port: int = 9464  # not 9090, which is Prometheus's own
     metrics_host: str = ""  # "" = the same address as `host`
+    http_port: int = 8000  # Open Inference Protocol over HTTP/REST and the web page; 0 = off (Triton's default port)
+    http_host: str = ""  # "" = the same address as `host`
     model: str = str(BUNDLED_MODEL)
     backend: str = "onnxruntime"  # or "null" / "null-threaded": answer at once without a model (benchmarking aids)
     null_device_ms: str = "0+0"  # null-threaded only: emulated device time per batch, "FIXED+PER_IMAGE" ms, no CPU
@@ -49,6 +52,13 @@ class ServeConfig:
     ort_spinning: str = "auto"  # auto: ONNX Runtime's idle threads spin on a GPU only (on CPU they would burn cores)
     drain_seconds: float = 1.0  # after SIGTERM: report NOT_SERVING this long before refusing new calls
     grace_seconds: float = 10.0  # then: how long in-flight calls may take to finish
+    tls_cert: str = ""  # PEM certificate chain: every port (gRPC, HTTP, /metrics) speaks TLS; "" = plaintext
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_client_ca: str = ""  # PEM CA bundle: clients must present a certificate it signed (mTLS)
+    auth_tokens_file: str = ""  # bearer tokens, one per line (server/security.py); "" = no token check
+    metrics_auth: str = "off"  # on: /metrics needs a token too
+    otlp_endpoint: str = ""  # OpenTelemetry traces to this OTLP/gRPC collector, e.g. http://collector:4317; "" = off
+    trace_sample_ratio: float = 1.0  # new traces sampled at this ratio; a caller's traceparent decision is kept
     log_level: str = "INFO"
 
 
@@ -58,6 +68,7 @@ CHOICES = {
     "precision": ("auto", "fp32", "fp16"),
     "layout": ("auto", "nchw", "nhwc"),
     "cuda_graph": ("auto", "on", "off"),
+    "metrics_auth": ("off", "on"),
     "ort_spinning": ("auto", "on", "off"),
     "cudnn_conv_algo_search": ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -69,6 +80,9 @@ HELP = {
     "metrics_port": "Prometheus /metrics HTTP port (0 = no metrics endpoint)",
     "metrics_host": "address the /metrics endpoint listens on (empty = the same as --host); e.g. 127.0.0.1 to keep it "
     "off the network",
+    "http_port": "HTTP port of the Open Inference Protocol's REST API (/v2/...) and of the web page at / where a "
+    "person can draw a digit and see the answer (0 = no HTTP server)",
+    "http_host": "address the REST API and web page listen on (empty = the same as --host)",
     "model": "ONNX model written by mnist-export (default: the bundled googlenet-fast); its fp16 variant "
     "NAME.fp16.onnx is looked for beside it",
     "backend": "inference engine: onnxruntime; or null (answers every image at once with a fixed probability row, "
@@ -116,6 +130,21 @@ HELP = {
     "on, off",
     "drain_seconds": "on SIGTERM/SIGINT, seconds of NOT_SERVING health before new calls are refused",
     "grace_seconds": "on shutdown, seconds in-flight calls get to finish",
+    "tls_cert": "PEM certificate chain (server certificate first): serve gRPC, the HTTP API and /metrics over TLS "
+    "with it (needs --tls-key); empty = plaintext",
+    "tls_key": "PEM private key (unencrypted) of --tls-cert",
+    "tls_client_ca": "PEM CA certificate(s): require every client, on every port, to present a certificate signed by "
+    "one of them (mutual TLS; needs --tls-cert)",
+    "auth_tokens_file": "file of accepted bearer tokens, one per line (blank lines and # comments ignored): every "
+    "call must send 'authorization: Bearer <token>' (UNAUTHENTICATED / HTTP 401 without one, PERMISSION_DENIED / "
+    "HTTP 403 for an unknown one), except grpc.health.v1 and, unless --metrics-auth on, /metrics",
+    "metrics_auth": "off (Prometheus scrapes /metrics without a token) or on (/metrics needs a token from "
+    "--auth-tokens-file too)",
+    "otlp_endpoint": "send OpenTelemetry traces (a span per call, with preprocess, queue wait and inference "
+    "children; a caller's W3C traceparent is honoured) to this OTLP collector over gRPC, e.g. http://collector:4317 "
+    "(https:// for TLS); empty = tracing off",
+    "trace_sample_ratio": "fraction of new traces sampled, 0..1; a call carrying a traceparent follows its caller's "
+    "sampling decision",
     "log_level": "logging level: DEBUG, INFO, WARNING, ERROR",
 }
 
@@ -216,6 +245,7 @@ def validate(config: ServeConfig) -> None:
         if getattr(config, name) < 1:
             problems.append(f"{name} must be at least 1")
     for name in (
+        "http_port",
         "max_batch_size",
         "max_queue_delay_ms",
         "max_queue_wait_ms",
@@ -247,6 +277,8 @@ def validate(config: ServeConfig) -> None:
                 problems.append(
                     f"max_batch_size {config.max_batch_size} is under the largest batch bucket {buckets[-1]}"
                 )
+    if config.http_port and config.http_port in (config.port, config.metrics_port):
+        problems.append(f"http_port {config.http_port} is already taken by the gRPC or the metrics port")
     if config.max_request_images > config.max_queue_size:
         problems.append("max_request_images cannot exceed max_queue_size (such a batch could never be queued)")
     if config.max_image_pixels > min(config.max_request_pixels, config.max_decoding_pixels):
@@ -255,8 +287,47 @@ def validate(config: ServeConfig) -> None:
         problems.append(f"digit detector {config.digit_detector} does not exist (or pass none)")
     if config.backend == "onnxruntime" and not Path(config.model).is_file():
         problems.append(f"model file {config.model} does not exist")
+    if not 0.0 <= config.trace_sample_ratio <= 1.0:
+        problems.append(f"trace_sample_ratio must be between 0 and 1, not {config.trace_sample_ratio}")
+    endpoint = urlparse(config.otlp_endpoint)
+    if config.otlp_endpoint and (endpoint.scheme not in ("http", "https") or not endpoint.netloc):
+        problems.append(f"otlp_endpoint must look like http://HOST:PORT (or https://), not {config.otlp_endpoint!r}")
+    problems += security_problems(config)
     if problems:
         raise SystemExit("mnist-serve: invalid configuration: " + "; ".join(problems))
+
+
+def security_problems(config: ServeConfig) -> list[str]:
+    """What is wrong with the TLS and token settings: pairs, files, and whether they load."""
+    from server.security import http_ssl_context, read_tokens  # stdlib only; here to keep imports light
+
+    problems = []
+    if config.tls_key and not config.tls_cert:
+        problems.append("tls_key needs tls_cert (the certificate it belongs to)")
+    if config.tls_cert and not config.tls_key:
+        problems.append("tls_cert needs tls_key (its private key)")
+    if config.tls_client_ca and not config.tls_cert:
+        problems.append("tls_client_ca (client certificates) needs tls_cert and tls_key: mTLS is TLS first")
+    if config.metrics_auth == "on" and not config.auth_tokens_file:
+        problems.append("metrics_auth on needs auth_tokens_file (the tokens /metrics would accept)")
+    missing = [
+        f"{name} {getattr(config, name)} does not exist"
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file")
+        if getattr(config, name) and not Path(getattr(config, name)).is_file()
+    ]
+    problems += missing
+    if problems:
+        return problems
+    try:
+        http_ssl_context(config)  # a key that does not match, a file that is not PEM: said now, not at bind
+    except ValueError as exc:
+        problems.append(str(exc))
+    if config.auth_tokens_file:
+        try:
+            read_tokens(config.auth_tokens_file)
+        except ValueError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def describe(config: ServeConfig) -> str:

@@ -1,7 +1,7 @@
 """Why a request could not be answered, in the model pipeline's own terms (no gRPC here).
 
-The transport maps each to its status code in one table (server/service.py); the message is
-written for the client and sent as the status details.
+Each transport maps them to its status codes in one table (server/guards.py for gRPC, server/rest.py
+for HTTP); the message is written for the client and sent as the status details.
 """
 
 from __future__ import annotations
@@ -41,3 +41,31 @@ class DeadlineExpired(ServiceError):
 
 class Cancelled(ServiceError):
     """The caller went away."""
+
+
+class AuthRefused(ServiceError):
+    """The caller did not prove it may call (server/security.py); `reason` labels the refusal in metrics."""
+
+    reason = "invalid"
+
+
+class Unauthenticated(AuthRefused):
+    """No credentials, or not in a form the server reads (`authorization: Bearer <token>` is expected)."""
+
+    def __init__(self, message: str, reason: str = "missing") -> None:
+        super().__init__(message)
+        self.reason = reason  # "missing" (no header) or "malformed" (not "Bearer <token>")
+
+
+class PermissionDenied(AuthRefused):
+    """Credentials were given but are not among those the server accepts."""
+
+    reason = "invalid"
+
+
+class NotFound(ServiceError):
+    """The request names a model or version this server does not serve; the message names those it does."""
+
+
+class Unsupported(ServiceError):
+    """A protocol feature this server does not offer (shared-memory tensors, model control, ...)."""

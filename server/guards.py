@@ -28,16 +28,23 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
+from server import tracing
 from server.errors import (
+    AuthRefused,
     Cancelled,
     DeadlineExpired,
     InvalidInput,
+    NotFound,
     NotReady,
     Overloaded,
+    PermissionDenied,
     ServiceError,
     ShuttingDown,
+    Unauthenticated,
+    Unsupported,
 )
 from server.metrics import ServiceMetrics
+from server.security import TokenChecker, grpc_authorization
 from server.wire import ParsedRequest, safe_parser
 
 log = logging.getLogger("mnist.guards")
@@ -49,6 +56,11 @@ STATUS_OF: dict[type[ServiceError], grpc.StatusCode] = {
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    AuthRefused: grpc.StatusCode.PERMISSION_DENIED,  # any other refusal of credentials
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    Unsupported: grpc.StatusCode.UNIMPLEMENTED,
 }
 REFUSAL_GRACE_S = 0.2  # a refused request stream: how long its first request may take to arrive
 STREAM_WRITE_TIMEOUT_S = 10.0  # a stream whose client reads nothing this long is ended
@@ -160,16 +172,33 @@ def _cancel_code(deadline: float | None, gate: CallGate | None) -> tuple[grpc.St
     return grpc.StatusCode.CANCELLED, ""
 
 
-def unary(method: str, handler: Handler, metrics: ServiceMetrics, gate: CallGate | None = None) -> Handler:
-    """Count and time one unary method's calls, and turn every failure into a status with a message."""
+def unary(
+    method: str,
+    handler: Handler,
+    metrics: ServiceMetrics,
+    gate: CallGate | None = None,
+    auth: TokenChecker | None = None,
+    service: str = "",
+) -> Handler:
+    """Count and time one unary method's calls, and turn every failure into a status with a message.
+
+    With `auth`, the caller's bearer token is checked first of all (UNAUTHENTICATED / PERMISSION_DENIED,
+    counted in mnist_auth_refused_total): a refused call takes no gate slot and is never parsed further.
+    With tracing on (server/tracing.py), each call is a span named `service`/`method`, ended with its status."""
     latency, calls = _counters(method, metrics)
+    span_name, span_attributes = tracing.grpc_call(service, method)
 
     async def handle(parsed: ParsedRequest, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
         deadline = request_deadline(context)
+        span = None
+        if tracing.enabled:  # the call's span, child of the caller's traceparent, current until the call ends
+            span = tracing.start_server_span(span_name, context.invocation_metadata(), span_attributes)
         metrics.in_flight.inc()
         code, message, error, entered = grpc.StatusCode.OK, "", None, False
         try:
+            if auth is not None:
+                _check(auth, context, metrics)
             if parsed.problem:
                 raise InvalidInput(parsed.problem)
             if gate is not None:
@@ -194,21 +223,36 @@ def unary(method: str, handler: Handler, metrics: ServiceMetrics, gate: CallGate
             metrics.in_flight.dec()
             calls[code].inc()
             latency[code].observe(time.perf_counter() - started)
+            if span is not None:
+                span.end_grpc(code, message)
         await _abort(context, code, message, error)
 
     return handle
 
 
 def streaming(
-    method: MethodDescriptor, handler: Callable[..., Any], metrics: ServiceMetrics, gate: StreamGate
+    method: MethodDescriptor,
+    handler: Callable[..., Any],
+    metrics: ServiceMetrics,
+    gate: StreamGate,
+    auth: TokenChecker | None = None,
 ) -> Callable[..., Awaitable[None]]:
-    """A server-streaming or bidirectional method, written out with context.write; bounded, counted, ended cleanly."""
+    """A server-streaming or bidirectional method, written out with context.write; bounded, counted, ended cleanly.
+    With `auth`, the bearer token is checked before anything else, as for unary methods."""
     _, calls = _counters(method.name, metrics)
     bidirectional = method.client_streaming
 
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> None:
         code, message, error, opened = grpc.StatusCode.OK, "", None, False
         try:
+            if auth is not None:
+                try:
+                    _check(auth, context, metrics)
+                except AuthRefused:
+                    if bidirectional:  # as for Overloaded below: refusing under a request in flight reads INTERNAL
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(anext(aiter(request)), REFUSAL_GRACE_S)
+                    raise
             if gate.closing.is_set():
                 raise ShuttingDown("server is shutting down; retry on another replica")
             requests = request
@@ -249,6 +293,15 @@ def streaming(
             await _abort(context, code, message, error)
 
     return handle
+
+
+def _check(auth: TokenChecker, context: grpc.aio.ServicerContext, metrics: ServiceMetrics) -> None:
+    """The call's `authorization: Bearer <token>` metadata against `auth`; a refusal is counted and raised."""
+    try:
+        auth.check(grpc_authorization(context.invocation_metadata()))
+    except AuthRefused as refused:
+        metrics.count_refusal("grpc", refused)
+        raise
 
 
 async def _write_all(result: Any, context: grpc.aio.ServicerContext) -> None:
@@ -314,11 +367,13 @@ def generic_handler(
     calls: CallGate | None = None,
     streams: StreamGate | None = None,
     parsers: dict[str, Callable[[bytes], ParsedRequest]] | None = None,
+    auth: TokenChecker | None = None,
 ) -> grpc.GenericRpcHandler:
     """Guarded handlers for every method `service` declares; a method the servicer lacks is an error now, not later.
 
     `calls` bounds this service's unary calls (the model service's; health and model info pass
-    none), `streams` its streaming ones; `parsers` replaces the safe protobuf parser per method."""
+    none), `streams` its streaming ones; `parsers` replaces the safe protobuf parser per method; `auth`, when
+    given, checks every call's bearer token first (the server passes none for grpc.health.v1)."""
     handlers = {}
     for method in service.methods:
         implementation = getattr(servicer, method.name, None)
@@ -327,14 +382,14 @@ def generic_handler(
         parse = (parsers or {}).get(method.name) or safe_parser(message_factory.GetMessageClass(method.input_type))
         if not method.client_streaming and not method.server_streaming:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                unary(method.name, implementation, metrics, calls), parse, _serialize
+                unary(method.name, implementation, metrics, calls, auth, service.full_name), parse, _serialize
             )
             continue
         if method.client_streaming and not method.server_streaming:
             raise TypeError(f"{method.full_name} streams requests only; not supported here")
         if streams is None:
             raise TypeError(f"{method.full_name} streams: give a StreamGate to bound it")
-        guarded = streaming(method, implementation, metrics, streams)
+        guarded = streaming(method, implementation, metrics, streams, auth)
         if method.client_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(guarded, parse, _serialize)
         else:

@@ -39,6 +39,8 @@ LATENCY_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 CONFIDENCE_BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
+AUTH_PROTOCOLS = ("grpc", "http", "metrics")  # mnist_auth_refused_total series exist from the start, at 0
+AUTH_REASONS = ("missing", "malformed", "invalid")
 
 
 class BulkHistogram(Collector):
@@ -100,6 +102,16 @@ class ServiceMetrics:
         )
         self.requests = Counter("mnist_requests", "gRPC calls answered", ["method", "code"], registry=r)
         self.in_flight = Gauge("mnist_requests_in_flight", "gRPC calls being handled", registry=r)
+        self.auth_refused = Counter(
+            "mnist_auth_refused",
+            "calls refused for their credentials (server/security.py), by protocol (grpc, http, metrics) and "
+            "reason (missing, malformed: no or unreadable bearer token; invalid: a token not accepted)",
+            ["protocol", "reason"],
+            registry=r,
+        )
+        for protocol in AUTH_PROTOCOLS:
+            for reason in AUTH_REASONS:
+                self.auth_refused.labels(protocol, reason)
         self.session_run = Histogram(
             "mnist_session_run_seconds", "inference backend run per batch", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -142,6 +154,10 @@ class ServiceMetrics:
         self.confidence = BulkHistogram(
             "mnist_prediction_confidence", "probability of the predicted digit", CONFIDENCE_BUCKETS, r
         )
+
+    def count_refusal(self, protocol: str, error: object) -> None:
+        """One call refused by server/security.py's checks (`error` an AuthRefused: its `reason` labels it)."""
+        self.auth_refused.labels(protocol, getattr(error, "reason", "invalid")).inc()
 
     def describe_model(self, info: BackendInfo) -> None:
         self.model_info.clear()

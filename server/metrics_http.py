@@ -6,6 +6,11 @@ forever and Prometheus can no longer connect. `MetricsHttpServer` serves the sam
 asyncio streams on its own event loop in one daemon thread (so rendering never runs on the gRPC
 server's loop), with a deadline for every request head, body and response write, an idle timeout
 between keep-alive requests, a cap on open connections (the rest get a cheap 503) and a deep backlog.
+
+With `ssl_context` (server/security.py's `http_ssl_context`: the gRPC port's certificate and client-certificate
+policy) it speaks HTTPS only; the handshake shares the request head's deadline. With `auth` (a TokenChecker),
+GET /metrics needs `Authorization: Bearer <token>`: 401 with `WWW-Authenticate` without one, 403 for an unknown
+one, each reported to `on_refused`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import logging
 import os
 import re
 import socket
+import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
@@ -26,6 +33,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
+
+from server.errors import AuthRefused
+from server.security import TokenChecker, http_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +92,7 @@ def _display(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
+def listen_sockets(host: str, port: int, backlog: int, purpose: str = "metrics HTTP") -> list[socket.socket]:
     """Bind and listen in the caller's thread, so that start() raises at once if the address is unusable.
 
     "::", "[::]" and "" mean every address, IPv6 and IPv4 on one dual-stack socket (IPv4 only where the
@@ -115,7 +125,7 @@ def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
             reason = os.strerror(exc.errno)  # create_server's own text repeats the address as a tuple
         else:
             reason = exc.strerror or str(exc)
-        message = f"cannot listen for metrics HTTP on {_display(bare, port)}: {reason}"
+        message = f"cannot listen for {purpose} on {_display(bare, port)}: {reason}"
         raise OSError(exc.errno, message) from exc
 
 
@@ -164,6 +174,9 @@ class MetricsHttpServer:
         idle_timeout_s: float = 30.0,
         max_header_bytes: int = 8192,
         write_timeout_s: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+        auth: TokenChecker | None = None,
+        on_refused: Callable[[AuthRefused], None] | None = None,
     ) -> None:
         if max_connections < 1 or backlog < 1 or max_header_bytes < 64:
             raise ValueError("max_connections and backlog must be >= 1, max_header_bytes >= 64")
@@ -178,6 +191,9 @@ class MetricsHttpServer:
         self.idle_timeout_s = idle_timeout_s
         self.max_header_bytes = max_header_bytes
         self.write_timeout_s = write_timeout_s
+        self.ssl_context = ssl_context
+        self.auth = auth
+        self.on_refused = on_refused
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -196,7 +212,7 @@ class MetricsHttpServer:
         with self._lock:
             if self._thread is not None:
                 raise RuntimeError("MetricsHttpServer already started")
-            socks = _listen(self.host, self.port, self.backlog)
+            socks = listen_sockets(self.host, self.port, self.backlog)
             self.port = socks[0].getsockname()[1]
             loop = asyncio.new_event_loop()
             started = threading.Event()
@@ -269,7 +285,12 @@ class MetricsHttpServer:
             for sock in socks:
                 servers.append(
                     await asyncio.start_server(
-                        self._on_connection, sock=sock, backlog=self.backlog, limit=self.max_header_bytes
+                        self._on_connection,
+                        sock=sock,
+                        backlog=self.backlog,
+                        limit=self.max_header_bytes,
+                        ssl=self.ssl_context,
+                        ssl_handshake_timeout=self.header_timeout_s if self.ssl_context else None,
                     )
                 )
         except BaseException as exc:
@@ -429,6 +450,16 @@ class MetricsHttpServer:
             return response
         if split.path == "/":
             return _Response(HTTPStatus.OK, [("Content-Type", "text/html; charset=utf-8")], _INDEX)
+        if self.auth is not None:
+            try:
+                self.auth.check(request.headers.get("authorization"))
+            except AuthRefused as refused:
+                if self.on_refused is not None:
+                    self.on_refused(refused)
+                status, headers = http_refusal(refused)
+                response = _Response(status, *_text(str(refused)))
+                response.headers += list(headers.items())
+                return response
         try:
             encoder, content_type = choose_encoder(request.headers.get("accept", ""))
             registry = self.registry

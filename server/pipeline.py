@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from proto.contract import INPUT_DTYPE, INPUT_SHAPE
+from server import tracing
 from server.backends.base import Backend, BackendInfo
 from server.batching import Batcher, BatchObserver
 from server.budgets import PixelBudget, return_freed_memory
@@ -129,7 +130,22 @@ class ModelPipeline:
         Raises InvalidInput naming the first bad image by `index`, or the batcher's errors.
         """
         self.batcher.admit(len(payloads), deadline)  # shed before any preprocessing is spent on the request
-        images = await self.preprocess(payloads, kinds, deadline)
+        if tracing.enabled:
+            with tracing.preprocess_span(len(payloads)):
+                images = await self.preprocess(payloads, kinds, deadline)
+        else:
+            images = await self.preprocess(payloads, kinds, deadline)
+        probabilities, digits, confidences, scores, is_digit = await self.batcher.classify(images, deadline)
+        return Predictions(probabilities, digits, confidences, scores, is_digit, self.info.model_version)
+
+    async def classify_tensor(self, images: np.ndarray, deadline: float | None = None) -> Predictions:
+        """Classify images sent as a tensor (the Open Inference Protocol): (N, 1, 28, 28) uint8 pixels, normalized
+        with their batch, or float32 model input, already normalized. Shape and values are the caller's to check."""
+        if not len(images):
+            raise InvalidInput("no images to classify")
+        self.batcher.admit(len(images), deadline)
+        if images.dtype == np.uint8:
+            _refuse_blank(images, range(len(images)))
         probabilities, digits, confidences, scores, is_digit = await self.batcher.classify(images, deadline)
         return Predictions(probabilities, digits, confidences, scores, is_digit, self.info.model_version)
 

@@ -20,6 +20,7 @@ from server.errors import InvalidInput, NotReady
 from server.guards import STATUS_OF, CallGate, StreamGate, generic_handler, request_deadline, status_of
 from server.metrics import ServiceMetrics
 from server.pipeline import ModelPipeline
+from server.security import TokenChecker
 from server.wire import (
     ParsedRequest,
     encode_classify_batch_response,
@@ -120,5 +121,6 @@ def add_to_server(
     metrics: ServiceMetrics,
     calls: CallGate | None = None,
     streams: StreamGate | None = None,
+    auth: TokenChecker | None = None,
 ) -> None:
-    server.add_generic_rpc_handlers((generic_handler(servicer, SERVICE, metrics, calls, streams, PARSERS),))
+    server.add_generic_rpc_handlers((generic_handler(servicer, SERVICE, metrics, calls, streams, PARSERS, auth),))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -10,6 +11,10 @@ import numpy as np
 import pytest
 
 from training.data import IMAGES_MAGIC, LABELS_MAGIC, REPO_ROOT
+
+# Servers started by tests (in-process through load_config, or as subprocesses, which inherit this) keep off the
+# REST API's default port 8000, so that two of them never collide; tests of the REST API give it a free port.
+os.environ.setdefault("MNIST_SERVE_HTTP_PORT", "0")
 
 SHARED_MNIST = REPO_ROOT.parent / "shared" / "data" / "mnist"
 

@@ -70,7 +70,7 @@ def test_the_image_runs_as_non_root_with_health_check_ports_and_env_that_exist()
     assert re.search(r"^USER 10001$", dockerfile, re.M)
     assert "HEALTHCHECK" in dockerfile and '"mnist-classify", "--health"' in dockerfile
     defaults = ServeConfig()
-    assert f"EXPOSE {defaults.port} {defaults.metrics_port}" in dockerfile
+    assert f"EXPOSE {defaults.port} {defaults.metrics_port} {defaults.http_port}" in dockerfile
     for name in re.findall(r"MNIST_SERVE_(\w+)=", dockerfile):
         assert hasattr(defaults, name.lower()), name
 
@@ -207,7 +207,7 @@ def test_the_deployment_asks_for_a_gpu_and_probes_grpc_health(manifests: dict[st
     (container,) = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": ServeConfig().port, "metrics": ServeConfig().metrics_port}
+    assert ports == {"grpc": ServeConfig().port, "metrics": ServeConfig().metrics_port, "http": ServeConfig().http_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == ports["grpc"]
     assert container["readinessProbe"]["grpc"]["service"] == "mnist.v1.Classifier"

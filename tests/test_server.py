@@ -44,6 +44,7 @@ def test_config(**overrides) -> ServeConfig:
         host="127.0.0.1",
         port=0,
         metrics_port=free_port(),
+        http_port=0,
         provider="cpu",
         drain_seconds=0,
         grace_seconds=5,

@@ -13,13 +13,18 @@ import server.errors
 from proto.mnist.v1 import classifier_pb2 as pb
 from server.app import MnistServer
 from server.errors import (
+    AuthRefused,
     Cancelled,
     DeadlineExpired,
     InvalidInput,
+    NotFound,
     NotReady,
     Overloaded,
+    PermissionDenied,
     ServiceError,
     ShuttingDown,
+    Unauthenticated,
+    Unsupported,
 )
 from server.metrics import ServiceMetrics
 from server.service import SERVICE, ClassifierServicer, generic_handler, status_of
@@ -32,6 +37,11 @@ DOCUMENTED = {
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
+    AuthRefused: grpc.StatusCode.PERMISSION_DENIED,  # the base of the two below; raised only as one of them
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    Unsupported: grpc.StatusCode.UNIMPLEMENTED,
 }
 HEX32 = re.compile(r"[0-9a-f]{32}")
 

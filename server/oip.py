@@ -1,0 +1,324 @@
+"""The Open Inference Protocol (KServe v2, as Triton speaks it), transport-free: tensors in, tensors out.
+
+Both transports sit on this data plane: gRPC `inference.GRPCInferenceService` (server/oip_grpc.py) and
+HTTP/REST `/v2/...` (server/rest.py). It checks a request's tensors, turns them into images for the
+same model pipeline and batch queue as `mnist.v1`, and turns the predictions back into tensors. The
+model takes one input and gives two outputs:
+
+- `image`: FP32 [N, 1, 28, 28] normalized as in training ((pixel / 255 - 0.1307) / 0.3081), or UINT8
+  [N, 28, 28] (or [N, 1, 28, 28]) raw pixels, light digit on dark, which the server normalizes, or BYTES
+  [N]: encoded images (PNG, JPEG, ...) of any size, prepared exactly as `mnist.v1`'s `encoded` images
+  (the web page sends its drawing this way).
+- `probabilities`: FP32 [N, 10], index = digit; `digit`: INT64 [N], the most probable digit.
+
+Failures are domain errors (server/errors.py): each transport maps them to its own status codes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from proto.contract import IMAGE_SIDE, INPUT_NAME, INPUT_SHAPE, MNIST_NORMALIZATION, NUM_CLASSES, PROBABILITIES
+from server.errors import InvalidInput, NotFound, NotReady
+from server.pipeline import ENCODED, ModelPipeline
+
+DIGIT = "digit"
+OUTPUTS = (PROBABILITIES, DIGIT)
+SERVER_NAME = "mnist-googlenet-service"
+PLATFORM = "onnxruntime_onnx"  # what Triton calls an ONNX model served by ONNX Runtime
+EXTENSIONS = ("model_configuration", "statistics", "binary_tensor_data")
+# The protocol's datatype names and the numpy types they travel as (little-endian on the wire).
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+IMAGE_DTYPES = ("FP32", "UINT8", "BYTES")
+LENGTH_PREFIX = 4  # BYTES elements as raw data: each a little-endian uint32 length, then that many bytes
+# Normalized pixels lie in [low, high]; a little slack for clients that normalize in another precision.
+_LOW = float(MNIST_NORMALIZATION.apply(np.zeros(1))[0])
+_HIGH = float(MNIST_NORMALIZATION.apply(np.full(1, 255))[0])
+NORMALIZED_SLACK = 0.05
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One named tensor of a request or response, whatever the transport."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray  # flat or shaped; `shape` is what the client declared
+
+
+def tensor_from_bytes(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> Tensor:
+    """A tensor sent as raw little-endian bytes (gRPC raw_input_contents, HTTP binary data)."""
+    count = _element_count(name, shape)
+    if datatype == "BYTES":
+        return Tensor(name, datatype, tuple(shape), _bytes_elements(name, raw, count))
+    dtype = _dtype(name, datatype)
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidInput(
+            f"input '{name}': {len(raw)} bytes of data for shape {list(shape)} of {datatype}, which needs "
+            f"{count * dtype.itemsize}"
+        )
+    return Tensor(name, datatype, tuple(shape), np.frombuffer(raw, dtype))
+
+
+def tensor_from_values(name: str, datatype: str, shape: Sequence[int], values: Sequence | np.ndarray) -> Tensor:
+    """A tensor sent as typed values (gRPC `contents`, JSON `data`, flat or nested)."""
+    count = _element_count(name, shape)
+    if datatype == "BYTES":
+        elements = list(values)
+        if not all(isinstance(element, bytes) for element in elements):
+            raise InvalidInput(
+                f"input '{name}': BYTES (encoded images) travel as binary data, not JSON text; use the binary tensor "
+                "extension (binary_data_size) over HTTP, or bytes_contents / raw_input_contents over gRPC"
+            )
+        if len(elements) != count:
+            raise InvalidInput(f"input '{name}': {len(elements)} elements for shape {list(shape)}, which needs {count}")
+        return Tensor(name, datatype, tuple(shape), _object_array(elements))
+    dtype = _dtype(name, datatype)
+    try:
+        data = np.asarray(values, dtype).reshape(-1)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidInput(f"input '{name}': data is not a list of {datatype} numbers") from None
+    if data.size != count:
+        raise InvalidInput(f"input '{name}': {data.size} values for shape {list(shape)}, which needs {count}")
+    return Tensor(name, datatype, tuple(shape), data)
+
+
+def _bytes_elements(name: str, raw: bytes, count: int) -> np.ndarray:
+    """Length-prefixed BYTES elements -> an object array of bytes."""
+    elements, at = [], 0
+    while at < len(raw):
+        if at + LENGTH_PREFIX > len(raw):
+            raise InvalidInput(f"input '{name}': BYTES data ends inside an element's 4-byte length")
+        size = int.from_bytes(raw[at : at + LENGTH_PREFIX], "little")
+        at += LENGTH_PREFIX
+        if at + size > len(raw):
+            raise InvalidInput(f"input '{name}': a BYTES element of {size} bytes runs past the end of the data")
+        elements.append(raw[at : at + size])
+        at += size
+    if len(elements) != count:
+        raise InvalidInput(f"input '{name}': {len(elements)} BYTES elements for a shape that needs {count}")
+    return _object_array(elements)
+
+
+def _object_array(elements: list[bytes]) -> np.ndarray:
+    array = np.empty(len(elements), object)
+    array[:] = elements
+    return array
+
+
+def _dtype(name: str, datatype: str) -> np.dtype:
+    if datatype not in DTYPES:
+        raise InvalidInput(f"input '{name}': unknown datatype {datatype!r}; this model takes FP32, UINT8 or BYTES")
+    return DTYPES[datatype]
+
+
+def _element_count(name: str, shape: Sequence[int]) -> int:
+    if not shape or any(not isinstance(d, int) or d < 0 for d in shape):
+        raise InvalidInput(f"input '{name}': shape {list(shape)} must be a list of non-negative whole numbers")
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def images_from(tensor: Tensor, max_images: int) -> np.ndarray:
+    """The `image` input -> (N, 1, 28, 28) uint8 pixels or float32 normalized input checked to be in range, or
+    (N,) encoded images (an object array of bytes)."""
+    if tensor.name != INPUT_NAME:
+        raise InvalidInput(f"unknown input '{tensor.name}'; this model takes one input, '{INPUT_NAME}'")
+    if tensor.datatype not in IMAGE_DTYPES:
+        raise InvalidInput(
+            f"input '{INPUT_NAME}' must be FP32 (normalized), UINT8 (raw pixels) or BYTES (encoded images), not "
+            f"{tensor.datatype}"
+        )
+    shape = tensor.shape
+    if tensor.datatype == "BYTES":
+        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+            raise InvalidInput(f"BYTES '{INPUT_NAME}' has shape {list(shape)}; send [N] (or [N, 1]) encoded images")
+        if shape[0] < 1 or shape[0] > max_images:
+            raise InvalidInput(f"input '{INPUT_NAME}' holds {shape[0]} images; send 1 to {max_images} per request")
+        return tensor.data.reshape(-1)
+    if not (len(shape) in (3, 4) and shape[-2:] == (IMAGE_SIDE, IMAGE_SIDE) and (len(shape) == 3 or shape[1] == 1)):
+        raise InvalidInput(
+            f"input '{INPUT_NAME}' has shape {list(shape)}; send [N, 1, {IMAGE_SIDE}, {IMAGE_SIDE}] or "
+            f"[N, {IMAGE_SIDE}, {IMAGE_SIDE}]"
+        )
+    if shape[0] < 1 or shape[0] > max_images:
+        raise InvalidInput(f"input '{INPUT_NAME}' holds {shape[0]} images; send 1 to {max_images} per request")
+    images = tensor.data.reshape(shape[0], *INPUT_SHAPE)
+    if tensor.datatype == "UINT8":
+        return np.ascontiguousarray(images, np.uint8)
+    images = np.ascontiguousarray(images, np.float32)
+    low, high = float(images.min()), float(images.max())
+    if not (np.isfinite(low) and np.isfinite(high)) or low < _LOW - NORMALIZED_SLACK or high > _HIGH + NORMALIZED_SLACK:
+        raise InvalidInput(
+            f"FP32 '{INPUT_NAME}' must be normalized as (pixel / 255 - {MNIST_NORMALIZATION.mean}) / "
+            f"{MNIST_NORMALIZATION.std}, within [{_LOW:.4f}, {_HIGH:.4f}]; got values from {low:g} to {high:g}. "
+            "Send UINT8 raw pixels to have the server normalize them"
+        )
+    return images
+
+
+@dataclass
+class ModelStatistics:
+    """Counts for the protocol's statistics extension (Triton's ModelStatistics), kept by the data plane."""
+
+    inference_count: int = 0  # images answered
+    execution_count: int = 0  # requests answered
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    last_inference_ms: int = 0  # wall-clock time of the last request, ms since the epoch
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, images: int, seconds: float, ok: bool) -> None:
+        with self.lock:
+            ns = int(seconds * 1e9)
+            if ok:
+                self.inference_count += images
+                self.execution_count += 1
+                self.success_count += 1
+                self.success_ns += ns
+            else:
+                self.fail_count += 1
+                self.fail_ns += ns
+            self.last_inference_ms = int(time.time() * 1000)
+
+
+class InferenceDataPlane:
+    """What the protocol's endpoints answer, over the served pipeline (None until the model is warm)."""
+
+    def __init__(self, pipeline: Callable[[], ModelPipeline | None], max_images: int, server_version: str) -> None:
+        self._pipeline = pipeline
+        self.max_images = max_images
+        self.server_version = server_version
+        self.draining = False  # set when shutdown begins: ServerReady and ModelReady turn false; calls still served
+        self.statistics = ModelStatistics()
+
+    # --- health and metadata --------------------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self._pipeline() is not None and not self.draining
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        if not self.ready():
+            return False
+        try:
+            self.served(name, version)
+        except NotFound:
+            return False
+        return True
+
+    def server_metadata(self) -> dict:
+        return {"name": SERVER_NAME, "version": self.server_version, "extensions": list(EXTENSIONS)}
+
+    def model_metadata(self, name: str, version: str = "") -> dict:
+        pipeline = self.served(name, version)
+        info = pipeline.info
+        return {
+            "name": info.model_name,
+            "versions": [info.model_version],
+            "platform": PLATFORM,
+            "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *INPUT_SHAPE]}],
+            "outputs": [
+                {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, NUM_CLASSES]},
+                {"name": DIGIT, "datatype": "INT64", "shape": [-1]},
+            ],
+        }
+
+    def model_config(self, name: str, version: str = "") -> dict:
+        """Triton's ModelConfig in its JSON form (dims without the batch axis), for perf_analyzer and friends."""
+        info = self.served(name, version).info
+        return {
+            "name": info.model_name,
+            "platform": PLATFORM,
+            "backend": "onnxruntime",
+            "max_batch_size": min(info.max_batch_size, self.max_images),
+            "input": [{"name": INPUT_NAME, "data_type": "TYPE_FP32", "dims": list(INPUT_SHAPE)}],
+            "output": [
+                {"name": PROBABILITIES, "data_type": "TYPE_FP32", "dims": [NUM_CLASSES]},
+                {"name": DIGIT, "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}},
+            ],
+            "version_policy": {"latest": {"num_versions": 1}},
+            "dynamic_batching": {},
+        }
+
+    def model_names(self) -> list[tuple[str, str]]:
+        pipeline = self._pipeline()
+        return [] if pipeline is None else [(pipeline.info.model_name, pipeline.info.model_version)]
+
+    # --- inference --------------------------------------------------------------------------------
+
+    async def infer(
+        self,
+        name: str,
+        version: str,
+        inputs: Sequence[Tensor],
+        requested: Sequence[str] | None = None,
+        deadline: float | None = None,
+    ) -> tuple[str, list[Tensor]]:
+        """The requested outputs (all when `requested` is empty) for `inputs`; returns (model version, outputs)."""
+        started, images = time.perf_counter(), 0
+        try:
+            pipeline = self.served(name, version)
+            wanted = list(requested or OUTPUTS)
+            unknown = [output for output in wanted if output not in OUTPUTS]
+            if unknown:
+                raise InvalidInput(f"unknown output '{unknown[0]}'; this model gives {', '.join(OUTPUTS)}")
+            if len(inputs) != 1:
+                raise InvalidInput(f"send exactly one input, '{INPUT_NAME}' (got {len(inputs)})")
+            pixels = images_from(inputs[0], self.max_images)
+            images = len(pixels)
+            try:
+                if pixels.dtype == object:  # encoded images: decoded and prepared as mnist.v1's are
+                    predictions = await pipeline.classify(list(pixels), [ENCODED] * images, deadline)
+                else:
+                    predictions = await pipeline.classify_tensor(pixels, deadline)
+            except InvalidInput as err:
+                if err.index is None:
+                    raise
+                raise InvalidInput(f"input '{INPUT_NAME}', image {err.index}: {err}", err.index) from None
+        except BaseException:
+            self.statistics.record(images, time.perf_counter() - started, ok=False)
+            raise
+        self.statistics.record(images, time.perf_counter() - started, ok=True)
+        n = len(predictions)
+        tensors = {
+            PROBABILITIES: Tensor(PROBABILITIES, "FP32", (n, NUM_CLASSES), predictions.probabilities.astype("<f4")),
+            DIGIT: Tensor(DIGIT, "INT64", (n,), predictions.digits.astype("<i8")),
+        }
+        return predictions.model_version, [tensors[output] for output in wanted]
+
+    def served(self, name: str, version: str) -> ModelPipeline:
+        """The pipeline serving `name` at `version` ("" = the default); NotReady or NotFound naming what is served."""
+        pipeline = self._pipeline()
+        if pipeline is None:
+            raise NotReady("model is still loading; retry shortly")
+        info = pipeline.info
+        if name != info.model_name:
+            raise NotFound(f"no model named '{name}'; this server serves '{info.model_name}'")
+        if version not in ("", info.model_version):
+            raise NotFound(
+                f"model '{name}' has no version '{version}'; available: '{info.model_version}' (or leave it empty)"
+            )
+        return pipeline
