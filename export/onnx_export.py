@@ -473,9 +473,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="also write a Triton model repository DIR/<name>/1/model.onnx + config.pbtxt (dynamic batching) for "
-        "the exported model, or for the --check model",
+        "the exported model, or for the --check model; this REPLACES DIR/<name>/ (all its versions and its config) "
+        "with version 1 only: to add a version to a live repository, use --publish",
     )
-    parser.add_argument("--triton-max-batch-size", type=int, default=256, help="max_batch_size in config.pbtxt")
+    parser.add_argument(
+        "--publish",
+        type=Path,
+        metavar="DIR",
+        help="also publish the exported (or --check) model into the model repository DIR as the next version: "
+        "DIR/<name>/<N>/model.onnx, N = 1 + the largest integer-named version folder there (1 if none; other names "
+        "are ignored), with --fp16 also model.fp16.onnx beside it. The files are staged in a hidden folder inside "
+        "DIR/<name>/ and renamed to N in one step, so a server polling DIR (mnist-serve --model-repository, "
+        "Triton) never sees a half-written version; if another publisher takes N meanwhile, the next number is "
+        "used. config.pbtxt and labels.txt are written only when DIR/<name>/ has no config.pbtxt yet: an "
+        "existing one (a version policy, say) is kept, and must name the same model",
+    )
+    parser.add_argument(
+        "--triton-max-batch-size", type=int, default=256, help="max_batch_size in a config.pbtxt written"
+    )
     parser.add_argument(
         "--fp16",
         action="store_true",
@@ -512,6 +527,28 @@ def _write_triton(args: argparse.Namespace, model_path: Path) -> None:
     print(f"  Triton repository: {folder}/ (config.pbtxt, labels.txt, 1/model.onnx)")
 
 
+def _publish(args: argparse.Namespace, model_path: Path) -> None:
+    """--publish: the next version of `model_path` (and, with --fp16, its variant written before this)."""
+    if args.publish is None:
+        return
+    import onnx
+
+    from export.triton import publish_version
+
+    metadata = read_metadata(onnx.load(str(model_path), load_external_data=False))
+    fp16_path = variant_path(model_path, "fp16") if args.fp16 else None
+    config_existed = (args.publish / metadata.model_name / "config.pbtxt").is_file()
+    folder, number = publish_version(
+        model_path, args.publish, metadata, args.triton_max_batch_size, fp16_path=fp16_path
+    )
+    files = "model.onnx, model.fp16.onnx" if fp16_path else "model.onnx"
+    print(f"published {metadata.model_name} version {number} to {folder}/ ({files})")
+    if config_existed:
+        print(f"  kept the existing {folder.parent / 'config.pbtxt'}")
+    else:
+        print(f"  wrote {folder.parent / 'config.pbtxt'} and labels.txt")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -535,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.check, args.parity_images, args.accuracy_images, args.data_dir, args.provider
                     )
                 )
+            _publish(args, args.check)
             return 0
         if args.checkpoint is None:
             build_parser().error("give a checkpoint to export, or --check MODEL.onnx")
@@ -571,6 +609,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if fp16_report is not None:
         _print_fp16(fp16_report)
+    try:
+        _publish(args, output)
+    except (ValueError, OSError) as exc:
+        print(f"mnist-export: not published: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -193,7 +193,9 @@ def plan(profile_name: str, out: Path) -> list[Step]:
         ),  # fmt: skip
         Step(
             "bench-googlenet",
-            [*full, "--model", str(model), "--out", str(out / "bench-googlenet")],
+            # a benchmark of the freshly trained model: its accuracy is the export step's to report (the smoke
+            # profile's model is barely trained), so the server's check on stored digits is off here
+            [*full, "--model", str(model), "--server-args=--verify-model off", "--out", str(out / "bench-googlenet")],
             150,
             needs=["export"],
             why="the full model, fp16 where its variant was written",

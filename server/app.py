@@ -15,7 +15,9 @@ import resource
 import signal
 import sys
 import threading
+from dataclasses import replace
 from importlib import metadata
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -25,7 +27,8 @@ from grpc_reflection.v1alpha._async import ReflectionServicer
 from server.backends import build_backend
 from server.config import ServeConfig, describe, load_config
 from server.digit_detector import DigitDetector
-from server.guards import CallGate, StreamGate, generic_handler
+from server.errors import ServiceError
+from server.guards import CallGate, StreamGate, generic_handler, status_of
 from server.health import HealthService
 from server.metrics import ServiceMetrics
 from server.metrics_http import MetricsHttpServer
@@ -34,6 +37,7 @@ from server.oip_grpc import SERVICE as INFERENCE_SERVICE
 from server.oip_grpc import InferenceServicer
 from server.oip_grpc import add_to_server as add_inference_to_server
 from server.pipeline import ModelPipeline, PipelineSettings
+from server.repository import ModelRepository, RepositoryObserver, verify_on_samples
 from server.rest import RestApi, RestServer
 from server.security import TokenChecker, grpc_server_credentials, http_ssl_context, load_token_checker
 from server.security import describe as describe_security
@@ -81,6 +85,34 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+class RepositoryMetrics(RepositoryObserver):
+    """Versions coming and going, into metrics and grpc health (one health service per model name)."""
+
+    def __init__(self, server: MnistServer) -> None:
+        self.server = server
+
+    def on_loaded(self, name: str, version: str, seconds: float) -> None:
+        self.server.metrics.model_load_seconds.labels(name, version).set(seconds)
+
+    def on_failed(self, name: str, version: str, reason: str) -> None:
+        self.server.metrics.model_load_failures.labels(name, version or "-").inc()
+
+    def on_request(self, name: str, version: str, seconds: float, error: BaseException | None) -> None:
+        if error is None:
+            code = "OK"
+        elif isinstance(error, ServiceError):
+            code = status_of(error).name
+        else:
+            code = "CANCELLED" if isinstance(error, asyncio.CancelledError) else "INTERNAL"
+        self.server.metrics.model_requests.labels(name, version, code).inc()
+        self.server.metrics.model_latency.labels(name, version).observe(seconds)
+
+    def on_changed(self, repository: ModelRepository) -> None:
+        self.server.metrics.describe_models(repository)
+        if self.server._health is not None and not self.server._stopping:
+            asyncio.ensure_future(self.server._set_model_health())
+
+
 class MnistServer:
     """The whole service in one object: `await start_async()` on a loop, or `start()` on a thread of its own."""
 
@@ -91,9 +123,17 @@ class MnistServer:
         self.servicer = ClassifierServicer(config)
         self.calls = CallGate(config.max_concurrent_calls)
         self.streams = StreamGate(config.max_streams, config.stream_idle_seconds)
-        self.pipeline: ModelPipeline | None = None
-        # The Open Inference Protocol (gRPC beside mnist.v1, and REST): the same pipeline, once it is warm.
-        self.inference = InferenceDataPlane(lambda: self.servicer.pipeline, config.max_request_images, _version())
+        # Every model version served, READY before it takes traffic; both protocols route through it.
+        self.models = ModelRepository(
+            self._load_model, None, RepositoryMetrics(self), config.default_model, config.grace_seconds
+        )
+        self.servicer.models = self.models
+        self.detector: DigitDetector | None = None
+        self._watch: asyncio.Future | None = None
+        self._serving = False
+        self._model_health_names: set[str] = set()
+        # The Open Inference Protocol (gRPC beside mnist.v1, and REST): the same models and pipelines.
+        self.inference = InferenceDataPlane(self.models, config.max_request_images, _version(), config.model_control)
         self.http_port: int | None = None
         self._rest: RestServer | None = None
         self.tracing: Tracing | None = None  # OpenTelemetry spans, with --otlp-endpoint (server/tracing.py)
@@ -107,12 +147,30 @@ class MnistServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
+    @property
+    def pipeline(self) -> ModelPipeline | None:
+        """The default model's default version (what a request naming no model gets), or None before one loads."""
+        try:
+            return self.models.resolve().pipeline
+        except ServiceError:
+            return None
+
     # --- on the event loop ---------------------------------------------------------------------------
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE.full_name, INFERENCE_SERVICE.full_name):
             await self._health.set(name, status)
-        self.metrics.serving.set(1 if status == SERVING else 0)
+        self._serving = status == SERVING
+        self.metrics.serving.set(1 if self._serving else 0)
+        await self._set_model_health()
+
+    async def _set_model_health(self) -> None:
+        """grpc health per model name: SERVING while a version of it is READY (and the server is serving)."""
+        names = {status.name for status in self.models.statuses()}
+        for name in sorted(names | self._model_health_names):  # a model gone from the repository: NOT_SERVING
+            ready = self._serving and name in names and self.models.model_ready(name)
+            await self._health.set(name, SERVING if ready else NOT_SERVING)
+        self._model_health_names |= names
 
     async def start_async(self) -> MnistServer:
         """Bind and answer health (NOT_SERVING) at once, then load and warm the model, then SERVING."""
@@ -174,16 +232,42 @@ class MnistServer:
             describe_security(self.config),
         )
 
-        loop = asyncio.get_running_loop()
-        backend = await loop.run_in_executor(None, build_backend, self.config)
-        detector = None if self.config.digit_detector == "none" else DigitDetector.load(self.config.digit_detector)
+        self.detector = None if self.config.digit_detector == "none" else DigitDetector.load(self.config.digit_detector)
+        if self.config.model_repository:
+            root = Path(self.config.model_repository)
+            log.info("model repository %s (polled every %s s)", root, self.config.repository_poll_seconds or "-")
+            self.models.root = root
+            await self.models.poll()
+            if not self.models.served():
+                failures = "; ".join(f"{s.name} {s.version}: {s.reason}" for s in self.models.statuses() if s.reason)
+                raise RuntimeError(f"no model in {root} could be served ({failures or 'no <model>/<n>/model.onnx'})")
+            if self.config.repository_poll_seconds:
+                self._watch = asyncio.ensure_future(self.models.watch(self.config.repository_poll_seconds))
+        else:
+            await self.models.load_file(Path(self.config.model))
+        gc.collect()
+        gc.freeze()  # the modules and the model stay: full collections no longer scan them (pauses of 20-30 ms)
+        await self._set_health(SERVING)
+        log.info(
+            "SERVING %s on port %d, metrics on %s",
+            ", ".join(f"{s.name} {s.version}" for s in self.models.served()),
+            self.port,
+            self.metrics_port or "(off)",
+        )
+        return self
+
+    async def _load_model(self, name: str | None, version: str | None, path: Path) -> ModelPipeline:
+        """One model version, loaded, warmed on every batch shape and verified before any request reaches it."""
+        config = replace(self.config, model=str(path))
+        backend = await asyncio.get_running_loop().run_in_executor(None, build_backend, config)
         info = backend.describe()
+        name, version = name or info.model_name, version or info.model_version
         log.info("backend: %s", info.summary())
         if info.engine == "onnxruntime" and not info.on_gpu:
             log.info("inference provider: %s (no usable CUDA GPU, or --provider cpu)", info.providers[0])
         else:
             log.info("inference provider: %s", info.providers[0] if info.providers else info.engine)
-        self.pipeline = ModelPipeline(
+        pipeline = ModelPipeline(
             backend,
             PipelineSettings(
                 max_batch_size=info.max_batch_size,
@@ -196,26 +280,20 @@ class MnistServer:
                 preprocess_workers=self.config.preprocess_workers,
             ),
             self.metrics.batch_observer(),
-            self.metrics.observe_predictions,
-            detector,
+            self.metrics.prediction_observer(name, version),
+            self.detector,
             self.metrics.decoding_pixels.set,
         )
-        self.pipeline.start()
-        log.info("warm-up took %.2f s", await self.pipeline.warm_up())
-        gc.collect()
-        gc.freeze()  # the modules and the model stay: full collections no longer scan them (pauses of 20-30 ms)
-        info = self.pipeline.info
-        self.servicer.pipeline = self.pipeline
-        self.metrics.describe_model(info)
-        await self._set_health(SERVING)
-        log.info(
-            "SERVING %s %s on port %d, metrics on %s",
-            info.model_name,
-            info.model_version,
-            self.port,
-            self.metrics_port or "(off)",
-        )
-        return self
+        pipeline.name, pipeline.version = name, version
+        pipeline.start()
+        try:
+            log.info("%s %s: warm-up took %.2f s", pipeline.name, pipeline.version, await pipeline.warm_up())
+            if self.config.verify_model == "on":
+                await verify_on_samples(pipeline)
+        except BaseException:
+            await pipeline.close(timeout=0)
+            raise
+        return pipeline
 
     async def stop_async(self) -> None:
         """Drain: NOT_SERVING for `drain_seconds`, then refuse new calls (UNAVAILABLE) and give in-flight ones
@@ -238,8 +316,9 @@ class MnistServer:
         await self.calls.close(self.config.grace_seconds)
         if rest_stopped is not None:
             await rest_stopped  # aiohttp refuses new requests and lets running ones finish within the grace
-        if self.pipeline is not None:
-            await self.pipeline.close(timeout=0)
+        if self._watch is not None:
+            self._watch.cancel()
+        await self.models.close(0)
         if self._grpc is not None:
             await asyncio.sleep(SHUTDOWN_FLUSH_SECONDS)  # the last UNAVAILABLE answers leave
             cut_connections(self.port)

@@ -38,10 +38,13 @@ class ClassifierClient:
         tls_key: str | Path | None = None,
         tls_server_name: str | None = None,
         token: str | None = None,
+        model_name: str = "",
+        model_version: str = "",
     ) -> None:
         """TLS when `tls` or any of the `tls_*` files is given (else plaintext): `tls_ca` replaces the system's
         root CAs, `tls_cert`+`tls_key` are the client's certificate for mTLS, `tls_server_name` the name the
-        server's certificate is checked against (default: the host of `target`). `token`: sent as a bearer token."""
+        server's certificate is checked against (default: the host of `target`). `token`: sent as a bearer token.
+        `model_name` / `model_version`: which model and version answer (empty: the server's defaults)."""
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("a client certificate needs both tls_cert and tls_key")
         if tls or tls_ca or tls_cert:
@@ -57,6 +60,7 @@ class ClassifierClient:
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.stub = pb_grpc.ClassifierStub(self.channel)
         self.timeout = timeout
+        self.model = {"model_name": model_name, "model_version": model_version}
 
     def __enter__(self) -> ClassifierClient:
         return self
@@ -69,13 +73,17 @@ class ClassifierClient:
 
     def classify_encoded(self, data: bytes, request_id: str = "") -> pb.ClassifyResponse:
         return self.stub.Classify(
-            pb.ClassifyRequest(encoded=data, request_id=request_id), timeout=self.timeout, metadata=self.metadata
+            pb.ClassifyRequest(encoded=data, request_id=request_id, **self.model),
+            timeout=self.timeout,
+            metadata=self.metadata,
         )
 
     def classify_raw(self, pixels: bytes, request_id: str = "") -> pb.ClassifyResponse:
         """`pixels`: 784 bytes, 28x28 uint8 row-major, light digit on dark (MNIST layout)."""
         return self.stub.Classify(
-            pb.ClassifyRequest(raw=pixels, request_id=request_id), timeout=self.timeout, metadata=self.metadata
+            pb.ClassifyRequest(raw=pixels, request_id=request_id, **self.model),
+            timeout=self.timeout,
+            metadata=self.metadata,
         )
 
     def classify_file(self, path: str | Path) -> pb.ClassifyResponse:
@@ -83,12 +91,16 @@ class ClassifierClient:
 
     def classify_batch(self, requests: list[pb.ClassifyRequest]) -> list[pb.ClassifyResponse]:
         reply = self.stub.ClassifyBatch(
-            pb.ClassifyBatchRequest(requests=requests), timeout=self.timeout, metadata=self.metadata
+            pb.ClassifyBatchRequest(requests=requests, **self.model), timeout=self.timeout, metadata=self.metadata
         )
         return list(reply.responses)
 
     def model_info(self) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
+        request = pb.GetModelInfoRequest(**self.model)
+        return self.stub.GetModelInfo(request, timeout=self.timeout, metadata=self.metadata)
+
+    def list_models(self) -> pb.ListModelsResponse:
+        return self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata)
 
     def wait_until_serving(self, seconds: float) -> bool:
         """Poll grpc.health.v1 until the server reports SERVING (True) or `seconds` pass (False)."""
@@ -190,16 +202,36 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         action="store_true",
         help="only check grpc.health.v1: exit 0 if the server is SERVING, else 1 (for HEALTHCHECK)",
     )
+    parser.add_argument("--model-name", default="", help="which model answers (default: the server's default model)")
+    parser.add_argument("--model-version", default="", help="which version of it (default: its default version)")
+    parser.add_argument(
+        "--list-models", action="store_true", help="list the server's models and versions with their state, and exit"
+    )
     _add_security_arguments(parser, dict(os.environ if environ is None else environ))
     args = parser.parse_args(argv)
     security = _security_options(parser, args)
+    security.update(model_name=args.model_name, model_version=args.model_version)
+    if args.list_models:
+        with ClassifierClient(args.server, args.timeout, **security) as client:
+            try:
+                listed = client.list_models()
+            except grpc.RpcError as exc:
+                print(f"mnist-classify: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+        for m in listed.models:
+            flags = " (default)" if m.is_default else ""
+            detail = f": {m.reason}" if m.reason else ""
+            if m.state == "READY":
+                detail = f", loaded in {m.load_seconds:.2f} s"
+            print(f"{m.name} {m.version} {m.state}{flags}{detail}")
+        return 0
     if args.health:
         with ClassifierClient(args.server, args.timeout, **security) as client:
             serving = client.wait_until_serving(args.wait)
         print(f"{args.server}: {'SERVING' if serving else 'not serving'}")
         return 0 if serving else 1
     if not args.images:
-        parser.error("give at least one image file (or --health)")
+        parser.error("give at least one image file (or --health, or --list-models)")
     failures = 0
     with ClassifierClient(args.server, args.timeout, **security) as client:
         if args.wait and not client.wait_until_serving(args.wait):
@@ -219,6 +251,8 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
                     break
                 continue
             line = f"{path}: {reply.digit} with {certainty(reply.confidence)} certainty"
+            if args.model_name or args.model_version:
+                line += f" (version {reply.model_version})"
             if args.probabilities:
                 line += "  [" + " ".join(f"{p:.3f}" for p in reply.probabilities) + "]"
             print(line)

@@ -25,6 +25,11 @@ class ServeConfig:
     http_port: int = 8000  # Open Inference Protocol over HTTP/REST and the web page; 0 = off (Triton's default port)
     http_host: str = ""  # "" = the same address as `host`
     model: str = str(BUNDLED_MODEL)
+    model_repository: str = ""  # serve every model and version under this folder instead of --model
+    repository_poll_seconds: float = 5.0  # how often the repository folder is checked for changes; 0 = never
+    model_control: str = "off"  # on: RepositoryModelLoad / RepositoryModelUnload (Open Inference Protocol) allowed
+    default_model: str = ""  # the model requests naming none get ("" = the only one, or the first by name)
+    verify_model: str = "on"  # a model must read the stored sample digits right before it takes traffic
     backend: str = "onnxruntime"  # or "null" / "null-threaded": answer at once without a model (benchmarking aids)
     null_device_ms: str = "0+0"  # null-threaded only: emulated device time per batch, "FIXED+PER_IMAGE" ms, no CPU
     provider: str = "auto"  # auto: CUDA when usable, else CPU; or cuda / cpu
@@ -63,6 +68,8 @@ class ServeConfig:
 
 
 CHOICES = {
+    "model_control": ("off", "on"),
+    "verify_model": ("on", "off"),
     "backend": ("onnxruntime", "null", "null-threaded"),
     "provider": ("auto", "cuda", "cpu"),
     "precision": ("auto", "fp32", "fp16"),
@@ -85,6 +92,20 @@ HELP = {
     "http_host": "address the REST API and web page listen on (empty = the same as --host)",
     "model": "ONNX model written by mnist-export (default: the bundled googlenet-fast); its fp16 variant "
     "NAME.fp16.onnx is looked for beside it",
+    "model_repository": "serve every model and version under this folder (Triton's layout, as mnist-export --publish "
+    "and --triton-repo write it): DIR/<model>/<version>/model.onnx, versions named by whole numbers, an optional "
+    "DIR/<model>/config.pbtxt with a version_policy (default: the latest version) and a default_version parameter; "
+    "new versions are loaded, verified and warmed up before they take traffic; replaces --model",
+    "repository_poll_seconds": "with --model-repository: seconds between checks of the folder for new, changed and "
+    "removed versions and config.pbtxt changes (0 = only at start and on explicit loads)",
+    "model_control": "on: allow the Open Inference Protocol's RepositoryModelLoad / RepositoryModelUnload (over gRPC, "
+    "and POST /v2/repository/models/NAME/load|unload), behind --auth-tokens-file when set; off: they answer "
+    "UNIMPLEMENTED",
+    "verify_model": "on: every model version must read the four stored digits in server/samples right (through the "
+    "same preprocessing as requests, probabilities summing to 1) before it takes traffic, else it is refused and the "
+    "previous version keeps serving; off: only loading and warm-up are checked (e.g. to benchmark a barely trained "
+    "model)",
+    "default_model": "the model that requests naming no model get (empty = the only one, or the first by name)",
     "backend": "inference engine: onnxruntime; or null (answers every image at once with a fixed probability row, "
     "no model: a benchmarking aid that measures the server's own cost), or null-threaded (the same, run on the batch "
     "runner thread as a model is: adds the cost of the thread hand-off)",
@@ -246,6 +267,7 @@ def validate(config: ServeConfig) -> None:
             problems.append(f"{name} must be at least 1")
     for name in (
         "http_port",
+        "repository_poll_seconds",
         "max_batch_size",
         "max_queue_delay_ms",
         "max_queue_wait_ms",
@@ -285,7 +307,11 @@ def validate(config: ServeConfig) -> None:
         problems.append("max_image_pixels cannot exceed max_request_pixels or max_decoding_pixels")
     if config.digit_detector != "none" and not Path(config.digit_detector).is_file():
         problems.append(f"digit detector {config.digit_detector} does not exist (or pass none)")
-    if config.backend == "onnxruntime" and not Path(config.model).is_file():
+    if config.model_repository and not Path(config.model_repository).is_dir():
+        problems.append(f"model repository {config.model_repository} is not a folder")
+    if config.model_control == "on" and not config.model_repository:
+        problems.append("model_control on needs --model-repository (loads and unloads come from its folder)")
+    if config.backend == "onnxruntime" and not config.model_repository and not Path(config.model).is_file():
         problems.append(f"model file {config.model} does not exist")
     if not 0.0 <= config.trace_sample_ratio <= 1.0:
         problems.append(f"trace_sample_ratio must be between 0 and 1, not {config.trace_sample_ratio}")

@@ -146,10 +146,23 @@ class _StreamEnded(Exception):
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
+class _SeriesByCode(dict):
+    """One method's series of a metric, by status code, each created when its code first happens.
+
+    Created up front for all 17 codes of every method of every service (the Open Inference Protocol alone has
+    20), they made every scrape ~10,000 lines and 75 ms of generation holding the GIL."""
+
+    def __init__(self, family: Any, method: str) -> None:
+        super().__init__()
+        self.family, self.method = family, method
+
+    def __missing__(self, code: grpc.StatusCode) -> Any:
+        series = self[code] = self.family.labels(self.method, code.name)
+        return series
+
+
 def _counters(method: str, metrics: ServiceMetrics) -> tuple[dict, dict]:
-    latency = {code: metrics.request_latency.labels(method, code.name) for code in grpc.StatusCode}
-    calls = {code: metrics.requests.labels(method, code.name) for code in grpc.StatusCode}
-    return latency, calls
+    return _SeriesByCode(metrics.request_latency, method), _SeriesByCode(metrics.requests, method)
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, error: Any = None) -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -16,7 +17,6 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from server.backends.base import BackendInfo
 from server.batching import BatchObserver
 
 # 0.1 ms to 100 ms, with 10 ms (the SLO) as an edge.
@@ -43,17 +43,15 @@ AUTH_PROTOCOLS = ("grpc", "http", "metrics")  # mnist_auth_refused_total series 
 AUTH_REASONS = ("missing", "malformed", "invalid")
 
 
-class BulkHistogram(Collector):
-    """A label-less Prometheus histogram that takes many observations in one numpy call."""
+class BulkCounts:
+    """One histogram series: counts per bucket and a sum, fed many observations in one numpy call."""
 
-    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
-        self.name, self.documentation = name, documentation
-        self.edges = np.asarray(buckets, np.float64)
-        self._edge_list = [float(edge) for edge in buckets]
-        self._counts = np.zeros(len(self.edges) + 1, np.int64)  # last: above every edge (+Inf only)
+    def __init__(self, edges: np.ndarray) -> None:
+        self.edges = edges
+        self._edge_list = [float(edge) for edge in edges]
+        self._counts = np.zeros(len(edges) + 1, np.int64)  # last: above every edge (+Inf only)
         self._sum = 0.0
-        self._lock = threading.Lock()  # observations come from the loop, scrapes from the HTTP thread
-        registry.register(self)
+        self._lock = threading.Lock()  # observations come from the loop or the runner, scrapes from the HTTP thread
 
     def observe_many(self, values: np.ndarray | list[float]) -> None:
         if len(values) <= 4:  # numpy's fixed cost per call is larger than a few bisections
@@ -73,16 +71,61 @@ class BulkHistogram(Collector):
             self._counts[index] += 1
             self._sum += value
 
-    def collect(self) -> Iterator[HistogramMetricFamily]:
+    def buckets(self) -> tuple[list[tuple[str, float]], float]:
         with self._lock:
             cumulative = np.cumsum(self._counts)
             total = self._sum
         buckets = [(_edge_label(edge), float(count)) for edge, count in zip(self.edges, cumulative[:-1], strict=True)]
         buckets.append(("+Inf", float(cumulative[-1])))
-        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=total)
+        return buckets, total
+
+
+class BulkHistogram(Collector):
+    """A Prometheus histogram that takes many observations in one numpy call; with `labelnames`, one series per
+    `labels(...)`, as prometheus_client's own."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+        labelnames: Sequence[str] = (),
+    ) -> None:
+        self.name, self.documentation = name, documentation
+        self.edges = np.asarray(buckets, np.float64)
+        self.labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], BulkCounts] = {} if self.labelnames else {(): BulkCounts(self.edges)}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def labels(self, *values: str) -> BulkCounts:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+        with self._lock:
+            return self._series.setdefault(tuple(values), BulkCounts(self.edges))
+
+    def remove(self, *values: str) -> None:
+        with self._lock:
+            self._series.pop(tuple(values), None)
+
+    def observe_many(self, values: np.ndarray | list[float]) -> None:
+        self._series[()].observe_many(values)
+
+    def observe(self, value: float) -> None:
+        self._series[()].observe(value)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        with self._lock:
+            series = list(self._series.items())
+        for values, counts in series:
+            buckets, total = counts.buckets()
+            family.add_metric(list(values), buckets, total)
+        yield family
 
     def describe(self) -> Iterator[HistogramMetricFamily]:
-        yield HistogramMetricFamily(self.name, self.documentation)
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
 
 def _edge_label(edge: float) -> str:
@@ -130,8 +173,39 @@ class ServiceMetrics:
         )
         self.model_info = Gauge(
             "mnist_model_info",
-            "what is being served (value 1): model, engine, provider, precision, layout, batch buckets, CUDA graph",
-            ["name", "version", "provider", "backend", "precision", "layout", "buckets", "cuda_graph"],
+            "what is being served (value 1 per READY version): model, version, whether requests naming no version get "
+            "it, engine, provider, precision, layout, batch buckets, CUDA graph",
+            ["name", "version", "default", "provider", "backend", "precision", "layout", "buckets", "cuda_graph"],
+            registry=r,
+        )
+        self.model_versions = Gauge(
+            "mnist_model_versions",
+            "model versions the server knows of, by state (READY, LOADING, FAILED, UNLOADING)",
+            ["model", "state"],
+            registry=r,
+        )
+        self.model_load_seconds = Gauge(
+            "mnist_model_load_seconds",
+            "how long the version's load, verification on stored digits and warm-up took",
+            ["model", "version"],
+            registry=r,
+        )
+        self.model_load_failures = Counter(
+            "mnist_model_load_failures",
+            "model versions that failed to load or verify and never took traffic (version '-': the model's "
+            "config.pbtxt)",
+            ["model", "version"],
+            registry=r,
+        )
+        self.model_requests = Counter(
+            "mnist_model_requests", "requests answered, by the model version that answered and status code",
+            ["model", "version", "code"], registry=r,
+        )  # fmt: skip
+        self.model_latency = Histogram(
+            "mnist_model_request_latency_seconds",
+            "request latency from routing to answer, by the model version that answered (both protocols)",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.decoding_pixels = Gauge(
@@ -149,43 +223,66 @@ class ServiceMetrics:
             "images answered is_digit=false: the detector says they are not digits",
             registry=r,
         )
-        self.predictions = Counter("mnist_predictions", "predicted digits", ["digit"], registry=r)
-        self._digit_counters = [self.predictions.labels(digit=str(digit)) for digit in range(10)]
+        self.predictions = Counter(
+            "mnist_predictions", "predicted digits, by model version", ["model", "version", "digit"], registry=r
+        )
         self.confidence = BulkHistogram(
-            "mnist_prediction_confidence", "probability of the predicted digit", CONFIDENCE_BUCKETS, r
+            "mnist_prediction_confidence",
+            "probability of the predicted digit, by model version",
+            CONFIDENCE_BUCKETS,
+            r,
+            ("model", "version"),
         )
 
     def count_refusal(self, protocol: str, error: object) -> None:
         """One call refused by server/security.py's checks (`error` an AuthRefused: its `reason` labels it)."""
         self.auth_refused.labels(protocol, getattr(error, "reason", "invalid")).inc()
 
-    def describe_model(self, info: BackendInfo) -> None:
+    def describe_models(self, repository: Any) -> None:
+        """mnist_model_info for every READY version, and the count of versions by state (server/repository.py)."""
         self.model_info.clear()
-        self.model_info.labels(
-            name=info.model_name,
-            version=info.model_version,
-            provider=info.providers[0] if info.providers else info.engine,
-            backend=info.engine,
-            precision=info.precision,
-            layout=info.layout,
-            buckets=",".join(map(str, info.batch_buckets)) or "any",
-            cuda_graph=str(info.cuda_graph).lower(),
-        ).set(1)
+        defaults = {(s.name, s.version) for s in repository.statuses() if s.is_default}
+        for served in repository.served():
+            info = served.pipeline.info
+            self.model_info.labels(
+                name=served.name,
+                version=served.version,
+                default=str((served.name, served.version) in defaults).lower(),
+                provider=info.providers[0] if info.providers else info.engine,
+                backend=info.engine,
+                precision=info.precision,
+                layout=info.layout,
+                buckets=",".join(map(str, info.batch_buckets)) or "any",
+                cuda_graph=str(info.cuda_graph).lower(),
+            ).set(1)
+        self.model_versions.clear()
+        for status in repository.statuses():
+            self.model_versions.labels(status.name, status.state).inc()
+
+    def prediction_observer(self, model: str, version: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+        """The per-batch callback of one model version's pipeline: its digit counts, confidences and non-digits."""
+        digit_counters = [self.predictions.labels(model, version, str(digit)) for digit in range(10)]
+        confidence = self.confidence.labels(model, version)
+
+        def observe(digits: np.ndarray, confidences: np.ndarray, is_digit: np.ndarray | None = None) -> None:
+            if is_digit is not None and len(is_digit) and not is_digit.all():
+                self.non_digits.inc(int(len(is_digit) - np.count_nonzero(is_digit)))
+            if len(digits) <= 4:
+                for digit in digits.tolist():
+                    digit_counters[digit].inc()
+            else:
+                for digit, count in enumerate(np.bincount(digits, minlength=10)[:10].tolist()):
+                    if count:
+                        digit_counters[digit].inc(count)
+            confidence.observe_many(confidences)
+
+        return observe
 
     def observe_predictions(
         self, digits: np.ndarray, confidences: np.ndarray, is_digit: np.ndarray | None = None
     ) -> None:
-        """Once per batch: the digit counts, the confidence histogram and the non-digits of all its images."""
-        if is_digit is not None and len(is_digit) and not is_digit.all():
-            self.non_digits.inc(int(len(is_digit) - np.count_nonzero(is_digit)))
-        if len(digits) <= 4:
-            for digit in digits.tolist():
-                self._digit_counters[digit].inc()
-        else:
-            for digit, count in enumerate(np.bincount(digits, minlength=10)[:10].tolist()):
-                if count:
-                    self._digit_counters[digit].inc(count)
-        self.confidence.observe_many(confidences)
+        """A batch's predictions for a pipeline built without a model name (tests, tools): model and version ''."""
+        self.prediction_observer("", "")(digits, confidences, is_digit)
 
     def batch_observer(self) -> BatchObserver:
         def on_batch(size: int, seconds: float) -> None:

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from proto.contract import IMAGE_SIDE, INPUT_NAME, INPUT_SHAPE, MNIST_NORMALIZATION, NUM_CLASSES, PROBABILITIES
-from server.errors import InvalidInput, NotFound, NotReady
-from server.pipeline import ENCODED, ModelPipeline
+from server.errors import InvalidInput, Unsupported
+from server.pipeline import ENCODED
+from server.repository import ModelRepository, ServedModel
 
 DIGIT = "digit"
 OUTPUTS = (PROBABILITIES, DIGIT)
@@ -203,14 +204,17 @@ class ModelStatistics:
 
 
 class InferenceDataPlane:
-    """What the protocol's endpoints answer, over the served pipeline (None until the model is warm)."""
+    """What the protocol's endpoints answer, over the model repository (server/repository.py)."""
 
-    def __init__(self, pipeline: Callable[[], ModelPipeline | None], max_images: int, server_version: str) -> None:
-        self._pipeline = pipeline
+    def __init__(
+        self, models: ModelRepository, max_images: int, server_version: str, model_control: str = "off"
+    ) -> None:
+        self.models = models
         self.max_images = max_images
         self.server_version = server_version
+        self.model_control = model_control == "on"
         self.draining = False  # set when shutdown begins: ServerReady and ModelReady turn false; calls still served
-        self.statistics = ModelStatistics()
+        self._statistics: dict[tuple[str, str], ModelStatistics] = {}
 
     # --- health and metadata --------------------------------------------------------------------
 
@@ -218,26 +222,20 @@ class InferenceDataPlane:
         return True
 
     def ready(self) -> bool:
-        return self._pipeline() is not None and not self.draining
+        return bool(self.models.served()) and not self.draining
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        if not self.ready():
-            return False
-        try:
-            self.served(name, version)
-        except NotFound:
-            return False
-        return True
+        return not self.draining and self.models.model_ready(name, version)
 
     def server_metadata(self) -> dict:
         return {"name": SERVER_NAME, "version": self.server_version, "extensions": list(EXTENSIONS)}
 
     def model_metadata(self, name: str, version: str = "") -> dict:
-        pipeline = self.served(name, version)
-        info = pipeline.info
+        served = self.served(name, version)
+        versions = [s.version for s in self.models.served() if s.name == served.name]
         return {
-            "name": info.model_name,
-            "versions": [info.model_version],
+            "name": served.name,
+            "versions": versions if not version else [served.version],
             "platform": PLATFORM,
             "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *INPUT_SHAPE]}],
             "outputs": [
@@ -248,24 +246,55 @@ class InferenceDataPlane:
 
     def model_config(self, name: str, version: str = "") -> dict:
         """Triton's ModelConfig in its JSON form (dims without the batch axis), for perf_analyzer and friends."""
-        info = self.served(name, version).info
+        served = self.served(name, version)
+        versions = [int(s.version) for s in self.models.served() if s.name == served.name and s.version.isdigit()]
         return {
-            "name": info.model_name,
+            "name": served.name,
             "platform": PLATFORM,
             "backend": "onnxruntime",
-            "max_batch_size": min(info.max_batch_size, self.max_images),
+            "max_batch_size": min(served.pipeline.info.max_batch_size, self.max_images),
             "input": [{"name": INPUT_NAME, "data_type": "TYPE_FP32", "dims": list(INPUT_SHAPE)}],
             "output": [
                 {"name": PROBABILITIES, "data_type": "TYPE_FP32", "dims": [NUM_CLASSES]},
                 {"name": DIGIT, "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}},
             ],
-            "version_policy": {"latest": {"num_versions": 1}},
+            "version_policy": {"specific": {"versions": versions}} if versions else {"latest": {"num_versions": 1}},
             "dynamic_batching": {},
         }
 
-    def model_names(self) -> list[tuple[str, str]]:
-        pipeline = self._pipeline()
-        return [] if pipeline is None else [(pipeline.info.model_name, pipeline.info.model_version)]
+    def repository_index(self) -> list[dict]:
+        """Every version the server knows of and its state (READY, LOADING, FAILED, UNLOADING), as Triton lists."""
+        return [
+            {"name": s.name, "version": s.version, "state": s.state, "reason": s.reason}
+            for s in self.models.statuses()
+            if s.version
+        ]
+
+    def statistics(self, name: str = "", version: str = "") -> list[tuple[str, str, ModelStatistics]]:
+        """(model, version, counts) of every READY version, or of the one named (NotFound if not served)."""
+        if name:
+            served = self.served(name, version)
+            rows = [(served.name, served.version)]
+        else:
+            rows = [(s.name, s.version) for s in self.models.served()]
+        return [(n, v, self._statistics.setdefault((n, v), ModelStatistics())) for n, v in rows]
+
+    # --- model control (explicit loads and unloads, when enabled) ---------------------------------
+
+    async def load_model(self, name: str) -> None:
+        self._check_control()
+        await self.models.load_model(name)
+
+    async def unload_model(self, name: str) -> None:
+        self._check_control()
+        await self.models.unload_model(name)
+
+    def _check_control(self) -> None:
+        if not self.model_control:
+            raise Unsupported(
+                "model control is off on this server: start it with --model-control on (and --model-repository) to "
+                "load and unload models through the API; new versions in the repository are picked up by polling"
+            )
 
     # --- inference --------------------------------------------------------------------------------
 
@@ -278,30 +307,31 @@ class InferenceDataPlane:
         deadline: float | None = None,
     ) -> tuple[str, list[Tensor]]:
         """The requested outputs (all when `requested` is empty) for `inputs`; returns (model version, outputs)."""
-        started, images = time.perf_counter(), 0
-        try:
-            pipeline = self.served(name, version)
-            wanted = list(requested or OUTPUTS)
-            unknown = [output for output in wanted if output not in OUTPUTS]
-            if unknown:
-                raise InvalidInput(f"unknown output '{unknown[0]}'; this model gives {', '.join(OUTPUTS)}")
-            if len(inputs) != 1:
-                raise InvalidInput(f"send exactly one input, '{INPUT_NAME}' (got {len(inputs)})")
-            pixels = images_from(inputs[0], self.max_images)
-            images = len(pixels)
+        with self.models.lease(name, version) as served:
+            stats = self._statistics.setdefault((served.name, served.version), ModelStatistics())
+            started, images = time.perf_counter(), 0
             try:
-                if pixels.dtype == object:  # encoded images: decoded and prepared as mnist.v1's are
-                    predictions = await pipeline.classify(list(pixels), [ENCODED] * images, deadline)
-                else:
-                    predictions = await pipeline.classify_tensor(pixels, deadline)
-            except InvalidInput as err:
-                if err.index is None:
-                    raise
-                raise InvalidInput(f"input '{INPUT_NAME}', image {err.index}: {err}", err.index) from None
-        except BaseException:
-            self.statistics.record(images, time.perf_counter() - started, ok=False)
-            raise
-        self.statistics.record(images, time.perf_counter() - started, ok=True)
+                wanted = list(requested or OUTPUTS)
+                unknown = [output for output in wanted if output not in OUTPUTS]
+                if unknown:
+                    raise InvalidInput(f"unknown output '{unknown[0]}'; this model gives {', '.join(OUTPUTS)}")
+                if len(inputs) != 1:
+                    raise InvalidInput(f"send exactly one input, '{INPUT_NAME}' (got {len(inputs)})")
+                pixels = images_from(inputs[0], self.max_images)
+                images = len(pixels)
+                try:
+                    if pixels.dtype == object:  # encoded images: decoded and prepared as mnist.v1's are
+                        predictions = await served.pipeline.classify(list(pixels), [ENCODED] * images, deadline)
+                    else:
+                        predictions = await served.pipeline.classify_tensor(pixels, deadline)
+                except InvalidInput as err:
+                    if err.index is None:
+                        raise
+                    raise InvalidInput(f"input '{INPUT_NAME}', image {err.index}: {err}", err.index) from None
+            except BaseException:
+                stats.record(images, time.perf_counter() - started, ok=False)
+                raise
+            stats.record(images, time.perf_counter() - started, ok=True)
         n = len(predictions)
         tensors = {
             PROBABILITIES: Tensor(PROBABILITIES, "FP32", (n, NUM_CLASSES), predictions.probabilities.astype("<f4")),
@@ -309,16 +339,6 @@ class InferenceDataPlane:
         }
         return predictions.model_version, [tensors[output] for output in wanted]
 
-    def served(self, name: str, version: str) -> ModelPipeline:
-        """The pipeline serving `name` at `version` ("" = the default); NotReady or NotFound naming what is served."""
-        pipeline = self._pipeline()
-        if pipeline is None:
-            raise NotReady("model is still loading; retry shortly")
-        info = pipeline.info
-        if name != info.model_name:
-            raise NotFound(f"no model named '{name}'; this server serves '{info.model_name}'")
-        if version not in ("", info.model_version):
-            raise NotFound(
-                f"model '{name}' has no version '{version}'; available: '{info.model_version}' (or leave it empty)"
-            )
-        return pipeline
+    def served(self, name: str, version: str = "") -> ServedModel:
+        """The READY version serving `name` at `version` ("" = its default); NotReady or NotFound naming what is."""
+        return self.models.resolve(name, version)

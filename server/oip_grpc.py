@@ -133,10 +133,7 @@ class InferenceServicer:
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext):
         response = pb.ModelStatisticsResponse()
-        for name, version in self.plane.model_names():
-            if request.name and (request.name, request.version or version) != (name, version):
-                continue
-            stats = self.plane.statistics
+        for name, version, stats in self.plane.statistics(request.name, request.version):
             with stats.lock:
                 entry = response.model_stats.add(
                     name=name,
@@ -149,21 +146,22 @@ class InferenceServicer:
                 entry.inference_stats.success.ns = stats.success_ns
                 entry.inference_stats.fail.count = stats.fail_count
                 entry.inference_stats.fail.ns = stats.fail_ns
-        if request.name and not response.model_stats:
-            self.plane.model_metadata(request.name, request.version)  # raises NotFound naming what is served
         return response
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext):
         response = pb.RepositoryIndexResponse()
-        for name, version in self.plane.model_names():
-            response.models.add(name=name, version=version, state="READY" if self.plane.ready() else "UNAVAILABLE")
+        for row in self.plane.repository_index():
+            if not request.ready or row["state"] == "READY":
+                response.models.add(**row)
         return response
 
-    async def RepositoryModelLoad(self, request, context: grpc.aio.ServicerContext):
-        raise Unsupported("model control is not enabled on this server: it serves the model it was started with")
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext):
+        await self.plane.load_model(request.model_name)
+        return pb.RepositoryModelLoadResponse()
 
-    async def RepositoryModelUnload(self, request, context: grpc.aio.ServicerContext):
-        raise Unsupported("model control is not enabled on this server: it serves the model it was started with")
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext):
+        await self.plane.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     async def SystemSharedMemoryStatus(self, request, context: grpc.aio.ServicerContext):
         return pb.SystemSharedMemoryStatusResponse()  # no regions: none can be registered

@@ -87,6 +87,9 @@ class ModelPipeline:
     ) -> None:
         self.backend = backend
         self.info: BackendInfo = backend.describe()
+        # What requests and responses call this model: its metadata, unless a model repository names it by folder.
+        self.name = self.info.model_name
+        self.version = self.info.model_version
         self.settings = settings
         self.detector = detector
         self._normalization = self.info.normalization
@@ -136,7 +139,7 @@ class ModelPipeline:
         else:
             images = await self.preprocess(payloads, kinds, deadline)
         probabilities, digits, confidences, scores, is_digit = await self.batcher.classify(images, deadline)
-        return Predictions(probabilities, digits, confidences, scores, is_digit, self.info.model_version)
+        return Predictions(probabilities, digits, confidences, scores, is_digit, self.version)
 
     async def classify_tensor(self, images: np.ndarray, deadline: float | None = None) -> Predictions:
         """Classify images sent as a tensor (the Open Inference Protocol): (N, 1, 28, 28) uint8 pixels, normalized
@@ -147,7 +150,7 @@ class ModelPipeline:
         if images.dtype == np.uint8:
             _refuse_blank(images, range(len(images)))
         probabilities, digits, confidences, scores, is_digit = await self.batcher.classify(images, deadline)
-        return Predictions(probabilities, digits, confidences, scores, is_digit, self.info.model_version)
+        return Predictions(probabilities, digits, confidences, scores, is_digit, self.version)
 
     async def preprocess(
         self, payloads: Sequence[bytes], kinds: Sequence[str | None] | None, deadline: float | None = None

@@ -100,6 +100,8 @@ class RestApi:
             ("GET", "/v2/health/ready", self.ready, "ServerReady"),
             ("GET", "/v2", self.server_metadata, "ServerMetadata"),
             ("POST", "/v2/repository/index", self.repository_index, "RepositoryIndex"),
+            ("POST", "/v2/repository/models/{name}/load", self.load_model, "RepositoryModelLoad"),
+            ("POST", "/v2/repository/models/{name}/unload", self.unload_model, "RepositoryModelUnload"),
         ]
         for prefix, suffix in ((model, ""), (versioned, ".version")):  # route names are unique; metrics drop ".version"
             routes += [
@@ -204,26 +206,34 @@ class RestApi:
         return web.json_response(self.plane.model_config(*_model(request)))
 
     async def model_stats(self, request: web.Request) -> web.Response:
-        name, version = _model(request)
-        self.plane.model_metadata(name, version)  # NotFound for a model not served
-        stats = self.plane.statistics
-        with stats.lock:
-            entry = {
-                "name": name,
-                "version": version or self.plane.model_names()[0][1],
-                "last_inference": stats.last_inference_ms,
-                "inference_count": stats.inference_count,
-                "execution_count": stats.execution_count,
-                "inference_stats": {
-                    "success": {"count": stats.success_count, "ns": stats.success_ns},
-                    "fail": {"count": stats.fail_count, "ns": stats.fail_ns},
-                },
-            }
-        return web.json_response({"model_stats": [entry]})
+        entries = []
+        for name, version, stats in self.plane.statistics(*_model(request)):
+            with stats.lock:
+                entries.append(
+                    {
+                        "name": name,
+                        "version": version,
+                        "last_inference": stats.last_inference_ms,
+                        "inference_count": stats.inference_count,
+                        "execution_count": stats.execution_count,
+                        "inference_stats": {
+                            "success": {"count": stats.success_count, "ns": stats.success_ns},
+                            "fail": {"count": stats.fail_count, "ns": stats.fail_ns},
+                        },
+                    }
+                )
+        return web.json_response({"model_stats": entries})
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        state = "READY" if self.plane.ready() else "UNAVAILABLE"
-        return web.json_response([{"name": n, "version": v, "state": state} for n, v in self.plane.model_names()])
+        return web.json_response(self.plane.repository_index())
+
+    async def load_model(self, request: web.Request) -> web.Response:
+        await self.plane.load_model(request.match_info["name"])
+        return web.json_response({})
+
+    async def unload_model(self, request: web.Request) -> web.Response:
+        await self.plane.unload_model(request.match_info["name"])
+        return web.json_response({})
 
     # --- inference ----------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ and this servicer lacks stops the server at start-up.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import grpc
@@ -19,7 +20,7 @@ from server.config import ServeConfig
 from server.errors import InvalidInput, NotReady
 from server.guards import STATUS_OF, CallGate, StreamGate, generic_handler, request_deadline, status_of
 from server.metrics import ServiceMetrics
-from server.pipeline import ModelPipeline
+from server.repository import ModelRepository, ServedModel
 from server.security import TokenChecker
 from server.wire import (
     ParsedRequest,
@@ -42,37 +43,48 @@ PARSERS: dict[str, Callable[[bytes], ParsedRequest]] = {
 
 
 class ClassifierServicer:
-    """Attached to a pipeline once the model is warm; until then every call is answered UNAVAILABLE."""
+    """Routes each call to the model version it names (the defaults when it names none) through the repository;
+    until a version is READY every call is answered UNAVAILABLE."""
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.pipeline: ModelPipeline | None = None
+        self.models: ModelRepository | None = None
 
-    def _ready(self) -> ModelPipeline:
-        if self.pipeline is None:
+    def _lease(self, name: str, version: str) -> AbstractContextManager[ServedModel]:
+        if self.models is None:
             raise NotReady("model is still loading; retry shortly")
-        return self.pipeline
+        return self.models.lease(name, version)
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> bytes:
-        pipeline = self._ready()
-        kind = request.WhichOneof("image")
-        payload = getattr(request, kind) if kind else b""
-        predictions = await pipeline.classify([payload], [kind], request_deadline(context))
+        with self._lease(request.model_name, request.model_version) as served:
+            kind = request.WhichOneof("image")
+            payload = getattr(request, kind) if kind else b""
+            predictions = await served.pipeline.classify([payload], [kind], request_deadline(context))
         return encode_classify_response(predictions, request.request_id or new_request_ids(1)[0])
 
     async def ClassifyBatch(self, request: pb.ClassifyBatchRequest, context: grpc.aio.ServicerContext) -> bytes:
-        pipeline = self._ready()
         items = request.requests
         if not items:
             raise InvalidInput("batch is empty: send at least one request")
         if len(items) > self.config.max_request_images:
             raise InvalidInput(f"batch has {len(items)} requests, over the maximum of {self.config.max_request_images}")
+        for index, item in enumerate(items):
+            if (item.model_name or request.model_name, item.model_version or request.model_version) != (
+                request.model_name,
+                request.model_version,
+            ):
+                raise InvalidInput(
+                    f"requests[{index}] names model {item.model_name!r} version {item.model_version!r}; one model "
+                    "answers a batch: set model_name and model_version on the batch, not on its items",
+                    index,
+                )
         raws = [item.raw for item in items]
         # An item with `encoded` (or nothing) set has an empty `raw`: then look at what each item holds.
         kinds = None if min(map(len, raws)) > 0 else [item.WhichOneof("image") for item in items]
         payloads = raws if kinds is None else [getattr(i, k) if k else b"" for i, k in zip(items, kinds, strict=True)]
         try:
-            predictions = await pipeline.classify(payloads, kinds, request_deadline(context))
+            with self._lease(request.model_name, request.model_version) as served:
+                predictions = await served.pipeline.classify(payloads, kinds, request_deadline(context))
         except InvalidInput as err:
             if err.index is None:
                 raise
@@ -80,25 +92,43 @@ class ClassifierServicer:
         return encode_classify_batch_response(predictions, fill_request_ids([item.request_id for item in items]))
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        info = self._ready().info
-        detector = self.pipeline.detector
-        return pb.ModelInfo(
-            name=info.model_name,
-            version=info.model_version,
-            sha256=info.model_sha256,
-            providers=list(info.providers),
-            max_batch_size=info.max_batch_size,
-            test_accuracy=info.test_accuracy,
-            backend=info.engine,
-            precision=info.precision,
-            layout=info.layout,
-            batch_buckets=list(info.batch_buckets),
-            cuda_graph=info.cuda_graph,
-            device=info.device,
-            runtime=info.runtime,
-            engine_options=[f"{key}={value}" for key, value in sorted(info.options.items())],
-            digit_threshold=detector.threshold if detector else float("nan"),
-            digit_detector=detector_summary(detector),
+        with self._lease(request.model_name, request.model_version) as served:
+            info, detector = served.pipeline.info, served.pipeline.detector
+            return pb.ModelInfo(
+                name=served.name,
+                version=served.version,
+                sha256=info.model_sha256,
+                providers=list(info.providers),
+                max_batch_size=info.max_batch_size,
+                test_accuracy=info.test_accuracy,
+                backend=info.engine,
+                precision=info.precision,
+                layout=info.layout,
+                batch_buckets=list(info.batch_buckets),
+                cuda_graph=info.cuda_graph,
+                device=info.device,
+                runtime=info.runtime,
+                engine_options=[f"{key}={value}" for key, value in sorted(info.options.items())],
+                digit_threshold=detector.threshold if detector else float("nan"),
+                digit_detector=detector_summary(detector),
+            )
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
+        if self.models is None:
+            raise NotReady("model is still loading; retry shortly")
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelVersionStatus(
+                    name=s.name,
+                    version=s.version,
+                    state=s.state,
+                    reason=s.reason,
+                    is_default=s.is_default,
+                    load_seconds=s.load_seconds,
+                )
+                for s in self.models.statuses()
+            ],
+            default_model=self.models.default_model,
         )
 
 

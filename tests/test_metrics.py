@@ -98,27 +98,39 @@ def test_a_nan_observation_is_counted_alike_by_observe_and_observe_many_and_neve
     assert exposed["observe"] == exposed["observe_many"]
 
 
-def test_observe_predictions_counts_digits_and_feeds_the_confidence_histogram() -> None:
+def test_a_model_versions_predictions_count_digits_and_feed_its_confidence_histogram() -> None:
     metrics = ServiceMetrics()
+    version = {"model": "googlenet-fast", "version": "3"}
+    observe = metrics.prediction_observer("googlenet-fast", "3")
 
     def count(digit: int) -> float:
-        return metrics.registry.get_sample_value("mnist_predictions_total", {"digit": str(digit)})
+        return metrics.registry.get_sample_value("mnist_predictions_total", {**version, "digit": str(digit)})
 
     def confidence(sample: str, le: str | None = None) -> float:
-        labels = {"le": le} if le else {}
+        labels = {**version, "le": le} if le else version
         return metrics.registry.get_sample_value(f"mnist_prediction_confidence_{sample}", labels)
 
     digits = np.array([3, 3, 0, 9, 3, 9, 1])
     confidences = np.array([0.985, 0.5, 0.97, 0.75, 1.0, 0.6, 0.996], np.float32)  # 0.5, 1.0: edges, exact in float32
-    metrics.observe_predictions(digits, confidences)
+    observe(digits, confidences)
     assert [count(d) for d in range(10)] == [1, 1, 0, 3, 0, 0, 0, 0, 0, 2]
     assert confidence("count") == 7 and confidence("sum") == pytest.approx(float(confidences.sum()), rel=1e-6)
     cumulative = [confidence("bucket", le) for le in ("0.5", "0.7", "0.8", "0.9", "0.95", "0.98", "0.99", "0.995")]
     assert cumulative == [1, 2, 3, 3, 3, 4, 5, 5]
     assert confidence("bucket", "0.999") == 6 and confidence("bucket", "1.0") == confidence("bucket", "+Inf") == 7
 
-    metrics.observe_predictions(np.array([3, 5]), np.array([0.9, 0.9], np.float32))
+    observe(np.array([3, 5]), np.array([0.9, 0.9], np.float32))
     assert [count(d) for d in range(10)] == [1, 1, 0, 4, 0, 1, 0, 0, 0, 2]
     assert confidence("count") == 9
-    metrics.observe_predictions(np.array([], np.int64), np.array([], np.float32))
+    observe(np.array([], np.int64), np.array([], np.float32))
     assert confidence("count") == 9 and sum(count(d) for d in range(10)) == 9
+
+
+def test_another_version_counts_apart() -> None:
+    metrics = ServiceMetrics()
+    metrics.prediction_observer("googlenet-fast", "3")(np.array([7]), np.array([0.9], np.float32))
+    metrics.prediction_observer("googlenet-fast", "4")(np.array([7, 7]), np.array([0.9, 0.9], np.float32))
+    for version, expected in (("3", 1), ("4", 2)):
+        labels = {"model": "googlenet-fast", "version": version}
+        assert metrics.registry.get_sample_value("mnist_predictions_total", {**labels, "digit": "7"}) == expected
+        assert metrics.registry.get_sample_value("mnist_prediction_confidence_count", labels) == expected

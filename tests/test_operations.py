@@ -100,7 +100,14 @@ def test_prometheus_config_and_alert_rules_are_valid_and_behave_as_specified() -
         for r in g["rules"]
         if "alert" in r
     }
-    assert names == {"MnistLatencyP99Over10ms", "MnistErrorRatioHigh", "MnistNotServing", "MnistQueueSaturated"}
+    assert names == {
+        "MnistLatencyP99Over10ms",
+        "MnistErrorRatioHigh",
+        "MnistNotServing",
+        "MnistQueueSaturated",
+        "MnistModelLoadFailed",
+        "MnistModelNotServing",
+    }
 
 
 def query(prometheus: str, expr: str) -> list[dict]:
@@ -159,7 +166,7 @@ def test_a_real_prometheus_measures_the_p99_the_client_sees(served: Harness, tmp
         assert query(prometheus, "mnist_health_serving")[0]["value"][1] == "1"
         rules = json.loads(urllib.request.urlopen(f"{prometheus}/api/v1/rules", timeout=5).read())
         loaded = [r["name"] for g in rules["data"]["groups"] for r in g["rules"]]
-        assert "MnistLatencyP99Over10ms" in loaded and len(loaded) == 5
+        assert "MnistLatencyP99Over10ms" in loaded and len(loaded) == 7
     finally:
         process.terminate()
         process.wait(10)
@@ -174,10 +181,22 @@ def test_every_dashboard_query_names_a_metric_the_server_exports(served: Harness
     used = {name for e in expressions for name in re.findall(r"\bmnist_[a-z_]+\b", e)}
     served.stub.Classify(pb.ClassifyRequest(raw=bytes(range(256)) * 3 + bytes(16)), timeout=5)
     exported = {key.split("{")[0] for key in served.metrics()}
+    # A labelled family with no series yet (mnist_model_load_failures_total: no version has failed) is declared.
+    page = urllib.request.urlopen(f"http://127.0.0.1:{served.server.metrics_port}/metrics", timeout=5).read()
+    exported |= set(re.findall(r"^# TYPE (\S+) counter$", page.decode(), re.M))
     assert used and used <= exported, used - exported
+    assert "mnist_model_load_failures_total" in used and "mnist_model_request_latency_seconds_bucket" in exported
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
-    for topic in ("p99", "code", "batch size", "queue", "provider", "prediction", "confidence", "refused", "streams"):
+    topics = ("p99", "code", "batch size", "queue", "provider", "prediction", "confidence", "refused", "streams")
+    for topic in (*topics, "by model version", "ready / loading / failed / unloading", "load failures"):
         assert topic in titles, topic
+    variables = [v["name"] for v in dashboard["templating"]["list"]]
+    assert variables == ["datasource", "job", "model", "version"], variables
+    for expr in expressions:
+        if re.search(r"mnist_(predictions|prediction_confidence|model_request)", expr):
+            assert 'model=~"$model",version=~"$version"' in expr, expr
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), ids
     latency = next(p for p in dashboard["panels"] if "p99" in p["title"] and "latency" in p["title"].lower())
     assert latency["fieldConfig"]["defaults"]["thresholds"]["steps"][-1]["value"] == 0.01
 

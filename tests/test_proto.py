@@ -44,7 +44,9 @@ def test_the_contract_keeps_its_field_numbers() -> None:
         "Classify",
         "ClassifyBatch",
         "GetModelInfo",
+        "ListModels",
     ]
+    assert pb.ClassifyRequest.DESCRIPTOR.fields_by_name["model_version"].number == 5  # added fields: old clients work
 
 
 # --- the Open Inference Protocol's files, vendored ------------------------------------------------

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fproto/mnist/v1/classifier.proto\x12\x08mnist.v1\"P\n\x0f\x43lassifyRequest\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\r\n\x03raw\x18\x02 \x01(\x0cH\x00\x12\x12\n\nrequest_id\x18\x03 \x01(\tB\x07\n\x05image\"\x9e\x01\n\x10\x43lassifyResponse\x12\r\n\x05\x64igit\x18\x01 \x01(\r\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x13\n\x0b\x64igit_score\x18\x06 \x01(\x02\x12\x10\n\x08is_digit\x18\x07 \x01(\x08\"C\n\x14\x43lassifyBatchRequest\x12+\n\x08requests\x18\x01 \x03(\x0b\x32\x19.mnist.v1.ClassifyRequest\"F\n\x15\x43lassifyBatchResponse\x12-\n\tresponses\x18\x01 \x03(\x0b\x32\x1a.mnist.v1.ClassifyResponse\"\x15\n\x13GetModelInfoRequest\"\xc5\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x11\n\tproviders\x18\x04 \x03(\t\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12\x15\n\rtest_accuracy\x18\x06 \x01(\x02\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x11\n\tprecision\x18\x08 \x01(\t\x12\x0e\n\x06layout\x18\t \x01(\t\x12\x15\n\rbatch_buckets\x18\n \x03(\r\x12\x12\n\ncuda_graph\x18\x0b \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x0f\n\x07runtime\x18\r \x01(\t\x12\x16\n\x0e\x65ngine_options\x18\x0e \x03(\t\x12\x17\n\x0f\x64igit_threshold\x18\x0f \x01(\x02\x12\x16\n\x0e\x64igit_detector\x18\x10 \x01(\t2\xe5\x01\n\nClassifier\x12\x41\n\x08\x43lassify\x12\x19.mnist.v1.ClassifyRequest\x1a\x1a.mnist.v1.ClassifyResponse\x12P\n\rClassifyBatch\x12\x1e.mnist.v1.ClassifyBatchRequest\x1a\x1f.mnist.v1.ClassifyBatchResponse\x12\x42\n\x0cGetModelInfo\x12\x1d.mnist.v1.GetModelInfoRequest\x1a\x13.mnist.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fproto/mnist/v1/classifier.proto\x12\x08mnist.v1\"{\n\x0f\x43lassifyRequest\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\r\n\x03raw\x18\x02 \x01(\x0cH\x00\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\tB\x07\n\x05image\"\x9e\x01\n\x10\x43lassifyResponse\x12\r\n\x05\x64igit\x18\x01 \x01(\r\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x13\n\x0b\x64igit_score\x18\x06 \x01(\x02\x12\x10\n\x08is_digit\x18\x07 \x01(\x08\"n\n\x14\x43lassifyBatchRequest\x12+\n\x08requests\x18\x01 \x03(\x0b\x32\x19.mnist.v1.ClassifyRequest\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"F\n\x15\x43lassifyBatchResponse\x12-\n\tresponses\x18\x01 \x03(\x0b\x32\x1a.mnist.v1.ClassifyResponse\"@\n\x13GetModelInfoRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"|\n\x12ModelVersionStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nis_default\x18\x05 \x01(\x08\x12\x14\n\x0cload_seconds\x18\x06 \x01(\x01\"Y\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.mnist.v1.ModelVersionStatus\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"\xc5\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x11\n\tproviders\x18\x04 \x03(\t\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12\x15\n\rtest_accuracy\x18\x06 \x01(\x02\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x11\n\tprecision\x18\x08 \x01(\t\x12\x0e\n\x06layout\x18\t \x01(\t\x12\x15\n\rbatch_buckets\x18\n \x03(\r\x12\x12\n\ncuda_graph\x18\x0b \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x0f\n\x07runtime\x18\r \x01(\t\x12\x16\n\x0e\x65ngine_options\x18\x0e \x03(\t\x12\x17\n\x0f\x64igit_threshold\x18\x0f \x01(\x02\x12\x16\n\x0e\x64igit_detector\x18\x10 \x01(\t2\xae\x02\n\nClassifier\x12\x41\n\x08\x43lassify\x12\x19.mnist.v1.ClassifyRequest\x1a\x1a.mnist.v1.ClassifyResponse\x12P\n\rClassifyBatch\x12\x1e.mnist.v1.ClassifyBatchRequest\x1a\x1f.mnist.v1.ClassifyBatchResponse\x12\x42\n\x0cGetModelInfo\x12\x1d.mnist.v1.GetModelInfoRequest\x1a\x13.mnist.v1.ModelInfo\x12G\n\nListModels\x12\x1b.mnist.v1.ListModelsRequest\x1a\x1c.mnist.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,17 +32,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.mnist.v1.classifier_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CLASSIFYREQUEST']._serialized_start=45
-  _globals['_CLASSIFYREQUEST']._serialized_end=125
-  _globals['_CLASSIFYRESPONSE']._serialized_start=128
-  _globals['_CLASSIFYRESPONSE']._serialized_end=286
-  _globals['_CLASSIFYBATCHREQUEST']._serialized_start=288
-  _globals['_CLASSIFYBATCHREQUEST']._serialized_end=355
-  _globals['_CLASSIFYBATCHRESPONSE']._serialized_start=357
-  _globals['_CLASSIFYBATCHRESPONSE']._serialized_end=427
-  _globals['_GETMODELINFOREQUEST']._serialized_start=429
-  _globals['_GETMODELINFOREQUEST']._serialized_end=450
-  _globals['_MODELINFO']._serialized_start=453
-  _globals['_MODELINFO']._serialized_end=778
-  _globals['_CLASSIFIER']._serialized_start=781
-  _globals['_CLASSIFIER']._serialized_end=1010
+  _globals['_CLASSIFYREQUEST']._serialized_end=168
+  _globals['_CLASSIFYRESPONSE']._serialized_start=171
+  _globals['_CLASSIFYRESPONSE']._serialized_end=329
+  _globals['_CLASSIFYBATCHREQUEST']._serialized_start=331
+  _globals['_CLASSIFYBATCHREQUEST']._serialized_end=441
+  _globals['_CLASSIFYBATCHRESPONSE']._serialized_start=443
+  _globals['_CLASSIFYBATCHRESPONSE']._serialized_end=513
+  _globals['_GETMODELINFOREQUEST']._serialized_start=515
+  _globals['_GETMODELINFOREQUEST']._serialized_end=579
+  _globals['_LISTMODELSREQUEST']._serialized_start=581
+  _globals['_LISTMODELSREQUEST']._serialized_end=600
+  _globals['_MODELVERSIONSTATUS']._serialized_start=602
+  _globals['_MODELVERSIONSTATUS']._serialized_end=726
+  _globals['_LISTMODELSRESPONSE']._serialized_start=728
+  _globals['_LISTMODELSRESPONSE']._serialized_end=817
+  _globals['_MODELINFO']._serialized_start=820
+  _globals['_MODELINFO']._serialized_end=1145
+  _globals['_CLASSIFIER']._serialized_start=1148
+  _globals['_CLASSIFIER']._serialized_end=1450
 # @@protoc_insertion_point(module_scope)

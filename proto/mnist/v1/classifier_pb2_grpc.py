@@ -49,6 +49,11 @@ class ClassifierStub:
                 request_serializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/mnist.v1.Classifier/ListModels',
+                request_serializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class ClassifierServicer:
@@ -72,6 +77,13 @@ class ClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """every model and version, loaded or not
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +101,11 @@ def add_ClassifierServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.GetModelInfoRequest.FromString,
                     response_serializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ListModelsRequest.FromString,
+                    response_serializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +189,33 @@ class Classifier:
             '/mnist.v1.Classifier/GetModelInfo',
             proto_dot_mnist_dot_v1_dot_classifier__pb2.GetModelInfoRequest.SerializeToString,
             proto_dot_mnist_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mnist.v1.Classifier/ListModels',
+            proto_dot_mnist_dot_v1_dot_classifier__pb2.ListModelsRequest.SerializeToString,
+            proto_dot_mnist_dot_v1_dot_classifier__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

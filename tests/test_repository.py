@@ -1,0 +1,415 @@
+"""Models as a repository: versions chosen per request, hot reload with zero failed calls, refusal of bad files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+
+from proto.inference import grpc_service_pb2 as oip
+from proto.inference import grpc_service_pb2_grpc as oip_grpc
+from proto.mnist.v1 import classifier_pb2 as pb
+from server.app import MnistServer
+from server.config import BUNDLED_MODEL
+from server.errors import NotFound
+from server.repository import FAILED, LOADING, READY, UNLOADING, ModelRepository, scan_repository
+from tests.test_server import Harness, test_config
+from training.data import load_split
+
+MODEL = "googlenet-fast"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def publish(repository: Path, version: int, model: str = MODEL, content: bytes | None = None) -> Path:
+    """A version folder written the way mnist-export --publish writes it: staged, then renamed in one step."""
+    staging = repository / model / f".staging-{version}"
+    staging.mkdir(parents=True)
+    if content is None:
+        shutil.copyfile(BUNDLED_MODEL, staging / "model.onnx")
+    else:
+        (staging / "model.onnx").write_bytes(content)
+    os.rename(staging, repository / model / str(version))
+    return repository / model / str(version)
+
+
+def config_pbtxt(repository: Path, text: str, model: str = MODEL) -> None:
+    path = repository / model / "config.pbtxt"
+    path.write_text(f'name: "{model}"\n{text}\n')
+    os.utime(path)
+
+
+# --- the folder: which versions a model's policy selects ----------------------------------------------
+
+
+def test_the_default_policy_is_the_latest_version_and_other_folders_are_ignored(tmp_path: Path) -> None:
+    for version in (1, 2, 10):
+        publish(tmp_path, version)
+    (tmp_path / MODEL / "notes").mkdir()
+    (tmp_path / MODEL / "3").mkdir()  # no model.onnx yet
+    (tmp_path / ".trash").mkdir()
+    spec = scan_repository(tmp_path)[MODEL]
+    assert list(spec.versions) == ["10"] and spec.default_version == "" and not spec.problem
+    assert list(scan_repository(tmp_path)) == [MODEL]
+
+
+@pytest.mark.parametrize(
+    ("policy", "versions"),
+    [
+        ("version_policy { latest { num_versions: 2 } }", ["2", "10"]),
+        ("version_policy { all { } }", ["1", "2", "10"]),
+        ("version_policy { specific { versions: [1, 10] } }", ["1", "10"]),
+    ],
+)
+def test_a_version_policy_in_config_pbtxt_selects_versions_as_in_triton(tmp_path, policy, versions) -> None:
+    for version in (1, 2, 10):
+        publish(tmp_path, version)
+    config_pbtxt(tmp_path, policy + '\nparameters { key: "default_version" value { string_value: "2" } }')
+    spec = scan_repository(tmp_path)[MODEL]
+    assert list(spec.versions) == versions and spec.default_version == "2"
+
+
+def test_an_unreadable_config_is_a_problem_named_not_a_crash(tmp_path: Path) -> None:
+    publish(tmp_path, 1)
+    config_pbtxt(tmp_path, "version_policy { latest { num_versions: two } }")
+    assert "not a valid model configuration" in scan_repository(tmp_path)[MODEL].problem
+
+
+# --- the repository's logic, with stand-in pipelines ----------------------------------------------------
+
+
+class FakePipeline:
+    def __init__(self, name: str, version: str) -> None:
+        self.name, self.version = name, version
+        self.closed = False
+
+    async def close(self, timeout: float | None = None) -> None:
+        self.closed = True
+
+
+class FakeLoader:
+    """Loads instantly, or waits for a gate; fails for files whose content is b'broken'."""
+
+    def __init__(self) -> None:
+        self.gates: dict[str, asyncio.Event] = {}
+        self.loaded: list[str] = []
+
+    async def __call__(self, name: str | None, version: str | None, path: Path) -> FakePipeline:
+        if version in self.gates:
+            await self.gates[version].wait()
+        if path.read_bytes() == b"broken":
+            raise ValueError(f"{path} is not an ONNX model")
+        self.loaded.append(version)
+        return FakePipeline(name, version)
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_a_new_version_takes_no_request_before_it_is_ready(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        publish(tmp_path, 1, content=b"v1")
+        loader = FakeLoader()
+        repository = ModelRepository(loader, tmp_path, grace=1)
+        await repository.poll()
+        publish(tmp_path, 2, content=b"v2")
+        loader.gates["2"] = asyncio.Event()
+        polling = asyncio.ensure_future(repository.poll())
+        await asyncio.sleep(0.05)
+        assert [(s.version, s.state) for s in repository.statuses()] == [("1", READY), ("2", LOADING)]
+        assert repository.resolve(MODEL).version == "1"  # requests keep going to the ready version
+        with pytest.raises(NotFound, match="no version '2' ready .it is LOADING"):
+            repository.resolve(MODEL, "2")
+        loader.gates["2"].set()
+        await polling
+        assert repository.resolve(MODEL).version == "2"
+        assert [(s.version, s.state) for s in repository.statuses()] == [("1", UNLOADING), ("2", READY)]
+        await asyncio.sleep(0.01)  # nothing holds version 1: it is closed at once
+        assert [(s.version, s.state) for s in repository.statuses()] == [("2", READY)]
+        await repository.close()
+
+    run(scenario())
+
+
+def test_a_retired_version_is_closed_only_after_the_requests_holding_it(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        publish(tmp_path, 1, content=b"v1")
+        repository = ModelRepository(FakeLoader(), tmp_path, grace=5)
+        await repository.poll()
+        with repository.lease(MODEL) as held:
+            publish(tmp_path, 2, content=b"v2")
+            await repository.poll()
+            assert repository.resolve(MODEL).version == "2"
+            await asyncio.sleep(0.05)
+            assert not held.pipeline.closed  # a request still uses it
+        await asyncio.sleep(0.05)
+        assert held.pipeline.closed
+        await repository.close()
+
+    run(scenario())
+
+
+def test_a_file_that_fails_to_load_never_serves_and_is_retried_only_once_changed(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        publish(tmp_path, 1, content=b"v1")
+        loader = FakeLoader()
+        repository = ModelRepository(loader, tmp_path, grace=1)
+        await repository.poll()
+        publish(tmp_path, 2, content=b"broken")
+        await repository.poll()
+        statuses = {s.version: s for s in repository.statuses()}
+        assert statuses["2"].state == FAILED and "not an ONNX model" in statuses["2"].reason
+        assert statuses["1"].state == READY and repository.resolve(MODEL).version == "1"
+        await repository.poll()
+        assert loader.loaded == ["1"]  # the same broken file is not tried again
+        (tmp_path / MODEL / "2" / "model.onnx").write_bytes(b"v2 fixed")
+        await repository.poll()
+        assert repository.resolve(MODEL).version == "2" and loader.loaded == ["1", "2"]
+        await repository.close()
+
+    run(scenario())
+
+
+def test_rollback_by_default_version_then_by_removing_the_new_version(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        publish(tmp_path, 1, content=b"v1")
+        publish(tmp_path, 2, content=b"v2")
+        config_pbtxt(tmp_path, "version_policy { latest { num_versions: 2 } }")
+        repository = ModelRepository(FakeLoader(), tmp_path, grace=1)
+        await repository.poll()
+        assert repository.resolve(MODEL).version == "2"
+        config_pbtxt(
+            tmp_path,
+            'version_policy { latest { num_versions: 2 } }\nparameters { key: "default_version" value { '
+            'string_value: "1" } }',
+        )
+        await repository.poll()
+        assert repository.resolve(MODEL).version == "1" and repository.resolve(MODEL, "2").version == "2"
+        config_pbtxt(tmp_path, "version_policy { latest { num_versions: 2 } }")
+        shutil.rmtree(tmp_path / MODEL / "2")
+        await repository.poll()
+        assert repository.resolve(MODEL).version == "1"
+        with pytest.raises(NotFound, match="available: '1'"):
+            repository.resolve(MODEL, "2")
+        await repository.close()
+
+    run(scenario())
+
+
+def test_an_operator_unload_holds_until_an_explicit_load(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        publish(tmp_path, 1, content=b"v1")
+        publish(tmp_path, 1, model="other", content=b"o1")
+        repository = ModelRepository(FakeLoader(), tmp_path, grace=1)
+        await repository.poll()
+        assert repository.default_model == MODEL  # the first by name when several are served
+        await repository.unload_model(MODEL)
+        await repository.poll()
+        with pytest.raises(NotFound, match="no model named 'googlenet-fast'; this server serves 'other'"):
+            repository.resolve(MODEL)
+        await repository.load_model(MODEL)
+        assert repository.resolve(MODEL).version == "1"
+        await repository.close()
+
+    run(scenario())
+
+
+# --- the server: a real repository of the bundled model ---------------------------------------------------
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> Path:
+    publish(tmp_path, 1)
+    publish(tmp_path, 2)
+    config_pbtxt(tmp_path, "version_policy { latest { num_versions: 2 } }")
+    return tmp_path
+
+
+@pytest.fixture
+def served_repository(repository: Path):
+    config = test_config(model_repository=str(repository), repository_poll_seconds=0.1, model_control="on")
+    harness = Harness(MnistServer(config).start())
+    harness.oip = oip_grpc.GRPCInferenceServiceStub(harness.channel)
+    yield harness
+    harness.close()
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_dir: Path):
+    test = load_split("test", mnist_dir)
+    return test.images[:32], test.labels[:32]
+
+
+def test_requests_choose_a_version_and_an_unknown_one_names_those_served(served_repository, digits) -> None:
+    stub, raw = served_repository.stub, digits[0][0].tobytes()
+    assert stub.Classify(pb.ClassifyRequest(raw=raw), timeout=10).model_version == "2"  # the newest by default
+    assert stub.Classify(pb.ClassifyRequest(raw=raw, model_version="1"), timeout=10).model_version == "1"
+    batch = pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(raw=raw)] * 2, model_name=MODEL, model_version="1")
+    assert [r.model_version for r in stub.ClassifyBatch(batch, timeout=10).responses] == ["1", "1"]
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Classify(pb.ClassifyRequest(raw=raw, model_version="7"), timeout=10)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND and "available: '1', '2'" in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Classify(pb.ClassifyRequest(raw=raw, model_name="resnet"), timeout=10)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND and "serves 'googlenet-fast'" in error.value.details()
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(model_version="1"), timeout=10)
+    assert (info.name, info.version) == (MODEL, "1")
+    listed = stub.ListModels(pb.ListModelsRequest(), timeout=10)
+    assert [(m.name, m.version, m.state, m.is_default) for m in listed.models] == [
+        (MODEL, "1", READY, False),
+        (MODEL, "2", READY, True),
+    ]
+    assert listed.default_model == MODEL and all(m.load_seconds > 0 for m in listed.models)
+    assert served_repository.oip.ModelReady(oip.ModelReadyRequest(name=MODEL, version="1")).ready
+    assert not served_repository.oip.ModelReady(oip.ModelReadyRequest(name=MODEL, version="3")).ready
+    assert served_repository.health_status(MODEL) == SERVING
+
+
+def wait_for(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def default_version(harness: Harness) -> str:
+    return next(m.version for m in harness.stub.ListModels(pb.ListModelsRequest(), timeout=5).models if m.is_default)
+
+
+def test_three_swaps_under_a_steady_stream_fail_no_call(served_repository, repository: Path, digits) -> None:
+    images, _ = digits
+    expected = [
+        served_repository.stub.Classify(pb.ClassifyRequest(raw=image.tobytes()), timeout=10).digit for image in images
+    ]
+    stop = threading.Event()
+    answers: Counter[str] = Counter()
+    failures: list[str] = []
+    order: list[list[str]] = []
+
+    def client(worker: int) -> None:
+        seen: list[str] = []
+        i = worker
+        while not stop.is_set():
+            try:
+                reply = served_repository.stub.Classify(pb.ClassifyRequest(raw=images[i % 32].tobytes()), timeout=10)
+            except grpc.RpcError as err:
+                failures.append(f"{err.code().name}: {err.details()}")
+                continue
+            if reply.digit != expected[i % 32]:  # every version is the bundled model: the same answers
+                failures.append(f"digit {reply.digit} from version {reply.model_version}, not {expected[i % 32]}")
+            answers[reply.model_version] += 1
+            if not seen or seen[-1] != reply.model_version:
+                seen.append(reply.model_version)
+            i += 4
+        order.append(seen)
+
+    clients = [threading.Thread(target=client, args=(w,)) for w in range(4)]
+    for thread in clients:
+        thread.start()
+    try:
+        for version in (3, 4, 5):
+            time.sleep(0.4)
+            publish(repository, version)
+            wait_for(lambda v=version: default_version(served_repository) == str(v))
+        time.sleep(0.4)
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(10)
+    assert failures == []
+    assert set(answers) <= {"2", "3", "4", "5"} and answers["5"] > 0, answers
+    for seen in order:  # each client moved forward through the versions, never back to a retired one
+        assert seen == sorted(seen, key=int), seen
+    # the policy keeps the latest two: the older versions drained and were unloaded
+    wait_for(
+        lambda: [m.version for m in served_repository.stub.ListModels(pb.ListModelsRequest()).models] == ["4", "5"]
+    )
+
+
+def test_a_corrupt_version_is_refused_and_the_previous_one_keeps_serving(served_repository, repository, digits) -> None:
+    publish(repository, 3, content=b"\x08\x07 not a model at all")
+
+    def failed() -> list:
+        return [
+            m for m in served_repository.stub.ListModels(pb.ListModelsRequest(), timeout=5).models if m.state == FAILED
+        ]
+
+    wait_for(lambda: failed())
+    (status,) = failed()
+    assert status.version == "3" and status.reason
+    assert default_version(served_repository) == "2"
+    reply = served_repository.stub.Classify(pb.ClassifyRequest(raw=digits[0][0].tobytes()), timeout=10)
+    assert reply.model_version == "2"
+    metrics = served_repository.metrics()
+    assert metrics[f'mnist_model_load_failures_total{{model="{MODEL}",version="3"}}'] == 1
+    assert metrics[f'mnist_model_versions{{model="{MODEL}",state="FAILED"}}'] == 1
+    assert served_repository.health_status(MODEL) == SERVING
+
+
+def test_a_model_that_loads_but_misreads_the_stored_digits_is_refused(served_repository, repository) -> None:
+    """A file that is a valid ONNX model but computes nonsense: the verification on stored digits stops it."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(BUNDLED_MODEL))
+    for initializer in model.graph.initializer:  # same graph, scrambled weights
+        weights = numpy_helper.to_array(initializer)
+        if weights.dtype == np.float32 and weights.size > 100:
+            scrambled = np.random.default_rng(0).permutation(weights.ravel()).reshape(weights.shape)
+            initializer.CopyFrom(numpy_helper.from_array(scrambled, initializer.name))
+    publish(repository, 3, content=model.SerializeToString())
+    wait_for(lambda: any(m.state == FAILED for m in served_repository.stub.ListModels(pb.ListModelsRequest()).models))
+    (status,) = [m for m in served_repository.stub.ListModels(pb.ListModelsRequest()).models if m.state == FAILED]
+    assert "verification" in status.reason and default_version(served_repository) == "2"
+
+
+def test_explicit_unload_and_load_through_the_open_inference_protocol(served_repository) -> None:
+    stub = served_repository.oip
+    stub.RepositoryModelUnload(oip.RepositoryModelUnloadRequest(model_name=MODEL), timeout=10)
+    wait_for(lambda: not stub.ModelReady(oip.ModelReadyRequest(name=MODEL)).ready)
+    with pytest.raises(grpc.RpcError) as error:
+        served_repository.stub.Classify(pb.ClassifyRequest(raw=bytes(range(256)) * 3 + bytes(16)), timeout=10)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "unloaded" in error.value.details()
+    stub.RepositoryModelLoad(oip.RepositoryModelLoadRequest(model_name=MODEL), timeout=30)
+    assert stub.ModelReady(oip.ModelReadyRequest(name=MODEL)).ready
+    index = stub.RepositoryIndex(oip.RepositoryIndexRequest(ready=True), timeout=5)
+    assert [(m.name, m.version) for m in index.models] == [(MODEL, "1"), (MODEL, "2")]
+
+
+def test_model_control_is_off_unless_enabled(repository: Path) -> None:
+    harness = Harness(MnistServer(test_config(model_repository=str(repository), repository_poll_seconds=0)).start())
+    try:
+        stub = oip_grpc.GRPCInferenceServiceStub(harness.channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.RepositoryModelUnload(oip.RepositoryModelUnloadRequest(model_name=MODEL), timeout=10)
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED and "--model-control on" in error.value.details()
+    finally:
+        harness.close()
+
+
+def test_a_repository_with_nothing_servable_stops_the_start_with_the_reason(tmp_path: Path) -> None:
+    publish(tmp_path, 1, content=b"garbage")
+    server = MnistServer(test_config(model_repository=str(tmp_path)))
+    with pytest.raises(RuntimeError, match="no model in .* could be served .*googlenet-fast 1"):
+        server.start()
+
+
+def test_mnist_classify_lists_models_and_asks_a_chosen_version(served_repository, capsys) -> None:
+    from server.client import main
+
+    target = f"127.0.0.1:{served_repository.server.port}"
+    assert main(["--server", target, "--list-models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"{MODEL} 1 READY", f"{MODEL} 2 READY (default)"]
+    seven = Path(__file__).resolve().parents[1] / "server" / "samples" / "seven.png"
+    assert main(["--server", target, "--model-version", "1", str(seven)]) == 0
+    assert capsys.readouterr().out.strip().endswith("certainty (version 1)")
