@@ -107,6 +107,10 @@ class RepositoryMetrics(RepositoryObserver):
         self.server.metrics.model_requests.labels(name, version, code).inc()
         self.server.metrics.model_latency.labels(name, version).observe(seconds)
 
+    def on_unloaded(self, name: str, version: str) -> None:
+        self.server.metrics.forget_version(name, version)
+        self.server.inference.forget(name, version)
+
     def on_changed(self, repository: ModelRepository) -> None:
         self.server.metrics.describe_models(repository)
         if self.server._health is not None and not self.server._stopping:

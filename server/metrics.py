@@ -128,6 +128,20 @@ class BulkHistogram(Collector):
         yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
 
+CODE_NAMES = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+    "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+)  # fmt: skip
+
+
+def _remove(family: Any, *labels: str) -> None:
+    try:
+        family.remove(*labels)
+    except KeyError:  # never observed
+        pass
+
+
 def _edge_label(edge: float) -> str:
     return floatToGoString(float(edge))  # as prometheus_client labels its own buckets: 1 -> "1.0"
 
@@ -258,6 +272,16 @@ class ServiceMetrics:
         self.model_versions.clear()
         for status in repository.statuses():
             self.model_versions.labels(status.name, status.state).inc()
+
+    def forget_version(self, model: str, version: str) -> None:
+        """A version was unloaded: its series go, so that a server shipping weekly versions does not grow forever."""
+        for digit in range(10):
+            _remove(self.predictions, model, version, str(digit))
+        for code in CODE_NAMES:
+            _remove(self.model_requests, model, version, code)
+        for family in (self.model_latency, self.model_load_seconds):
+            _remove(family, model, version)
+        self.confidence.remove(model, version)
 
     def prediction_observer(self, model: str, version: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
         """The per-batch callback of one model version's pipeline: its digit counts, confidences and non-digits."""

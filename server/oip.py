@@ -16,6 +16,7 @@ Failures are domain errors (server/errors.py): each transport maps them to its o
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -95,7 +96,17 @@ def tensor_from_values(name: str, datatype: str, shape: Sequence[int], values: S
         return Tensor(name, datatype, tuple(shape), _object_array(elements))
     dtype = _dtype(name, datatype)
     try:
-        data = np.asarray(values, dtype).reshape(-1)
+        given = np.asarray(values)
+        if dtype.kind in "iu" and given.size:  # integers must be whole and in range, not wrapped or truncated
+            if given.dtype.kind not in "iub" and not (given.dtype.kind == "f" and np.all(given == np.round(given))):
+                raise ValueError
+            limits = np.iinfo(dtype)
+            if given.min() < limits.min or given.max() > limits.max:
+                raise InvalidInput(
+                    f"input '{name}': {datatype} values must lie in {limits.min}..{limits.max}; got "
+                    f"{given.min()}..{given.max()}"
+                )
+        data = given.astype(dtype).reshape(-1)
     except (ValueError, TypeError, OverflowError):
         raise InvalidInput(f"input '{name}': data is not a list of {datatype} numbers") from None
     if data.size != count:
@@ -127,15 +138,21 @@ def _object_array(elements: list[bytes]) -> np.ndarray:
 
 
 def _dtype(name: str, datatype: str) -> np.dtype:
-    if datatype not in DTYPES:
+    if not isinstance(datatype, str) or datatype not in DTYPES:
         raise InvalidInput(f"input '{name}': unknown datatype {datatype!r}; this model takes FP32, UINT8 or BYTES")
     return DTYPES[datatype]
 
 
+MAX_ELEMENTS = 1 << 31  # no tensor this model takes comes near it; beyond, a shape is nonsense (or an overflow)
+
+
 def _element_count(name: str, shape: Sequence[int]) -> int:
-    if not shape or any(not isinstance(d, int) or d < 0 for d in shape):
+    if not shape or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
         raise InvalidInput(f"input '{name}': shape {list(shape)} must be a list of non-negative whole numbers")
-    return int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python integers: no overflow
+    if count > MAX_ELEMENTS:
+        raise InvalidInput(f"input '{name}': shape {list(shape)} holds {count:,} elements, far more than any request")
+    return count
 
 
 def images_from(tensor: Tensor, max_images: int) -> np.ndarray:
@@ -265,19 +282,23 @@ class InferenceDataPlane:
     def repository_index(self) -> list[dict]:
         """Every version the server knows of and its state (READY, LOADING, FAILED, UNLOADING), as Triton lists."""
         return [
-            {"name": s.name, "version": s.version, "state": s.state, "reason": s.reason}
-            for s in self.models.statuses()
-            if s.version
+            {"name": s.name, "version": s.version, "state": s.state, "reason": s.reason} for s in self.models.statuses()
         ]
 
     def statistics(self, name: str = "", version: str = "") -> list[tuple[str, str, ModelStatistics]]:
         """(model, version, counts) of every READY version, or of the one named (NotFound if not served)."""
-        if name:
+        if name and version:
             served = self.served(name, version)
             rows = [(served.name, served.version)]
-        else:
-            rows = [(s.name, s.version) for s in self.models.served()]
+        else:  # every version of the model named (all of them: the protocol's empty version), or of every model
+            rows = [(s.name, s.version) for s in self.models.served() if not name or s.name == name]
+            if name and not rows:
+                self.served(name)  # NotFound naming what is served
         return [(n, v, self._statistics.setdefault((n, v), ModelStatistics())) for n, v in rows]
+
+    def forget(self, name: str, version: str) -> None:
+        """A version is gone: its statistics go with it."""
+        self._statistics.pop((name, version), None)
 
     # --- model control (explicit loads and unloads, when enabled) ---------------------------------
 
@@ -305,8 +326,9 @@ class InferenceDataPlane:
         inputs: Sequence[Tensor],
         requested: Sequence[str] | None = None,
         deadline: float | None = None,
-    ) -> tuple[str, list[Tensor]]:
-        """The requested outputs (all when `requested` is empty) for `inputs`; returns (model version, outputs)."""
+    ) -> tuple[str, str, list[Tensor]]:
+        """The requested outputs (all when `requested` is empty) for `inputs`; returns the name and version of the
+        model that answered, and the outputs."""
         with self.models.lease(name, version) as served:
             stats = self._statistics.setdefault((served.name, served.version), ModelStatistics())
             started, images = time.perf_counter(), 0
@@ -314,7 +336,9 @@ class InferenceDataPlane:
                 wanted = list(requested or OUTPUTS)
                 unknown = [output for output in wanted if output not in OUTPUTS]
                 if unknown:
-                    raise InvalidInput(f"unknown output '{unknown[0]}'; this model gives {', '.join(OUTPUTS)}")
+                    raise InvalidInput(f"unknown output {unknown[0]!r}; this model gives {', '.join(OUTPUTS)}")
+                if len(set(wanted)) != len(wanted):
+                    raise InvalidInput("an output is requested more than once; name each at most once")
                 if len(inputs) != 1:
                     raise InvalidInput(f"send exactly one input, '{INPUT_NAME}' (got {len(inputs)})")
                 pixels = images_from(inputs[0], self.max_images)
@@ -337,7 +361,7 @@ class InferenceDataPlane:
             PROBABILITIES: Tensor(PROBABILITIES, "FP32", (n, NUM_CLASSES), predictions.probabilities.astype("<f4")),
             DIGIT: Tensor(DIGIT, "INT64", (n,), predictions.digits.astype("<i8")),
         }
-        return predictions.model_version, [tensors[output] for output in wanted]
+        return served.name, predictions.model_version, [tensors[output] for output in wanted]
 
     def served(self, name: str, version: str = "") -> ServedModel:
         """The READY version serving `name` at `version` ("" = its default); NotReady or NotFound naming what is."""

@@ -64,8 +64,10 @@ def request_tensors(request: pb.ModelInferRequest) -> list[Tensor]:
     return tensors
 
 
-def infer_response(request: pb.ModelInferRequest, version: str, outputs: list[Tensor]) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
+def infer_response(
+    request: pb.ModelInferRequest, name: str, version: str, outputs: list[Tensor]
+) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=name, model_version=version, id=request.id)
     for tensor in outputs:
         response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
         response.raw_output_contents.append(np.ascontiguousarray(tensor.data).tobytes())
@@ -122,14 +124,14 @@ class InferenceServicer:
         for output in request.outputs:
             if "shared_memory_region" in output.parameters:
                 raise Unsupported(NO_SHARED_MEMORY)
-        version, outputs = await self.plane.infer(
+        name, version, outputs = await self.plane.infer(
             request.model_name,
             request.model_version,
             request_tensors(request),
             [output.name for output in request.outputs],
             deadline,
         )
-        return infer_response(request, version, outputs)
+        return infer_response(request, name, version, outputs)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext):
         response = pb.ModelStatisticsResponse()

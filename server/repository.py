@@ -28,7 +28,7 @@ import numpy as np
 from google.protobuf import text_format
 
 from proto.inference import model_config_pb2
-from server.errors import NotFound, NotReady, ShuttingDown
+from server.errors import InvalidInput, NotFound, NotReady, ShuttingDown
 from server.pipeline import ENCODED, ModelPipeline
 
 log = logging.getLogger("mnist.repository")
@@ -37,6 +37,7 @@ MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.pbtxt"
 DEFAULT_VERSION_KEY = "default_version"  # a config.pbtxt parameter: requests naming no version get this one
 READY, LOADING, FAILED, UNLOADING = "READY", "LOADING", "FAILED", "UNLOADING"
+UNAVAILABLE = "UNAVAILABLE"  # a model an operator unloaded (Triton's word for it)
 
 # Load, verify and warm up one version: (name or None, version or None, model file) -> a started pipeline.
 # None name/version: take them from the model's own metadata (a single --model file).
@@ -51,11 +52,17 @@ class ModelSpec:
     versions: dict[str, Path]  # version -> model file, those the version policy selects
     default_version: str = ""  # from config.pbtxt; "" = the newest READY version
     problem: str = ""  # the folder cannot be served as it is (unreadable config.pbtxt, ...)
+    present: tuple[str, ...] = ()  # every version folder with a model file, wanted or not
 
 
 def version_key(version: str) -> tuple[int, int | str]:
     """Whole-number versions in numeric order, after any other name (a single file's metadata version)."""
-    return (1, int(version)) if version.isdigit() else (0, version)
+    return (1, int(version)) if is_version_number(version) else (0, version)
+
+
+def is_version_number(name: str) -> bool:
+    """A version folder's name: a positive whole number in ASCII digits ("²" and "٣" are digits to Python)."""
+    return name.isascii() and name.isdigit() and int(name) > 0
 
 
 def signature(path: Path) -> tuple[int, int]:
@@ -71,7 +78,7 @@ def scan_repository(root: Path) -> dict[str, ModelSpec]:
         found = {
             v.name: v / MODEL_FILE
             for v in folder.iterdir()
-            if v.is_dir() and v.name.isdigit() and int(v.name) > 0 and (v / MODEL_FILE).is_file()
+            if v.is_dir() and is_version_number(v.name) and (v / MODEL_FILE).is_file()
         }
         config = model_config_pb2.ModelConfig()
         problem = ""
@@ -94,7 +101,12 @@ def scan_repository(root: Path) -> dict[str, ModelSpec]:
         default = ""
         if DEFAULT_VERSION_KEY in config.parameters:
             default = config.parameters[DEFAULT_VERSION_KEY].string_value.strip()
-        specs[folder.name] = ModelSpec(folder.name, {v: found[v] for v in wanted}, default, problem)
+        if found and not wanted and not problem:
+            problem = (
+                f"{folder.name}/{CONFIG_FILE}: the version_policy selects none of the versions present "
+                f"({', '.join(ordered)})"
+            )
+        specs[folder.name] = ModelSpec(folder.name, {v: found[v] for v in wanted}, default, problem, tuple(ordered))
     return specs
 
 
@@ -134,6 +146,8 @@ class RepositoryObserver:
 
     def on_request(self, name: str, version: str, seconds: float, error: BaseException | None) -> None: ...
 
+    def on_unloaded(self, name: str, version: str) -> None: ...
+
 
 class ModelRepository:
     """Routes each request to a READY version and runs the versions' lives; everything runs on the event loop."""
@@ -157,6 +171,10 @@ class ModelRepository:
         self._status: dict[tuple[str, str], VersionStatus] = {}  # versions not READY: loading, failed, draining
         self._failed: dict[tuple[str, str], tuple[int, int]] = {}  # the file state that failed: not retried as is
         self._unloaded: set[str] = set()  # models unloaded by an operator: polling leaves them alone
+        self._seen: dict[tuple[str, str], tuple[int, int]] = {}  # a file's state at the last poll: loads wait for it
+        self._polled = False
+        self._warned_default: set[tuple[str, str]] = set()
+        self._ever_served = False
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
         self.closed = False
@@ -179,9 +197,10 @@ class ModelRepository:
         if not versions:
             if not self._served:
                 if self._unloaded:
-                    raise NotReady(
-                        f"no model is loaded: {_names(dict.fromkeys(self._unloaded))} unloaded by an operator"
-                    )
+                    unloaded = _names(dict.fromkeys(self._unloaded))
+                    raise NotReady(f"no model is loaded: {unloaded} unloaded by an operator")
+                if self._ever_served:
+                    raise NotReady("no model is loaded now: the repository holds none that can be served")
                 raise NotReady("model is still loading; retry shortly")
             raise NotFound(f"no model named '{name}'; this server serves {_names(self._served)}")
         version = version or self._defaults.get(name, "")
@@ -217,12 +236,12 @@ class ModelRepository:
 
     def statuses(self) -> list[VersionStatus]:
         """Every version the server knows of, READY or not, by model and version."""
-        rows = {
-            (s.name, s.version): VersionStatus(
-                s.name, s.version, READY, "", self._defaults.get(s.name) == s.version, s.load_seconds
-            )
-            for s in self.served()
-        }
+        rows = {}
+        for s in self.served():
+            failure = self._status.get((s.name, s.version))
+            reason = f"a newer file failed to load: {failure.reason}" if failure and failure.state == FAILED else ""
+            is_default = self._defaults.get(s.name) == s.version
+            rows[(s.name, s.version)] = VersionStatus(s.name, s.version, READY, reason, is_default, s.load_seconds)
         for key, status in self._status.items():
             rows.setdefault(key, status)
         return [rows[key] for key in sorted(rows, key=lambda k: (k[0], version_key(k[1])))]
@@ -244,73 +263,102 @@ class ModelRepository:
             raise NotReady(f"the model {path} cannot be served: {self._status[('?', '?')].reason}")
         return served
 
-    async def poll(self, only: str | None = None) -> None:
+    async def poll(self, only: str | None = None, settle: bool = True) -> None:
         """Bring what is served in line with the repository folder: load new and changed versions (each READY
-        before it takes traffic), move defaults, then retire what the folder no longer wants."""
+        before it takes traffic), move defaults, then retire what the folder no longer wants. With `settle`, a
+        file seen changing is loaded only once it holds still for a poll (a copy still being written)."""
         if self.root is None:
             return
         async with self._lock:
-            try:
-                specs = await asyncio.get_running_loop().run_in_executor(None, scan_repository, self.root)
-            except OSError as err:
-                log.error("cannot read the model repository %s: %s", self.root, err)
-                return
-            for name, spec in specs.items():
-                if (only is not None and name != only) or name in self._unloaded:
+            await self._poll(only, settle)
+
+    async def _poll(self, only: str | None, settle: bool) -> None:
+        try:
+            specs = await asyncio.get_running_loop().run_in_executor(None, scan_repository, self.root)
+        except OSError as err:
+            log.error("cannot read the model repository %s: %s", self.root, err)
+            return
+        first = not self._polled
+        self._polled = True
+        for name, spec in specs.items():
+            if (only is not None and name != only) or name in self._unloaded:
+                continue
+            if spec.problem:
+                if self._status.get((name, "")) != VersionStatus(name, "", FAILED, spec.problem):
+                    self._fail(name, "", spec.problem)  # said once, not at every poll
+                continue
+            self._status.pop((name, ""), None)
+            self._wanted_default[name] = spec.default_version
+            for key in [k for k in self._status if k[0] == name and k[1] and k[1] not in spec.present]:
+                if self._status[key].state == FAILED:  # its folder is gone: so is its failure
+                    del self._status[key]
+                    self._failed.pop(key, None)
+            for version, path in sorted(spec.versions.items(), key=lambda item: version_key(item[0])):
+                try:
+                    state = signature(path)
+                except OSError:
+                    continue  # removed meanwhile
+                current = self._served.get(name, {}).get(version)
+                if current is not None and current.signature == state:
                     continue
-                if spec.problem:
-                    self._fail(name, "", spec.problem)
+                if self._failed.get((name, version)) == state:
                     continue
-                self._status.pop((name, ""), None)
-                self._wanted_default[name] = spec.default_version
-                for version, path in sorted(spec.versions.items(), key=lambda item: version_key(item[0])):
-                    try:
-                        state = signature(path)
-                    except OSError:
-                        continue  # removed meanwhile
-                    current = self._served.get(name, {}).get(version)
-                    if current is not None and current.signature == state:
-                        continue
-                    if self._failed.get((name, version)) == state:
-                        continue
-                    await self._add(name, version, path, state)
-            for name, versions in list(self._served.items()):
-                if only is not None and name != only:
+                if settle and not first and self._seen.get((name, version)) != state:
+                    self._seen[(name, version)] = state  # still being written? loaded once it holds still a poll
                     continue
-                wanted = specs[name].versions if name in specs and not specs[name].problem else {}
-                if name in specs and specs[name].problem:
-                    continue  # a broken config.pbtxt: keep serving what was loaded
-                if wanted and not any(version in versions for version in wanted):
-                    continue  # none of the versions the policy wants could be loaded: the old ones keep serving
-                for version in list(versions):
-                    if version not in wanted:
-                        self._retire(versions[version])
-            for key in [k for k in self._status if k[0] not in specs]:
-                self._status.pop(key)
-            self._choose_defaults()
-            self.observer.on_changed(self)
+                await self._add(name, version, path, state)
+        for name, versions in list(self._served.items()):
+            if only is not None and name != only:
+                continue
+            spec = specs.get(name)
+            if spec is not None and spec.problem:
+                continue  # a broken config.pbtxt: keep serving what was loaded
+            wanted = spec.versions if spec is not None else {}
+            if wanted and not any(version in versions for version in wanted):
+                continue  # none of the versions the policy wants could be loaded: the old ones keep serving
+            for version in list(versions):
+                if version not in wanted:
+                    self._retire(versions[version])
+        for key in [k for k in self._status if k[0] not in specs]:
+            self._status.pop(key)
+        self._choose_defaults()
+        self.observer.on_changed(self)
 
     async def load_model(self, name: str) -> None:
-        """An operator's explicit load (or reload) of one model from the repository."""
-        if self.root is None or not (self.root / name).is_dir():
-            raise NotFound(f"no model folder '{name}' in the repository {self.root}")
-        self._unloaded.discard(name)
-        for key in [k for k in self._failed if k[0] == name]:
-            del self._failed[key]  # an explicit load tries again even an unchanged file
-        await self.poll(only=name)
-        if name not in self._served:
-            statuses = [s for s in self.statuses() if s.name == name and s.state == FAILED]
-            reason = statuses[0].reason if statuses else "no version with a model.onnx"
+        """An operator's explicit load (or reload) of one model from the repository; NotFound naming why when no
+        version of it could be loaded, or when one it asked for failed."""
+        folder = self._model_folder(name)
+        async with self._lock:
+            self._unloaded.discard(name)
+            if self._status.get((name, ""), VersionStatus(name, "", READY)).state == UNAVAILABLE:
+                del self._status[(name, "")]
+            for key in [k for k in self._failed if k[0] == name]:
+                del self._failed[key]  # an explicit load tries again even an unchanged file
+            if not folder.is_dir():
+                raise NotFound(f"no model folder '{name}' in the repository")
+            await self._poll(name, settle=False)
+        failed = [s for s in self.statuses() if s.name == name and s.reason and s.state in (FAILED, READY)]
+        if name not in self._served or failed:
+            reason = failed[0].reason if failed else "no version folder with a model.onnx"
             raise NotFound(f"model '{name}' could not be loaded: {reason}")
+
+    def _model_folder(self, name: str) -> Path:
+        if self.root is None:
+            raise NotFound("this server serves one model file, not a repository: nothing to load or unload")
+        if not name or name.startswith(".") or "/" in name or "\\" in name:
+            raise InvalidInput(f"{name!r} is not a model name: a model is a folder directly under the repository")
+        return self.root / name
 
     async def unload_model(self, name: str) -> None:
         """An operator's explicit unload of every version of a model; polling leaves it unloaded until loaded."""
+        self._model_folder(name)
         async with self._lock:
             if name not in self._served:
                 raise NotFound(f"no model named '{name}' is loaded; loaded: {_names(self._served)}")
             self._unloaded.add(name)
             for served in list(self._served[name].values()):
                 self._retire(served)
+            self._status[(name, "")] = VersionStatus(name, "", UNAVAILABLE, "unloaded by an operator")
             self._choose_defaults()
             self.observer.on_changed(self)
 
@@ -355,6 +403,7 @@ class ModelRepository:
         served = ServedModel(name, version, pipeline, path, state, seconds)
         previous = self._served.setdefault(name, {}).get(version)
         self._served[name][version] = served  # from here on, requests reach it
+        self._ever_served = True
         self._status.pop((name, version), None)
         self._failed.pop((name, version), None)
         if previous is not None:
@@ -379,7 +428,8 @@ class ModelRepository:
                 del self._defaults[name]
         for name, versions in self._served.items():
             wanted = self._wanted_default.get(name, "")
-            if wanted and wanted not in versions:
+            if wanted and wanted not in versions and (name, wanted) not in self._warned_default:
+                self._warned_default.add((name, wanted))
                 log.warning("model %s: default_version %s is not READY; using the newest", name, wanted)
             self._defaults[name] = wanted if wanted in versions else max(versions, key=version_key)
 
@@ -411,6 +461,8 @@ class ModelRepository:
         if status is not None and status.state == UNLOADING:
             del self._status[(served.name, served.version)]
         log.info("model %s version %s unloaded", served.name, served.version)
+        if served.version not in self._served.get(served.name, {}):  # not replaced by a new file of the same number
+            self.observer.on_unloaded(served.name, served.version)
         self.observer.on_changed(self)
 
 

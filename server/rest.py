@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -242,9 +243,11 @@ class RestApi:
         self.plane.served(name, version)  # an unknown model is 404, whatever else is wrong
         body = await request.read()
         header, inputs = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+        if not isinstance(header.get("id", ""), str):
+            raise InvalidInput('"id" must be a string')
         deadline = _deadline(header.get("parameters"))
         wanted, binary = requested_outputs(header)
-        model_version, outputs = await self.plane.infer(name, version, inputs, wanted, deadline)
+        name, model_version, outputs = await self.plane.infer(name, version, inputs, wanted, deadline)
         return infer_response(header.get("id"), name, model_version, outputs, binary)
 
 
@@ -254,10 +257,14 @@ def _model(request: web.Request) -> tuple[str, str]:
 
 def _deadline(parameters: Any) -> float | None:
     """Triton's `timeout` request parameter (microseconds) as a time.monotonic() deadline."""
-    if not isinstance(parameters, dict) or "timeout" not in parameters:
+    if parameters is None:
+        return None
+    if not isinstance(parameters, dict):
+        raise InvalidInput('"parameters" must be an object')
+    if "timeout" not in parameters:
         return None
     timeout = parameters["timeout"]
-    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not math.isfinite(timeout) or timeout <= 0:
         raise InvalidInput(f"parameters.timeout must be a positive number of microseconds, not {timeout!r}")
     return time.monotonic() + timeout / 1e6
 
@@ -288,6 +295,8 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict, l
         if not isinstance(shape, list):
             raise InvalidInput(f"input '{name}': shape must be a list of whole numbers")
         parameters = entry.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidInput(f"input '{name}': parameters must be an object")
         if "shared_memory_region" in parameters:
             raise Unsupported("shared-memory tensors are not supported by this server; send the data in the request")
         size = parameters.get("binary_data_size")
@@ -308,12 +317,26 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict, l
 def requested_outputs(header: dict) -> tuple[list[str], set[str] | bool]:
     """The outputs asked for (empty: all) and which travel as binary (True: all of them)."""
     parameters = header.get("parameters") or {}
-    everything_binary = bool(parameters.get("binary_data_output", False))
+    if not isinstance(parameters, dict):
+        raise InvalidInput('"parameters" must be an object')
+    everything_binary = _flag(parameters, "binary_data_output")
     outputs = header.get("outputs") or []
-    if not isinstance(outputs, list) or not all(isinstance(o, dict) and "name" in o for o in outputs):
+    if not isinstance(outputs, list) or not all(
+        isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
+    ):
         raise InvalidInput('"outputs" must be a list of objects with a name')
-    binary = {o["name"] for o in outputs if (o.get("parameters") or {}).get("binary_data", everything_binary)}
+    for output in outputs:
+        if not isinstance(output.get("parameters") or {}, dict):
+            raise InvalidInput(f"output {output['name']!r}: parameters must be an object")
+    binary = {o["name"] for o in outputs if _flag(o.get("parameters") or {}, "binary_data", everything_binary)}
     return [o["name"] for o in outputs], (everything_binary if not outputs else binary)
+
+
+def _flag(parameters: dict, key: str, default: bool = False) -> bool:
+    value = parameters.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"parameter {key!r} must be true or false, not {value!r}")
+    return value
 
 
 def infer_response(

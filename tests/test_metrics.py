@@ -134,3 +134,14 @@ def test_another_version_counts_apart() -> None:
         labels = {"model": "googlenet-fast", "version": version}
         assert metrics.registry.get_sample_value("mnist_predictions_total", {**labels, "digit": "7"}) == expected
         assert metrics.registry.get_sample_value("mnist_prediction_confidence_count", labels) == expected
+
+
+def test_an_unloaded_versions_series_are_forgotten_and_others_kept() -> None:
+    metrics = ServiceMetrics()
+    for version in ("3", "4"):
+        metrics.prediction_observer("googlenet-fast", version)(np.array([7]), np.array([0.9], np.float32))
+        metrics.model_requests.labels("googlenet-fast", version, "OK").inc()
+        metrics.model_latency.labels("googlenet-fast", version).observe(0.01)
+    metrics.forget_version("googlenet-fast", "3")
+    text = generate_latest(metrics.registry).decode()
+    assert 'version="3"' not in text and 'version="4"' in text

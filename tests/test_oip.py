@@ -326,3 +326,49 @@ def test_rest_and_grpc_inference_join_the_callers_trace_with_queue_and_inference
         assert format(call.context.trace_id, "032x") == TRACE_ID and format(call.parent.span_id, "016x") == PARENT_ID
         assert set(traces.children(call)) >= {"queue wait", "inference"}
     assert http_call.attributes["http.response.status_code"] == 200
+
+
+# --- what a careless client sends over REST: always a 400 naming the problem, never a 500 ------------------
+
+
+def seven_tensor(**overrides) -> dict:
+    return {"name": "image", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 700 + [255] * 84, **overrides}
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"inputs": [seven_tensor(parameters=[1])]}, "parameters must be an object"),
+        ({"inputs": [seven_tensor()], "parameters": [1]}, '"parameters" must be an object'),
+        ({"inputs": [seven_tensor()], "outputs": [{"name": "digit", "parameters": [1]}]}, "must be an object"),
+        ({"inputs": [seven_tensor()], "outputs": [{"name": [1]}]}, "objects with a name"),
+        ({"inputs": [seven_tensor(datatype=[1])]}, "unknown datatype"),
+        ({"inputs": [seven_tensor(shape=[10**30, 28, 28])]}, "far more than any request"),
+        ({"inputs": [seven_tensor(shape=[True, 28, 28])]}, "non-negative whole numbers"),
+        ({"inputs": [seven_tensor()], "parameters": {"timeout": float("nan")}}, "timeout"),
+        ({"inputs": [seven_tensor()], "parameters": {"binary_data_output": "false"}}, "true or false"),
+        ({"inputs": [seven_tensor()], "outputs": [{"name": "digit"}, {"name": "digit"}]}, "more than once"),
+        ({"inputs": [seven_tensor(data=[0.5] * 784)]}, "not a list of UINT8 numbers"),
+        ({"inputs": [seven_tensor(data=[300] * 784)]}, "must lie in 0..255"),
+        ({"inputs": [seven_tensor()], "id": 7}, '"id" must be a string'),
+    ],
+)
+def test_malformed_rest_requests_are_400_naming_what_is_wrong(served: Harness, body: dict, words: str) -> None:
+    text = json.dumps(body)  # NaN is written as NaN, which Python's json (the server's) reads back
+    status, _, raw = rest(served, f"/v2/models/{MODEL}/infer", text.encode(), {"Content-Type": "application/json"})
+    assert status == 400, raw
+    assert words in json.loads(raw)["error"]
+
+
+def test_grpc_uint8_contents_out_of_range_are_refused_not_wrapped(served: Harness) -> None:
+    request = oip.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="image", datatype="UINT8", shape=[1, 28, 28]).contents.uint_contents.extend([300] * 784)
+    with pytest.raises(grpc.RpcError) as error:
+        served.oip.ModelInfer(request, timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "0..255" in error.value.details()
+
+
+def test_the_response_names_the_model_that_answered_even_when_the_request_named_none(served: Harness, digits) -> None:
+    request = infer_request(digits[0][:1])
+    request.model_name = ""
+    assert served.oip.ModelInfer(request, timeout=10).model_name == MODEL

@@ -120,10 +120,10 @@ def test_a_new_version_takes_no_request_before_it_is_ready(tmp_path: Path) -> No
         publish(tmp_path, 1, content=b"v1")
         loader = FakeLoader()
         repository = ModelRepository(loader, tmp_path, grace=1)
-        await repository.poll()
+        await repository.poll(settle=False)
         publish(tmp_path, 2, content=b"v2")
         loader.gates["2"] = asyncio.Event()
-        polling = asyncio.ensure_future(repository.poll())
+        polling = asyncio.ensure_future(repository.poll(settle=False))
         await asyncio.sleep(0.05)
         assert [(s.version, s.state) for s in repository.statuses()] == [("1", READY), ("2", LOADING)]
         assert repository.resolve(MODEL).version == "1"  # requests keep going to the ready version
@@ -144,10 +144,10 @@ def test_a_retired_version_is_closed_only_after_the_requests_holding_it(tmp_path
     async def scenario() -> None:
         publish(tmp_path, 1, content=b"v1")
         repository = ModelRepository(FakeLoader(), tmp_path, grace=5)
-        await repository.poll()
+        await repository.poll(settle=False)
         with repository.lease(MODEL) as held:
             publish(tmp_path, 2, content=b"v2")
-            await repository.poll()
+            await repository.poll(settle=False)
             assert repository.resolve(MODEL).version == "2"
             await asyncio.sleep(0.05)
             assert not held.pipeline.closed  # a request still uses it
@@ -163,16 +163,16 @@ def test_a_file_that_fails_to_load_never_serves_and_is_retried_only_once_changed
         publish(tmp_path, 1, content=b"v1")
         loader = FakeLoader()
         repository = ModelRepository(loader, tmp_path, grace=1)
-        await repository.poll()
+        await repository.poll(settle=False)
         publish(tmp_path, 2, content=b"broken")
-        await repository.poll()
+        await repository.poll(settle=False)
         statuses = {s.version: s for s in repository.statuses()}
         assert statuses["2"].state == FAILED and "not an ONNX model" in statuses["2"].reason
         assert statuses["1"].state == READY and repository.resolve(MODEL).version == "1"
-        await repository.poll()
+        await repository.poll(settle=False)
         assert loader.loaded == ["1"]  # the same broken file is not tried again
         (tmp_path / MODEL / "2" / "model.onnx").write_bytes(b"v2 fixed")
-        await repository.poll()
+        await repository.poll(settle=False)
         assert repository.resolve(MODEL).version == "2" and loader.loaded == ["1", "2"]
         await repository.close()
 
@@ -185,18 +185,18 @@ def test_rollback_by_default_version_then_by_removing_the_new_version(tmp_path: 
         publish(tmp_path, 2, content=b"v2")
         config_pbtxt(tmp_path, "version_policy { latest { num_versions: 2 } }")
         repository = ModelRepository(FakeLoader(), tmp_path, grace=1)
-        await repository.poll()
+        await repository.poll(settle=False)
         assert repository.resolve(MODEL).version == "2"
         config_pbtxt(
             tmp_path,
             'version_policy { latest { num_versions: 2 } }\nparameters { key: "default_version" value { '
             'string_value: "1" } }',
         )
-        await repository.poll()
+        await repository.poll(settle=False)
         assert repository.resolve(MODEL).version == "1" and repository.resolve(MODEL, "2").version == "2"
         config_pbtxt(tmp_path, "version_policy { latest { num_versions: 2 } }")
         shutil.rmtree(tmp_path / MODEL / "2")
-        await repository.poll()
+        await repository.poll(settle=False)
         assert repository.resolve(MODEL).version == "1"
         with pytest.raises(NotFound, match="available: '1'"):
             repository.resolve(MODEL, "2")
@@ -210,10 +210,10 @@ def test_an_operator_unload_holds_until_an_explicit_load(tmp_path: Path) -> None
         publish(tmp_path, 1, content=b"v1")
         publish(tmp_path, 1, model="other", content=b"o1")
         repository = ModelRepository(FakeLoader(), tmp_path, grace=1)
-        await repository.poll()
+        await repository.poll(settle=False)
         assert repository.default_model == MODEL  # the first by name when several are served
         await repository.unload_model(MODEL)
-        await repository.poll()
+        await repository.poll(settle=False)
         with pytest.raises(NotFound, match="no model named 'googlenet-fast'; this server serves 'other'"):
             repository.resolve(MODEL)
         await repository.load_model(MODEL)
@@ -413,3 +413,129 @@ def test_mnist_classify_lists_models_and_asks_a_chosen_version(served_repository
     seven = Path(__file__).resolve().parents[1] / "server" / "samples" / "seven.png"
     assert main(["--server", target, "--model-version", "1", str(seven)]) == 0
     assert capsys.readouterr().out.strip().endswith("certainty (version 1)")
+
+
+# --- what a careless or unlucky operator does to the folder ---------------------------------------------
+
+
+def test_a_file_still_being_written_is_loaded_once_it_holds_still_for_a_poll(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        publish(tmp_path, 1, content=b"v1")
+        loader = FakeLoader()
+        repository = ModelRepository(loader, tmp_path, grace=1)
+        await repository.poll()  # the first poll (at start) loads what it finds
+        (tmp_path / MODEL / "2").mkdir()
+        (tmp_path / MODEL / "2" / "model.onnx").write_bytes(b"half")
+        await repository.poll()
+        assert loader.loaded == ["1"]  # seen once: it may still be growing
+        (tmp_path / MODEL / "2" / "model.onnx").write_bytes(b"half, now whole")
+        await repository.poll()
+        assert loader.loaded == ["1"]  # it changed since: wait again
+        await repository.poll()
+        assert loader.loaded == ["1", "2"] and repository.resolve(MODEL).version == "2"
+        await repository.close()
+
+    run(scenario())
+
+
+def test_odd_folders_and_a_policy_that_selects_nothing_never_stop_serving(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        publish(tmp_path, 1, content=b"v1")
+        (tmp_path / MODEL / "²").mkdir()  # a digit to Python, not a version
+        (tmp_path / MODEL / "²" / "model.onnx").write_bytes(b"x")
+        loader = FakeLoader()
+        repository = ModelRepository(loader, tmp_path, grace=1)
+        await repository.poll(settle=False)
+        assert repository.resolve(MODEL).version == "1"
+        config_pbtxt(tmp_path, "version_policy { specific { versions: [7] } }")
+        for _ in range(3):
+            await repository.poll(settle=False)
+        assert repository.resolve(MODEL).version == "1"  # kept serving
+        (status,) = [s for s in repository.statuses() if s.state == FAILED]
+        assert status.version == "" and "selects none of the versions present (1)" in status.reason
+        await repository.close()
+
+    run(scenario())
+
+
+def test_a_broken_config_is_reported_once_not_at_every_poll(tmp_path: Path) -> None:
+    from server.repository import RepositoryObserver
+
+    class Failures(RepositoryObserver):
+        def __init__(self) -> None:
+            self.reported: list[tuple[str, str]] = []
+
+        def on_failed(self, name: str, version: str, reason: str) -> None:
+            self.reported.append((name, version))
+
+    async def scenario(observer: Failures) -> None:
+        publish(tmp_path, 1, content=b"v1")
+        repository = ModelRepository(FakeLoader(), tmp_path, observer, grace=1)
+        await repository.poll(settle=False)
+        config_pbtxt(tmp_path, "version_policy { latest { num_versions: two } }")
+        for _ in range(4):
+            await repository.poll(settle=False)
+        assert repository.resolve(MODEL).version == "1"
+        await repository.close()
+
+    observer = Failures()
+    run(scenario(observer))
+    assert observer.reported == [(MODEL, "")]
+
+
+def test_a_failed_version_whose_folder_is_removed_is_forgotten(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        publish(tmp_path, 1, content=b"v1")
+        publish(tmp_path, 2, content=b"broken")
+        config_pbtxt(tmp_path, "version_policy { latest { num_versions: 2 } }")
+        repository = ModelRepository(FakeLoader(), tmp_path, grace=1)
+        await repository.poll(settle=False)
+        assert [(s.version, s.state) for s in repository.statuses()] == [("1", READY), ("2", FAILED)]
+        shutil.rmtree(tmp_path / MODEL / "2")
+        await repository.poll(settle=False)
+        assert [(s.version, s.state) for s in repository.statuses()] == [("1", READY)]
+        await repository.close()
+
+    run(scenario())
+
+
+def test_overlapping_unloads_and_loads_end_as_the_last_one_asked(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        publish(tmp_path, 1, content=b"v1")
+        loader = FakeLoader()
+        repository = ModelRepository(loader, tmp_path, grace=1)
+        await repository.poll(settle=False)
+        loader.gates["1"] = asyncio.Event()  # the reload below takes a while
+        first = asyncio.ensure_future(repository.unload_model(MODEL))
+        second = asyncio.ensure_future(repository.load_model(MODEL))
+        await asyncio.sleep(0.01)
+        third = asyncio.ensure_future(repository.unload_model(MODEL))
+        fourth = asyncio.ensure_future(repository.load_model(MODEL))
+        await asyncio.sleep(0.01)
+        loader.gates["1"].set()
+        await asyncio.gather(first, second, third, fourth)
+        assert repository.resolve(MODEL).version == "1"
+        await repository.close()
+
+    run(scenario())
+
+
+def test_an_explicit_load_says_when_the_file_fails_and_names_must_be_folders(tmp_path: Path) -> None:
+    from server.errors import InvalidInput
+
+    async def scenario() -> None:
+        publish(tmp_path, 1, content=b"v1")
+        repository = ModelRepository(FakeLoader(), tmp_path, grace=1)
+        await repository.poll(settle=False)
+        (tmp_path / MODEL / "1" / "model.onnx").write_bytes(b"broken")
+        with pytest.raises(NotFound, match="could not be loaded: a newer file failed to load: .* not an ONNX model"):
+            await repository.load_model(MODEL)
+        assert repository.resolve(MODEL).version == "1"  # the loaded one keeps serving
+        for name in ("", "..", ".hidden", "a/b", "../etc"):
+            with pytest.raises(InvalidInput, match="not a model name"):
+                await repository.load_model(name)
+        await repository.unload_model(MODEL)
+        assert (MODEL, "", "UNAVAILABLE") in [(s.name, s.version, s.state) for s in repository.statuses()]
+        await repository.close()
+
+    run(scenario())
