@@ -223,7 +223,9 @@ class MnistServer:
             )
             self.metrics_port = self._metrics_http.start()
         if self.config.http_port:
-            api = RestApi(self.inference, self.metrics, self.tokens, self.config.max_message_bytes)
+            api = RestApi(
+                self.inference, self.metrics, self.tokens, self.config.max_message_bytes, self.config.max_read_digits
+            )
             host = self.config.http_host or self.config.host
             self._rest = RestServer(
                 api, host, self.config.http_port, http_ssl_context(self.config), self.config.grace_seconds
@@ -289,6 +291,7 @@ class MnistServer:
             self.metrics.decoding_pixels.set,
         )
         pipeline.name, pipeline.version = name, version
+        pipeline.on_reading = self.metrics.observe_reading
         pipeline.start()
         try:
             log.info("%s %s: warm-up took %.2f s", pipeline.name, pipeline.version, await pipeline.warm_up())

@@ -47,6 +47,7 @@ class ServeConfig:
     max_streams: int = 64  # long-lived streams (health Watch, reflection) open at once
     stream_idle_seconds: float = 60.0  # a reflection stream with no request this long is closed
     max_request_images: int = 256  # images per ClassifyBatch
+    max_read_digits: int = 64  # digits ReadDigits finds in one image before it refuses it
     max_image_pixels: int = 4_000_000  # pixels decoded for one encoded image (JPEG is reduced on load to fit)
     max_request_pixels: int = 16_000_000  # pixels decoded for all the encoded images of one request
     max_decoding_pixels: int = 16_000_000  # pixels being decoded at once, all requests together
@@ -136,6 +137,8 @@ HELP = {
     "with RESOURCE_EXHAUSTED",
     "stream_idle_seconds": "a server-reflection stream that sends no request for this long is closed (UNAVAILABLE)",
     "max_request_images": "most images in one ClassifyBatch request",
+    "max_read_digits": "most digits ReadDigits reads in one image: an image with more candidate digits is refused "
+    "(INVALID_ARGUMENT naming the count); the image itself is held to --max-image-pixels like any other",
     "max_image_pixels": "most pixels decoded for one encoded image: a JPEG is decoded at 1/2, 1/4 or 1/8 scale to fit "
     "(so JPEGs up to 64x this are accepted); any other format over it is refused from its header, before decoding",
     "max_request_pixels": "most pixels decoded for the encoded images of one request together (after JPEG reduction)",
@@ -255,6 +258,7 @@ def validate(config: ServeConfig) -> None:
     for name in (
         "max_queue_size",
         "max_request_images",
+        "max_read_digits",
         "max_image_pixels",
         "max_request_pixels",
         "max_decoding_pixels",

@@ -237,6 +237,18 @@ class ServiceMetrics:
             "images answered is_digit=false: the detector says they are not digits",
             registry=r,
         )
+        self.read_digits = Histogram(
+            "mnist_read_digits_per_image",
+            "digits ReadDigits found in an image",
+            buckets=(0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 32, 64),
+            registry=r,
+        )
+        self.read_segmentation = Histogram(
+            "mnist_read_segmentation_seconds",
+            "ReadDigits: decoding an image and finding its digits, before the model runs",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.predictions = Counter(
             "mnist_predictions", "predicted digits, by model version", ["model", "version", "digit"], registry=r
         )
@@ -272,6 +284,10 @@ class ServiceMetrics:
         self.model_versions.clear()
         for status in repository.statuses():
             self.model_versions.labels(status.name, status.state).inc()
+
+    def observe_reading(self, digits: int, seconds: float) -> None:
+        self.read_digits.observe(digits)
+        self.read_segmentation.observe(seconds)
 
     def forget_version(self, model: str, version: str) -> None:
         """A version was unloaded: its series go, so that a server shipping weekly versions does not grow forever."""

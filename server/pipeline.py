@@ -39,10 +39,12 @@ from server.preprocess import (
     InvalidImage,
     OpenedImage,
     blank_raw_rows,
+    decode_opened,
     from_opened,
     open_image,
     raw_length_problem,
 )
+from server.reading import Reading, Segmentation, segment
 
 RAW = "raw"
 ENCODED = "encoded"
@@ -108,6 +110,8 @@ class ModelPipeline:
         )
         self._on_decoding = on_decoding
         self.decode_budget = PixelBudget(settings.max_decoding_pixels, self._decoding_changed)
+        # ReadDigits' report per image: digits found, seconds of decoding and segmentation (metrics, when wired)
+        self.on_reading: Callable[[int, float], None] = lambda digits, seconds: None
         self._decoded_since_trim = 0
 
     def start(self) -> None:
@@ -151,6 +155,38 @@ class ModelPipeline:
             _refuse_blank(images, range(len(images)))
         probabilities, digits, confidences, scores, is_digit = await self.batcher.classify(images, deadline)
         return Predictions(probabilities, digits, confidences, scores, is_digit, self.version)
+
+    async def read_digits(
+        self, payload: bytes, expected: int = 0, deadline: float | None = None, max_digits: int = 64
+    ) -> tuple[Reading, tuple[int, int]]:
+        """Every digit in one encoded image (server/reading.py): decoded within the same budgets as Classify's
+        images, segmented in a decoding thread, every candidate through the model in one batch. Returns the
+        reading and the image's (width, height) as stored. InvalidInput for no digits, too many, or a bad image."""
+        self.batcher.admit(1, deadline)
+        (opened,) = await self._open_all([payload])
+        if isinstance(opened, InvalidImage):
+            raise InvalidInput(str(opened))
+        await self.decode_budget.acquire(opened.pixels, deadline)
+        loop = asyncio.get_running_loop()
+
+        def decode_and_segment() -> tuple[Segmentation, float]:
+            started = time.perf_counter()
+            gray = decode_opened(opened, lambda: "deadline expired while decoding" if _late(deadline) else None)
+            scale = max(opened.size) / max(gray.shape)
+            return segment(gray, scale, expected, max_digits), time.perf_counter() - started
+
+        work = self._decoders.submit(decode_and_segment)
+        work.add_done_callback(lambda _: _call_soon(loop, self._decoded, opened.pixels))
+        try:
+            segmentation, seconds = await asyncio.wrap_future(work)
+        except DecodeStopped as stopped:
+            raise DeadlineExpired(str(stopped)) from None
+        except (InvalidImage, ValueError) as problem:
+            raise InvalidInput(str(problem)) from None
+        probabilities, _, _, scores, _ = await self.batcher.classify(segmentation.images[:, None], deadline)
+        reading = segmentation.assemble(probabilities, scores if self.detector is not None else None)
+        self.on_reading(len(reading.digits), seconds)
+        return reading, opened.size
 
     async def preprocess(
         self, payloads: Sequence[bytes], kinds: Sequence[str | None] | None, deadline: float | None = None
@@ -295,6 +331,10 @@ class ModelPipeline:
             is_digit = scores >= self.detector.threshold
         self._on_predictions(digits, confidences, is_digit)
         return probabilities, digits, confidences, scores, is_digit
+
+
+def _late(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() > deadline
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:

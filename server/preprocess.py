@@ -262,6 +262,12 @@ def mnist_like(gray: np.ndarray) -> np.ndarray:
     crop = ink[top:bottom, left:right] - background
     crop = np.clip(crop / max(float(np.percentile(crop, 99)), contrast), 0.0, 1.0)
     crop[crop < INK_THRESHOLD / 2] = 0.0  # paper texture and noise inside the box
+    return fit_to_mnist_box(crop)
+
+
+def fit_to_mnist_box(crop: np.ndarray) -> np.ndarray:
+    """A digit's ink, cropped to its box (float, ink 1 on background 0) -> 28x28 float in [0, 255] as in MNIST:
+    longest side scaled to 20 px, centred by mass. ReadDigits prepares each digit it finds with it too."""
     height, width = crop.shape
     scale = DIGIT_BOX / max(height, width)
     new_size = (max(1, round(width * scale)), max(1, round(height * scale)))

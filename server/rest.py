@@ -84,8 +84,10 @@ class RestApi:
         metrics: ServiceMetrics,
         tokens: TokenChecker | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
+        max_read_digits: int = 64,
     ) -> None:
         self.plane = plane
+        self.max_read_digits = max_read_digits
         self.metrics = metrics
         self.tokens = tokens
         self.max_body_bytes = max_body_bytes
@@ -111,6 +113,7 @@ class RestApi:
                 ("GET", prefix + "/config", self.model_config, "ModelConfig" + suffix),
                 ("GET", prefix + "/stats", self.model_stats, "ModelStatistics" + suffix),
                 ("POST", prefix + "/infer", self.infer, "ModelInfer" + suffix),
+                ("POST", prefix + "/read", self.read, "ReadDigits" + suffix),
             ]
         for method, path, handler, name in routes:
             app.router.add_route(method, path, handler, name=name)
@@ -249,6 +252,50 @@ class RestApi:
         wanted, binary = requested_outputs(header)
         name, model_version, outputs = await self.plane.infer(name, version, inputs, wanted, deadline)
         return infer_response(header.get("id"), name, model_version, outputs, binary)
+
+    async def read(self, request: web.Request) -> web.Response:
+        """ReadDigits over HTTP (this server's own extension): the body is the image file; ?expected_digits=N."""
+        name, version = _model(request)
+        expected = request.query.get("expected_digits", "0")
+        if not expected.isascii() or not expected.isdigit() or int(expected) > self.max_read_digits:
+            raise InvalidInput(f"expected_digits must be a whole number from 0 to {self.max_read_digits}")
+        with self.plane.models.lease(name, version) as served:
+            body = await request.read()
+            if not body:
+                raise InvalidInput("no image: send the image file (PNG, JPEG, ...) as the request body")
+            timeout = request.query.get("timeout")  # microseconds, as the infer request's parameter
+            deadline = _deadline({"timeout": _number(timeout)}) if timeout is not None else None
+            reading, (width, height) = await served.pipeline.read_digits(
+                body, int(expected), deadline, self.max_read_digits
+            )
+        return web.json_response(
+            {
+                "model_name": served.name,
+                "model_version": served.version,
+                "text": reading.text,
+                "confidence": reading.confidence,
+                "image_width": width,
+                "image_height": height,
+                "digits": [
+                    {
+                        "digit": d.digit,
+                        "confidence": d.confidence,
+                        "box": {"x": d.box[0], "y": d.box[1], "width": d.box[2], "height": d.box[3]},
+                        "alternatives": [{"digit": a, "probability": q} for a, q in d.alternatives],
+                        "line": d.line,
+                        "group": d.group,
+                    }
+                    for d in reading.digits
+                ],
+            }
+        )
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidInput(f"timeout must be a number of microseconds, not {text!r}") from None
 
 
 def _model(request: web.Request) -> tuple[str, str]:

@@ -113,6 +113,40 @@ class ClassifierServicer:
                 digit_detector=detector_summary(detector),
             )
 
+    async def ReadDigits(self, request: pb.ReadDigitsRequest, context: grpc.aio.ServicerContext):
+        if not request.image:
+            raise InvalidInput("no image: set 'image' to an image file (PNG, JPEG, ...) holding the digits to read")
+        if request.expected_digits > self.config.max_read_digits:
+            raise InvalidInput(
+                f"expected_digits {request.expected_digits} is over the limit of {self.config.max_read_digits}"
+            )
+        with self._lease(request.model_name, request.model_version) as served:
+            reading, (width, height) = await served.pipeline.read_digits(
+                request.image, request.expected_digits, request_deadline(context), self.config.max_read_digits
+            )
+        return pb.ReadDigitsResponse(
+            text=reading.text,
+            digits=[
+                pb.ReadDigit(
+                    digit=d.digit,
+                    confidence=d.confidence,
+                    x=d.box[0],
+                    y=d.box[1],
+                    width=d.box[2],
+                    height=d.box[3],
+                    alternatives=[pb.DigitAlternative(digit=a, probability=q) for a, q in d.alternatives],
+                    line=d.line,
+                    group=d.group,
+                )
+                for d in reading.digits
+            ],
+            confidence=reading.confidence,
+            model_version=served.version,
+            request_id=request.request_id or new_request_ids(1)[0],
+            image_width=width,
+            image_height=height,
+        )
+
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
         if self.models is None:
             raise NotReady("model is still loading; retry shortly")

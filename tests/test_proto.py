@@ -45,6 +45,7 @@ def test_the_contract_keeps_its_field_numbers() -> None:
         "ClassifyBatch",
         "GetModelInfo",
         "ListModels",
+        "ReadDigits",
     ]
     assert pb.ClassifyRequest.DESCRIPTOR.fields_by_name["model_version"].number == 5  # added fields: old clients work
 

@@ -125,3 +125,65 @@ class ModelInfo(_message.Message):
     digit_threshold: float
     digit_detector: str
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., sha256: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., layout: _Optional[str] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., cuda_graph: _Optional[bool] = ..., device: _Optional[str] = ..., runtime: _Optional[str] = ..., engine_options: _Optional[_Iterable[str]] = ..., digit_threshold: _Optional[float] = ..., digit_detector: _Optional[str] = ...) -> None: ...
+
+class ReadDigitsRequest(_message.Message):
+    __slots__ = ("image", "expected_digits", "request_id", "model_name", "model_version")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_DIGITS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    expected_digits: int
+    request_id: str
+    model_name: str
+    model_version: str
+    def __init__(self, image: _Optional[bytes] = ..., expected_digits: _Optional[int] = ..., request_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class DigitAlternative(_message.Message):
+    __slots__ = ("digit", "probability")
+    DIGIT_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    digit: int
+    probability: float
+    def __init__(self, digit: _Optional[int] = ..., probability: _Optional[float] = ...) -> None: ...
+
+class ReadDigit(_message.Message):
+    __slots__ = ("digit", "confidence", "x", "y", "width", "height", "alternatives", "line", "group")
+    DIGIT_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ALTERNATIVES_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    digit: int
+    confidence: float
+    x: int
+    y: int
+    width: int
+    height: int
+    alternatives: _containers.RepeatedCompositeFieldContainer[DigitAlternative]
+    line: int
+    group: int
+    def __init__(self, digit: _Optional[int] = ..., confidence: _Optional[float] = ..., x: _Optional[int] = ..., y: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., alternatives: _Optional[_Iterable[_Union[DigitAlternative, _Mapping]]] = ..., line: _Optional[int] = ..., group: _Optional[int] = ...) -> None: ...
+
+class ReadDigitsResponse(_message.Message):
+    __slots__ = ("text", "digits", "confidence", "model_version", "request_id", "image_width", "image_height")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    DIGITS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    digits: _containers.RepeatedCompositeFieldContainer[ReadDigit]
+    confidence: float
+    model_version: str
+    request_id: str
+    image_width: int
+    image_height: int
+    def __init__(self, text: _Optional[str] = ..., digits: _Optional[_Iterable[_Union[ReadDigit, _Mapping]]] = ..., confidence: _Optional[float] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ...) -> None: ...

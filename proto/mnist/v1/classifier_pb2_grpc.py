@@ -54,6 +54,11 @@ class ClassifierStub:
                 request_serializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ReadDigits = channel.unary_unary(
+                '/mnist.v1.Classifier/ReadDigits',
+                request_serializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadDigitsRequest.SerializeToString,
+                response_deserializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadDigitsResponse.FromString,
+                _registered_method=True)
 
 
 class ClassifierServicer:
@@ -84,6 +89,13 @@ class ClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadDigits(self, request, context):
+        """a number: several digits in one image
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +118,11 @@ def add_ClassifierServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ListModelsRequest.FromString,
                     response_serializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ReadDigits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadDigits,
+                    request_deserializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadDigitsRequest.FromString,
+                    response_serializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadDigitsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +233,33 @@ class Classifier:
             '/mnist.v1.Classifier/ListModels',
             proto_dot_mnist_dot_v1_dot_classifier__pb2.ListModelsRequest.SerializeToString,
             proto_dot_mnist_dot_v1_dot_classifier__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadDigits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mnist.v1.Classifier/ReadDigits',
+            proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadDigitsRequest.SerializeToString,
+            proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadDigitsResponse.FromString,
             options,
             channel_credentials,
             insecure,
