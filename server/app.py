@@ -297,6 +297,7 @@ class MnistServer:
             log.info("%s %s: warm-up took %.2f s", pipeline.name, pipeline.version, await pipeline.warm_up())
             if self.config.verify_model == "on":
                 await verify_on_samples(pipeline)
+            pipeline.batcher.forget_costs()  # its speed is learnt from real traffic, not from these first runs
         except BaseException:
             await pipeline.close(timeout=0)
             raise

@@ -94,7 +94,9 @@ class BatchCost:
         self._n = self._t = self._nn = self._nt = 0.0  # moving averages of n, t, n^2, n*t
 
     def observe(self, images: int, seconds: float) -> None:
-        w = 1.0 if self.runs == 0 else self.weight
+        # A plain mean over the first 1/weight runs, then a moving average: one slow first run (a cold engine, a
+        # machine busy loading another model version) cannot pass for the engine's speed.
+        w = max(self.weight, 1.0 / (self.runs + 1))
         self._n += w * (images - self._n)
         self._t += w * (seconds - self._t)
         self._nn += w * (images * images - self._nn)
@@ -136,6 +138,7 @@ class OfferedLoad:
         return self._rate
 
 
+MIN_RUNS_FOR_CAPACITY = 8  # no overload is judged before the engine's speed is known from this many runs
 OVERLOAD_FACTOR = 1.5  # offered load over this times the runner's recent throughput: overloaded ...
 OVERLOAD_AFTER = 0.02  # ... once that has lasted this many seconds; meanwhile the queue is held to one full batch
 # Under overload a request may still wait this many single-image runs: a device whose run takes longer than
@@ -230,6 +233,14 @@ class Batcher:
             if tracing.enabled:
                 tracing.record_job(job)
 
+    def forget_costs(self) -> None:
+        """Start learning the engine's speed afresh: after warm-up and verification, whose runs are no guide."""
+        with self._lock:
+            self.cost = BatchCost(self.cost.weight)
+            self.offered = OfferedLoad(self.offered.tau)
+            self._over_since = None
+            self.overloaded = False
+
     def depth(self) -> int:
         return self._queued
 
@@ -254,7 +265,7 @@ class Batcher:
         Under a closed loop of clients the offered load is at most this; only an open stream of calls beyond it (an
         overload, not a burst) drives the offered load well over it. Full batches count because a light load runs
         small ones: two clients alternating single images and 16-image batches were taken for an overload."""
-        if not self.cost.runs:
+        if self.cost.runs < MIN_RUNS_FOR_CAPACITY:
             return math.inf
         full = self.max_batch_size / max(self.cost.seconds(self.max_batch_size), 1e-9)
         return max(self.cost.service_rate(), full)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -10,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import numpy as np
 import pytest
 
-from server.batching import OVERLOAD_AFTER, BatchCost, Batcher, BatchObserver
+from server.batching import MIN_RUNS_FOR_CAPACITY, OVERLOAD_AFTER, BatchCost, Batcher, BatchObserver
 from server.errors import DeadlineExpired, Overloaded, ShuttingDown
 
 WAIT = 5.0  # seconds a test waits for something that should happen almost at once
@@ -410,8 +411,46 @@ def test_the_batcher_learns_the_cost_of_its_batches_from_the_runs() -> None:
 
 
 def teach(batcher: Batcher, seconds_per_image: float) -> None:
-    """Make the batcher believe each image takes `seconds_per_image` (as if it had seen one such run)."""
-    batcher.cost.observe(1, seconds_per_image)
+    """Make the batcher believe each image takes `seconds_per_image` (as if it had seen enough such runs to judge
+    its capacity)."""
+    for _ in range(MIN_RUNS_FOR_CAPACITY):
+        batcher.cost.observe(1, seconds_per_image)
+
+
+def test_no_overload_is_judged_before_the_engines_speed_is_known() -> None:
+    """A new model version's first runs (cold, on a machine busy loading it) once made a steady stream look like
+    an overload: 117 calls were refused during a hot reload."""
+
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        for _ in range(MIN_RUNS_FOR_CAPACITY - 1):
+            batcher.cost.observe(1, 0.5)
+        assert batcher.capacity() == math.inf
+        for _ in range(3):
+            batcher.note_offered(1000)
+            await asyncio.sleep(OVERLOAD_AFTER / 2 + 0.001)
+        assert not batcher.overloaded
+        batcher.cost.observe(1, 0.5)
+        await sustain_overload(batcher)  # now it is judged (and asserted inside)
+
+    run(scenario, max_queue_wait=1.0)
+
+
+def test_a_slow_first_run_is_averaged_away_not_taken_for_the_engines_speed() -> None:
+    cost = BatchCost()
+    cost.observe(4, 0.4)  # cold: 100 ms per image
+    for _ in range(9):
+        cost.observe(4, 0.04)  # warm: 10 ms per image
+    assert cost.seconds(4) == pytest.approx((0.4 + 9 * 0.04) / 10)  # the mean of the first runs, not 0.4 * 0.6
+
+
+def test_forgetting_the_costs_starts_learning_afresh() -> None:
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        teach(batcher, 0.5)
+        await sustain_overload(batcher)
+        batcher.forget_costs()
+        assert batcher.cost.runs == 0 and not batcher.overloaded and batcher.capacity() == math.inf
+
+    run(scenario, max_queue_wait=1.0)
 
 
 async def sustain_overload(batcher: Batcher) -> None:

@@ -75,7 +75,13 @@ def test_a_method_attribute_that_is_not_callable_is_refused_too() -> None:
 def test_the_real_servicer_implements_every_method_of_the_proto() -> None:
     handler = generic_handler(ClassifierServicer(test_config()), SERVICE, ServiceMetrics())
     assert handler.service_name() == "mnist.v1.Classifier"
-    assert {m.name for m in SERVICE.methods} == {"Classify", "ClassifyBatch", "GetModelInfo", "ListModels", "ReadDigits"}
+    assert {m.name for m in SERVICE.methods} == {
+        "Classify",
+        "ClassifyBatch",
+        "GetModelInfo",
+        "ListModels",
+        "ReadDigits",
+    }
 
 
 # --- statuses ---------------------------------------------------------------------------------------------------

@@ -93,3 +93,21 @@ def test_a_server_error_is_shown_not_swallowed(page) -> None:
     assert prediction(page) == "error"
     assert page.locator("#error").inner_text()
     page.screenshot(path=str(SCREENSHOTS / "4-error.png"))
+
+
+ONE = [(300, 55), (296, 150), (292, 250)]  # a 1 just right of the 7, on the wider pad of number mode
+
+
+def test_in_number_mode_a_drawn_71_is_read_with_a_box_around_each_digit(page) -> None:
+    page.check("input[name=mode][value=number]")
+    page.evaluate("delete document.body.dataset.prediction")
+    draw(page, SEVEN)
+    page.wait_for_function("document.body.dataset.prediction !== undefined", timeout=15_000)
+    page.evaluate("delete document.body.dataset.prediction")
+    draw(page, ONE)
+    assert prediction(page) == "71"
+    assert page.evaluate("document.body.dataset.boxes") == "2"
+    assert page.locator("#digit").inner_text() == "71"
+    assert "all 2 digits right" in page.locator("#confidence").inner_text()
+    page.screenshot(path=str(SCREENSHOTS / "5-number-71.png"))
+    page.check("input[name=mode][value=digit]")
