@@ -320,10 +320,10 @@ class MnistServer:
         self.metrics.serving.set(0)
         await asyncio.sleep(self.config.drain_seconds)
         self.streams.closing.set()  # health watchers and reflection streams end UNAVAILABLE
-        rest_stopped = asyncio.ensure_future(self._rest.stop()) if self._rest is not None else None
+        rest_drained = asyncio.ensure_future(self._rest.api.drain(self.config.grace_seconds)) if self._rest else None
         await self.calls.close(self.config.grace_seconds)
-        if rest_stopped is not None:
-            await rest_stopped  # aiohttp refuses new requests and lets running ones finish within the grace
+        if rest_drained is not None:
+            await rest_drained  # REST as gRPC: new requests answered 503 (not a reset), running ones finished
         if self._watch is not None:
             self._watch.cancel()
         await self.models.close(0)
@@ -331,6 +331,8 @@ class MnistServer:
             await asyncio.sleep(SHUTDOWN_FLUSH_SECONDS)  # the last UNAVAILABLE answers leave
             cut_connections(self.port)
             await self._grpc.stop(0)
+        if self._rest is not None:
+            await self._rest.stop()
         if self._metrics_http is not None:
             self._metrics_http.stop()
         if self.tracing is not None:  # the last spans leave (within a few seconds, collector or not)

@@ -11,6 +11,7 @@ are counted in the same Prometheus series as gRPC's, with methods named `http:<M
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -91,7 +92,9 @@ class RestApi:
         self.metrics = metrics
         self.tokens = tokens
         self.max_body_bytes = max_body_bytes
-        self.closing = False
+        self.closing = False  # shutdown began: new requests (health aside) are answered 503, running ones finish
+        self.in_flight = 0
+        self._idle: asyncio.Event | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._guard])
@@ -141,7 +144,10 @@ class RestApi:
             )
         code, response = "OK", None
         self.metrics.in_flight.inc()
+        self.in_flight += 1
         try:
+            if self.closing and not request.path.startswith("/v2/health/"):
+                raise ShuttingDown("server is shutting down; retry on another replica")
             if self.tokens is not None and not request.path.startswith("/v2/health/") and route != "Page":
                 self.tokens.check(request.headers.get("Authorization"))
             response = await handler(request)
@@ -173,6 +179,9 @@ class RestApi:
             log.exception("%s %s failed", request.method, request.path)
             response = _error(500, f"internal error in {route}; see the server log")
         finally:
+            self.in_flight -= 1
+            if self.in_flight == 0 and self._idle is not None:
+                self._idle.set()
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(method, code).inc()
             self.metrics.request_latency.labels(method, code).observe(time.perf_counter() - started)
@@ -183,6 +192,14 @@ class RestApi:
                     span.fail(f"{status} {code}")
                 span.end()
         return response
+
+    async def drain(self, grace: float) -> None:
+        """Shutdown, as gRPC's: new requests get 503 while the listener stays open; running ones get `grace`."""
+        self.closing = True
+        if self.in_flight:
+            self._idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace)
 
     # --- health and metadata ----------------------------------------------------------------------
 

@@ -372,3 +372,25 @@ def test_the_response_names_the_model_that_answered_even_when_the_request_named_
     request = infer_request(digits[0][:1])
     request.model_name = ""
     assert served.oip.ModelInfer(request, timeout=10).model_name == MODEL
+
+
+def test_at_shutdown_rest_answers_503_before_its_listener_closes(digits) -> None:
+    """As gRPC answers UNAVAILABLE: a REST client is told to go elsewhere, not reset mid-connection."""
+    import threading
+
+    server = MnistServer(test_config(http_port=free_port(), drain_seconds=0.3, grace_seconds=2))
+    harness = Harness(server.start())
+    body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 28, 28], "data": digits[0][0].tolist()}]}
+    seen: list[int | str] = []
+    stopping = threading.Thread(target=harness.close)
+    stopping.start()
+    while stopping.is_alive() and len(seen) < 500:
+        try:
+            seen.append(rest(harness, f"/v2/models/{MODEL}/infer", body)[0])
+        except OSError as err:  # the listener has closed: the server is gone
+            seen.append(type(err).__name__)
+            break
+    stopping.join(15)
+    answered = [s for s in seen if isinstance(s, int)]
+    assert set(answered) <= {200, 503} and 503 in answered, seen
+    assert answered == sorted(answered)  # served until shutdown began, then only 503
