@@ -18,6 +18,7 @@ import threading
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -38,12 +39,14 @@ from server.oip_grpc import InferenceServicer
 from server.oip_grpc import add_to_server as add_inference_to_server
 from server.pipeline import ModelPipeline, PipelineSettings
 from server.repository import ModelRepository, RepositoryObserver, verify_on_samples
-from server.rest import RestApi, RestServer
 from server.security import TokenChecker, grpc_server_credentials, http_ssl_context, load_token_checker
 from server.security import describe as describe_security
 from server.service import SERVICE, ClassifierServicer, add_to_server
 from server.sockets import cut_connections
 from server.tracing import Tracing
+
+if TYPE_CHECKING:
+    from server.rest import RestServer  # imported at start, only when --http-port is set (aiohttp)
 
 log = logging.getLogger("mnist.serve")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -223,6 +226,8 @@ class MnistServer:
             )
             self.metrics_port = self._metrics_http.start()
         if self.config.http_port:
+            from server.rest import RestApi, RestServer  # aiohttp only when the HTTP API is on
+
             api = RestApi(
                 self.inference, self.metrics, self.tokens, self.config.max_message_bytes, self.config.max_read_digits
             )

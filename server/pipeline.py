@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from server import tracing
 from server.backends.base import Backend, BackendInfo
 from server.batching import Batcher, BatchObserver
 from server.budgets import PixelBudget, return_freed_memory
-from server.errors import Cancelled, DeadlineExpired, InvalidInput
+from server.errors import Cancelled, DeadlineExpired, InvalidInput, Unsupported
 from server.predictions import Predictions
 from server.preprocess import (
     BLANK_RAW_SPREAD,
@@ -44,7 +44,9 @@ from server.preprocess import (
     open_image,
     raw_length_problem,
 )
-from server.reading import Reading, Segmentation, segment
+
+if TYPE_CHECKING:
+    from server.reading import Reading, Segmentation
 
 RAW = "raw"
 ENCODED = "encoded"
@@ -162,6 +164,11 @@ class ModelPipeline:
         """Every digit in one encoded image (server/reading.py): decoded within the same budgets as Classify's
         images, segmented in a decoding thread, every candidate through the model in one batch. Returns the
         reading and the image's (width, height) as stored. InvalidInput for no digits, too many, or a bad image."""
+        try:
+            from server.reading import segment  # scipy only when numbers are read
+        except ImportError as missing:  # an installation without the serve extras' scipy (a bare GPU machine)
+            raise Unsupported(f"reading numbers needs scipy, which this installation lacks ({missing})") from None
+
         self.batcher.admit(1, deadline)
         (opened,) = await self._open_all([payload])
         if isinstance(opened, InvalidImage):

@@ -38,11 +38,16 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+try:
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.propagators.textmap import Getter
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    AVAILABLE = True
+except ImportError:  # the serve extras bring it; a bare machine (the lent GPU one) may not: tracing stays off
+    AVAILABLE = False
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -53,13 +58,13 @@ SHUTDOWN_SECONDS = 5.0  # at stop: how long the last spans may take to reach the
 enabled = False  # tracing is on in this process: the hooks' one check
 _tracer: trace.Tracer | None = None
 _installed: Tracing | None = None
-_PROPAGATOR = TraceContextTextMapPropagator()  # W3C traceparent + tracestate, nothing global
+_PROPAGATOR = TraceContextTextMapPropagator() if AVAILABLE else None  # W3C traceparent + tracestate, not global
 
 # gRPC invocation metadata (key, value) pairs, or an HTTP headers mapping (names in any case).
 Carrier = Mapping[str, Any] | Iterable[tuple[str, Any]] | None
 
 
-class _CarrierGetter(Getter[Mapping[str, Any]]):
+class _CarrierGetter(Getter[Mapping[str, Any]] if AVAILABLE else object):
     def get(self, carrier: Mapping[str, Any], key: str) -> list[str] | None:
         value = carrier.get(key)
         if value is None:  # a plain dict of HTTP headers may spell it Traceparent; gRPC keys are lowercase
@@ -96,6 +101,11 @@ class Tracing:
         """OTLP over gRPC to `config.otlp_endpoint`; None when it is empty (tracing off)."""
         if not config.otlp_endpoint:
             return None
+        if not AVAILABLE:
+            raise RuntimeError(
+                "--otlp-endpoint needs OpenTelemetry: "
+                "pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc"
+            )
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         return cls(OTLPSpanExporter(endpoint=config.otlp_endpoint), config.trace_sample_ratio)

@@ -6,6 +6,8 @@ import asyncio
 import io
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -29,6 +31,8 @@ from server.config import BUNDLED_MODEL, ServeConfig
 from server.guards import RETRY_AFTER_KEY
 from server.repository import PARITY_SAMPLES
 from training.data import load_split, sha256_file
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -508,3 +512,29 @@ def test_the_backend_warms_up_on_the_thread_that_runs_its_batches(monkeypatch: p
     finally:
         harness.close()
     assert threads["warm_up"] == threads["run"] == {"batch-runner"}
+
+
+def test_without_aiohttp_scipy_or_opentelemetry_the_server_still_classifies() -> None:
+    """The lent GPU machine has none of them: the GPU check (HTTP off, no traces, no numbers) must still run there,
+    and reading a number says what is missing instead of failing INTERNAL."""
+    code = """
+import sys
+for name in ("aiohttp", "scipy", "opentelemetry"):
+    sys.modules[name] = None  # import fails, as where the package is absent
+import grpc
+from proto.mnist.v1 import classifier_pb2 as pb
+from server.app import MnistServer
+from tests.test_server import Harness, test_config
+harness = Harness(MnistServer(test_config(http_port=0)).start())
+seven = open("server/samples/seven.png", "rb").read()
+print(harness.stub.Classify(pb.ClassifyRequest(encoded=seven), timeout=10).digit)
+try:
+    harness.stub.ReadDigits(pb.ReadDigitsRequest(image=seven), timeout=10)
+except grpc.RpcError as error:
+    print(error.code().name, error.details())
+harness.close()
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and lines[0] == "7", result.stderr[-2000:]
+    assert lines[1].startswith("UNIMPLEMENTED reading numbers needs scipy")
