@@ -30,6 +30,7 @@ SPLIT_PRIOR = 1.0  # log-confidence cost per piece away from what the component'
 DETECTOR_WEIGHT = 1.0  # how much the digit detector's say (does this look like one digit?) counts in a choice
 CUT_COST = 0.0  # log-confidence cost of a cut through a typical column's worth of ink (a neck costs little)
 MAX_PIECES = 4
+MARKS_PER_DIGIT = 4  # separate pieces of ink allowed per digit of the limit (broken strokes, dots)
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,13 @@ def segment(gray: np.ndarray, scale: float = 1.0, expected: int = 0, max_digits:
     ]
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     keep = _not_specks(boxes, areas)
-    groups = _merge_broken_strokes([i for i in range(count) if keep[i]], boxes)
+    marks = [i for i in range(count) if keep[i]]
+    if len(marks) > MARKS_PER_DIGIT * max_digits:  # noise, a photo of a page: refused before any costly step
+        raise ValueError(
+            f"found {len(marks)} separate marks, over the limit of {MARKS_PER_DIGIT * max_digits} "
+            f"({MARKS_PER_DIGIT} per digit, {max_digits} digits per image)"
+        )
+    groups = _merge_broken_strokes(marks, boxes)
     if not groups:
         raise ValueError(NO_DIGITS)
     merged = [(_union([boxes[i] for i in members]), [i + 1 for i in members]) for members in groups]
@@ -298,34 +305,45 @@ def _not_specks(boxes: list[Box], areas: np.ndarray) -> np.ndarray:
 
 
 def _merge_broken_strokes(indices: list[int], boxes: list[Box]) -> list[list[int]]:
-    """Components that are one digit drawn in pieces: mostly on top of each other, and close in height."""
+    """Components that are one digit drawn in pieces: mostly on top of each other, and close in height.
+
+    Pairs are merged until none qualifies; a group that grew is checked again against the others. Quadratic in
+    the number of components, which `segment` bounds before it gets here."""
     groups = [[i] for i in indices]
-    merged = True
-    while merged:
-        merged = False
-        for a in range(len(groups)):
-            for b in range(a + 1, len(groups)):
-                box_a, box_b = _union([boxes[i] for i in groups[a]]), _union([boxes[i] for i in groups[b]])
-                overlap = min(box_a.right, box_b.right) - max(box_a.x, box_b.x)
-                gap = max(box_a.y, box_b.y) - min(box_a.bottom, box_b.bottom)
-                tallest = max(box_a.h, box_b.h)
-                joined = _union([box_a, box_b])
-                small = min(box_a.h, box_b.h) < 0.5 * tallest  # a 5's hat, a 4's or 7's bar drawn apart
-                beside = max(box_a.x, box_b.x) - min(box_a.right, box_b.right)  # horizontal gap (negative: overlap)
-                stacked = (
-                    overlap >= 0.3 * min(box_a.w, box_b.w)
-                    and gap <= 0.35 * tallest
-                    and joined.h <= 1.5 * tallest
-                    and min(box_a.h, box_b.h) < 0.75 * tallest  # a piece, not a digit of its own above another
-                )
-                adjoining = small and beside <= 0.08 * tallest and gap < 0 and joined.h <= 1.2 * tallest
-                if stacked or adjoining:
+    spans = [boxes[i] for i in indices]
+    changed = True
+    while changed:
+        changed = False
+        a = 0
+        while a < len(groups):
+            b = a + 1
+            while b < len(groups):
+                if _pieces_of_one_digit(spans[a], spans[b]):
                     groups[a] += groups.pop(b)
-                    merged = True
-                    break
-            if merged:
-                break
+                    spans[a] = _union([spans[a], spans.pop(b)])
+                    changed = True
+                    b = a + 1  # the group grew: check it against the others again
+                    continue
+                b += 1
+            a += 1
     return groups
+
+
+def _pieces_of_one_digit(box_a: Box, box_b: Box) -> bool:
+    overlap = min(box_a.right, box_b.right) - max(box_a.x, box_b.x)
+    gap = max(box_a.y, box_b.y) - min(box_a.bottom, box_b.bottom)
+    tallest = max(box_a.h, box_b.h)
+    joined = _union([box_a, box_b])
+    small = min(box_a.h, box_b.h) < 0.5 * tallest  # a 5's hat, a 4's or 7's bar drawn apart
+    beside = max(box_a.x, box_b.x) - min(box_a.right, box_b.right)  # horizontal gap (negative: overlap)
+    stacked = (
+        overlap >= 0.3 * min(box_a.w, box_b.w)
+        and gap <= 0.35 * tallest
+        and joined.h <= 1.5 * tallest
+        and min(box_a.h, box_b.h) < 0.75 * tallest  # a piece, not a digit of its own above another
+    )
+    adjoining = small and beside <= 0.08 * tallest and gap < 0 and joined.h <= 1.2 * tallest
+    return stacked or adjoining
 
 
 def _union(boxes: list[Box]) -> Box:

@@ -208,3 +208,16 @@ def test_mnist_classify_reads_and_annotates(served: Harness, test_digits, tmp_pa
     annotated = Image.open(out)
     original = Image.open(image)
     assert annotated.width == original.width and annotated.height > original.height
+
+
+def test_a_page_of_speckle_is_refused_at_once_naming_the_count() -> None:
+    """Thousands of marks once took 172 s of a decoding thread to merge (quadratic, restarting at every merge):
+    now they are counted and refused before any costly step."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    page = np.ones((1000, 1000), np.float32)
+    page[rng.random(page.shape) < 0.01] = 0.0
+    page = 1.0 - ndimage.grey_dilation(1.0 - page, size=(3, 3))  # specks big enough to pass for pieces of ink
+    with pytest.raises(ValueError, match=r"found \d{4} separate marks, over the limit of 256"):
+        segment(page, max_digits=64)
