@@ -197,6 +197,8 @@ def segment(gray: np.ndarray, scale: float = 1.0, expected: int = 0, max_digits:
     groups = _merge_broken_strokes(marks, boxes)
     if not groups:
         raise ValueError(NO_DIGITS)
+    if len(groups) > max_digits:  # before any candidate is prepared
+        raise ValueError(f"found {len(groups)} candidate digits, over the limit of {max_digits} per image")
     merged = [(_union([boxes[i] for i in members]), [i + 1 for i in members]) for members in groups]
     lines = _lines([box for box, _ in merged])
     line_height = {
@@ -235,9 +237,6 @@ def segment(gray: np.ndarray, scale: float = 1.0, expected: int = 0, max_digits:
                 else:
                     component.options.append(option)
         components.append(component)
-    fewest = len(components)
-    if fewest > max_digits:
-        raise ValueError(f"found {fewest} candidate digits, over the limit of {max_digits} per image")
     return Segmentation(np.stack(images), components, line_height, scale, expected)
 
 
