@@ -206,6 +206,21 @@ class ModelStatistics:
     last_inference_ms: int = 0  # wall-clock time of the last request, ms since the epoch
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def as_json(self, name: str, version: str) -> dict:
+        """One entry of the protocol's model_stats, in its JSON form (REST sends it, gRPC parses it)."""
+        with self.lock:
+            return {
+                "name": name,
+                "version": version,
+                "last_inference": self.last_inference_ms,
+                "inference_count": self.inference_count,
+                "execution_count": self.execution_count,
+                "inference_stats": {
+                    "success": {"count": self.success_count, "ns": self.success_ns},
+                    "fail": {"count": self.fail_count, "ns": self.fail_ns},
+                },
+            }
+
     def record(self, images: int, seconds: float, ok: bool) -> None:
         with self.lock:
             ns = int(seconds * 1e9)
@@ -285,8 +300,8 @@ class InferenceDataPlane:
             {"name": s.name, "version": s.version, "state": s.state, "reason": s.reason} for s in self.models.statuses()
         ]
 
-    def statistics(self, name: str = "", version: str = "") -> list[tuple[str, str, ModelStatistics]]:
-        """(model, version, counts) of every READY version, or of the one named (NotFound if not served)."""
+    def statistics(self, name: str = "", version: str = "") -> list[dict]:
+        """The protocol's model_stats entries of every READY version, or of the one named (NotFound if not served)."""
         if name and version:
             served = self.served(name, version)
             rows = [(served.name, served.version)]
@@ -294,7 +309,7 @@ class InferenceDataPlane:
             rows = [(s.name, s.version) for s in self.models.served() if not name or s.name == name]
             if name and not rows:
                 self.served(name)  # NotFound naming what is served
-        return [(n, v, self._statistics.setdefault((n, v), ModelStatistics())) for n, v in rows]
+        return [self._statistics.setdefault((n, v), ModelStatistics()).as_json(n, v) for n, v in rows]
 
     def forget(self, name: str, version: str) -> None:
         """A version is gone: its statistics go with it."""

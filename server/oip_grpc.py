@@ -134,21 +134,8 @@ class InferenceServicer:
         return infer_response(request, name, version, outputs)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext):
-        response = pb.ModelStatisticsResponse()
-        for name, version, stats in self.plane.statistics(request.name, request.version):
-            with stats.lock:
-                entry = response.model_stats.add(
-                    name=name,
-                    version=version,
-                    last_inference=stats.last_inference_ms,
-                    inference_count=stats.inference_count,
-                    execution_count=stats.execution_count,
-                )
-                entry.inference_stats.success.count = stats.success_count
-                entry.inference_stats.success.ns = stats.success_ns
-                entry.inference_stats.fail.count = stats.fail_count
-                entry.inference_stats.fail.ns = stats.fail_ns
-        return response
+        stats = self.plane.statistics(request.name, request.version)
+        return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext):
         response = pb.RepositoryIndexResponse()

@@ -227,23 +227,7 @@ class RestApi:
         return web.json_response(self.plane.model_config(*_model(request)))
 
     async def model_stats(self, request: web.Request) -> web.Response:
-        entries = []
-        for name, version, stats in self.plane.statistics(*_model(request)):
-            with stats.lock:
-                entries.append(
-                    {
-                        "name": name,
-                        "version": version,
-                        "last_inference": stats.last_inference_ms,
-                        "inference_count": stats.inference_count,
-                        "execution_count": stats.execution_count,
-                        "inference_stats": {
-                            "success": {"count": stats.success_count, "ns": stats.success_ns},
-                            "fail": {"count": stats.fail_count, "ns": stats.fail_ns},
-                        },
-                    }
-                )
-        return web.json_response({"model_stats": entries})
+        return web.json_response({"model_stats": self.plane.statistics(*_model(request))})
 
     async def repository_index(self, request: web.Request) -> web.Response:
         return web.json_response(self.plane.repository_index())
