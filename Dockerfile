@@ -8,9 +8,12 @@
 #   docker run ... -v "$PWD/tls:/etc/mnist/tls:ro" -v "$PWD/tokens:/etc/mnist/tokens:ro" \
 #     -e MNIST_SERVE_TLS_CERT=/etc/mnist/tls/tls.crt -e MNIST_SERVE_TLS_KEY=/etc/mnist/tls/tls.key \
 #     -e MNIST_SERVE_AUTH_TOKENS_FILE=/etc/mnist/tokens/tokens -e MNIST_TLS_CA=/etc/mnist/tls/ca.crt mnist-serve:gpu
-# (MNIST_SERVE_TLS_CLIENT_CA=/etc/mnist/tls/ca.crt adds mTLS.) The HEALTHCHECK client reads MNIST_TLS_CA and, for
-# mTLS, MNIST_TLS_CERT/MNIST_TLS_KEY from the same environment; health needs no token. Files must be readable by
-# uid 10001 (e.g. mode 0440, group 10001); the tokens file should not be world-readable.
+# (MNIST_SERVE_TLS_CLIENT_CA=/etc/mnist/tls/ca.crt adds mTLS.) The HEALTHCHECK is liveness: GET /livez on the
+# metrics port (python -m server.livez_probe, answered off the gRPC event loop, so overload does not fail it),
+# over HTTPS when MNIST_SERVE_TLS_CERT is set, with MNIST_TLS_CERT/MNIST_TLS_KEY as client certificate for mTLS;
+# it needs no token. With MNIST_SERVE_METRICS_PORT=0 there is no /livez: run with
+# --health-cmd "mnist-classify --health" (grpc health; MNIST_TLS_CA for TLS) or --no-healthcheck.
+# Files must be readable by uid 10001 (e.g. mode 0440, group 10001); the tokens file should not be world-readable.
 ARG PYTHON=python:3.12-slim-bookworm
 
 # --- build: turn the project into a wheel (the bundled model is package data) ---
@@ -44,6 +47,6 @@ ENV MNIST_SERVE_HOST=[::] \
     PYTHONUNBUFFERED=1
 EXPOSE 50051 9464 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=180s --retries=3 \
-    CMD ["mnist-classify", "--health", "--server", "localhost:50051", "--timeout", "2"]
+    CMD ["python", "-m", "server.livez_probe", "--timeout", "2"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["mnist-serve"]

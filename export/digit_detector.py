@@ -1025,6 +1025,28 @@ def negative_categories(seed: int, fit: bool, n: int) -> list[Category]:
     return cats
 
 
+def quick_non_digits(per_kind: int, seed: int = SEED) -> dict[str, np.ndarray]:
+    """A few non-digits of six kinds as raw 28x28 fields, model input (N, 1, 28, 28) per kind: for checks that need
+    non-digits in a second (mnist-export's check of the in-graph score), not the evaluation sets of
+    `negative_categories`, which take minutes."""
+    rng = rng_for("quick-non-digits", seed)
+    letters = [c for c in LETTERS if c.isupper()]
+
+    def letter(r: np.random.Generator) -> np.ndarray:
+        paper = pillow_default_letter(str(r.choice(letters)), CANVAS, float(r.uniform(0.5, 0.9)))
+        return raw_mnist_like(1.0 - paper) / 255.0
+
+    makers: dict[str, Callable[[np.random.Generator], np.ndarray]] = {
+        "blank_and_specks": blank_specks,
+        "uniform_noise": uniform_noise,
+        "gaussian_noise": lambda r: np.clip(gaussian_noise(r), 0.0, 1.0),
+        "lines": lambda r: raw_mnist_like(draw_line(r, False)) / 255.0,
+        "checkerboards": checkerboard,
+        "letters": letter,
+    }
+    return {kind: normalize_raw(np.stack([make(rng) for _ in range(per_kind)])) for kind, make in makers.items()}
+
+
 def pillow_default_letter(char: str, side: int, fill: float) -> np.ndarray:
     """A character in Pillow's default font, black on a white square of `side`, `fill` of it high, centred."""
     image = Image.new("L", (side, side), 255)

@@ -1,10 +1,14 @@
 """mnist-export: turn a training checkpoint into a verified, self-describing ONNX model.
 
-Steps: load (weights_only) -> export with a dynamic batch axis -> onnx.checker -> parity against
-PyTorch on real test images -> test accuracy through ONNX Runtime -> metadata_props -> save.
+Steps: load (weights_only) -> export with a dynamic batch axis -> the digit detector attached as a
+third output, `digit_score` (export/digit_score_graph.py) -> onnx.checker -> parity against
+PyTorch on real test images -> the score against the numpy detector -> test accuracy through ONNX
+Runtime -> metadata_props (the score's threshold and the detector's description included) -> save.
 With --fp16, the fp32 file is then converted to an fp16 variant (`name.fp16.onnx`: fp16 weights
-and arithmetic, float32 input and output, softmax kept in fp32), checked against the fp32 file
-through ONNX Runtime and measured again. A model that fails a check is not written.
+and arithmetic, float32 input and output, softmax and the digit score kept in fp32), checked
+against the fp32 file through ONNX Runtime and measured again. --add-digit-score puts the score
+into existing model files without retraining, checking that their classifier answers stay
+bit-identical. A model that fails a check is not written.
 """
 
 from __future__ import annotations
@@ -24,18 +28,22 @@ import numpy as np
 from proto.contract import (
     BATCH_AXIS,
     CLASS_LABELS,
+    DIGIT_SCORE,
     INPUT_NAME,
     INPUT_SHAPE,
     LOGITS,
     MNIST_NORMALIZATION,
-    OUTPUT_LAYOUT,
     OUTPUT_NAMES,
     PROBABILITIES,
+    SCORED_OUTPUT_NAMES,
     ModelMetadata,
     input_layout,
+    output_layout,
     read_metadata,
     variant_path,
 )
+from server.config import DIGIT_DETECTOR
+from server.digit_detector import DigitDetector, DigitDetectorError
 from training.data import sha256_file
 
 OPSET = 18
@@ -48,6 +56,13 @@ FP16_LOGIT_TOLERANCE = 0.05
 FP16_PROBABILITY_TOLERANCE = 0.01
 FP16_MAX_CHANGED_PREDICTIONS = 0.001
 FP16_MAX_ACCURACY_DROP = 0.001
+# The in-graph digit score against the numpy detector (server/digit_detector.py) on the same images and the model's
+# own probabilities. Both compute in float32 and several features are differences of large sums (the energy outside
+# a subspace can be ~1 of a |x|^2 of ~220), so the two round differently, each about as far from a float64
+# computation as from the other. Measured on the bundled model: max |Δscore| 2.4e-5 on the 10,000 MNIST test digits,
+# 2.5e-5 on synthetic non-digits, 1.0e-4 on blurred test digits (mnist-eval's gaussian_blur); x2 for other CPUs.
+SCORE_TOLERANCE = 2e-4
+SCORE_CHECK_NON_DIGITS = 40  # per kind of export.digit_detector.quick_non_digits (six kinds)
 
 
 class ExportError(RuntimeError):
@@ -66,6 +81,25 @@ class ParityResult:
     @property
     def ok(self) -> bool:
         return self.max_abs_logit_diff <= self.tolerance and self.argmax_mismatches <= self.allowed_mismatches
+
+
+@dataclass
+class ScoreCheck:
+    """The in-graph digit score against the numpy detector on real test digits and synthetic non-digits."""
+
+    digits: int
+    non_digits: int
+    max_abs_score_diff: float
+    tolerance: float
+    threshold: float
+    decisions_changed: int  # images whose is_digit differs from the numpy detector's
+    decisions_changed_off_threshold: int  # ... where the numpy score is more than `tolerance` from the threshold
+    digits_passed: float  # share of the test digits with is_digit true (in-graph score)
+    non_digits_caught: float  # share of the non-digits with is_digit false
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_score_diff <= self.tolerance and self.decisions_changed_off_threshold == 0
 
 
 def load_checkpoint_model(path: Path):  # -> torch.nn.Module, in eval mode
@@ -133,6 +167,62 @@ def check_parity(model, session, x: np.ndarray, tolerance: float) -> ParityResul
     return ParityResult(len(x), diff, mismatches, tolerance)
 
 
+def load_detector(path: Path) -> DigitDetector:
+    try:
+        return DigitDetector.load(path)
+    except DigitDetectorError as exc:
+        raise ExportError(str(exc)) from None
+
+
+def detector_description(detector: DigitDetector, path: Path) -> dict:
+    """What the model's metadata says about its digit score: the detector's own description, its file by name and
+    SHA-256 (so a later conversion can tell whether it holds the same detector)."""
+    return {**detector.describe(), "source": Path(path).name, "detector_sha256": sha256_file(Path(path))}
+
+
+def check_digit_score(session, detector: DigitDetector, digits: np.ndarray) -> ScoreCheck:
+    """Run `digits` and a quick set of non-digits through the model (batches of 256, and a few alone) and compare
+    its digit_score with the numpy detector's score of the same inputs and the model's own probabilities."""
+    from export.digit_detector import quick_non_digits
+
+    non_digits = np.concatenate(list(quick_non_digits(SCORE_CHECK_NON_DIGITS).values()))
+    x = np.concatenate([digits, non_digits]).astype(np.float32)
+    runs = [session.run([PROBABILITIES, DIGIT_SCORE], {INPUT_NAME: x[i : i + 256]}) for i in range(0, len(x), 256)]
+    probabilities = np.concatenate([run[0] for run in runs])
+    scores = np.concatenate([run[1] for run in runs])
+    alone = [session.run([PROBABILITIES, DIGIT_SCORE], {INPUT_NAME: x[i : i + 1]}) for i in (0, len(digits))]
+    reference = detector.score(x, probabilities)
+    reference_alone = [detector.score(x[i : i + 1], run[0]) for i, run in zip((0, len(digits)), alone, strict=True)]
+    diff = max(
+        float(np.abs(scores - reference).max()),
+        *(float(np.abs(run[1] - ref).max()) for run, ref in zip(alone, reference_alone, strict=True)),
+    )
+    threshold = detector.threshold
+    changed = (scores >= threshold) != (reference >= threshold)
+    off_threshold = changed & (np.abs(reference - threshold) > SCORE_TOLERANCE)
+    return ScoreCheck(
+        digits=len(digits),
+        non_digits=len(non_digits),
+        max_abs_score_diff=diff,
+        tolerance=SCORE_TOLERANCE,
+        threshold=threshold,
+        decisions_changed=int(changed.sum()),
+        decisions_changed_off_threshold=int(off_threshold.sum()),
+        digits_passed=float(np.mean(scores[: len(digits)] >= threshold)),
+        non_digits_caught=float(np.mean(scores[len(digits) :] < threshold)),
+    )
+
+
+def _require_score(check: ScoreCheck, what: str) -> None:
+    if not check.ok:
+        raise ExportError(
+            f"digit score check failed for {what} on {check.digits} test digits and {check.non_digits} non-digits: "
+            f"max |Δscore| against the numpy detector {check.max_abs_score_diff:.2e} (tolerance "
+            f"{check.tolerance:.0e}), {check.decisions_changed_off_threshold} is_digit decisions changed away from "
+            "the threshold"
+        )
+
+
 def export_checkpoint(
     checkpoint: Path,
     output: Path,
@@ -141,20 +231,24 @@ def export_checkpoint(
     accuracy_images: int = 0,
     data_dir: str | None = None,
     provider: str = "cpu",
+    digit_detector: Path | None = DIGIT_DETECTOR,
 ) -> dict:
     """Export, verify and annotate; returns the export report (also written beside the model).
 
     Parity is checked on the CPU provider (fp32 there matches PyTorch to 1e-4); the stored test accuracy
-    is measured through `provider`.
+    is measured through `provider`. With `digit_detector` (a .npz of export.digit_detector; None: no score) the
+    detector becomes the graph's `digit_score` output, checked against the numpy detector.
     """
     import onnx
     import torch
 
+    from export.digit_score_graph import with_digit_score
     from training.model import WithProbabilities
 
     started = time.time()
     model, preset, _ = load_checkpoint_model(checkpoint)
     checkpoint_sha = sha256_file(checkpoint)
+    detector = load_detector(digit_detector) if digit_detector is not None else None
 
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = Path(tmp) / "model.onnx"
@@ -177,6 +271,9 @@ def export_checkpoint(
             )
         program.save(str(raw_path), external_data=False)
         proto = onnx.load(str(raw_path))
+    _check_io_contract(proto)
+    if detector is not None:
+        proto = with_digit_score(proto, detector)
     onnx.checker.check_model(proto, full_check=True)
     _check_io_contract(proto)
 
@@ -191,6 +288,9 @@ def export_checkpoint(
                 f"parity check failed on {parity.images} test images: max |Δlogit| {parity.max_abs_logit_diff:.2e} "
                 f"(tolerance {parity.tolerance:.0e}), {parity.argmax_mismatches} different predictions"
             )
+        score = check_digit_score(session, detector, x[:parity_images]) if detector is not None else None
+        if score is not None:
+            _require_score(score, "the exported model")
         x_acc, y_acc = normalized_test_images(accuracy_images, data_dir)
         measuring = session if provider == "cpu" else ort_session(candidate, provider)
         accuracy = float((run_batched(measuring, x_acc).argmax(1) == y_acc).mean())
@@ -201,12 +301,14 @@ def export_checkpoint(
         class_labels=list(CLASS_LABELS),
         normalization=MNIST_NORMALIZATION.as_dict(),
         input_layout=input_layout("fp32"),
-        output_layout=OUTPUT_LAYOUT,
+        output_layout=output_layout(detector is not None),
         test_accuracy=accuracy,
         test_images=len(y_acc),
         checkpoint_sha256=checkpoint_sha,
         opset=OPSET,
         exported_with=f"torch {torch.__version__}, onnx {onnx.__version__}",
+        digit_threshold=detector.threshold if detector is not None else None,
+        digit_detector=detector_description(detector, digit_detector) if detector is not None else None,
     )
     metadata.write_into(proto)
     save_atomically(proto, output)
@@ -217,6 +319,7 @@ def export_checkpoint(
         "checkpoint": str(checkpoint),
         "metadata": asdict(metadata),
         "parity": {**asdict(parity), "passed": parity.ok},
+        "digit_score": {**asdict(score), "passed": True} if score is not None else None,
         "seconds": time.time() - started,
     }
     output.with_suffix(".export.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -298,19 +401,29 @@ def export_fp16_variant(
     accuracy_images: int = 0,
     data_dir: str | None = None,
     provider: str = "cpu",
+    digit_detector: Path | None = DIGIT_DETECTOR,
 ) -> dict:
     """Write `name.fp16.onnx` beside an fp32 model written by mnist-export, checked against it; returns the report.
 
-    The fp16-against-fp32 check runs on the CPU provider; both accuracies are measured through `provider`.
+    The fp16-against-fp32 check runs on the CPU provider; both accuracies are measured through `provider`. A digit
+    score in the fp32 model is carried over unchanged, in fp32 (its residual features are differences of large
+    sums, which fp16 cannot hold), and checked against the numpy detector `digit_detector`, which must be the file
+    the score was built from.
     """
     import onnx
+
+    from export.digit_score_graph import attach, detach
 
     started = time.time()
     proto32 = onnx.load(str(fp32_model))
     metadata32 = read_metadata(proto32)
     if metadata32.precision != "fp32":
         raise ExportError(f"{fp32_model} is already {metadata32.precision}; give the fp32 model")
-    proto16 = to_fp16(proto32)
+    classifier32, score_graph = detach(proto32)
+    detector = _detector_of(metadata32, fp32_model, digit_detector) if score_graph is not None else None
+    proto16 = to_fp16(classifier32)
+    if score_graph is not None:
+        proto16 = attach(proto16, score_graph)
     onnx.checker.check_model(proto16, full_check=True)
     _check_io_contract(proto16)
     output = variant_path(fp32_model, "fp16")
@@ -342,6 +455,9 @@ def export_fp16_variant(
                 f"{probability_diff:.2e} (tolerance {FP16_PROBABILITY_TOLERANCE}), {parity.argmax_mismatches} "
                 f"different predictions (at most {parity.allowed_mismatches})"
             )
+        score = check_digit_score(session16, detector, xp) if detector is not None else None
+        if score is not None:
+            _require_score(score, "the fp16 variant")
         x_acc, y_acc = normalized_test_images(accuracy_images, data_dir)
         if provider != "cpu":
             session16, session32 = ort_session(candidate, provider), ort_session(fp32_model, provider)
@@ -377,12 +493,94 @@ def export_fp16_variant(
             "probability_tolerance": FP16_PROBABILITY_TOLERANCE,
             "passed": True,
         },
+        "digit_score": {**asdict(score), "precision": "fp32 inside the fp16 model", "passed": True}
+        if score is not None
+        else None,
         "fp32_test_accuracy_same_images": accuracy32,
         "accuracy_provider": provider,
         "seconds": time.time() - started,
     }
     output.with_suffix(".export.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _detector_of(metadata: ModelMetadata, model: Path, digit_detector: Path | None) -> DigitDetector:
+    """The numpy detector a model's digit score was built from: `digit_detector`, if its SHA-256 is the one the
+    model's metadata records."""
+    recorded = (metadata.digit_detector or {}).get("detector_sha256")
+    if digit_detector is None or (recorded and sha256_file(digit_detector) != recorded):
+        raise ExportError(
+            f"{model} has a digit score built from {(metadata.digit_detector or {}).get('source', '?')} "
+            f"(sha256 {str(recorded)[:16]}…); give that file with --digit-detector to check it"
+        )
+    return load_detector(digit_detector)
+
+
+def add_digit_score(
+    model_path: Path, digit_detector: Path = DIGIT_DETECTOR, parity_images: int = 1000, data_dir: str | None = None
+) -> dict:
+    """Put `digit_detector`'s score into an existing model file (fp32 or fp16; one it already has is replaced), without
+    retraining: the classifier's logits and probabilities must stay bit-identical on `parity_images` test images (at
+    batch 256 and alone) and the score must match the numpy detector. Rewrites the file and its .export.json report
+    (if any); returns the score's part of that report."""
+    import onnx
+
+    from export.digit_score_graph import with_digit_score
+
+    started = time.time()
+    before = onnx.load(str(model_path))
+    metadata = read_metadata(before)
+    _check_io_contract(before)
+    detector = load_detector(digit_detector)
+    after = with_digit_score(before, detector)
+    onnx.checker.check_model(after, full_check=True)
+    _check_io_contract(after)
+    x, _ = normalized_test_images(parity_images, data_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        candidate = Path(tmp) / "candidate.onnx"
+        onnx.save(after, str(candidate))
+        old, new = ort_session(model_path), ort_session(candidate)
+        changed = [
+            f"{name} at batch {batch}"
+            for batch in (256, 1)
+            for name in OUTPUT_NAMES
+            if not np.array_equal(
+                run_batched(old, x[: 8 if batch == 1 else None], batch, name),
+                run_batched(new, x[: 8 if batch == 1 else None], batch, name),
+            )
+        ]
+        if changed:
+            raise ExportError(f"{model_path}: adding the digit score changed the classifier's {', '.join(changed)}")
+        score = check_digit_score(new, detector, x)
+        _require_score(score, str(model_path))
+    from dataclasses import replace
+
+    metadata = replace(
+        metadata,
+        output_layout=output_layout(True),
+        digit_threshold=detector.threshold,
+        digit_detector=detector_description(detector, digit_detector),
+    )
+    metadata.write_into(after)
+    save_atomically(after, model_path)
+    entry = {
+        **asdict(score),
+        "passed": True,
+        "classifier_unchanged": f"logits and probabilities bit-identical on {len(x)} test images (batch 256 and 1)",
+        "added_by": "mnist-export --add-digit-score",
+        "seconds": round(time.time() - started, 1),
+    }
+    report_path = model_path.with_suffix(".export.json")
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        report.update(
+            onnx_sha256=sha256_file(model_path),
+            size_bytes=model_path.stat().st_size,
+            metadata=asdict(metadata),
+            digit_score=entry,
+        )
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+    return entry
 
 
 def save_atomically(proto, output: Path) -> None:
@@ -398,9 +596,10 @@ def save_atomically(proto, output: Path) -> None:
 def _check_io_contract(proto) -> None:
     inputs = [i.name for i in proto.graph.input]
     outputs = [o.name for o in proto.graph.output]
-    if inputs != [INPUT_NAME] or tuple(outputs) != OUTPUT_NAMES:
+    if inputs != [INPUT_NAME] or tuple(outputs) not in (OUTPUT_NAMES, SCORED_OUTPUT_NAMES):
         raise ExportError(
-            f"exported graph has inputs {inputs} and outputs {outputs}, expected [{INPUT_NAME}] {OUTPUT_NAMES}"
+            f"exported graph has inputs {inputs} and outputs {outputs}, expected [{INPUT_NAME}] {OUTPUT_NAMES} "
+            f"or {SCORED_OUTPUT_NAMES}"
         )
     not_float = [v.name for v in (*proto.graph.input, *proto.graph.output) if v.type.tensor_type.elem_type != 1]
     if not_float:
@@ -410,20 +609,31 @@ def _check_io_contract(proto) -> None:
         raise ExportError(f"batch axis of {INPUT_NAME} is fixed at {batch_dim.dim_value}, expected dynamic")
 
 
-def check_model_file(path: Path, data_dir: str | None, limit: int, provider: str = "cpu") -> dict:
-    """Checker, metadata and test-set accuracy of an existing ONNX model (the bundled one, say)."""
+def check_model_file(
+    path: Path, data_dir: str | None, limit: int, provider: str = "cpu", digit_detector: Path | None = DIGIT_DETECTOR
+) -> dict:
+    """Checker, metadata and test-set accuracy of an existing ONNX model (the bundled one, say); its digit score, if
+    it has one, against the numpy detector it was built from (`digit_detector`, when that is the file)."""
     import onnx
 
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     _check_io_contract(proto)
     metadata = read_metadata(proto)
+    has_output = DIGIT_SCORE in [o.name for o in proto.graph.output]
+    if has_output != metadata.has_digit_score:
+        missing = "digit_threshold in its metadata" if has_output else f"{DIGIT_SCORE} output"
+        raise ExportError(f"{path}: its digit score is incomplete: no {missing}")
     session = ort_session(path, provider)
     x, labels = normalized_test_images(limit, data_dir)
     started = time.perf_counter()
     predictions = run_batched(session, x).argmax(1)
     seconds = time.perf_counter() - started
+    score = None
+    if has_output:
+        score = asdict(check_digit_score(ort_session(path), _detector_of(metadata, path, digit_detector), x[:1000]))
     return {
+        "digit_score": score,
         "metadata": asdict(metadata),
         "sha256": sha256_file(path),
         "images": len(labels),
@@ -442,8 +652,11 @@ def build_parser() -> argparse.ArgumentParser:
         "'logits' and 'probabilities'), verify it (onnx.checker; fp32 parity with PyTorch on real test images: max "
         "|Δlogit| <= 1e-4 and identical predictions), measure its test accuracy through ONNX Runtime and store "
         "model name, version, labels, normalization, layout, precision, accuracy and checkpoint SHA-256 in "
-        "metadata_props. With --fp16, also write and verify an fp16 variant NAME.fp16.onnx. With --check, verify an "
-        "existing ONNX model instead (and with --fp16, write its fp16 variant).",
+        "metadata_props. The digit detector (--digit-detector) becomes a third output, 'digit_score' (float32 [batch], "
+        "is_digit = digit_score >= the threshold stored in the metadata), checked against the numpy detector. With "
+        "--fp16, also write and verify an fp16 variant NAME.fp16.onnx. With --check, verify an existing ONNX model "
+        "instead (and with --fp16, write its fp16 variant). With --add-digit-score, put the score into existing models "
+        "without retraining.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("checkpoint", nargs="?", type=Path, help="model.pt or checkpoint.pt written by mnist-train")
@@ -512,6 +725,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL.onnx",
         help="instead of exporting, verify an existing model and print its metadata and accuracy",
     )
+    parser.add_argument(
+        "--digit-detector",
+        default=str(DIGIT_DETECTOR),
+        metavar="FILE.npz|none",
+        help="the digit detector (written by python -m export.digit_detector) computed inside the graph as the "
+        f"output '{DIGIT_SCORE}', its threshold and description stored in the metadata; none: a model without it "
+        f"(the server then scores with its separate --digit-detector file). The score must match the numpy detector "
+        f"to {SCORE_TOLERANCE:.0e} on test digits and non-digits. With --fp16 or --check, the file the model's score "
+        "was built from, to check it",
+    )
+    parser.add_argument(
+        "--add-digit-score",
+        type=Path,
+        nargs="+",
+        metavar="MODEL.onnx",
+        help="instead of exporting, add the digit detector's score to existing model files (fp32 or fp16; an earlier "
+        "score is replaced), without retraining: each file is rewritten only if its logits and probabilities stay "
+        "bit-identical on --parity-images test images and the score matches the numpy detector; its .export.json "
+        "report is updated",
+    )
     return parser
 
 
@@ -551,9 +784,20 @@ def _publish(args: argparse.Namespace, model_path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.digit_detector = None if args.digit_detector == "none" else Path(args.digit_detector)
     try:
+        if args.add_digit_score:
+            if args.digit_detector is None:
+                build_parser().error("--add-digit-score needs a --digit-detector file")
+            for model_path in args.add_digit_score:
+                entry = add_digit_score(model_path, args.digit_detector, args.parity_images, args.data_dir)
+                print(f"{model_path}: digit score added ({model_path.stat().st_size / 1e6:.2f} MB)")
+                _print_score(entry)
+            return 0
         if args.check:
-            result = check_model_file(args.check, args.data_dir, args.accuracy_images, args.provider)
+            result = check_model_file(
+                args.check, args.data_dir, args.accuracy_images, args.provider, args.digit_detector
+            )
             meta = result["metadata"]
             print(
                 f"{args.check}: {meta['model_name']} version {meta['model_version']}, sha256 {result['sha256'][:16]}…"
@@ -565,11 +809,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"metadata says {100 * meta['test_accuracy']:.2f}%"
             )
             print(f"  first predictions {result['first_predictions']}\n  true labels       {result['first_labels']}")
+            if result["digit_score"] is not None:
+                _print_score(result["digit_score"])
             _write_triton(args, args.check)
             if args.fp16:
                 _print_fp16(
                     export_fp16_variant(
-                        args.check, args.parity_images, args.accuracy_images, args.data_dir, args.provider
+                        args.check,
+                        args.parity_images,
+                        args.accuracy_images,
+                        args.data_dir,
+                        args.provider,
+                        args.digit_detector,
                     )
                 )
             _publish(args, args.check)
@@ -585,10 +836,13 @@ def main(argv: list[str] | None = None) -> int:
             args.accuracy_images,
             args.data_dir,
             args.provider,
+            args.digit_detector,
         )
         _write_triton(args, output)
         fp16_report = (
-            export_fp16_variant(output, args.parity_images, args.accuracy_images, args.data_dir, args.provider)
+            export_fp16_variant(
+                output, args.parity_images, args.accuracy_images, args.data_dir, args.provider, args.digit_detector
+            )
             if args.fp16
             else None
         )
@@ -603,6 +857,8 @@ def main(argv: list[str] | None = None) -> int:
         f"different predictions"
     )
     print(f"  test accuracy through ONNX Runtime: {100 * meta['test_accuracy']:.2f}% on {meta['test_images']:,} images")
+    if report["digit_score"] is not None:
+        _print_score(report["digit_score"])
     print(
         f"  metadata: {meta['model_name']} version {meta['model_version']}, checkpoint sha256 "
         f"{meta['checkpoint_sha256'][:16]}…"
@@ -615,6 +871,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mnist-export: not published: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _print_score(check: dict) -> None:
+    print(
+        f"  digit_score against the numpy detector on {check['digits']} test digits and {check['non_digits']} "
+        f"non-digits: max |Δscore| {check['max_abs_score_diff']:.1e} <= {check['tolerance']:.0e}, "
+        f"{check['decisions_changed']} is_digit decisions changed ({check['decisions_changed_off_threshold']} away "
+        f"from the threshold {check['threshold']:.4f}); digits passed {100 * check['digits_passed']:.1f}%, "
+        f"non-digits caught {100 * check['non_digits_caught']:.1f}%"
+    )
 
 
 def _print_fp16(report: dict) -> None:
@@ -630,6 +896,8 @@ def _print_fp16(report: dict) -> None:
         f"  test accuracy through ONNX Runtime: {100 * meta['test_accuracy']:.2f}% on {meta['test_images']:,} images "
         f"(fp32: {100 * report['fp32_test_accuracy_same_images']:.2f}%)"
     )
+    if report["digit_score"] is not None:
+        _print_score(report["digit_score"])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """mnist-attack: hostile clients against mnist-serve, each check judged against the server's contract.
 
-Starts its own servers on loopback (`loadtest.bench.ServerProcess`, the bundled model, a free gRPC
+Starts its own servers on loopback (`loadtest.servers.ServerProcess`, the bundled model, a free gRPC
 port and a free metrics port each; more flags with `--server-args`), runs the checks below one by
 one, and writes DIR/report.json and DIR/report.md (rewritten after every check, so a run cut short
 still leaves its report): one line per check with what was sent, what was measured, the target
@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.bench import ServerProcess, free_port, wait_until_serving
+from loadtest.servers import ServerProcess, free_port, wait_until_serving
 
 CLASSIFY = "/mnist.v1.Classifier/Classify"
 CLASSIFY_BATCH = "/mnist.v1.Classifier/ClassifyBatch"
@@ -65,15 +65,19 @@ GARBAGE = (
     ("stray-end-group", b"\x0c"),  # end-group marker (wire type 4) with no group open
 )
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+INFO = "INFO"  # a measurement reported for comparison, not judged
 RECOVERY_WATCH_S = 5.0  # overload: how long after the load the recovery probe keeps measuring
 PROBE_INTERVAL_S = 0.01  # the probe sends at most 100 calls/s (unpaced, fast refusals made it a 700/s sender)
+LIVENESS_INTERVAL_S = 0.1  # overload: /livez and grpc health Check are each asked this often during the load ...
+LIVENESS_TIMEOUT_S = 1.0  # ... with this timeout (a kubelet probe's default is 1 s)
+LIVENESS_P99_MS = 100.0
 # Flags the hardened server is to accept; the report notes which it does.
 EXPECTED_FLAGS = (
     "--metrics-host",
     "--max-image-pixels",
     "--max-request-pixels",
     "--max-decoding-pixels",
-    "--max-queue-wait-ms",
+    "--queue-target-ms",
     "--max-concurrent-calls",
     "--max-streams",
     "--stream-idle-seconds",
@@ -105,6 +109,11 @@ class Line:
 
 def judge(name: str, ok: bool, sent: str, measured: str, target: str, reason: str = "", **data: Any) -> Line:
     return Line(name, PASS if ok else FAIL, sent, measured, target, "" if ok else reason, data=data)
+
+
+def inform(name: str, sent: str, measured: str, **data: Any) -> Line:
+    """A line that reports a measurement beside judged ones (e.g. for comparison) and passes or fails nothing."""
+    return Line(name, INFO, sent, measured, "(information, not judged)", data=data)
 
 
 @dataclass
@@ -166,6 +175,10 @@ class AttackServer(ServerProcess):
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def livez_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/livez"
 
     @property
     def pid(self) -> int:
@@ -728,6 +741,85 @@ async def _open_async(target, rate, seconds, offset, deadline_s, seed, ready, go
         "scheduled": k,
         "cpu_s": time.process_time() - cpu_at_start,
     }
+
+
+def _health_prober(livez_url: str, target: str, seconds: float, ready, go, start, results) -> None:
+    """GET /livez and grpc health Check, each every LIVENESS_INTERVAL_S with a LIVENESS_TIMEOUT_S timeout, from
+    the load's start for `seconds`: in a process of its own, as the kubelet probes, so that what is measured is
+    the server and not a prober sharing a busy process with the senders. Per probe: (sent wall time, seconds,
+    outcome: the HTTP status or gRPC code, else the error's name, and how late the probe was sent)."""
+    import urllib.error
+
+    import grpc
+
+    def livez() -> str:
+        try:
+            with urllib.request.urlopen(livez_url, timeout=LIVENESS_TIMEOUT_S) as reply:  # noqa: S310 - loopback
+                reply.read()
+                return str(reply.status)
+        except urllib.error.HTTPError as err:
+            return str(err.code)
+        except OSError as exc:  # URLError wraps a connect timeout or refusal; a read timeout comes bare
+            return type(getattr(exc, "reason", exc)).__name__
+
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(HEALTH_CHECK)
+
+        def health() -> str:
+            try:
+                call(b"", timeout=LIVENESS_TIMEOUT_S)  # an empty HealthCheckRequest: the whole server
+                return "OK"
+            except grpc.RpcError as err:
+                return err.code().name
+
+        grpc.channel_ready_future(channel).result(timeout=30)
+        call(b"", timeout=10)
+        livez()
+        ready.put(os.getpid())
+        go.wait(120)
+        log: dict[str, list[tuple[float, float, str, float]]] = {"livez": [], "health": []}
+
+        def every_interval(kind: str, probe: Callable[[], str]) -> None:
+            time.sleep(max(0.0, start.value - time.time()))
+            end, due = start.value + seconds, time.perf_counter()
+            while time.time() < end:
+                sent, t0 = time.time(), time.perf_counter()
+                outcome = probe()
+                log[kind].append((sent, time.perf_counter() - t0, outcome, max(0.0, t0 - due)))
+                due = max(due + LIVENESS_INTERVAL_S, time.perf_counter())  # a slow probe is not followed by a burst
+                time.sleep(max(0.0, due - time.perf_counter()))
+
+        threads = [threading.Thread(target=every_interval, args=("livez", livez))]
+        threads.append(threading.Thread(target=every_interval, args=("health", health)))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    results.put(log)
+
+
+def probe_summary(records: list[tuple[float, float, str, float]], ok: str) -> dict:
+    """Count, failures by outcome, latency percentiles (failed probes included) and the prober's own lateness."""
+    latency = [seconds for _, seconds, _, _ in records]
+    failed = Counter(outcome for _, _, outcome, _ in records if outcome != ok)
+    return {
+        "count": len(records),
+        "failed": sum(failed.values()),
+        "failures": dict(failed),
+        "p50_ms": percentile_ms(latency, 50),
+        "p99_ms": percentile_ms(latency, 99),
+        "max_ms": max(latency, default=float("nan")) * 1000,
+        "late_p99_ms": percentile_ms([late for _, _, _, late in records], 99),
+    }
+
+
+def describe_probes(summary: dict) -> str:
+    failures = f" ({summary['failures']})" if summary["failed"] else ""
+    return (
+        f"{summary['failed']} of {summary['count']} failed{failures}; p50 {fmt_ms(summary['p50_ms'])}, p99 "
+        f"{fmt_ms(summary['p99_ms'])}, max {fmt_ms(summary['max_ms'])} (prober lateness p99 "
+        f"{fmt_ms(summary['late_p99_ms'])})"
+    )
 
 
 # --- idle streams and slow connections, held by another process ---------------------------------------
@@ -2015,13 +2107,15 @@ def server_quantile_ms(before: str, after: str, code: str, q: float = 0.99) -> f
 OVERLOAD_SENDS = (
     "capacity first: closed loops of raw Classify with 4 and 16 clients (several processes, 10 s each; the better "
     "OK calls/s is the capacity) and 1 client (idle); then an open loop at 5x capacity with 1 s deadlines for 20 s "
-    "from several processes (achieved send rate reported), while 1 client probes, until 5 s after the load"
+    "from several processes (achieved send rate reported), while 1 client probes, until 5 s after the load, and "
+    "another process asks GET /livez (metrics port) and grpc health Check every 100 ms with a 1 s timeout"
 )
 OVERLOAD_TARGET = (
     "successful calls/s >= 80% of capacity; refusals (RESOURCE_EXHAUSTED) answered in <= 5 ms at p99 (client side, "
     "from send; the server's own histogram and the senders' lateness reported beside it) and each with "
     "retry-after-ms or grpc-retry-pushback-ms; successful p99 (client side, from send) <= 3x idle p99; p50 back "
-    "within 1.5x of idle within 1 s after the load"
+    "within 1.5x of idle within 1 s after the load; /livez: no failed check and p99 <= 100 ms during the load "
+    "(grpc health Check's figures reported beside it)"
 )
 # A model that keeps the CPU free, as on an accelerator: 1 ms per batch and 4 ms per image of emulated device time.
 # Its capacity (about 230/s here) leaves the CPU to the senders, whose 5x rate this machine can then send.
@@ -2118,18 +2212,24 @@ def overload_lines(ctx: Ctx, name: str, extra: list[str]) -> list[Line]:
     scrape_before = scrape(server.metrics_url)
     arguments = [(server.target, rate / senders, seconds, i / rate, 1.0, 100 + i) for i in range(senders)]
     server_cpu, machine_cpu, clock = cpu_seconds(server.pid), busy_cpu_seconds(), time.time()
+    prober_arguments = [(server.livez_url, server.target, seconds)]
+    with workers(_health_prober, prober_arguments) as (prober, prober_ready, prober_go, prober_start, prober_results):
+        _gather(prober_ready, prober, 1, 90, "health prober starting")
 
-    def during_load(start_at: float) -> threading.Thread:
-        nonlocal server_cpu, machine_cpu, clock
-        time.sleep(max(0.0, start_at - time.time()))
-        server_cpu, machine_cpu, clock = cpu_seconds(server.pid), busy_cpu_seconds(), time.time()
-        return during(start_at)
+        def during_load(start_at: float) -> threading.Thread:
+            nonlocal server_cpu, machine_cpu, clock
+            prober_start.value = start_at
+            prober_go.set()
+            time.sleep(max(0.0, start_at - time.time()))
+            server_cpu, machine_cpu, clock = cpu_seconds(server.pid), busy_cpu_seconds(), time.time()
+            return during(start_at)
 
-    start_at, gathered, thread = run_workers(_open_worker, arguments, seconds, during=during_load)
-    busy_s = time.time() - clock
-    server_cores = (cpu_seconds(server.pid) - server_cpu) / busy_s
-    machine_cores = (busy_cpu_seconds() - machine_cpu) / busy_s
-    sender_cores = sum(g["cpu_s"] for g in gathered) / busy_s
+        start_at, gathered, thread = run_workers(_open_worker, arguments, seconds, during=during_load)
+        busy_s = time.time() - clock
+        server_cores = (cpu_seconds(server.pid) - server_cpu) / busy_s
+        machine_cores = (busy_cpu_seconds() - machine_cpu) / busy_s
+        sender_cores = sum(g["cpu_s"] for g in gathered) / busy_s
+        probes = _gather(prober_results, prober, 1, 30, "health prober")[0]
     thread.join(seconds + 30)
     scrape_after = scrape(server.metrics_url)
     times = np.concatenate([g["times"] for g in gathered])
@@ -2256,6 +2356,32 @@ def overload_lines(ctx: Ctx, name: str, extra: list[str]) -> list[Line]:
             "p50 <= 1.5x idle within 1 s",
             "not recovered within 1 s",
             recovered_s=recovered_at,
+        )
+    )
+    livez, grpc_health = probe_summary(probes["livez"], "200"), probe_summary(probes["health"], "OK")
+    every = f"every {1000 * LIVENESS_INTERVAL_S:.0f} ms with a {LIVENESS_TIMEOUT_S:g} s timeout"
+    expected = seconds / LIVENESS_INTERVAL_S
+    problems = [f"{livez['failed']} failed" if livez["failed"] else "", f"p99 {fmt_ms(livez['p99_ms'])}"]
+    lines.append(
+        judge(
+            f"{name}.liveness",
+            livez["failed"] == 0 and livez["p99_ms"] <= LIVENESS_P99_MS and livez["count"] >= 0.8 * expected,
+            f"{short}; GET /livez on the metrics port {every}, from a process of its own, for the load's "
+            f"{seconds:.0f} s",
+            f"/livez: {describe_probes(livez)}; grpc health Check on the same schedule: {describe_probes(grpc_health)}",
+            f"0 failed checks, p99 <= {LIVENESS_P99_MS:.0f} ms (and >= 80% of the {expected:.0f} probes sent)",
+            ", ".join(problem for problem in problems if problem) + f", {livez['count']} probes sent",
+            livez=livez,
+            grpc_health=grpc_health,
+        )
+    )
+    lines.append(
+        inform(
+            f"{name}.grpc-health",
+            f"{short}; grpc.health.v1 Check (the whole server) {every}, from the same prober process",
+            f"{describe_probes(grpc_health)}: what a gRPC liveness probe would see (kubelet restarts after 3 "
+            "failures in a row)",
+            grpc_health=grpc_health,
         )
     )
     return lines

@@ -9,7 +9,8 @@
    (loadtest/echo_server.py) against `mnist-serve --backend null`, same clients: the first is the
    limit of Python gRPC on this machine, the ratio is the serving code's own efficiency.
 Writes a table, bench.json (with the machine, GPU, driver, runtime versions and what the server
-reported it serves) and bench.png. `--suite gpu` runs the whole GPU check instead (loadtest/suite.py).
+reported it serves) and bench.png. `--suite gpu` runs the whole GPU check instead (loadtest/suite.py);
+`--check` the standing check of the hot path as a whole (loadtest/check.py, limits in loadtest/check.toml).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +28,7 @@ import numpy as np
 
 from loadtest.drivers import LoadResult, closed_loop, open_loop, sample_digits
 from loadtest.machine import describe_machine, headline
+from loadtest.servers import ServerProcess
 from proto.contract import INPUT_SHAPE
 from server.config import BUNDLED_MODEL
 
@@ -105,71 +106,6 @@ def measure_floor(server_args: list[str], batch_sizes: list[int], seconds: float
         results.append(stats("floor", np.array(latencies), batch, 1, time.perf_counter() - started))
     backend.close()
     return results
-
-
-# --- servers as subprocesses -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_serving(process: subprocess.Popen, target: str, seconds: float) -> bool:
-    """Poll health until SERVING; give up at once if the process has exited (a failed start)."""
-    from server.client import ClassifierClient
-
-    deadline = time.monotonic() + seconds
-    with ClassifierClient(target, timeout=10) as client:
-        while process.poll() is None and time.monotonic() < deadline:
-            if client.wait_until_serving(1.0):
-                return process.poll() is None
-    return False
-
-
-class ServerProcess:
-    """`mnist-serve` (or the echo server) on a free port for the length of a `with` block."""
-
-    def __init__(self, args: list[str], echo: bool = False, port: int = 0, wait_s: float = 180.0) -> None:
-        self.port = port or free_port()
-        module = "loadtest.echo_server" if echo else "server.app"
-        common = ["--host", "127.0.0.1", "--port", str(self.port)]
-        if not echo:
-            common += ["--metrics-port", "0", "--http-port", "0", "--drain-seconds", "0", "--log-level", "WARNING"]
-        self.command = [sys.executable, "-m", module, *common, *args]
-        self.wait_s = wait_s
-        self.process: subprocess.Popen | None = None
-        self.info: dict[str, Any] = {}
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ServerProcess:
-        from google.protobuf.json_format import MessageToDict
-
-        from proto.mnist.v1 import classifier_pb2 as pb
-        from server.client import ClassifierClient
-
-        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL)
-        if not wait_until_serving(self.process, self.target, self.wait_s):
-            self.process.kill()
-            raise SystemExit(f"mnist-bench: {' '.join(self.command)} did not become SERVING (see its log above)")
-        with ClassifierClient(self.target, timeout=10) as client:
-            reply = client.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
-            self.info = MessageToDict(reply, preserving_proto_field_name=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
 
 
 # --- measurements against a server -------------------------------------------------------------------
@@ -370,6 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
         "presets, echo ceiling, 16-user load test; one folder of JSON, PNG and summary.md), smoke (the same steps "
         "tiny, on any machine)",
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="run the standing check instead (about 90 s; run it before submitting changes to server/): the null "
+        "server against the echo server (1 and 16 clients, ClassifyBatch), a closed-loop load-test mix that must get "
+        "no refusal, the bundled model's overhead over its bare session at 1 client, and a refusal's CPU cost; one "
+        "PASS/FAIL line each, limits in loadtest/check.toml; check.json and check.md in --out; exit 1 on a FAIL",
+    )
     parser.add_argument("--dry-run", action="store_true", help="with --suite: print the steps, run nothing")
     parser.add_argument("--replot", type=Path, metavar="DIR", help="only redraw DIR/bench.png from DIR/bench.json")
     parser.add_argument(
@@ -396,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.replot:
         print(f"redrew {replot(args.replot)}")
         return 0
+    if args.check:
+        from loadtest.check import run_check
+
+        return run_check(args.out)
     if args.suite:
         from loadtest.suite import run_suite
 

@@ -10,10 +10,14 @@ due (or sent, if later), so a server falling behind shows its queueing in the pe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing as mp
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -96,18 +100,54 @@ def _connect(call, request) -> None:
             time.sleep(0.01)
 
 
+class StartLine:
+    """Load processes get ready (import, connect) at their own pace, then all start at one moment the parent sets.
+
+    Spawning 16 clients on two busy cores once took longer than any fixed head start, and late starters ran short
+    measurements: 16 clients seemed to get half of what they did."""
+
+    def __init__(self, context: Any, processes: int) -> None:
+        self._barrier = context.Barrier(processes + 1)
+        self._go = context.Event()
+        self._at = context.Value("d", 0.0)
+
+    def ready(self, timeout: float = 120.0) -> float:
+        """In a load process, once it can send: wait for the others; returns the start time (time.time())."""
+        self._barrier.wait(timeout)
+        self._go.wait(timeout)
+        return self._at.value
+
+    def abort(self) -> None:
+        """In a load process that cannot start: tell the parent at once instead of letting it wait."""
+        self._barrier.abort()
+
+    def start(self, timeout: float, head_start: float = 0.1) -> float:
+        """In the parent: wait until every process is ready, then set the start; returns it (time.time())."""
+        self._barrier.wait(timeout)
+        self._at.value = time.time() + head_start
+        self._go.set()
+        return self._at.value
+
+
 def _closed_loop_client(
-    target: str, seconds: float, start_at: float, seed: int, images_per_call: int, queue: mp.Queue
+    target: str, seconds: float, seed: int, images_per_call: int, start: StartLine, queue: mp.Queue
 ) -> None:
     import grpc
 
     from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
 
-    requests, method = _requests(images_per_call, seed)
-    latencies, errors = [], Counter()
-    with grpc.insecure_channel(target) as channel:
+    try:
+        requests, method = _requests(images_per_call, seed)
+        channel = grpc.insecure_channel(target)
         call = getattr(pb_grpc.ClassifierStub(channel), method)
         _connect(call, requests[0])
+    except BaseException as exc:
+        start.abort()
+        queue.put(exc)
+        raise
+    latencies, errors = [], Counter()
+    with channel:
+        start_at = start.ready()
         while time.time() < start_at:
             time.sleep(0.001)
         end = start_at + seconds
@@ -124,24 +164,46 @@ def _closed_loop_client(
     queue.put((latencies, dict(errors), i))
 
 
-def _in_processes(worker, arguments: list[tuple], seconds: float) -> list:
-    """Run `worker(*args, queue)` in one spawned process per entry of `arguments`; their results, in any order."""
+def _in_processes(
+    worker, arguments: list[tuple], seconds: float, on_start: Callable[[float], None] | None = None
+) -> list:
+    """Run `worker(*args, start, queue)` in one spawned process per entry of `arguments`, all starting together
+    (StartLine); their results, in any order. A process that fails to get ready fails the whole load at once."""
     context = mp.get_context("spawn")
     queue: mp.Queue = context.Queue()
-    procs = [context.Process(target=worker, args=(*args, queue)) for args in arguments]
+    start = StartLine(context, len(arguments))
+    procs = [context.Process(target=worker, args=(*args, start, queue)) for args in arguments]
     for p in procs:
         p.start()
+    try:
+        start_at = start.start(timeout=120)
+    except threading.BrokenBarrierError:
+        failure = next((item for item in _drain(queue) if isinstance(item, BaseException)), None)
+        for p in procs:
+            p.kill()
+        raise RuntimeError(f"a load process could not start: {failure!r}") from failure
+    if on_start is not None:
+        on_start(start_at)
     gathered = [queue.get(timeout=seconds + 120) for _ in procs]
     for p in procs:
         p.join()
+    if failures := [item for item in gathered if isinstance(item, BaseException)]:
+        raise RuntimeError(f"a load process failed: {failures[0]!r}") from failures[0]
     return gathered
+
+
+def _drain(queue: mp.Queue) -> list:
+    items = []
+    with contextlib.suppress(Exception):
+        while True:
+            items.append(queue.get(timeout=1.0))
+    return items
 
 
 def closed_loop(target: str, clients: int, seconds: float, images_per_call: int = 1) -> LoadResult:
     """`clients` processes, each with one call in flight for `seconds`."""
-    start_at = time.time() + 2.0 + 0.05 * clients  # time to spawn, import and connect every client
     gathered = _in_processes(
-        _closed_loop_client, [(target, seconds, start_at, i, images_per_call) for i in range(clients)], seconds
+        _closed_loop_client, [(target, seconds, i, images_per_call) for i in range(clients)], seconds
     )
     errors: Counter = Counter()
     for _, errs, _ in gathered:
@@ -151,7 +213,14 @@ def closed_loop(target: str, clients: int, seconds: float, images_per_call: int 
 
 
 async def _open_loop_sender(
-    target: str, rate: float, seconds: float, start_at: float, offset: float, images_per_call: int, seed: int
+    target: str,
+    rate: float,
+    seconds: float,
+    offset: float,
+    images_per_call: int,
+    seed: int,
+    deadline_s: float,
+    start: StartLine,
 ) -> tuple[list[float], dict[str, int], int, list[float]]:
     import grpc
 
@@ -163,7 +232,12 @@ async def _open_loop_sender(
     errors: Counter = Counter()
     async with grpc.aio.insecure_channel(target) as channel:
         call = getattr(pb_grpc.ClassifierStub(channel), method)
-        await call(requests[0], timeout=CONNECT_TIMEOUT_S)
+        try:  # connected (not a call: a server that refuses everything is a fine target)
+            await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
+        except BaseException:
+            start.abort()
+            raise
+        start_at = start.ready()
         perf_start = time.perf_counter() + (start_at - time.time()) + offset
         interval = 1.0 / rate
 
@@ -171,7 +245,7 @@ async def _open_loop_sender(
             sent = time.perf_counter()
             lateness.append(max(0.0, sent - due))
             try:
-                await call(request, timeout=5)
+                await call(request, timeout=deadline_s)
                 latencies.append(time.perf_counter() - max(due, sent))
             except grpc.aio.AioRpcError as exc:
                 errors[exc.code().name] += 1
@@ -192,23 +266,39 @@ def _open_loop_process(
     target: str,
     rate: float,
     seconds: float,
-    start_at: float,
     offset: float,
     images_per_call: int,
     seed: int,
+    deadline_s: float,
+    start: StartLine,
     queue: mp.Queue,
 ) -> None:
-    queue.put(asyncio.run(_open_loop_sender(target, rate, seconds, start_at, offset, images_per_call, seed)))
+    try:
+        result = asyncio.run(_open_loop_sender(target, rate, seconds, offset, images_per_call, seed, deadline_s, start))
+    except BaseException as exc:
+        queue.put(exc)
+        raise
+    queue.put(result)
 
 
-def open_loop(target: str, rate: float, seconds: float, processes: int = 2, images_per_call: int = 1) -> LoadResult:
-    """Calls at `rate` per second in all, evenly spaced, from `processes` senders interleaved in time."""
-    start_at = time.time() + 2.0 + 0.1 * processes
+def open_loop(
+    target: str,
+    rate: float,
+    seconds: float,
+    processes: int = 2,
+    images_per_call: int = 1,
+    deadline_s: float = 5.0,
+    on_start: Callable[[float], None] | None = None,
+) -> LoadResult:
+    """Calls at `rate` per second in all, evenly spaced, from `processes` senders interleaved in time, each with a
+    deadline of `deadline_s`; they begin together once every sender is connected (`on_start(time.time())` is told
+    when, in the parent)."""
     per_process = rate / processes
     gathered = _in_processes(
         _open_loop_process,
-        [(target, per_process, seconds, start_at, i / rate, images_per_call, 100 + i) for i in range(processes)],
+        [(target, per_process, seconds, i / rate, images_per_call, 100 + i, deadline_s) for i in range(processes)],
         seconds,
+        on_start,
     )
     errors: Counter = Counter()
     for _, errs, _, _ in gathered:
@@ -223,3 +313,40 @@ def open_loop(target: str, rate: float, seconds: float, processes: int = 2, imag
         sent=sum(sent for _, _, sent, _ in gathered),
         late_p99_ms=float(np.percentile(lateness, 99) * 1000) if len(lateness) else 0.0,
     )
+
+
+# --- one client, in this process: latency without process start-up in the way ----------------------------
+
+
+def classify_p50(stub: Any, requests: list[Any], seconds: float) -> float:
+    """Classify p50 (ms) of one client in this process, calls back to back for `seconds`."""
+    latencies, started, i = [], time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        t0 = time.perf_counter()
+        stub.Classify(requests[i % len(requests)], timeout=10)
+        latencies.append(time.perf_counter() - t0)
+        i += 1
+    return float(np.percentile(latencies, 50) * 1000)
+
+
+def alternating_p50s(targets: list[str], rounds: int, seconds: float) -> list[list[float]]:
+    """Classify p50 (ms) of one client against each target in turn, `rounds` times: both see the same minutes."""
+    import grpc
+
+    from proto.mnist.v1 import classifier_pb2 as pb
+    from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
+
+    requests = [pb.ClassifyRequest(raw=digit.tobytes()) for digit in sample_digits(64)]
+    channels = [grpc.insecure_channel(target) for target in targets]
+    stubs = [pb_grpc.ClassifierStub(channel) for channel in channels]
+    try:
+        for stub in stubs:
+            classify_p50(stub, requests, 0.3)  # connected and warm
+        p50s: list[list[float]] = [[] for _ in targets]
+        for _ in range(rounds):
+            for stub, values in zip(stubs, p50s, strict=True):
+                values.append(classify_p50(stub, requests, seconds))
+        return p50s
+    finally:
+        for channel in channels:
+            channel.close()

@@ -63,7 +63,7 @@ def probe_cuda() -> str:
     from server.config import BUNDLED_MODEL
 
     backend = OnnxRuntimeBackend(BUNDLED_MODEL, provider="cuda", batch_buckets="1", cuda_graph="off")
-    probabilities = backend.run(np.zeros((1, *INPUT_SHAPE), np.float32))
+    probabilities = backend.run(np.zeros((1, *INPUT_SHAPE), np.float32)).probabilities
     return f"CUDA session started: providers {list(backend.providers)}, one run gave {probabilities.shape}"
 
 

@@ -263,7 +263,7 @@ def run_step(step: Step, out: Path, seconds_left: float) -> dict[str, Any]:
 
 
 def start_server(flags: list[str], log) -> subprocess.Popen:
-    from loadtest.bench import wait_until_serving
+    from loadtest.servers import wait_until_serving
 
     command = [
         PY, "-m", "server.app", "--host", "127.0.0.1", "--port", str(SERVER_PORT), "--metrics-port",

@@ -22,7 +22,11 @@ INPUT_DTYPE = np.float32
 BATCH_AXIS = "batch"  # name of the graph's dynamic first dimension
 LOGITS = "logits"
 PROBABILITIES = "probabilities"
-OUTPUT_NAMES = (LOGITS, PROBABILITIES)
+OUTPUT_NAMES = (LOGITS, PROBABILITIES)  # the classifier's outputs, in every model file
+# Optional third output: the digit detector (server/digit_detector.py) computed inside the graph, float32 [batch]
+# in [0, 1]; is_digit = digit_score >= ModelMetadata.digit_threshold. Files exported before it lack it.
+DIGIT_SCORE = "digit_score"
+SCORED_OUTPUT_NAMES = (*OUTPUT_NAMES, DIGIT_SCORE)
 NUM_CLASSES = 10
 CLASS_LABELS = tuple(str(digit) for digit in range(NUM_CLASSES))  # output index i is the digit i
 
@@ -67,6 +71,13 @@ def input_layout(precision: str = "fp32") -> str:
 
 
 OUTPUT_LAYOUT = f"{LOGITS}, {PROBABILITIES}: float32 [{BATCH_AXIS}, {NUM_CLASSES}], index = digit"
+DIGIT_SCORE_LAYOUT = f"{DIGIT_SCORE}: float32 [{BATCH_AXIS}] in [0, 1], is_digit = {DIGIT_SCORE} >= digit_threshold"
+
+
+def output_layout(digit_score: bool) -> str:
+    """The output_layout metadata of a model with or without the in-graph digit score."""
+    return f"{OUTPUT_LAYOUT}; {DIGIT_SCORE_LAYOUT}" if digit_score else OUTPUT_LAYOUT
+
 
 # --- the self-description stored in an ONNX file's metadata_props ------------------------------
 METADATA_PREFIX = "mnist."
@@ -88,9 +99,18 @@ class ModelMetadata:
     opset: int
     exported_with: str
     precision: str = "fp32"  # files exported before fp16 variants existed carry no key: they are fp32
+    # With the DIGIT_SCORE output only (None: no key, no output): its threshold and the detector's own description
+    # (method, calibration figures, the .npz it was built from), so the server needs no other file to judge it.
+    digit_threshold: float | None = None
+    digit_detector: dict[str, Any] | None = None
 
     def to_props(self) -> dict[str, str]:
-        return {METADATA_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in asdict(self).items()}
+        """String -> string; an optional field that is None is left out (a file without the digit score has no key)."""
+        return {
+            METADATA_PREFIX + k: v if isinstance(v, str) else json.dumps(v)
+            for k, v in asdict(self).items()
+            if v is not None
+        }
 
     @classmethod
     def from_props(cls, props: dict[str, str]) -> ModelMetadata:
@@ -106,16 +126,24 @@ class ModelMetadata:
         metadata = cls(**values)
         if metadata.precision not in PRECISIONS:
             raise ValueError(f"model metadata says precision {metadata.precision!r}; expected one of {PRECISIONS}")
+        if metadata.digit_threshold is not None and not 0.0 <= metadata.digit_threshold <= 1.0:
+            raise ValueError(f"model metadata says digit_threshold {metadata.digit_threshold}; expected 0..1")
         return metadata
+
+    @property
+    def has_digit_score(self) -> bool:
+        return self.digit_threshold is not None
 
     @property
     def norm(self) -> Normalization:
         return Normalization.from_dict(self.normalization)
 
     def write_into(self, model_proto: Any) -> None:
-        """Replace this metadata's keys in an `onnx.ModelProto`; other props are kept."""
+        """Replace this metadata's keys in an `onnx.ModelProto` (an optional key now None is removed); other props are
+        kept."""
         props = self.to_props()
-        kept = [p for p in model_proto.metadata_props if p.key not in props]
+        own = {METADATA_PREFIX + field.name for field in fields(self)}
+        kept = [p for p in model_proto.metadata_props if p.key not in own]
         del model_proto.metadata_props[:]
         model_proto.metadata_props.extend(kept)
         for key, value in props.items():

@@ -107,45 +107,71 @@ class BatchCost:
         """Images per second of run time over the recent batches (infinite before any run)."""
         return self._n / self._t if self.runs and self._t > 0 else math.inf
 
-    def seconds(self, images: int) -> float:
-        """Predicted run time of a batch of `images`; 0 before any run was seen."""
+    def line(self) -> tuple[float, float]:
+        """(fixed seconds, seconds per image) of a batch; (0, 0) before any run was seen."""
         if not self.runs:
-            return 0.0
+            return 0.0, 0.0
         spread = self._nn - self._n * self._n
         if spread > 1e-9:  # batches of several sizes seen: fit the line
             per_image = max(0.0, (self._nt - self._n * self._t) / spread)
-            fixed = max(0.0, self._t - per_image * self._n)
-        else:  # one size so far: assume the cost is all per image (an overestimate for larger batches)
-            per_image, fixed = self._t / max(self._n, 1.0), 0.0
+            return max(0.0, self._t - per_image * self._n), per_image
+        return 0.0, self._t / max(self._n, 1.0)  # one size so far: all per image (an overestimate for larger batches)
+
+    def seconds(self, images: int) -> float:
+        """Predicted run time of a batch of `images`; 0 before any run was seen."""
+        fixed, per_image = self.line()
         return fixed + per_image * images
 
-
-class OfferedLoad:
-    """Images per second arriving (admitted or refused), an exponentially decaying count with time constant `tau`.
-
-    A burst moves it by its size / tau and fades within a few tau; only a sustained excess keeps it high.
-    """
-
-    def __init__(self, tau: float = 0.05) -> None:
-        self.tau = tau
-        self._rate = 0.0
-        self._at = time.monotonic()
-
-    def add(self, images: int) -> float:
-        now = time.monotonic()
-        self._rate = self._rate * math.exp(-(now - self._at) / self.tau) + images / self.tau
-        self._at = now
-        return self._rate
+    def images_within(self, seconds: float) -> int:
+        """The most images a batch can hold and still be predicted to run within `seconds` (at least 1)."""
+        fixed, per_image = self.line()
+        if per_image <= 0:
+            return 2**31
+        return max(1, math.floor((seconds - fixed) / per_image))
 
 
-MIN_RUNS_FOR_CAPACITY = 8  # no overload is judged before the engine's speed is known from this many runs
-OVERLOAD_FACTOR = 1.5  # offered load over this times the runner's recent throughput: overloaded ...
-OVERLOAD_AFTER = 0.02  # ... once that has lasted this many seconds; meanwhile the queue is held to one full batch
-# Under overload a request may still wait this many single-image runs: a device whose run takes longer than
-# max_queue_wait then forms batches of a few images instead of runs of one with gaps between them. Measured on a
-# 1 ms + 4 ms/image emulated device at 5x its capacity: 1 run kept 69% of capacity, 1.5 runs 82%, 2 runs 87% (with
-# successful p99 at 4x the idle p99 instead of 3x).
-SINGLE_RUNS_OF_WAIT = 2
+MIN_RUNS_TO_JUDGE = 8  # no refusal is predicted before the engine's speed is known from this many real runs
+AUTO_TARGET_FULL_BATCHES = 8  # queue_target "auto": a standing queue may hold this many full batches of work ...
+AUTO_TARGET_MIN_S = 0.005  # ... never less than this ...
+AUTO_TARGET_MAX_S = 0.5  # ... nor more than this (an engine whose full batch takes a second has no use for eight)
+STANDING_INTERVAL_S = 0.1  # CoDel's interval: how long every wait must stay above the target (or two full batches)
+STANDING_EXIT = 0.5  # a standing queue ends at a wait under this share of the target (or when the queue empties)
+LEARNING_RUN_S = 0.05  # until the engine's speed is judged, batches after the first are held to about this long
+
+
+class StandingQueue:
+    """CoDel's test for a bad queue (Nichols and Jacobson, "Controlling Queue Delay", ACM Queue 2012), on the batches.
+
+    Each request that starts running reports how long it waited. The queue is *standing* once every wait for a whole
+    interval was above the target: a queue that does not drain, which only a load beyond the engine's capacity
+    builds. A burst drains within the interval; a closed loop of clients cannot build more queue than it has clients,
+    and refusing one of them only brings its call straight back. Refusals add nothing to any wait, so a refused
+    call that returns at once does not read as more load. The queue stops standing at the first wait under half
+    the target, or when a batch empties it: while it stands, admission holds the waits just under the target, and
+    ending there let the queue overshoot to the callers' deadlines between two standing spells (at 5x overload on
+    an emulated device, one call in three then missed its deadline)."""
+
+    def __init__(self) -> None:
+        self.standing = False
+        self.since: float | None = None  # when it began to stand (time.monotonic()), while it stands
+        self._above_since: float | None = None
+
+    def observe(self, wait: float, now: float, target: float, interval: float) -> None:
+        if wait >= target:
+            if self._above_since is None:
+                self._above_since = now
+            elif not self.standing and now - self._above_since >= interval:
+                self.standing, self.since = True, now
+            return
+        self._above_since = None
+        if wait < STANDING_EXIT * target:
+            self.standing, self.since = False, None
+
+    def drained(self) -> None:
+        self.standing, self.since, self._above_since = False, None, None
+
+
+AUTO = "auto"
 
 
 class Batcher:
@@ -157,18 +183,18 @@ class Batcher:
         max_queue_delay: float = 0.0,
         observer: BatchObserver | None = None,
         inline: bool = False,
-        max_queue_wait: float = 0.0,
+        queue_target: float | str = AUTO,
     ) -> None:
         self._run_batch = run_batch
         self._inline = inline
         self.max_batch_size = max_batch_size
         self.max_queue_size = max_queue_size
         self.max_queue_delay = max_queue_delay
-        self.max_queue_wait = max_queue_wait  # seconds; 0 = bounded by size (and deadlines) only
+        # Seconds a standing queue may hold before what would wait longer is refused; AUTO (from the engine's measured
+        # speed: AUTO_TARGET_FULL_BATCHES full batches) or 0 (never: bounded by size and deadlines only).
+        self.queue_target_setting = queue_target
         self.cost = BatchCost()
-        self.offered = OfferedLoad()
-        self.overloaded = False  # offered load is beyond what the runner can do: shed to max_queue_wait
-        self._over_since: float | None = None
+        self.standing = StandingQueue()
         self._running_rows = 0  # images in the batch the runner has now
         self._running_since = 0.0
         self._last_run_seconds = 0.0
@@ -207,7 +233,7 @@ class Batcher:
                     f"{self.max_queue_size}; retry later",
                     self._expected_wait(),
                 )
-            self._admit(count, deadline)
+            self._check_wait(count, deadline)
             self._jobs.append(job)
             self._queued += count
             depth = self._queued
@@ -237,9 +263,7 @@ class Batcher:
         """Start learning the engine's speed afresh: after warm-up and verification, whose runs are no guide."""
         with self._lock:
             self.cost = BatchCost(self.cost.weight)
-            self.offered = OfferedLoad(self.offered.tau)
-            self._over_since = None
-            self.overloaded = False
+            self.standing.drained()
 
     def depth(self) -> int:
         return self._queued
@@ -254,80 +278,72 @@ class Batcher:
         if not self._busy:
             return 0.0
         rest = max(0.0, self._running_since + self.cost.seconds(self._running_rows) - time.monotonic())
-        full, partial = divmod(self._queued, self.max_batch_size)
-        ahead = full * self.cost.seconds(self.max_batch_size) + (self.cost.seconds(partial) if partial else 0.0)
-        return rest + ahead
+        return rest + self._run_time(self._queued)
 
-    def capacity(self) -> float:
-        """Images per second the runner gets through while busy: at the batch sizes of late, or at full batches if
-        that is more (infinite before any run).
+    def _run_time(self, images: int) -> float:
+        """Predicted seconds to run `images` in batches as large as batches get."""
+        limit = self.batch_limit()
+        full, partial = divmod(images, limit)
+        return full * self.cost.seconds(limit) + (self.cost.seconds(partial) if partial else 0.0)
 
-        Under a closed loop of clients the offered load is at most this; only an open stream of calls beyond it (an
-        overload, not a burst) drives the offered load well over it. Full batches count because a light load runs
-        small ones: two clients alternating single images and 16-image batches were taken for an overload."""
-        if self.cost.runs < MIN_RUNS_FOR_CAPACITY:
-            return math.inf
-        full = self.max_batch_size / max(self.cost.seconds(self.max_batch_size), 1e-9)
-        return max(self.cost.service_rate(), full)
+    def batch_limit(self) -> int:
+        """Images per batch: max_batch_size, unless such a batch would run longer than the queue target allows a
+        batch (an eighth of it: AUTO_TARGET_FULL_BATCHES): then as many as run within that. An engine whose cost is
+        all per image gains nothing from large batches, only latency: with 256-image batches of a 1+4 ms/image
+        device, every call waited half a second for the batch ahead and half a second in its own. Until the speed is
+        known, batches after the first hold what the runs so far predict to take LEARNING_RUN_S: a flood arriving at
+        a fresh server of that device once ran eight 1-second batches before anything could be judged."""
+        if not self.cost.runs:
+            return self.max_batch_size
+        if not self.judged():  # learning the engine's speed: no run much longer than LEARNING_RUN_S after the first
+            return min(self.max_batch_size, self.cost.images_within(LEARNING_RUN_S))
+        target = self.queue_target()
+        if not target:
+            return self.max_batch_size
+        return min(self.max_batch_size, self.cost.images_within(target / AUTO_TARGET_FULL_BATCHES))
 
-    def note_offered(self, images: int) -> None:
-        """Count images offered (admitted or not). Overloaded once the offered load has stayed over OVERLOAD_FACTOR
-        x capacity for OVERLOAD_AFTER seconds (a burst or a stall of the machine does not count); no longer once it
-        falls under the capacity."""
-        offered = self.offered.add(images)
-        capacity = self.capacity()
-        now = time.monotonic()
-        if offered > OVERLOAD_FACTOR * capacity:
-            if self._over_since is None:
-                self._over_since = now
-            if now - self._over_since >= OVERLOAD_AFTER:
-                self.overloaded = True
-        elif offered < capacity:
-            self._over_since = None
-            self.overloaded = False
+    def judged(self) -> bool:
+        """Whether the engine's speed is known well enough to refuse anything for its predicted wait."""
+        return self.cost.runs >= MIN_RUNS_TO_JUDGE
+
+    def queue_target(self) -> float:
+        """Seconds of standing queue allowed (0: no standing-queue refusals). `auto`: AUTO_TARGET_FULL_BATCHES full
+        batches of this engine, within AUTO_TARGET_MIN_S..AUTO_TARGET_MAX_S. A batching engine needs a batch or two
+        queued to stay busy, and a closed loop of clients builds a queue as long as it has clients without asking for
+        more than the engine does: 64 clients sending the load test's mix kept about 3.5 full batches (200 ms)
+        queued on the 2-core CPU, and must not be refused."""
+        if self.queue_target_setting != AUTO:
+            return float(self.queue_target_setting)
+        full_batches = AUTO_TARGET_FULL_BATCHES * self.cost.seconds(self.max_batch_size)
+        return min(AUTO_TARGET_MAX_S, max(AUTO_TARGET_MIN_S, full_batches))
+
+    def standing_interval(self) -> float:
+        """How long every wait must stay above the target before the queue counts as standing."""
+        return max(STANDING_INTERVAL_S, 2 * self.cost.seconds(self.batch_limit()))
 
     def admit(self, count: int, deadline: float | None) -> None:
         """Raise Overloaded for a request of `count` images that `submit` would refuse now for its wait: called
-        before preprocessing, so a request that will be shed costs no decoding. A request refused here counts
-        as offered load; one let through is counted when it is submitted, once it has proved valid (invalid
-        requests must not make the server look overloaded)."""
+        before preprocessing, so a request that will be shed costs no decoding."""
         with self._lock:
-            try:
-                self._check_wait(count, deadline)
-            except Overloaded:
-                self.note_offered(count)
-                raise
-
-    def _admit(self, count: int, deadline: float | None) -> None:
-        """Refuse at once what could not be answered by its deadline and, while the offered load is beyond the
-        runner's capacity (not a passing burst), what would wait longer than max_queue_wait."""
-        self.note_offered(count)
-        self._check_wait(count, deadline)
-
-    def wait_bound(self) -> float:
-        """The longest expected wait admitted under overload: max_queue_wait, but never under SINGLE_RUNS_OF_WAIT
-        runs of one image (0 = no bound)."""
-        if not self.max_queue_wait:
-            return 0.0
-        return max(self.max_queue_wait, SINGLE_RUNS_OF_WAIT * self.cost.seconds(1))
+            self._check_wait(count, deadline)
 
     def _check_wait(self, count: int, deadline: float | None) -> None:
-        if not self._busy or (not self.max_queue_wait and deadline is None):
+        """Refuse at once what could not be answered by its deadline and, while the queue stands above its target,
+        what would wait longer than the target. Nothing is refused before the engine's speed is known."""
+        if not self._busy or not self.judged():
             return
         wait = self._expected_wait()
-        bound = self.wait_bound()
-        if bound and self._over_since is not None:  # overloaded, or an overload beginning (or a burst)
-            if not self.overloaded:
-                bound = max(bound, self.cost.seconds(self.max_batch_size))
-            if wait > bound:
+        if self.standing.standing:
+            target = self.queue_target()
+            if target and wait > target:
+                stood = time.monotonic() - (self.standing.since or time.monotonic()) + self.standing_interval()
                 raise Overloaded(
-                    f"server busy: expected queue wait {wait * 1000:.1f} ms is over the limit of {bound * 1000:.1f} "
-                    "ms; retry later",
+                    f"server overloaded: expected queue wait {wait * 1000:.1f} ms is over the target of "
+                    f"{target * 1000:.1f} ms, and the queue has stood above it for {stood:.2f} s; retry later",
                     wait,
                 )
         if deadline is not None:
-            full, partial = divmod(count, self.max_batch_size)
-            own = full * self.cost.seconds(self.max_batch_size) + (self.cost.seconds(partial) if partial else 0.0)
+            own = self._run_time(count)
             if time.monotonic() + wait + own > deadline:
                 raise Overloaded(
                     f"server busy: the answer would take about {(wait + own) * 1000:.1f} ms, past the call's "
@@ -406,13 +422,19 @@ class Batcher:
             self._running_rows, self._running_since = _rows(batch), time.monotonic()
 
     def _take(self) -> tuple[list[Slice], list[Job]]:
-        """Under the lock: up to max_batch_size queued images, oldest first, and the jobs found expired (to be
-        failed on the loop); expired and abandoned jobs are dropped here."""
+        """Under the lock: up to batch_limit() queued images, oldest first, and the jobs found expired (to be
+        failed on the loop); expired and abandoned jobs are dropped here.
+
+        Once the engine's speed is known, a batch grows only while its predicted run still ends before the earliest
+        deadline among the jobs in it: on an engine whose cost is mostly per image, the images queued behind a
+        request would otherwise join its batch and make it late (at 5x overload on a 1+4 ms/image device, nearly
+        every admitted call was)."""
         now = time.monotonic()
         batch: list[Slice] = []
         waits: list[float] = []
         late_jobs: list[Job] = []
-        room, expired, cancelled = self.max_batch_size, 0, 0
+        room, expired, cancelled = self.batch_limit(), 0, 0
+        judged, rows, ends_by = self.judged(), 0, math.inf  # ends_by: the earliest deadline in the batch
         while self._jobs and room:
             job = self._jobs[0]
             left = len(job) - job.taken
@@ -426,18 +448,30 @@ class Batcher:
                 else:
                     cancelled += left
                 continue
+            count = min(room, left)
+            deadline = math.inf if job.deadline is None else job.deadline
+            if batch and judged and now + self.cost.seconds(rows + count) > min(ends_by, deadline):
+                break  # the batch as it is ends in time for all of its jobs; this one waits for the next
             if job.taken == 0:
                 waits.append(now - job.enqueued_at)
-            count = min(room, left)
             batch.append((job, job.taken, job.taken + count))
             job.taken += count
             room -= count
+            rows += count
+            ends_by = min(ends_by, deadline)
             self._queued -= count
             if job.taken == len(job):
                 self._jobs.popleft()
         self._observer.on_depth(self._queued)
         if waits:
             self._observer.on_waits(waits)
+            target = self.queue_target()
+            if target and self.judged():
+                interval = self.standing_interval()
+                for wait in waits:
+                    self.standing.observe(wait, now, target, interval)
+        if not self._jobs:
+            self.standing.drained()
         if expired or cancelled:
             self._observer.on_dropped(expired, cancelled)
         return batch, late_jobs

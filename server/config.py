@@ -22,6 +22,8 @@ class ServeConfig:
     port: int = 50051
     metrics_port: int = 9464  # not 9090, which is Prometheus's own
     metrics_host: str = ""  # "" = the same address as `host`
+    # /livez fails once the gRPC loop has run nothing this long: overload delays it by under 1 s, a hang forever.
+    liveness_stall_seconds: float = 20.0
     http_port: int = 8000  # Open Inference Protocol over HTTP/REST and the web page; 0 = off (Triton's default port)
     http_host: str = ""  # "" = the same address as `host`
     model: str = str(BUNDLED_MODEL)
@@ -41,8 +43,8 @@ class ServeConfig:
     cudnn_conv_algo_search: str = "EXHAUSTIVE"  # once per bucket session at warm-up; HEURISTIC / DEFAULT start faster
     max_queue_delay_ms: float = 0.0  # extra wait for a fuller batch once the queue has run dry
     max_queue_size: int = 4096  # images waiting; beyond it requests get RESOURCE_EXHAUSTED
-    max_queue_wait_ms: float = 5.0  # refuse at once when the expected queue wait is longer (or past the deadline)
-    max_concurrent_calls: int = 4096  # Classifier calls in flight at once, all connections together
+    queue_target_ms: str = "auto"  # a standing queue is held to this wait (CoDel): auto (8 full batches), off, or ms
+    max_concurrent_calls: int = 4096  # calls in flight at once on the gRPC port (gRPC refuses more itself)
     max_calls_per_connection: int = 1024  # HTTP/2 streams a single connection may have open
     max_streams: int = 64  # long-lived streams (health Watch, reflection) open at once
     stream_idle_seconds: float = 60.0  # a reflection stream with no request this long is closed
@@ -53,7 +55,7 @@ class ServeConfig:
     max_decoding_pixels: int = 16_000_000  # pixels being decoded at once, all requests together
     max_message_bytes: int = 16 * 1024 * 1024
     preprocess_workers: int = 0  # threads decoding encoded images off the event loop; 0 = one per core
-    digit_detector: str = str(DIGIT_DETECTOR)  # the out-of-distribution detector behind digit_score; "none" = off
+    digit_detector: str = str(DIGIT_DETECTOR)  # digit_score for models without it in their graph; "none" = all off
     intra_op_threads: int = 0  # ONNX Runtime threads per session run (0 = one per core)
     ort_spinning: str = "auto"  # auto: ONNX Runtime's idle threads spin on a GPU only (on CPU they would burn cores)
     drain_seconds: float = 1.0  # after SIGTERM: report NOT_SERVING this long before refusing new calls
@@ -66,6 +68,10 @@ class ServeConfig:
     otlp_endpoint: str = ""  # OpenTelemetry traces to this OTLP/gRPC collector, e.g. http://collector:4317; "" = off
     trace_sample_ratio: float = 1.0  # new traces sampled at this ratio; a caller's traceparent decision is kept
     log_level: str = "INFO"
+
+    def queue_target_seconds(self) -> float | str:
+        """`queue_target_ms` for the batcher: "auto", 0.0 for off, else seconds."""
+        return parse_queue_target(self.queue_target_ms)
 
 
 CHOICES = {
@@ -85,9 +91,12 @@ CHOICES = {
 HELP = {
     "host": "address to listen on for gRPC",
     "port": "gRPC port",
-    "metrics_port": "Prometheus /metrics HTTP port (0 = no metrics endpoint)",
-    "metrics_host": "address the /metrics endpoint listens on (empty = the same as --host); e.g. 127.0.0.1 to keep it "
-    "off the network",
+    "metrics_port": "HTTP port of Prometheus /metrics and of the probes /livez (liveness, answered off the gRPC event "
+    "loop) and /readyz (mirrors grpc health); 0 = none of them, so no /livez for a liveness probe",
+    "liveness_stall_seconds": "/livez answers 503 once the gRPC event loop has run no callback for this long (it is "
+    "blocked or deadlocked); overload delays it by well under a second, so keep this generous",
+    "metrics_host": "address /metrics, /livez and /readyz listen on (empty = the same as --host); e.g. 127.0.0.1 to "
+    "keep them off the network (a kubelet probe then cannot reach /livez: use an exec probe)",
     "http_port": "HTTP port of the Open Inference Protocol's REST API (/v2/...) and of the web page at / where a "
     "person can draw a digit and see the answer (0 = no HTTP server)",
     "http_host": "address the REST API and web page listen on (empty = the same as --host)",
@@ -125,12 +134,16 @@ HELP = {
     "kernels), HEURISTIC or DEFAULT (faster start)",
     "max_queue_delay_ms": "how long a batch may wait for more requests once the queue is empty (0 = run at once)",
     "max_queue_size": "most images waiting to run; further requests are answered RESOURCE_EXHAUSTED at once",
-    "max_queue_wait_ms": "admission bound: while the offered load stays over 1.5x the measured throughput, a request "
-    "whose expected wait in the queue (predicted from the measured batch cost) is longer than this, or than two "
-    "single-image runs if those take longer, is refused at once with RESOURCE_EXHAUSTED and a retry-after-ms hint; "
-    "at any load, so is one that could not be answered before its deadline",
-    "max_concurrent_calls": "most Classifier calls in flight at once, over all connections; more are refused at once "
-    "with RESOURCE_EXHAUSTED",
+    "queue_target_ms": "admission control (CoDel on the batch queue): once every request for an interval "
+    "(100 ms, or two full batches if longer) has waited longer than this before its batch ran, the queue is "
+    "standing (a load beyond capacity, not a burst: a burst drains, and a closed loop of clients holds no more "
+    "than it has clients), and requests that would wait longer are refused at once with RESOURCE_EXHAUSTED and a "
+    "retry-after-ms hint, before any decoding, until a request waits less; auto: eight full batches of the engine, "
+    "as measured (at least 5 ms); off: never (queue bounded by --max-queue-size only); at any load a request "
+    "that could not be answered before its deadline is refused the same way",
+    "max_concurrent_calls": "most calls in flight at once on the gRPC port, over all connections and services "
+    "(health checks and streams included); more are refused RESOURCE_EXHAUSTED by gRPC itself before any handler "
+    "runs ('Concurrent RPC limit exceeded!', no retry hint): its cheapest refusal",
     "max_calls_per_connection": "most concurrent calls (HTTP/2 streams) one connection may open; a client's further "
     "calls wait on its side",
     "max_streams": "most long-lived streams (grpc.health.v1 Watch, server reflection) open at once; more are refused "
@@ -146,8 +159,11 @@ HELP = {
     "per pixel at peak); requests wait their turn within their deadline",
     "max_message_bytes": "largest gRPC request or response message in bytes",
     "preprocess_workers": "threads decoding encoded images (PNG, JPEG, ...) off the event loop (0 = one per core)",
-    "digit_detector": "the digit detector (.npz) that scores every image's digit_score / is_digit, or none to "
-    "send digit_score NaN and is_digit true",
+    "digit_detector": "the digit detector (.npz) behind digit_score / is_digit for model files without their own "
+    "digit_score output (exported before it; it runs after the model on the batch runner thread). A model that has the "
+    "output (the bundled one; mnist-export adds it) is scored by it, in the same run, with the threshold stored in the "
+    "model, and this file is not used for it. none: scores off for every model, in-graph ones included: digit_score "
+    "NaN and is_digit true (a model with the output still computes it: ONNX Runtime runs the whole graph)",
     "intra_op_threads": "ONNX Runtime intra-op threads (0 = ONNX Runtime's default, one per core)",
     "ort_spinning": "whether ONNX Runtime's intra-op threads spin while waiting for work: auto (only on a GPU, where "
     "they are one thread; on CPU, spinning threads took 1.5 of 2 cores at half load and starved the gRPC front end), "
@@ -240,6 +256,20 @@ def parse_buckets(text: str) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def parse_queue_target(text: str) -> float | str:
+    """'auto' -> 'auto', 'off' -> 0.0, '250' -> 0.25 (seconds); names what is wrong."""
+    value = str(text).strip().lower()
+    if value in ("auto", "off"):
+        return "auto" if value == "auto" else 0.0
+    try:
+        milliseconds = float(value)
+    except ValueError:
+        raise ValueError(f"queue_target_ms must be auto, off or a number of milliseconds, not {text!r}") from None
+    if not milliseconds > 0 or milliseconds == float("inf"):
+        raise ValueError(f"queue_target_ms must be a positive number of milliseconds (or auto, off), not {text!r}")
+    return milliseconds / 1000
+
+
 def parse_device_ms(text: str) -> tuple[float, float]:
     """'2+1.5' -> (2.0, 1.5): fixed milliseconds per batch and milliseconds per image; names what is wrong."""
     parts = [part.strip() for part in (text or "0").split("+")]
@@ -269,12 +299,13 @@ def validate(config: ServeConfig) -> None:
     ):
         if getattr(config, name) < 1:
             problems.append(f"{name} must be at least 1")
+    if not config.liveness_stall_seconds > 0:  # NaN too
+        problems.append("liveness_stall_seconds must be > 0")
     for name in (
         "http_port",
         "repository_poll_seconds",
         "max_batch_size",
         "max_queue_delay_ms",
-        "max_queue_wait_ms",
         "stream_idle_seconds",
         "drain_seconds",
         "grace_seconds",
@@ -286,6 +317,10 @@ def validate(config: ServeConfig) -> None:
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             problems.append(f"{name} must be one of {', '.join(allowed)}, not {getattr(config, name)!r}")
+    try:
+        parse_queue_target(config.queue_target_ms)
+    except ValueError as exc:
+        problems.append(str(exc))
     try:
         parse_device_ms(config.null_device_ms)
     except ValueError as exc:

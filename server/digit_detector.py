@@ -112,6 +112,7 @@ _LIT = 0.1  # above which it counts as lit at all
 _HOG_EPS = 1e-3  # added to an orientation map's total (in [0, 1] pixel units) before it is normalized
 _MIN_PROBABILITY = 1e-7  # floor of the log probabilities
 INPUT_CLIP = 30.0  # standardized fusion inputs are clipped to +-this: garbage in gives a finite score
+_NAN_HALF_LOGIT = -30.0  # half log-odds given to NaN input (never from uint8 pixels): not a digit
 
 
 class DigitDetectorError(ValueError):
@@ -473,11 +474,47 @@ class DigitDetector:
     def score(self, images: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
         """(N, 1, 28, 28) input as the model received it (normalized), its (N, 10) softmax -> (N,) float32 in [0, 1]."""
         half = self._half_logits(self.raw_inputs(images, probabilities))
-        half[np.isnan(half)] = -30.0  # NaN in the input (never from uint8 pixels) is not a digit
+        half[np.isnan(half)] = _NAN_HALF_LOGIT
         np.tanh(half, out=half)  # the logistic function: 1 / (1 + e^-t) = (1 + tanh(t / 2)) / 2, never overflows
         half *= 0.5
         half += 0.5
         return half
+
+    def graph_constants(self) -> dict[str, Any]:
+        """Every number `score` computes with, by name: export/digit_score_graph.py builds the same computation as
+        ONNX nodes from these, so the parameters and their preparation have one home (tests hold the two equal)."""
+        return {
+            "pixel_projection": self._pixels.projection,  # (784, C): components, means, ones, frame mask
+            "pixel_end": self._pixels.end,  # columns [0, end) are projections, then the 11 means
+            "pixel_components": self._pixels.global_components,
+            "hog_projection": self._hog.projection,  # (196, C'): components, then the 11 means
+            "hog_end": self._hog.end,
+            "hog_components": self._hog.global_components,
+            "novelty_mean": self._novelty_mean,
+            "novelty_matrix": self._novelty_matrix,
+            "novelty_constant": self._novelty_constant,
+            "novelty_base": self._novelty_base,
+            "novelty_step": self._novelty_step,
+            "half": self._half,
+            "lit": self._lit,
+            "black": self._black,
+            "std": self._std,
+            "hog_eps": self._hog_eps,
+            "frame_total": self._frame_total,
+            "log_scale": _LOG_SCALE,
+            "log_eps": np.float32(_EPS),
+            "max_logit": np.float32(_MAX_LOGIT),
+            "min_probability": np.float32(_MIN_PROBABILITY),
+            "squared": self._squared,
+            "input_mean": self._input_mean,
+            "input_scale": self._input_scale,
+            "input_clip": np.float32(INPUT_CLIP),
+            "weights": self._weights,  # (D, 1 + hidden): the halved linear term, then the hidden units' inputs
+            "hidden_bias": self._hidden_bias,
+            "output": self._output,  # halved
+            "bias": self._bias,  # halved
+            "nan_half_logit": np.float32(_NAN_HALF_LOGIT),
+        }
 
     def is_digit(self, scores: np.ndarray) -> np.ndarray:
         """Boolean array: score at or above the threshold."""

@@ -147,6 +147,7 @@ class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self._model_series: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # observe_model_request's
         self.request_latency = Histogram(
             "mnist_request_latency_seconds",
             "gRPC call latency, server side",
@@ -286,8 +287,22 @@ class ServiceMetrics:
         self.read_digits.observe(digits)
         self.read_segmentation.observe(seconds)
 
+    def observe_model_request(self, model: str, version: str, code: str, seconds: float) -> None:
+        """One request answered by a model version: counted by code and timed. The labelled series are looked up
+        once per (version, code) and kept: `labels()` was the largest cost of a refused call here."""
+        series = self._model_series.get((model, version, code))
+        if series is None:
+            series = self._model_series[(model, version, code)] = (
+                self.model_requests.labels(model, version, code),
+                self.model_latency.labels(model, version),
+            )
+        series[0].inc()
+        series[1].observe(seconds)
+
     def forget_version(self, model: str, version: str) -> None:
         """A version was unloaded: its series go, so that a server shipping weekly versions does not grow forever."""
+        for key in [key for key in self._model_series if key[:2] == (model, version)]:
+            del self._model_series[key]
         for digit in range(10):
             _remove(self.predictions, model, version, str(digit))
         for code in CODE_NAMES:

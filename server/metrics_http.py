@@ -11,6 +11,11 @@ With `ssl_context` (server/security.py's `http_ssl_context`: the gRPC port's cer
 policy) it speaks HTTPS only; the handshake shares the request head's deadline. With `auth` (a TokenChecker),
 GET /metrics needs `Authorization: Bearer <token>`: 401 with `WWW-Authenticate` without one, 403 for an unknown
 one, each reported to `on_refused`.
+
+With `liveness` / `readiness` (callables returning None when all is well, else what is wrong) it also serves
+GET /livez and /readyz: 200 "ok", or 503 with the problem. They need no token (probes carry none) and are
+answered on this server's own thread, so a backlog on the gRPC server's loop cannot delay them; the callables
+are called on that thread and must only read state (never wait for the gRPC loop).
 """
 
 from __future__ import annotations
@@ -155,7 +160,8 @@ def _listen_all(infos: list, port: int, backlog: int) -> list[socket.socket]:
 
 
 class MetricsHttpServer:
-    """Serves `registry` at /metrics over HTTP/1.1 from one daemon thread with its own asyncio loop.
+    """Serves `registry` at /metrics (and /livez, /readyz when given their checks) over HTTP/1.1 from one daemon
+    thread with its own asyncio loop.
 
     Each connection costs a few kilobytes and no thread. A client must send a request head within
     `header_timeout_s` (slowloris), may stay idle `idle_timeout_s` between keep-alive requests and must
@@ -177,6 +183,8 @@ class MetricsHttpServer:
         ssl_context: ssl.SSLContext | None = None,
         auth: TokenChecker | None = None,
         on_refused: Callable[[AuthRefused], None] | None = None,
+        liveness: Callable[[], str | None] | None = None,
+        readiness: Callable[[], str | None] | None = None,
     ) -> None:
         if max_connections < 1 or backlog < 1 or max_header_bytes < 64:
             raise ValueError("max_connections and backlog must be >= 1, max_header_bytes >= 64")
@@ -194,6 +202,7 @@ class MetricsHttpServer:
         self.ssl_context = ssl_context
         self.auth = auth
         self.on_refused = on_refused
+        self.probes = {path: check for path, check in (("/livez", liveness), ("/readyz", readiness)) if check}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -442,7 +451,7 @@ class MetricsHttpServer:
 
     def _respond(self, request: _Request) -> _Response:
         split = urlsplit(request.target)
-        if split.path not in ("/metrics", "/"):
+        if split.path not in ("/metrics", "/") and split.path not in self.probes:
             return _Response(HTTPStatus.NOT_FOUND, *_text("not found; metrics are at /metrics"))
         if request.method not in ("GET", "HEAD"):
             response = _Response(HTTPStatus.METHOD_NOT_ALLOWED, *_text(f"{request.method} not allowed; use GET"))
@@ -450,6 +459,8 @@ class MetricsHttpServer:
             return response
         if split.path == "/":
             return _Response(HTTPStatus.OK, [("Content-Type", "text/html; charset=utf-8")], _INDEX)
+        if split.path in self.probes:  # before the token check: probes carry none
+            return self._probe(split.path)
         if self.auth is not None:
             try:
                 self.auth.check(request.headers.get("authorization"))
@@ -475,6 +486,16 @@ class MetricsHttpServer:
             body = gzip.compress(body, compresslevel=6)
             headers.append(("Content-Encoding", "gzip"))
         return _Response(HTTPStatus.OK, headers, body)
+
+    def _probe(self, path: str) -> _Response:
+        try:
+            problem = self.probes[path]()
+        except Exception:
+            logger.exception("%s check failed", path)
+            problem = f"{path} check failed"
+        headers, body = _text(problem or "ok")
+        status = HTTPStatus.OK if problem is None else HTTPStatus.SERVICE_UNAVAILABLE
+        return _Response(status, [*headers, ("Cache-Control", "no-store")], body)
 
     @staticmethod
     def _encode(response: _Response, close: bool, request: _Request | None = None) -> bytes:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from proto.contract import IMAGE_SIDE, INPUT_NAME, INPUT_SHAPE, MNIST_NORMALIZATION, NUM_CLASSES, PROBABILITIES
+from server.digit_scores import config_parameters as digit_score_parameters
 from server.errors import InvalidInput, Unsupported
 from server.pipeline import ENCODED
 from server.repository import ModelRepository, ServedModel
@@ -277,7 +278,8 @@ class InferenceDataPlane:
         }
 
     def model_config(self, name: str, version: str = "") -> dict:
-        """Triton's ModelConfig in its JSON form (dims without the batch axis), for perf_analyzer and friends."""
+        """Triton's ModelConfig in its JSON form (dims without the batch axis), for perf_analyzer and friends; its
+        parameters say where the answers' digit_score comes from."""
         served = self.served(name, version)
         versions = [int(s.version) for s in self.models.served() if s.name == served.name and s.version.isdigit()]
         return {
@@ -292,6 +294,8 @@ class InferenceDataPlane:
             ],
             "version_policy": {"specific": {"versions": versions}} if versions else {"latest": {"num_versions": 1}},
             "dynamic_batching": {},
+            # where each answer's digit_score comes from (the model's own output or a separate detector file)
+            "parameters": digit_score_parameters(served.pipeline.detector),
         }
 
     def repository_index(self) -> list[dict]:

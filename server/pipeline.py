@@ -6,8 +6,9 @@ Encoded images are decoded in a thread pool sized to the cores, off the event lo
 PNG cannot stall raw traffic. Decoding is budgeted: headers are read first, and a request's images
 are refused before any pixel is decoded if they are over the per-image or per-request pixel
 limits; then each image waits (within its deadline) for room in the global budget of pixels being
-decoded, and stops between steps once its caller has gone. Argmax, the digit detector's scores and
-the prediction metrics run once per batch in the runner thread. Failures are domain errors
+decoded, and stops between steps once its caller has gone. Argmax, the digit scores (the model's
+own output, or for a model without it the separate detector: server/digit_scores.py) and the
+prediction metrics run once per batch in the runner thread. Failures are domain errors
 (server/errors.py) only.
 """
 
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +31,8 @@ from server import tracing
 from server.backends.base import Backend, BackendInfo
 from server.batching import Batcher, BatchObserver
 from server.budgets import PixelBudget, return_freed_memory
+from server.digit_scores import DigitScorer, ModelDigitScore
+from server.digit_scores import choose as choose_digit_scorer
 from server.errors import Cancelled, DeadlineExpired, InvalidInput, Unsupported
 from server.predictions import Predictions
 from server.preprocess import (
@@ -54,14 +57,6 @@ NO_IMAGE = "no image: set either 'encoded' or 'raw'"
 RAW_BLANK_PROBLEM = RAW_BLANK.format(spread=BLANK_RAW_SPREAD)
 
 
-class DigitScorer(Protocol):
-    """Scores how much each model input looks like a digit (server/digit_detector.py)."""
-
-    threshold: float
-
-    def score(self, images: np.ndarray, probabilities: np.ndarray) -> np.ndarray: ...
-
-
 @dataclass(frozen=True)
 class PipelineSettings:
     max_batch_size: int
@@ -70,7 +65,7 @@ class PipelineSettings:
     max_image_pixels: int
     max_request_pixels: int = 16_000_000
     max_decoding_pixels: int = 16_000_000
-    max_queue_wait: float = 0.0  # seconds; 0 = no bound in time
+    queue_target: float | str = "auto"  # seconds a standing queue may hold (server/batching.py); "auto"; 0 = off
     preprocess_workers: int = 0  # 0 = one per core
 
 
@@ -95,7 +90,9 @@ class ModelPipeline:
         self.name = self.info.model_name
         self.version = self.info.model_version
         self.settings = settings
-        self.detector = detector
+        # What scores this version's answers: the model's own digit_score, the separate detector, or None (off)
+        self.detector = choose_digit_scorer(self.info, detector)
+        self._scores_in_graph = isinstance(self.detector, ModelDigitScore)
         self._normalization = self.info.normalization
         self._on_predictions = on_predictions
         self.batcher = Batcher(
@@ -105,7 +102,7 @@ class ModelPipeline:
             settings.max_queue_delay,
             observer,
             inline=not backend.blocking,
-            max_queue_wait=settings.max_queue_wait,
+            queue_target=settings.queue_target,
         )
         self._decoders = ThreadPoolExecutor(
             settings.preprocess_workers or os.cpu_count() or 1, thread_name_prefix="decode"
@@ -148,13 +145,18 @@ class ModelPipeline:
         return Predictions(probabilities, digits, confidences, scores, is_digit, self.version)
 
     async def classify_tensor(self, images: np.ndarray, deadline: float | None = None) -> Predictions:
-        """Classify images sent as a tensor (the Open Inference Protocol): (N, 1, 28, 28) uint8 pixels, normalized
-        with their batch, or float32 model input, already normalized. Shape and values are the caller's to check."""
+        """Classify images sent as one array (the Open Inference Protocol's tensors, a batch of raw images read off
+        the wire): (N, 1, 28, 28) uint8 pixels, normalized with their batch, or float32 model input, already
+        normalized. Shape and values are the caller's to check; a blank uint8 image is refused naming its index."""
         if not len(images):
             raise InvalidInput("no images to classify")
         self.batcher.admit(len(images), deadline)
         if images.dtype == np.uint8:
-            _refuse_blank(images, range(len(images)))
+            if tracing.enabled:  # the same spans as for payloads: the check is this request's preprocessing
+                with tracing.preprocess_span(len(images)):
+                    _refuse_blank(images, range(len(images)))
+            else:
+                _refuse_blank(images, range(len(images)))
         probabilities, digits, confidences, scores, is_digit = await self.batcher.classify(images, deadline)
         return Predictions(probabilities, digits, confidences, scores, is_digit, self.version)
 
@@ -327,14 +329,20 @@ class ModelPipeline:
                 else:
                     images[at : at + len(part)] = part
                 at += len(part)
-        probabilities = np.asarray(self.backend.run(images), np.float32)
+        output = self.backend.run(images)
+        probabilities = np.asarray(output.probabilities, np.float32)
         digits = probabilities.argmax(1)
         confidences = probabilities[np.arange(len(digits)), digits]
         if self.detector is None:
             scores = np.full(len(digits), np.nan, np.float32)
             is_digit = np.ones(len(digits), bool)
         else:
-            scores = np.asarray(self.detector.score(images, probabilities), np.float32)
+            if not self._scores_in_graph:
+                scores = np.asarray(self.detector.score(images, probabilities), np.float32)
+            elif output.digit_scores is not None:
+                scores = np.asarray(output.digit_scores, np.float32)
+            else:
+                raise RuntimeError(f"{self.info.engine} declared a digit score threshold but returned no scores")
             is_digit = scores >= self.detector.threshold
         self._on_predictions(digits, confidences, is_digit)
         return probabilities, digits, confidences, scores, is_digit

@@ -230,6 +230,7 @@ class ModelRepository:
             if served.retired and served.leases == 0:
                 served.drained.set()
             self.observer.on_request(served.name, served.version, time.perf_counter() - started, error)
+            error = None  # else exception -> traceback -> this frame -> exception: a cycle per failed request
 
     def served(self) -> list[ServedModel]:
         return [s for name in sorted(self._served) for _, s in sorted(self._served[name].items())]

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from pathlib import Path
 
 import grpc
 
 from proto.mnist.v1 import classifier_pb2 as pb
 from server.config import ServeConfig
+from server.digit_scores import summary as digit_score_summary
 from server.errors import InvalidInput, NotReady
 from server.guards import STATUS_OF, CallGate, StreamGate, generic_handler, request_deadline, status_of
 from server.metrics import ServiceMetrics
@@ -24,9 +24,11 @@ from server.repository import ModelRepository, ServedModel
 from server.security import TokenChecker
 from server.wire import (
     ParsedRequest,
+    RawBatch,
     encode_classify_batch_response,
     encode_classify_response,
     fill_request_ids,
+    new_request_id_array,
     new_request_ids,
     parse_classify_batch_request,
     parse_classify_request,
@@ -62,7 +64,11 @@ class ClassifierServicer:
             predictions = await served.pipeline.classify([payload], [kind], request_deadline(context))
         return encode_classify_response(predictions, request.request_id or new_request_ids(1)[0])
 
-    async def ClassifyBatch(self, request: pb.ClassifyBatchRequest, context: grpc.aio.ServicerContext) -> bytes:
+    async def ClassifyBatch(
+        self, request: pb.ClassifyBatchRequest | RawBatch, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        if isinstance(request, RawBatch):  # raw images only, read off the wire as one array (server/wire.py)
+            return await self._classify_raw_batch(request, context)
         items = request.requests
         if not items:
             raise InvalidInput("batch is empty: send at least one request")
@@ -90,6 +96,19 @@ class ClassifierServicer:
                 raise
             raise InvalidInput(f"requests[{err.index}]: {err}", err.index) from None
         return encode_classify_batch_response(predictions, fill_request_ids([item.request_id for item in items]))
+
+    async def _classify_raw_batch(self, request: RawBatch, context: grpc.aio.ServicerContext) -> bytes:
+        count = len(request.pixels)
+        if count > self.config.max_request_images:
+            raise InvalidInput(f"batch has {count} requests, over the maximum of {self.config.max_request_images}")
+        try:
+            with self._lease(request.model_name, request.model_version) as served:
+                predictions = await served.pipeline.classify_tensor(request.pixels, request_deadline(context))
+        except InvalidInput as err:
+            if err.index is None:
+                raise
+            raise InvalidInput(f"requests[{err.index}]: {err}", err.index) from None
+        return encode_classify_batch_response(predictions, new_request_id_array(count))
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         with self._lease(request.model_name, request.model_version) as served:
@@ -167,16 +186,9 @@ class ClassifierServicer:
 
 
 def detector_summary(detector: object | None) -> str:
-    """One line on how digit_score is computed, from the detector's own description."""
-    if detector is None:
-        return "none (digit_score NaN, is_digit true)"
-    about = detector.describe()
-    name = Path(str(about.get("source", "?"))).name
-    return (
-        f"{name} v{about.get('format_version', '?')}: threshold {about['threshold']:.4f}, "
-        f"false alarms on MNIST test {about.get('false_alarm_mnist_test', float('nan')):.2%}, "
-        f"non-digits caught {about.get('hit_rate_held_out_non_digits', float('nan')):.1%} (held-out kinds)"
-    )
+    """One line on where digit_score comes from (the model's own output, or the separate detector file) and how it is
+    computed, from the detector's own description."""
+    return digit_score_summary(detector)
 
 
 def add_to_server(

@@ -6,6 +6,11 @@ re-serializes shorter than it arrived lost something; only then are the wire fie
 hand the service a `ParsedRequest` with the problem named, to be answered INVALID_ARGUMENT. They
 never raise: a raising deserializer makes gRPC answer INTERNAL, unseen by the metrics.
 
+A `ClassifyBatchRequest` whose every item holds a raw image and nothing else (as clients send a
+batch of raw digits) is read straight off the wire as one (N, 784) array (`RawBatch`): each such
+item is the same 790 bytes, so one vectorized comparison of their headers proves the layout, and no
+message per image is built. Anything else takes protobuf's parser.
+
 Responses: a `ClassifyBatchResponse` is written straight from the prediction arrays with numpy
 (one fixed-width record per image), instead of building and serializing a message per image.
 """
@@ -19,7 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from proto.contract import NUM_CLASSES
+from proto.contract import IMAGE_SIDE, NUM_CLASSES, RAW_BYTES
 from proto.mnist.v1 import classifier_pb2 as pb
 from server.predictions import Predictions
 
@@ -109,8 +114,39 @@ def parse_classify_request(data: bytes) -> ParsedRequest:
         return _malformed(pb.ClassifyRequest, exc)
 
 
+class RawBatch(NamedTuple):
+    """A `ClassifyBatchRequest` of raw images only (no request ids, no per-item model), read as one array."""
+
+    pixels: np.ndarray  # (N, 1, 28, 28) uint8, a view of the request's bytes
+    model_name: str
+    model_version: str
+
+
+def _raw_item_header() -> bytes:
+    body = _tag(RAW_FIELD, 2) + _encode_varint(RAW_BYTES)
+    return _tag(REQUESTS_FIELD, 2) + _encode_varint(len(body) + RAW_BYTES) + body
+
+
+def _raw_batch(data: bytes) -> RawBatch | None:
+    """`data` as a RawBatch when it is a run of raw-only items (then, at most, the batch's model fields)."""
+    count = len(data) // _RAW_ITEM_BYTES
+    if not count:
+        return None
+    heads = np.ndarray((count,), "<u8", data, strides=(_RAW_ITEM_BYTES,))  # each item's first 8 bytes
+    if not np.all(heads & _HEADER_MASK == _RAW_ITEM_HEAD):
+        return None
+    items = np.frombuffer(data, np.uint8, count * _RAW_ITEM_BYTES).reshape(count, _RAW_ITEM_BYTES)
+    rest = pb.ClassifyBatchRequest.FromString(data[count * _RAW_ITEM_BYTES :])
+    if rest.requests:  # more items after the run: not uniform, protobuf reads it all
+        return None
+    pixels = items[:, len(_RAW_ITEM_HEADER) :].reshape(count, 1, IMAGE_SIDE, IMAGE_SIDE)
+    return RawBatch(pixels, rest.model_name, rest.model_version)
+
+
 def parse_classify_batch_request(data: bytes) -> ParsedRequest:
     try:
+        if (raw := _raw_batch(data)) is not None:
+            return ParsedRequest(raw)
         message = pb.ClassifyBatchRequest.FromString(data)
         if _lost_nothing(message, data):
             return ParsedRequest(message)
@@ -142,6 +178,20 @@ def new_request_ids(count: int) -> list[str]:
     """`count` random 32-hex-digit ids (uuid4-sized), from one urandom call."""
     text = os.urandom(16 * count).hex()
     return [text[i : i + 32] for i in range(0, 32 * count, 32)]
+
+
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
+def new_request_id_array(count: int) -> np.ndarray:
+    """`count` ids like `new_request_ids`, as a (count, 32) array of their ASCII bytes, for a batch response: 24 hex
+    digits of randomness shared by the batch (96 bits, from one urandom call), then each item's index in 8."""
+    random = np.frombuffer(os.urandom(12), np.uint8)
+    index = np.arange(count, dtype=">u4").view(np.uint8).reshape(count, 4)
+    ids = np.empty((count, 32), np.uint8)
+    ids[:, 0:24:2], ids[:, 1:24:2] = _HEX[random >> 4], _HEX[random & 15]
+    ids[:, 24::2], ids[:, 25::2] = _HEX[index >> 4], _HEX[index & 15]
+    return ids
 
 
 def fill_request_ids(request_ids: Sequence[str]) -> list[str]:
@@ -176,6 +226,10 @@ _VERSION = _tag(pb.ClassifyResponse.MODEL_VERSION_FIELD_NUMBER, 2)
 _REQUEST_ID = _tag(pb.ClassifyResponse.REQUEST_ID_FIELD_NUMBER, 2)
 _DIGIT_SCORE = _tag(pb.ClassifyResponse.DIGIT_SCORE_FIELD_NUMBER, 5)
 _IS_DIGIT = _tag(pb.ClassifyResponse.IS_DIGIT_FIELD_NUMBER, 0)
+_RAW_ITEM_HEADER = _raw_item_header()  # a raw-only item of a batch request: these 6 bytes, then the 784 pixels
+_RAW_ITEM_HEAD = np.frombuffer(_RAW_ITEM_HEADER + b"\0\0", "<u8")[0]  # the header as a number, for one comparison
+_HEADER_MASK = np.uint64(2 ** (8 * len(_RAW_ITEM_HEADER)) - 1)
+_RAW_ITEM_BYTES = len(_RAW_ITEM_HEADER) + RAW_BYTES
 
 
 def encode_classify_response(predictions: Predictions, request_id: str) -> bytes:
@@ -203,17 +257,22 @@ def encode_classify_response(predictions: Predictions, request_id: str) -> bytes
     )
 
 
-def encode_classify_batch_response(predictions: Predictions, request_ids: Sequence[str]) -> bytes:
-    """The serialized `ClassifyBatchResponse`, one response per row, in order.
+def encode_classify_batch_response(predictions: Predictions, request_ids: Sequence[str] | np.ndarray) -> bytes:
+    """The serialized `ClassifyBatchResponse`, one response per row, in order; `request_ids` as strings, or as
+    the (N, width) array of their bytes (`new_request_id_array`).
 
     When every request id has the same length (always so for generated ids), each response is a
     record of the same width and the whole message is one numpy array; otherwise protobuf builds it.
     Every field is written, the digit even when it is 0 (proto3 parsers accept an explicit default).
     """
-    ids = [rid.encode() for rid in request_ids]
-    id_length = len(ids[0]) if ids else 0
-    if not ids or any(len(rid) != id_length for rid in ids):
-        return _protobuf_batch_response(predictions, request_ids)
+    if isinstance(request_ids, np.ndarray):
+        id_bytes = request_ids
+    else:
+        ids = [rid.encode() for rid in request_ids]
+        if not ids or len(set(map(len, ids))) != 1:
+            return _protobuf_batch_response(predictions, request_ids)
+        id_bytes = np.frombuffer(b"".join(ids), np.uint8).reshape(len(ids), len(ids[0]))
+    count, id_length = id_bytes.shape
     version = predictions.model_version.encode()
     middle = _VERSION + _encode_varint(len(version)) + version + _REQUEST_ID + _encode_varint(id_length)
     inner = (
@@ -221,7 +280,6 @@ def encode_classify_batch_response(predictions: Predictions, request_ids: Sequen
     ) + (len(_DIGIT_SCORE) + 4 + len(_IS_DIGIT) + 1)
     prefix = _RESPONSES + _encode_varint(inner)
     head = prefix + _DIGIT
-    count = len(ids)
     record = np.empty((count, len(prefix) + inner), np.uint8)
     columns = [
         (head, None),
@@ -234,7 +292,7 @@ def encode_classify_batch_response(predictions: Predictions, request_ids: Sequen
             np.ascontiguousarray(predictions.probabilities, "<f4").view(np.uint8).reshape(count, 4 * NUM_CLASSES),
         ),
         (middle, None),
-        (None, np.frombuffer(b"".join(ids), np.uint8).reshape(count, id_length)),
+        (None, id_bytes),
         (_DIGIT_SCORE, None),
         (None, np.ascontiguousarray(predictions.digit_scores, "<f4").view(np.uint8).reshape(count, 4)),
         (_IS_DIGIT, None),

@@ -47,3 +47,14 @@ def mnist_dir() -> Path:
     if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.fail(f"the project's MNIST copy is missing at {SHARED_MNIST} (see README: Data)")
     return SHARED_MNIST
+
+
+@pytest.fixture(scope="session")
+def scoreless_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled model as files exported before the digit score were: no digit_score output, no threshold."""
+    onnx = pytest.importorskip("onnx")
+    from export.digit_score_graph import without_digit_score
+
+    path = tmp_path_factory.mktemp("scoreless") / "googlenet-fast.onnx"
+    onnx.save(without_digit_score(onnx.load(str(REPO_ROOT / "server" / "bundled" / "googlenet-fast.onnx"))), str(path))
+    return path

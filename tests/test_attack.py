@@ -184,6 +184,16 @@ def test_report_helpers() -> None:
     )
 
 
+def test_probe_summary_counts_failures_and_includes_their_time_in_the_percentiles() -> None:
+    # (sent, seconds, outcome, lateness): 97 fast answers, a 503 and two timeouts
+    records = [(float(i), 0.002, "200", 0.0) for i in range(97)] + [(97.0, 0.003, "503", 0.0)]
+    records += [(98.0, 1.0, "TimeoutError", 0.004), (99.0, 1.0, "TimeoutError", 0.0)]
+    summary = attack.probe_summary(records, "200")
+    assert (summary["count"], summary["failed"], summary["failures"]) == (100, 3, {"503": 1, "TimeoutError": 2})
+    assert summary["p99_ms"] == summary["max_ms"] == 1000.0 and summary["p50_ms"] == 2.0
+    assert "3 of 100 failed ({'503': 1, 'TimeoutError': 2}); p50 2.00 ms" in attack.describe_probes(summary)
+
+
 def test_only_selects_checks_and_groups_and_refuses_unknown_names() -> None:
     assert [c.name for c in attack.select("bomb,shutdown", quick=False)] == ["bomb", "shutdown"]
     assert {c.name for c in attack.select("5", quick=False)} == {"malformed", "unknown-fields"}

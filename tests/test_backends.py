@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -9,10 +10,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from proto.contract import INPUT_NAME, INPUT_SHAPE, LOGITS, MNIST_NORMALIZATION, OUTPUT_NAMES, variant_path
+from proto.contract import DIGIT_SCORE, INPUT_NAME, INPUT_SHAPE, LOGITS, MNIST_NORMALIZATION, OUTPUT_NAMES, variant_path
 from server.backends import ENGINES, BackendUnavailable, build_backend
 from server.backends.buckets import Run, plan_runs, powers_of_two
-from server.backends.null_backend import FIXED_ROW, NullBackend
+from server.backends.null_backend import FIXED_ROW, FIXED_SCORE, FIXED_THRESHOLD, NullBackend
 from server.backends.onnxruntime_backend import (
     CPU,
     CUDA,
@@ -171,7 +172,9 @@ def test_no_session_is_ever_run_at_two_shapes(test_digits) -> None:
     sizes = [1, 2, 3, 5, 8, 9, 16, 17, 40, *rng.integers(1, 41, size=18).tolist()]
     for n in sizes:
         batch = images[rng.choice(len(images), size=n, replace=False)]
-        np.testing.assert_allclose(backend.run(batch), reference.run(batch), atol=1e-5, err_msg=f"batch of {n}")
+        got, expected = backend.run(batch), reference.run(batch)
+        np.testing.assert_allclose(got.probabilities, expected.probabilities, atol=1e-5, err_msg=f"batch of {n}")
+        np.testing.assert_allclose(got.digit_scores, expected.digit_scores, atol=1e-5, err_msg=f"scores, batch of {n}")
 
     for session in sessions:
         assert set(session.shapes) == {(session.bucket, *INPUT_SHAPE)}, f"bucket {session.bucket}: {session.shapes}"
@@ -292,13 +295,18 @@ def test_a_healthy_bucketed_backend_warms_up() -> None:
     assert isinstance(seconds, float) and seconds > 0
 
 
+def _class_outputs(outputs: dict[str, ort.OrtValue]) -> list[ort.OrtValue]:
+    """The (bucket, 10) outputs, logits and probabilities: not the digit score."""
+    return [value for name, value in outputs.items() if name != DIGIT_SCORE]
+
+
 def _same_row_always(outputs: dict[str, ort.OrtValue]) -> None:
-    for value in outputs.values():
+    for value in _class_outputs(outputs):
         value.update_inplace(np.tile(np.arange(10, dtype=np.float32), (value.shape()[0], 1)))
 
 
 def _reversed_classes(outputs: dict[str, ort.OrtValue]) -> None:
-    for value in outputs.values():
+    for value in _class_outputs(outputs):
         value.update_inplace(np.ascontiguousarray(value.numpy()[:, ::-1]))
 
 
@@ -397,7 +405,7 @@ def test_provider_cuda_without_a_driver_is_unavailable() -> None:
 def test_provider_auto_falls_back_to_the_cpu() -> None:
     backend = OnnxRuntimeBackend(BUNDLED_MODEL, provider="auto")
     assert backend.plan.on_gpu is False and backend.describe().providers == (CPU,)
-    assert backend.run(np.zeros((3, *INPUT_SHAPE), np.float32)).shape == (3, 10)
+    assert backend.run(np.zeros((3, *INPUT_SHAPE), np.float32)).probabilities.shape == (3, 10)
 
 
 # --- the null engine and the engine table ------------------------------------------------------------------
@@ -405,7 +413,7 @@ def test_provider_auto_falls_back_to_the_cpu() -> None:
 
 def test_the_null_backend_answers_digit_0_for_every_image() -> None:
     backend = NullBackend()
-    rows = backend.run(np.random.default_rng(0).normal(size=(5, *INPUT_SHAPE)).astype(np.float32))
+    rows = backend.run(np.random.default_rng(0).normal(size=(5, *INPUT_SHAPE)).astype(np.float32)).probabilities
     assert rows.shape == (5, 10) and (rows == FIXED_ROW).all()
     assert rows.argmax(1).tolist() == [0] * 5 and rows[0, 0] == pytest.approx(0.91)
     assert rows.sum(1) == pytest.approx(np.ones(5), abs=1e-6)
@@ -418,7 +426,7 @@ def test_emulated_device_time_keeps_the_runner_waiting_without_using_the_cpu() -
     assert backend.device_ms == (1.0, 4.0) and "emulated device 1+4 ms" in backend.describe().device
     images = np.zeros((5, *INPUT_SHAPE), np.float32)
     wall, cpu = time.perf_counter(), time.process_time()
-    assert (backend.run(images) == FIXED_ROW).all()
+    assert (backend.run(images).probabilities == FIXED_ROW).all()
     assert time.perf_counter() - wall >= 0.021
     assert time.process_time() - cpu < 0.015
 
@@ -464,5 +472,89 @@ def test_the_bundled_fp16_variant_loads_on_the_cpu_and_agrees_with_fp32(mnist_di
     fp16 = OnnxRuntimeBackend(BUNDLED_MODEL, provider="cpu", precision="fp16")
     fp32 = OnnxRuntimeBackend(BUNDLED_MODEL, provider="cpu", precision="fp32")
     assert fp16.describe().precision == "fp16" and fp16.describe().model_path == str(FP16_MODEL)
-    agree = (fp16.run(images).argmax(1) == fp32.run(images).argmax(1)).mean()
+    agree = (fp16.run(images).probabilities.argmax(1) == fp32.run(images).probabilities.argmax(1)).mean()
     assert agree >= 0.99
+
+
+# --- the digit score in the model's graph ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("buckets", ["none", "1,4"], ids=["one-session", "bucket-sessions"])
+def test_models_with_and_without_the_digit_score_output_are_served(test_digits, scoreless_model, buckets) -> None:
+    """The bundled model gives its score with the probabilities; a file exported before the score gives none."""
+    images, _ = test_digits
+    batch = images[:7]  # with buckets 1,4: runs of 4, 2 (padded to 4) and 1
+    scored = OnnxRuntimeBackend(BUNDLED_MODEL, provider="cpu", batch_buckets=buckets)
+    plain = OnnxRuntimeBackend(scoreless_model, provider="cpu", batch_buckets=buckets)
+    with_score, without = scored.run(batch), plain.run(batch)
+    assert with_score.digit_scores.shape == (7,) and with_score.digit_scores.dtype == np.float32
+    assert without.digit_scores is None
+    np.testing.assert_array_equal(with_score.probabilities, without.probabilities)  # the classifier is the same
+    alone = np.concatenate([scored.run(batch[i : i + 1]).digit_scores for i in range(7)])
+    np.testing.assert_allclose(with_score.digit_scores, alone, atol=1e-5)  # each image's own score, in its row
+    assert 0.5 < scored.describe().digit_threshold < 0.7 and scored.describe().digit_detector["hidden_units"] > 0
+    assert plain.describe().digit_threshold is None and plain.describe().digit_detector == {}
+
+
+def _edited_bundled_model(tmp_path: Path, edit) -> Path:
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load(str(BUNDLED_MODEL))
+    edit(model)
+    path = tmp_path / "edited.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _score_renamed(model) -> None:
+    """The score handed out under another name."""
+    from onnx import helper
+
+    model.graph.node.append(helper.make_node("Identity", [DIGIT_SCORE], ["score"]))
+    model.graph.output[2].name = "score"
+
+
+def _score_as_column(model) -> None:
+    """The score as [batch, 1], not [batch]."""
+    from onnx import TensorProto, helper
+
+    (last,) = [node for node in model.graph.node if DIGIT_SCORE in node.output]
+    last.output[0] = "score_vector"
+    axes = helper.make_tensor("axis_1_for_column", TensorProto.INT64, [1], [1])
+    model.graph.initializer.append(axes)
+    model.graph.node.append(helper.make_node("Unsqueeze", ["score_vector", axes.name], [DIGIT_SCORE]))
+    del model.graph.output[2]
+    model.graph.output.append(helper.make_tensor_value_info(DIGIT_SCORE, TensorProto.FLOAT, ["batch", 1]))
+
+
+def _threshold_forgotten(model) -> None:
+    """The output, but no threshold in the metadata: the server could not judge the score."""
+    from proto.contract import read_metadata
+
+    dataclasses.replace(read_metadata(model), digit_threshold=None, digit_detector=None).write_into(model)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_score_renamed, "optionally followed by ('digit_score', 'tensor(float)') [batch]"),
+        (_score_as_column, "output 'digit_score' has shape ['batch', 1]; the contract is [batch]"),
+        (_threshold_forgotten, "has a 'digit_score' output but no digit_threshold in its metadata"),
+    ],
+    ids=["renamed", "column", "no-threshold"],
+)
+def test_a_model_breaking_the_digit_score_contract_is_refused_saying_how(tmp_path: Path, edit, message: str) -> None:
+    path = _edited_bundled_model(tmp_path, edit)
+    with pytest.raises(BackendUnavailable) as err:
+        OnnxRuntimeBackend(path, provider="cpu")
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_the_null_backend_returns_its_fixed_digit_score_judged_a_digit() -> None:
+    backend = NullBackend(max_batch_size=4)
+    for n in (3, 9):  # within its preallocated rows and beyond them
+        output = backend.run(np.zeros((n, *INPUT_SHAPE), np.float32))
+        assert output.digit_scores.shape == (n,) and (output.digit_scores == FIXED_SCORE).all()
+    info = backend.describe()
+    assert (
+        info.digit_threshold == FIXED_THRESHOLD <= FIXED_SCORE and "no detector runs" in info.digit_detector["method"]
+    )

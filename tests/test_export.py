@@ -20,6 +20,8 @@ from export.onnx_export import (
     normalized_test_images,
 )
 from proto.contract import ModelMetadata, read_metadata
+from server.config import DIGIT_DETECTOR
+from server.digit_detector import DigitDetector
 from training.data import sha256_file
 from training.train import TrainConfig, train
 
@@ -52,12 +54,13 @@ def test_exported_model_passes_the_onnx_checker_with_named_io_and_dynamic_batch(
     onnx.checker.check_model(proto, full_check=True)
     assert proto.opset_import[0].version >= 17
     assert [i.name for i in proto.graph.input] == ["image"]
-    assert [o.name for o in proto.graph.output] == ["logits", "probabilities"]
+    assert [o.name for o in proto.graph.output] == ["logits", "probabilities", "digit_score"]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 7, 64):
-        logits, probabilities = session.run(None, {"image": np.zeros((batch, 1, 28, 28), np.float32)})
-        assert logits.shape == probabilities.shape == (batch, 10)
+        logits, probabilities, scores = session.run(None, {"image": np.zeros((batch, 1, 28, 28), np.float32)})
+        assert logits.shape == probabilities.shape == (batch, 10) and scores.shape == (batch,)
         assert np.allclose(probabilities.sum(1), 1, atol=1e-5)
+        assert ((scores >= 0) & (scores <= 1)).all()
 
 
 def test_onnx_logits_match_pytorch_on_real_test_images(exported, mnist_dir: Path) -> None:
@@ -91,6 +94,24 @@ def test_metadata_describes_the_model(exported, mnist_dir: Path) -> None:
     # ONNX Runtime (what the server uses) sees the same metadata
     props = session.get_modelmeta().custom_metadata_map
     assert ModelMetadata.from_props(props) == meta
+    # the digit score's threshold and the detector it was built from
+    detector = DigitDetector.load(DIGIT_DETECTOR)
+    assert meta.digit_threshold == detector.threshold and "digit_score" in meta.output_layout
+    assert meta.digit_detector["source"] == "digit-detector.npz"
+    assert meta.digit_detector["detector_sha256"] == sha256_file(DIGIT_DETECTOR)
+
+
+def test_the_exported_score_is_checked_against_the_numpy_detector(exported, mnist_dir: Path) -> None:
+    _, path, report = exported
+    check = report["digit_score"]
+    assert check["passed"] and check["max_abs_score_diff"] <= 1e-4 and check["decisions_changed_off_threshold"] == 0
+    assert check["digits"] == 200 and check["non_digits"] == 240
+    # an independent check here, not trusting the exporter's own report
+    detector = DigitDetector.load(DIGIT_DETECTOR)
+    x, _ = normalized_test_images(100, str(mnist_dir))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    probabilities, scores = session.run(["probabilities", "digit_score"], {"image": x})
+    assert np.abs(scores - detector.score(x, probabilities)).max() <= 1e-4
 
 
 def test_export_refuses_a_file_that_is_not_a_checkpoint(tmp_path: Path) -> None:
@@ -116,6 +137,52 @@ def test_the_bundled_model_is_verified_and_accurate(mnist_dir: Path) -> None:
     assert result["metadata"]["model_name"] == "googlenet-fast"
     assert result["metadata"]["test_accuracy"] >= 0.993 and result["metadata"]["test_images"] == 10_000
     assert result["accuracy"] >= 0.99
+    assert result["digit_score"]["max_abs_score_diff"] <= 1e-4 and result["digit_score"]["digits"] == 1000
+
+
+def test_the_digit_score_is_added_to_an_existing_model_without_changing_its_answers(exported, tmp_path, mnist_dir):
+    """--add-digit-score: a model exported before the score gets it; logits and probabilities stay bit-identical."""
+    from export.digit_score_graph import without_digit_score
+
+    _, path, _ = exported
+    old = tmp_path / "old.onnx"
+    onnx.save(without_digit_score(onnx.load(str(path))), str(old))
+    assert read_metadata(onnx.load(str(old))).digit_threshold is None
+    x, _ = normalized_test_images(64, str(mnist_dir))
+    before = ort.InferenceSession(str(old), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    assert main(["--add-digit-score", str(old), "--parity-images", "100", "--data-dir", str(mnist_dir)]) == 0
+    after = ort.InferenceSession(str(old), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    assert len(before) == 2 and len(after) == 3
+    np.testing.assert_array_equal(after[0], before[0])
+    np.testing.assert_array_equal(after[1], before[1])
+    meta = read_metadata(onnx.load(str(old)))
+    assert meta.digit_threshold == DigitDetector.load(DIGIT_DETECTOR).threshold
+    # done again, the score is replaced, not added twice
+    assert main(["--add-digit-score", str(old), "--parity-images", "100", "--data-dir", str(mnist_dir)]) == 0
+    assert [o.name for o in onnx.load(str(old)).graph.output] == ["logits", "probabilities", "digit_score"]
+
+
+def test_a_model_whose_score_drifts_from_the_numpy_detector_is_not_written(exported, tmp_path, monkeypatch, mnist_dir):
+    import export.digit_score_graph as graph
+    import export.onnx_export as exporter
+
+    _, path, _ = exported
+    copy = tmp_path / "drift.onnx"
+    copy.write_bytes(path.read_bytes())
+    original = graph.build
+
+    def drifting(detector, *args, **kwargs):  # one hidden unit's bias off by 0.5: a wrong constant in the subgraph
+        subgraph = original(detector, *args, **kwargs)
+        (bias,) = [t for t in subgraph.initializers if t.name.endswith("hidden_bias")]
+        array = onnx.numpy_helper.to_array(bias).copy()
+        array[0] += 0.5
+        bias.CopyFrom(onnx.numpy_helper.from_array(array, bias.name))
+        return subgraph
+
+    monkeypatch.setattr(graph, "build", drifting)
+    with pytest.raises(ExportError, match="digit score check failed"):
+        exporter.add_digit_score(copy, parity_images=100, data_dir=str(mnist_dir))
+    assert copy.read_bytes() == path.read_bytes()
 
 
 def test_bundled_model_files_stay_within_the_size_budget() -> None:
@@ -154,11 +221,18 @@ def test_the_fp16_variant_keeps_float32_input_and_outputs_and_a_float32_softmax(
     assert [(o.name, o.type) for o in session.get_outputs()] == [
         ("logits", "tensor(float)"),
         ("probabilities", "tensor(float)"),
+        ("digit_score", "tensor(float)"),
     ]
     graph = onnx.load(str(path)).graph
     (softmax,) = [n for n in graph.node if n.op_type == "Softmax"]
     assert list(softmax.input) == ["logits"]  # the float32 graph output, not an fp16 tensor
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
+    # the digit score stays in fp32: its only fp16 initializer is one stored so losslessly, cast back at once
+    score_part = [t for t in graph.initializer if t.name.startswith("digit_score/")]
+    halves = [t.name for t in score_part if t.data_type == onnx.TensorProto.FLOAT16]
+    assert halves == ["digit_score/pixel_projection_fp16"]
+    casts = [n for n in graph.node if n.name.startswith("digit_score/") and n.op_type == "Cast"]
+    assert any(list(n.input) == halves for n in casts)
 
 
 def test_fp16_answers_match_fp32_and_its_accuracy_is_measured_on_its_own_file(exported, fp16_exported, mnist_dir):
@@ -172,6 +246,17 @@ def test_fp16_answers_match_fp32_and_its_accuracy_is_measured_on_its_own_file(ex
     assert (p16.argmax(1) != p32.argmax(1)).mean() <= 0.01
     assert read_metadata(onnx.load(str(path))).test_accuracy == pytest.approx(float((p16.argmax(1) == labels).mean()))
     assert report["metadata"]["test_images"] == 300
+
+
+def test_the_fp16_variants_score_is_checked_and_matches_the_numpy_detector(fp16_exported, mnist_dir: Path) -> None:
+    path, report = fp16_exported
+    assert report["digit_score"]["passed"] and report["digit_score"]["max_abs_score_diff"] <= 1e-4
+    detector = DigitDetector.load(DIGIT_DETECTOR)
+    x, _ = normalized_test_images(100, str(mnist_dir))
+    probabilities, scores = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        ["probabilities", "digit_score"], {"image": x}
+    )
+    assert np.abs(scores - detector.score(x, probabilities)).max() <= 1e-4
 
 
 def test_an_fp16_variant_that_drifts_from_fp32_is_refused_and_not_written(exported, tmp_path, monkeypatch) -> None:
@@ -206,4 +291,5 @@ def test_the_bundled_fp16_variant_matches_its_fp32_model() -> None:
     fp16 = BUNDLED.with_name("googlenet-fast.fp16.onnx")
     meta16, meta32 = read_metadata(onnx.load(str(fp16))), read_metadata(onnx.load(str(BUNDLED)))
     assert meta16.precision == "fp16" and meta16.model_version == meta32.model_version
+    assert meta16.digit_threshold == meta32.digit_threshold == DigitDetector.load(DIGIT_DETECTOR).threshold
     assert meta16.test_accuracy >= meta32.test_accuracy - 0.001 and meta16.test_images == 10_000

@@ -23,6 +23,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.metrics_http import MetricsHttpServer
+from server.security import TokenChecker
 
 SAMPLE = b"metrics_http_test_requests_total 7.0\n"
 
@@ -200,6 +201,57 @@ def test_a_failing_collector_gives_500_and_the_server_keeps_serving(serve):
     response, body = get(server.port)
     assert response.status == 200
     assert b"metrics_http_test_gauge 3.0\n" in body
+
+
+# Probes: /livez and /readyz.
+
+
+def test_probes_answer_200_ok_or_503_with_the_problem_their_check_names(serve):
+    problems: dict[str, str | None] = {"live": None, "ready": "not serving yet: model loading"}
+    server = serve(liveness=lambda: problems["live"], readiness=lambda: problems["ready"])
+    response, body = get(server.port, "/livez")
+    assert (response.status, body) == (200, b"ok\n")
+    assert response.getheader("Cache-Control") == "no-store"
+    response, body = get(server.port, "/readyz")
+    assert (response.status, body) == (503, b"not serving yet: model loading\n")
+    problems.update(live="the loop is stuck", ready=None)
+    assert (get(server.port, "/livez")[0].status, get(server.port, "/readyz")[0].status) == (503, 200)
+    response, body = get(server.port, "/livez", "HEAD")
+    assert (response.status, body, response.getheader("Content-Length")) == (503, b"", str(len("the loop is stuck\n")))
+    assert get(server.port, "/livez", "POST")[0].status == 405
+
+
+def test_probes_are_checked_on_the_servers_own_thread(serve):
+    seen: list[str] = []
+    server = serve(liveness=lambda: seen.append(threading.current_thread().name))
+    assert get(server.port, "/livez")[0].status == 200
+    assert seen == [f"metrics-http-{server.port}"]
+
+
+def test_probes_need_no_token_where_metrics_do(serve):
+    token = "a-token-for-the-metrics-tests-0123456789"
+    server = serve(auth=TokenChecker([token]), liveness=lambda: None, readiness=lambda: None)
+    assert get(server.port)[0].status == 401
+    assert get(server.port, headers={"Authorization": f"Bearer {token}"})[0].status == 200
+    assert get(server.port, "/livez")[0].status == 200
+    assert get(server.port, "/readyz")[0].status == 200
+
+
+def test_a_probe_without_its_check_is_404_like_any_unknown_path(serve):
+    server = serve(liveness=lambda: None)
+    assert get(server.port, "/livez")[0].status == 200
+    for path in ("/readyz", "/livez/", "/healthz", "/nope"):
+        assert get(server.port, path)[0].status == 404, path
+
+
+def test_a_check_that_raises_is_503_and_the_server_keeps_serving(serve):
+    def broken() -> str | None:
+        raise RuntimeError("check broke")
+
+    server = serve(liveness=broken)
+    response, body = get(server.port, "/livez")
+    assert (response.status, body) == (503, b"/livez check failed\n")
+    assert SAMPLE in get(server.port)[1]
 
 
 # Errors.

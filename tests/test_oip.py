@@ -95,6 +95,15 @@ def test_triton_model_config_lets_perf_analyzer_size_its_batches(served: Harness
     assert [(o.name, list(o.dims)) for o in config.output] == [("probabilities", [10]), ("digit", [1])]
 
 
+def test_the_model_config_says_where_the_digit_score_comes_from(served: Harness) -> None:
+    parameters = served.oip.ModelConfig(oip.ModelConfigRequest(name=MODEL)).config.parameters
+    assert parameters["digit_score_source"].string_value == "in-graph"  # the bundled model's own output
+    assert float(parameters["digit_score_threshold"].string_value) == pytest.approx(0.6161, abs=1e-4)
+    assert parameters["digit_score"].string_value.startswith("in-graph, output 'digit_score' of googlenet-fast.onnx")
+    status, _, body = rest(served, f"/v2/models/{MODEL}/config")
+    assert status == 200 and json.loads(body)["parameters"]["digit_score_source"]["string_value"] == "in-graph"
+
+
 def test_raw_pixels_get_the_same_answers_as_mnist_v1(served: Harness, digits) -> None:
     images, labels = digits
     response = served.oip.ModelInfer(infer_request(images, id="req-1"), timeout=10)

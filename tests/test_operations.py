@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -68,7 +69,7 @@ def test_the_image_installs_only_the_serve_extra() -> None:
 def test_the_image_runs_as_non_root_with_health_check_ports_and_env_that_exist() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^USER 10001$", dockerfile, re.M)
-    assert "HEALTHCHECK" in dockerfile and '"mnist-classify", "--health"' in dockerfile
+    assert "HEALTHCHECK" in dockerfile and '"python", "-m", "server.livez_probe"' in dockerfile  # /livez
     defaults = ServeConfig()
     assert f"EXPOSE {defaults.port} {defaults.metrics_port} {defaults.http_port}" in dockerfile
     for name in re.findall(r"MNIST_SERVE_(\w+)=", dockerfile):
@@ -80,6 +81,20 @@ def test_the_health_check_command_tells_serving_from_not_serving(served: Harness
     up = subprocess.run([*cli, "--server", f"127.0.0.1:{served.server.port}"], capture_output=True, text=True)
     down = subprocess.run([*cli, "--server", f"127.0.0.1:{free_port()}"], capture_output=True, text=True)
     assert (up.returncode, down.returncode) == (0, 1), up.stdout + down.stdout
+
+
+def test_the_images_healthcheck_tells_a_live_server_from_none(served: Harness) -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    command = json.loads(re.search(r"HEALTHCHECK [^\n]*\\\n\s+CMD (\[.*\])", dockerfile).group(1))
+    assert command[0] == "python"
+    command[0] = sys.executable
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MNIST_")}
+    env["MNIST_SERVE_HOST"] = "127.0.0.1"  # the image listens on [::]; this test server on loopback
+    port = str(served.server.metrics_port)
+    live = subprocess.run(command, env={**env, "MNIST_SERVE_METRICS_PORT": port}, capture_output=True, text=True)
+    gone = subprocess.run(command, env={**env, "MNIST_SERVE_METRICS_PORT": str(free_port())}, capture_output=True)
+    assert (live.returncode, gone.returncode) == (0, 1), live.stdout + live.stderr
+    assert live.stdout.strip().endswith("/livez: 200 ok")
 
 
 # --- Prometheus --------------------------------------------------------------------------------------
@@ -221,15 +236,18 @@ def test_kubernetes_manifests_validate_against_the_schemas() -> None:
         assert f"passed for resource {kind}/mnist-serve" in result.stdout + result.stderr
 
 
-def test_the_deployment_asks_for_a_gpu_and_probes_grpc_health(manifests: dict[str, dict]) -> None:
+def test_the_deployment_asks_for_a_gpu_and_probes_health_and_liveness(manifests: dict[str, dict]) -> None:
     pod = manifests["Deployment"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": ServeConfig().port, "metrics": ServeConfig().metrics_port, "http": ServeConfig().http_port}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         assert container[probe]["grpc"]["port"] == ports["grpc"]
     assert container["readinessProbe"]["grpc"]["service"] == "mnist.v1.Classifier"
+    # Liveness off the gRPC loop (a busy loop must not get the pod restarted): /livez on the metrics port.
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
+    assert "grpc" not in container["livenessProbe"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert (
         float(env["MNIST_SERVE_DRAIN_SECONDS"]) + float(env["MNIST_SERVE_GRACE_SECONDS"])
@@ -271,9 +289,13 @@ def test_triton_repository_has_the_model_and_a_dynamic_batching_config(tmp_path:
     # tensor names and per-item shapes agree with the ONNX graph Triton will load
     graph_inputs = {i.name: i.shape[1:] for i in session.get_inputs()}
     graph_outputs = {o.name: o.shape[1:] for o in session.get_outputs()}
-    assert graph_inputs == {"image": [1, 28, 28]} and graph_outputs == {"logits": [10], "probabilities": [10]}
+    assert graph_inputs == {"image": [1, 28, 28]}
+    assert graph_outputs == {"logits": [10], "probabilities": [10], "digit_score": []}
     assert re.search(r'name: "image"\s+data_type: TYPE_FP32\s+dims: \[ 1, 28, 28 \]', config)
     assert config.count("dims: [ 10 ]") == 2
+    assert re.search(
+        r'name: "digit_score"\s+data_type: TYPE_FP32\s+dims: \[ 1 \]\s+reshape: \{ shape: \[ \] \}', config
+    )
     assert (folder / "labels.txt").read_text().split() == [str(d) for d in range(10)]
 
 

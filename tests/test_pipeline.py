@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import logging
 import struct
 import threading
 import time
@@ -18,10 +19,11 @@ import pytest
 from PIL import Image
 
 import server.pipeline
-from server.backends.base import Backend
-from server.backends.null_backend import FIXED_ROW, NullBackend
+from server.backends.base import Backend, BackendInfo, BackendOutput
+from server.backends.null_backend import FIXED_ROW, FIXED_SCORE, NullBackend
 from server.backends.onnxruntime_backend import OnnxRuntimeBackend
-from server.config import BUNDLED_MODEL
+from server.config import BUNDLED_MODEL, DIGIT_DETECTOR
+from server.digit_detector import DigitDetector
 from server.errors import DeadlineExpired, InvalidInput
 from server.pipeline import ENCODED, RAW, ModelPipeline, PipelineSettings
 from server.preprocess import DecodeStopped
@@ -82,7 +84,7 @@ def test_raw_digits_split_across_batches_get_the_same_answers_as_one_run(digits)
     """64 images through batches of 8 answer exactly as the backend does on the whole normalized batch."""
     images, _ = digits
     backend = model()
-    expected = backend.run(backend.describe().normalization.apply(images[:, None]))
+    expected = backend.run(backend.describe().normalization.apply(images[:, None])).probabilities
     predictions = with_pipeline(backend, lambda p: p.classify([image.tobytes() for image in images]))
     np.testing.assert_allclose(predictions.probabilities, expected, atol=1e-6)
 
@@ -454,6 +456,16 @@ def raw_with_first_pixel(value: int) -> bytes:
     return bytes([value]) + GOOD[1:]
 
 
+class ScorelessNull(NullBackend):
+    """The null engine as a model file without a digit_score output: the separate detector scores its answers."""
+
+    def describe(self) -> BackendInfo:
+        return dataclasses.replace(super().describe(), digit_threshold=None, digit_detector={})
+
+    def run(self, images: np.ndarray) -> BackendOutput:
+        return BackendOutput(super().run(images).probabilities)
+
+
 class FirstPixelDetector:
     """A fake digit detector: an image's score is its first pixel in [0, 1], read back from the model input."""
 
@@ -478,7 +490,9 @@ def test_without_a_detector_every_image_is_a_digit_with_an_unjudged_score() -> N
 def test_with_a_detector_is_digit_is_whether_the_score_reaches_its_threshold() -> None:
     values = [0, 100, 127, 128, 200, 255]  # scores 0, 0.39, 0.498, 0.502, 0.78, 1
     detector = FirstPixelDetector()
-    predictions = run_pipeline(lambda p: p.classify([raw_with_first_pixel(v) for v in values]), detector=detector)
+    predictions = run_pipeline(
+        lambda p: p.classify([raw_with_first_pixel(v) for v in values]), ScorelessNull(), detector=detector
+    )
     np.testing.assert_allclose(predictions.digit_scores, np.array(values) / 255, atol=1e-5)
     assert predictions.digit_scores.dtype == np.float32
     assert predictions.is_digit.tolist() == [False, False, False, True, True, True]
@@ -494,7 +508,7 @@ def test_a_score_exactly_at_the_threshold_is_a_digit() -> None:
         def score(self, images: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
             return np.full(len(images), self.threshold, np.float32)
 
-    predictions = run_pipeline(lambda p: p.classify([GOOD] * 3), detector=AtThreshold())
+    predictions = run_pipeline(lambda p: p.classify([GOOD] * 3), ScorelessNull(), detector=AtThreshold())
     assert predictions.digit_scores.tolist() == [0.625] * 3 and predictions.is_digit.tolist() == [True] * 3
 
 
@@ -504,6 +518,7 @@ def test_digit_scores_follow_their_images_across_batches_and_reach_the_predictio
     detector = FirstPixelDetector()
     predictions = run_pipeline(
         lambda p: p.classify([raw_with_first_pixel(v) for v in values]),
+        ScorelessNull(),
         detector=detector,
         on_predictions=lambda digits, confidences, is_digit: hooked.append(is_digit.copy()),
     )
@@ -516,11 +531,92 @@ def test_digit_scores_follow_their_images_across_batches_and_reach_the_predictio
 def test_a_mixed_batch_is_scored_on_the_model_input_of_every_image() -> None:
     detector = FirstPixelDetector()
     predictions = run_pipeline(
-        lambda p: p.classify([raw_with_first_pixel(255), page_png(60, 60)], [RAW, ENCODED]), detector=detector
+        lambda p: p.classify([raw_with_first_pixel(255), page_png(60, 60)], [RAW, ENCODED]),
+        ScorelessNull(),
+        detector=detector,
     )
     assert predictions.digit_scores[0] == pytest.approx(1.0, abs=1e-5)
     assert predictions.digit_scores[1] == pytest.approx(0.0, abs=1e-5)  # the decoded page's corner is background
     assert predictions.is_digit.tolist() == [True, False]
+
+
+class ModelWithScores(NullBackend):
+    """An engine with its own digit_score output (a model exported with the detector inside): the given scores, in
+    order across runs, judged at `threshold` (what a model's metadata holds)."""
+
+    def __init__(self, scores: list[float], threshold: float) -> None:
+        super().__init__()
+        self.scores, self.threshold, self.at = np.asarray(scores, np.float32), threshold, 0
+
+    def describe(self) -> BackendInfo:
+        return dataclasses.replace(
+            super().describe(), digit_threshold=self.threshold, digit_detector={"method": "test"}
+        )
+
+    def run(self, images: np.ndarray) -> BackendOutput:
+        scores = self.scores[self.at : self.at + len(images)]
+        self.at += len(images)
+        return BackendOutput(super().run(images).probabilities, scores)
+
+
+def test_is_digit_follows_the_models_own_score_and_threshold_not_the_separate_detector() -> None:
+    detector = FirstPixelDetector()  # threshold 0.5, and it would score these images 0.0
+    backend = ModelWithScores([0.1, 0.69, 0.7, 0.95, 0.3], threshold=0.7)
+    predictions = run_pipeline(lambda p: p.classify([raw_with_first_pixel(0)] * 5), backend, detector=detector)
+    np.testing.assert_array_equal(predictions.digit_scores, np.float32([0.1, 0.69, 0.7, 0.95, 0.3]))
+    assert predictions.is_digit.tolist() == [False, False, True, True, False]
+    assert detector.batches == []  # nothing ran after the model
+
+
+def test_the_null_engine_gives_its_fixed_score_and_runs_no_detector() -> None:
+    detector = FirstPixelDetector()
+    predictions = run_pipeline(lambda p: p.classify([raw_with_first_pixel(0)] * 4), NullBackend(), detector=detector)
+    assert predictions.digit_scores.tolist() == [FIXED_SCORE] * 4 and predictions.is_digit.all()
+    assert detector.batches == []
+
+
+def test_digit_detector_none_turns_off_the_models_own_score_too() -> None:
+    predictions = run_pipeline(lambda p: p.classify([GOOD] * 3), ModelWithScores([0.1, 0.2, 0.3], 0.7), detector=None)
+    assert np.isnan(predictions.digit_scores).all() and predictions.is_digit.all()
+
+
+def test_a_model_without_the_output_is_scored_by_the_separate_detector_and_says_so(
+    scoreless_model: Path, digits, caplog: pytest.LogCaptureFixture
+) -> None:
+    images, _ = digits
+    detector = DigitDetector.load(DIGIT_DETECTOR)
+    backend = OnnxRuntimeBackend(scoreless_model, provider="cpu")
+    with caplog.at_level(logging.INFO, logger="mnist.digit_score"):
+        predictions = run_pipeline(lambda p: p.classify([i.tobytes() for i in images[:20]]), backend, detector=detector)
+    x = backend.describe().normalization.apply(images[:20, None])
+    np.testing.assert_allclose(predictions.digit_scores, detector.score(x, predictions.probabilities), atol=1e-6)
+    np.testing.assert_array_equal(predictions.is_digit, predictions.digit_scores >= detector.threshold)
+    said = [r.getMessage() for r in caplog.records if r.name == "mnist.digit_score"]
+    assert len(said) == 1  # once per model version, not per batch (20 images ran in batches of 8)
+    assert "separate file digit-detector.npz" in said[0] and "no 'digit_score' output" in said[0]
+
+
+def test_the_bundled_model_scores_in_its_own_graph_with_its_threshold_and_says_so(
+    digits, caplog: pytest.LogCaptureFixture
+) -> None:
+    images, _ = digits
+    detector = DigitDetector.load(DIGIT_DETECTOR)
+    backend = model()
+    info = backend.describe()
+    assert info.digit_threshold == pytest.approx(detector.threshold)  # from the model's own metadata
+    x = info.normalization.apply(images[:24, None])
+    own = backend.run(x).digit_scores  # before the pipeline, which closes the backend when it is done
+
+    async def body(pipeline: ModelPipeline):
+        assert pipeline.detector is not detector and pipeline.detector.threshold == info.digit_threshold
+        return await pipeline.classify([image.tobytes() for image in images[:24]])
+
+    with caplog.at_level(logging.INFO, logger="mnist.digit_score"):
+        predictions = run_pipeline(body, backend, detector=detector)
+    np.testing.assert_allclose(predictions.digit_scores, own, atol=1e-6)  # batches of 8 vs one run of 24
+    np.testing.assert_allclose(predictions.digit_scores, detector.score(x, predictions.probabilities), atol=1e-4)
+    said = [r.getMessage() for r in caplog.records if r.name == "mnist.digit_score"]
+    assert len(said) == 1 and "in-graph" in said[0] and "threshold 0.6161" in said[0]
 
 
 def test_an_odd_sized_jpeg_within_the_image_limit_is_decoded_within_the_decode_budget() -> None:

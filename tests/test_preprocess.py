@@ -95,7 +95,7 @@ ENCODINGS: dict[str, Callable[[np.ndarray], bytes]] = {
 
 def classify(model: OnnxRuntimeBackend, data: bytes) -> int:
     tensor = from_encoded(data, model.metadata.norm, MAX_PIXELS)
-    return int(model.run(tensor[None]).argmax(1)[0])
+    return int(model.run(tensor[None]).probabilities.argmax(1)[0])
 
 
 # --- raw payloads ---------------------------------------------------------------------------------------------------

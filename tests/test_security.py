@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proto.mnist.v1 import classifier_pb2 as pb
 from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
 from server import client as classify_cli
-from server import security
+from server import livez_probe, security
 from server.app import MnistServer
 from server.config import load_config
 from server.errors import PermissionDenied, Unauthenticated
@@ -475,6 +475,29 @@ def test_mtls_applies_to_metrics(pki: Pki, mtls_server: MnistServer) -> None:
     assert _scrape(mtls_server.metrics_port, context=_client_context(pki, client=True))[0] == 200
     with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
         _scrape(mtls_server.metrics_port, context=_client_context(pki))
+
+
+def _livez_environ(server: MnistServer, pki: Pki) -> dict[str, str]:
+    """The variables the image's HEALTHCHECK (server/livez_probe.py) sees beside a server with TLS on."""
+    tls = {"MNIST_SERVE_TLS_CERT": str(pki.server_cert)}
+    return {"MNIST_SERVE_HOST": "127.0.0.1", "MNIST_SERVE_METRICS_PORT": str(server.metrics_port), **tls}
+
+
+def test_livez_is_served_over_tls_and_the_healthcheck_speaks_it(pki: Pki, tls_server: MnistServer) -> None:
+    url = f"https://127.0.0.1:{tls_server.metrics_port}/livez"
+    with urllib.request.urlopen(url, timeout=5, context=_client_context(pki)) as response:
+        assert (response.status, response.read()) == (200, b"ok\n")
+    environ = _livez_environ(tls_server, pki)
+    assert livez_probe.main([], environ) == 0
+    environ.pop("MNIST_SERVE_TLS_CERT")
+    assert livez_probe.main([], environ) == 1  # plain HTTP to the TLS port
+
+
+def test_livez_under_mtls_needs_the_client_certificate(pki: Pki, mtls_server: MnistServer) -> None:
+    environ = _livez_environ(mtls_server, pki)
+    assert livez_probe.main([], environ) == 1  # like the kubelet's httpGet probe: no certificate, no answer
+    client = {"MNIST_TLS_CERT": str(pki.client_cert), "MNIST_TLS_KEY": str(pki.client_key)}
+    assert livez_probe.main([], {**environ, **client}) == 0
 
 
 # --- the HTTP API (server/rest.py) takes the same TLS and tokens ------------------------------------

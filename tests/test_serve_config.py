@@ -80,6 +80,7 @@ def test_a_malformed_flag_value_exits(capsys: pytest.CaptureFixture[str]) -> Non
         (["--backend", "null-threaded", "--null-device-ms", "1+-4"], {}, "two non-negative numbers"),
         (["--backend", "null", "--null-device-ms", "1+4"], {}, "null_device_ms needs --backend null-threaded"),
         (["--ort-spinning", "always"], {}, "ort_spinning must be one of auto, on, off"),
+        (["--liveness-stall-seconds", "0"], {}, "liveness_stall_seconds must be > 0"),
     ],
     ids=[
         "batch-size-flag",
@@ -97,6 +98,7 @@ def test_a_malformed_flag_value_exits(capsys: pytest.CaptureFixture[str]) -> Non
         "device-ms-negative",
         "device-ms-on-the-loop",
         "spinning",
+        "liveness-stall",
     ],
 )
 def test_an_invalid_setting_exits_naming_the_problem(flags: list[str], environ: dict[str, str], problem: str) -> None:

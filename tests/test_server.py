@@ -175,6 +175,30 @@ def test_a_batch_is_answered_in_order_mixing_raw_and_encoded(served: Harness, di
     assert [r.digit for r in reply.responses] == list(labels[:16])
 
 
+def test_a_batch_of_raw_images_only_gets_the_answers_the_protobuf_path_gives(served: Harness, digits) -> None:
+    """Raw-only batches are read off the wire as one array (server/wire.py RawBatch); a request id on one item
+    sends the same batch through protobuf's parser: both must answer alike, and the first with fresh ids."""
+    images, labels = digits
+    raw_only = [pb.ClassifyRequest(raw=images[i].tobytes()) for i in range(16)]
+    fast = served.stub.ClassifyBatch(pb.ClassifyBatchRequest(requests=raw_only), timeout=10)
+    with_id = [pb.ClassifyRequest(raw=images[i].tobytes(), request_id="x" if i == 3 else "") for i in range(16)]
+    parsed = served.stub.ClassifyBatch(pb.ClassifyBatchRequest(requests=with_id), timeout=10)
+    assert [r.digit for r in fast.responses] == [r.digit for r in parsed.responses] == list(labels[:16])
+    assert [list(r.probabilities) for r in fast.responses] == [list(r.probabilities) for r in parsed.responses]
+    assert [r.digit_score for r in fast.responses] == [r.digit_score for r in parsed.responses]
+    ids = [r.request_id for r in fast.responses]
+    assert len(set(ids)) == 16 and all(len(rid) == 32 for rid in ids)
+    assert parsed.responses[3].request_id == "x"
+    blank = raw_only[:5] + [pb.ClassifyRequest(raw=bytes(784))]
+    with pytest.raises(grpc.RpcError) as err:
+        served.stub.ClassifyBatch(pb.ClassifyBatchRequest(requests=blank), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("requests[5]: ")
+    too_many = pb.ClassifyBatchRequest(requests=raw_only + raw_only[:1])
+    with pytest.raises(grpc.RpcError) as err:
+        served.stub.ClassifyBatch(too_many, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "17 requests, over the maximum of 16" in str(err)
+
+
 def test_model_info_describes_what_is_served(served: Harness) -> None:
     info = served.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     assert info.name == "googlenet-fast"
@@ -316,7 +340,7 @@ def test_concurrent_requests_are_coalesced_into_batches(served: Harness, digits)
 
 
 def test_a_full_queue_answers_resource_exhausted_at_once(digits) -> None:
-    config = test_config(max_batch_size=4, max_queue_size=8, max_request_images=8, max_queue_wait_ms=0)
+    config = test_config(max_batch_size=4, max_queue_size=8, max_request_images=8, queue_target_ms="off")
     harness = Harness(MnistServer(config).start())
     try:
         batch = pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(raw=digits[0][i].tobytes()) for i in range(8)])
@@ -397,8 +421,8 @@ def test_the_classify_cli_prints_digit_and_certainty_per_file(served: Harness, t
 
 def one_image_per_run_with_a_backlog(digits) -> tuple[Harness, grpc.Future]:
     """A server running one image per session run, busy with a 256-image batch (~256 runs ahead of any new call);
-    its queue is bounded in size only (no --max-queue-wait-ms), so a call with time to wait is queued."""
-    config = test_config(max_batch_size=1, max_request_images=256, max_queue_size=512, max_queue_wait_ms=0)
+    its queue is bounded in size only (--queue-target-ms off), so a call with time to wait is queued."""
+    config = test_config(max_batch_size=1, max_request_images=256, max_queue_size=512, queue_target_ms="off")
     harness = Harness(MnistServer(config).start())
     busy = pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(raw=digits[0][i % 64].tobytes()) for i in range(256)])
     backlog = harness.stub.ClassifyBatch.future(busy, timeout=60)

@@ -12,6 +12,8 @@ import pytest
 import server.errors
 from proto.mnist.v1 import classifier_pb2 as pb
 from server.app import MnistServer
+from server.config import DIGIT_DETECTOR
+from server.digit_detector import DigitDetector
 from server.errors import (
     AuthRefused,
     Cancelled,
@@ -136,6 +138,26 @@ def test_model_info_of_the_cpu_server_reports_the_engine_and_its_setup(onnx_serv
     assert info.device == "CPU" and info.runtime.startswith("onnxruntime")
     assert list(info.providers) == ["CPUExecutionProvider"]
     assert list(info.engine_options) == ["intra_op_spinning=off"]  # idle CPU threads sleep
+
+
+def test_model_info_says_where_the_digit_score_comes_from(onnx_served, null_served, scoreless_model) -> None:
+    """The bundled model scores in its own graph, the null engine gives a fixed score, an older model file is scored
+    by the separate detector file: GetModelInfo names which, with the threshold in use."""
+    threshold = DigitDetector.load(DIGIT_DETECTOR).threshold
+    info = onnx_served.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    assert info.digit_detector.startswith(
+        "in-graph, output 'digit_score' of googlenet-fast.onnx (built from digit-detector.npz v2): threshold 0.6161"
+    )
+    assert info.digit_threshold == pytest.approx(threshold, abs=1e-6)
+    null_info = null_served.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    assert null_info.digit_detector.startswith("in-graph, output 'digit_score' of null: threshold 0.5000")
+    older = Harness(MnistServer(test_config(model=str(scoreless_model))).start())
+    try:
+        old_info = older.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    finally:
+        older.close()
+    assert old_info.digit_detector.startswith("separate file digit-detector.npz v2: threshold 0.6161")
+    assert old_info.digit_threshold == pytest.approx(threshold, abs=1e-6)
 
 
 def test_the_null_server_answers_digit_0_with_confidence_091_for_any_image(null_served: Harness) -> None:

@@ -12,9 +12,11 @@ from proto.mnist.v1 import classifier_pb2 as pb
 from server.predictions import Predictions
 from server.wire import (
     BOTH_SET,
+    RawBatch,
     encode_classify_batch_response,
     encode_classify_response,
     fill_request_ids,
+    new_request_id_array,
     new_request_ids,
     parse_classify_batch_request,
     parse_classify_request,
@@ -279,3 +281,68 @@ def test_an_unclosed_or_mismatched_group_is_malformed() -> None:
     base = pb.ClassifyRequest(raw=RAW).SerializeToString()
     for tail in (bytes([15 << 3 | 3]), bytes([15 << 3 | 3, 14 << 3 | 4])):
         assert "malformed" in (parse_classify_request(base + tail).problem or "")
+
+
+# --- batches of raw images, read off the wire -----------------------------------------------------------------
+
+
+def raw_items(count: int, seed: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, 784, dtype=np.uint8).tobytes() for _ in range(count)]
+
+
+@pytest.mark.parametrize("model", [("", ""), ("googlenet-fast", "3")])
+def test_a_batch_of_raw_images_only_is_read_as_one_array_holding_what_protobuf_reads(model: tuple[str, str]) -> None:
+    images = raw_items(37, seed=6)
+    batch = pb.ClassifyBatchRequest(
+        requests=[pb.ClassifyRequest(raw=raw) for raw in images], model_name=model[0], model_version=model[1]
+    )
+    parsed = parse_classify_batch_request(batch.SerializeToString())
+    assert parsed.problem is None and isinstance(parsed.message, RawBatch)
+    assert parsed.message.pixels.shape == (37, 1, 28, 28) and parsed.message.pixels.dtype == np.uint8
+    assert [row.tobytes() for row in parsed.message.pixels] == [item.raw for item in batch.requests]
+    assert (parsed.message.model_name, parsed.message.model_version) == model
+
+
+def _with_id(items: list[pb.ClassifyRequest]) -> None:
+    items[5].request_id = "mine"
+
+
+def _encoded(items: list[pb.ClassifyRequest]) -> None:
+    items[0].encoded = items[0].raw  # 784 bytes, the other image field: same length, another tag
+
+
+def _short(items: list[pb.ClassifyRequest]) -> None:
+    items[-1].raw = items[-1].raw[:783]
+
+
+def _own_model(items: list[pb.ClassifyRequest]) -> None:
+    items[3].model_name = "other"
+
+
+@pytest.mark.parametrize("change", [_with_id, _encoded, _short, _own_model])
+def test_a_batch_with_anything_else_in_an_item_is_read_by_protobuf(change) -> None:
+    items = [pb.ClassifyRequest(raw=raw) for raw in raw_items(8, seed=7)]
+    change(items)
+    batch = pb.ClassifyBatchRequest(requests=items)
+    parsed = parse_classify_batch_request(batch.SerializeToString())
+    assert parsed == (batch, None)
+
+
+def test_batch_fields_before_the_items_or_items_after_them_are_read_by_protobuf() -> None:
+    items = [pb.ClassifyRequest(raw=raw) for raw in raw_items(4, seed=8)]
+    raw_run = pb.ClassifyBatchRequest(requests=items).SerializeToString()
+    name_first = pb.ClassifyBatchRequest(model_name="m").SerializeToString() + raw_run
+    parsed = parse_classify_batch_request(name_first)
+    assert parsed == (pb.ClassifyBatchRequest(requests=items, model_name="m"), None)
+    encoded_after = raw_run + pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(encoded=b"png")]).SerializeToString()
+    parsed = parse_classify_batch_request(encoded_after)
+    assert isinstance(parsed.message, pb.ClassifyBatchRequest) and len(parsed.message.requests) == 5
+
+
+def test_generated_request_id_arrays_are_distinct_hex_and_make_the_same_response_as_strings() -> None:
+    ids = new_request_id_array(500)
+    strings = [row.tobytes().decode() for row in ids]
+    assert len(set(strings)) == 500 and all(HEX32.fullmatch(rid) for rid in strings)
+    answers = predictions(500, seed=9)
+    assert encode_classify_batch_response(answers, ids) == encode_classify_batch_response(answers, strings)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from server.backends.base import Backend, BackendInfo, BackendUnavailable
+from server.backends.base import Backend, BackendInfo, BackendOutput, BackendUnavailable
 from server.config import ServeConfig
 
 
@@ -39,4 +39,4 @@ def build_backend(config: ServeConfig) -> Backend:
     return factory(config)
 
 
-__all__ = ["ENGINES", "Backend", "BackendInfo", "BackendUnavailable", "build_backend"]
+__all__ = ["ENGINES", "Backend", "BackendInfo", "BackendOutput", "BackendUnavailable", "build_backend"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -35,6 +35,10 @@ class BackendInfo:
     runtime: str = ""
     options: dict[str, str] = field(default_factory=dict)  # engine options as given to it (provider options, ...)
     normalization: Normalization = MNIST_NORMALIZATION
+    # The engine's own digit_score (a model with the output, from its metadata; the null engine's fixed one): the
+    # threshold and how the score is made. None: the engine gives no score; the server's separate detector does.
+    digit_threshold: float | None = None
+    digit_detector: dict[str, Any] = field(default_factory=dict)
 
     @property
     def on_gpu(self) -> bool:
@@ -50,6 +54,14 @@ class BackendInfo:
             + (f"; {', '.join(extras)}" if extras else "")
             + (f"; {self.runtime}" if self.runtime else "")
         )
+
+
+@dataclass(frozen=True, slots=True)
+class BackendOutput:
+    """What one run gives: the probabilities, and the model's own digit scores when it computes them."""
+
+    probabilities: np.ndarray  # (N, 10) float32
+    digit_scores: np.ndarray | None = None  # (N,) float32 in [0, 1]; None: this engine has no digit_score output
 
 
 @runtime_checkable
@@ -71,8 +83,9 @@ class Backend(Protocol):
         """Run every shape the engine will use, so no request pays for first-run costs; returns seconds."""
         ...
 
-    def run(self, images: np.ndarray) -> np.ndarray:
-        """(N, 1, 28, 28) float32 normalized images, any N >= 1 -> (N, 10) float32 probabilities."""
+    def run(self, images: np.ndarray) -> BackendOutput:
+        """(N, 1, 28, 28) float32 normalized images, any N >= 1 -> (N, 10) float32 probabilities, and (N,) digit
+        scores when `describe().digit_threshold` is set."""
         ...
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""The null engine: answers at once with one fixed probability row. A benchmarking aid, not a model.
+"""The null engine: answers at once with one fixed probability row and digit score. A benchmarking aid, not a model.
 
 With it the server does everything but inference (parsing, preprocessing, queueing, batching,
 responses, metrics), so `mnist-bench --compare-echo` can hold the server's own cost against a bare
@@ -12,13 +12,17 @@ import time
 import numpy as np
 
 from proto.contract import NUM_CLASSES
-from server.backends.base import BackendInfo
+from server.backends.base import BackendInfo, BackendOutput
 from server.config import ServeConfig, parse_device_ms
 
 # Digit 0 with probability 0.91, the rest 0.01 each: a valid distribution that no real model would give
 # for every image, so a client can tell at a glance it is talking to the null engine.
 FIXED_ROW = np.full(NUM_CLASSES, 0.01, np.float32)
 FIXED_ROW[0] = 1.0 - 0.01 * (NUM_CLASSES - 1)
+# Every image's digit_score, at or over FIXED_THRESHOLD: a digit. Given like a model's own score, so the null engine
+# costs the server no detector work (benchmarks of the serving code measure the serving code).
+FIXED_SCORE = np.float32(1.0)
+FIXED_THRESHOLD = 0.5
 
 
 class NullBackend:
@@ -37,6 +41,7 @@ class NullBackend:
         self.blocking = blocking
         self.device_ms = device_ms
         self._rows = np.tile(FIXED_ROW, (max_batch_size, 1))
+        self._scores = np.full(max_batch_size, FIXED_SCORE, np.float32)
 
     @classmethod
     def from_config(cls, config: ServeConfig) -> NullBackend:
@@ -55,17 +60,23 @@ class NullBackend:
             device="none (answers without a model)"
             + (" + emulated device {:g}+{:g} ms per batch".format(*self.device_ms) if any(self.device_ms) else ""),
             runtime="null backend: fixed probability row, for benchmarking the server",
+            digit_threshold=FIXED_THRESHOLD,
+            digit_detector={
+                "method": f"null backend: every image gets digit_score {float(FIXED_SCORE):g} (no detector runs)",
+                "source": "null backend",
+            },
         )
 
     def warm_up(self) -> float:
         return 0.0
 
-    def run(self, images: np.ndarray) -> np.ndarray:
+    def run(self, images: np.ndarray) -> BackendOutput:
         if any(self.device_ms):
             time.sleep((self.device_ms[0] + self.device_ms[1] * len(images)) / 1000)
-        if len(images) <= self.max_batch_size:
-            return self._rows[: len(images)]
-        return np.broadcast_to(FIXED_ROW, (len(images), NUM_CLASSES))
+        n = len(images)
+        if n <= self.max_batch_size:
+            return BackendOutput(self._rows[:n], self._scores[:n])
+        return BackendOutput(np.broadcast_to(FIXED_ROW, (n, NUM_CLASSES)), np.full(n, FIXED_SCORE, np.float32))
 
     def close(self) -> None:
         pass

@@ -7,6 +7,10 @@ allocated once per session (IO binding); with that, the CUDA provider can captur
 run as a CUDA graph and replay it. On the CPU, where any batch size costs nothing extra, one
 session takes any size, unless fixed buckets are asked for (then the GPU path runs on the CPU,
 IO binding included: that is how the tests exercise it).
+
+A model may carry the digit detector as a third output, `digit_score` (export/digit_score_graph.py);
+then each run returns it with the probabilities, and its threshold comes from the model's metadata.
+Model files without it are served as before (the server's separate detector scores them).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import logging
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ import numpy as np
 
 from proto.contract import (
     BATCH_AXIS,
+    DIGIT_SCORE,
     INPUT_DTYPE,
     INPUT_NAME,
     INPUT_SHAPE,
@@ -34,10 +39,11 @@ from proto.contract import (
     NUM_CLASSES,
     OUTPUT_NAMES,
     PROBABILITIES,
+    SCORED_OUTPUT_NAMES,
     ModelMetadata,
     variant_path,
 )
-from server.backends.base import BackendInfo, BackendUnavailable
+from server.backends.base import BackendInfo, BackendOutput, BackendUnavailable
 from server.backends.buckets import plan_runs, powers_of_two
 from server.config import ServeConfig, parse_buckets
 
@@ -248,13 +254,23 @@ def runtime_description(ort: Any) -> str:
 class BucketSession:
     """One session fixed at one batch shape, with its input and outputs bound to buffers allocated once."""
 
-    def __init__(self, ort: Any, session: Any, bucket: int, device: str, graph: bool = False) -> None:
+    def __init__(
+        self,
+        ort: Any,
+        session: Any,
+        bucket: int,
+        device: str,
+        graph: bool = False,
+        outputs: Sequence[str] = OUTPUT_NAMES,
+    ) -> None:
         self.session, self.bucket, self.graph = session, bucket, graph
         self.host = np.zeros((bucket, *INPUT_SHAPE), INPUT_DTYPE)  # staging for padded batches
         self.input = ort.OrtValue.ortvalue_from_shape_and_type((bucket, *INPUT_SHAPE), INPUT_DTYPE, device, 0)
         self.outputs = {
-            name: ort.OrtValue.ortvalue_from_shape_and_type((bucket, NUM_CLASSES), np.float32, device, 0)
-            for name in OUTPUT_NAMES
+            name: ort.OrtValue.ortvalue_from_shape_and_type(
+                (bucket,) if name == DIGIT_SCORE else (bucket, NUM_CLASSES), np.float32, device, 0
+            )
+            for name in outputs
         }
         self.binding = session.io_binding()
         self.binding.bind_ortvalue_input(INPUT_NAME, self.input)
@@ -263,6 +279,10 @@ class BucketSession:
 
     def run(self, images: np.ndarray, output: str = PROBABILITIES) -> np.ndarray:
         """Up to `bucket` images -> their rows of `output` (a copy)."""
+        return self.run_outputs(images, (output,))[0]
+
+    def run_outputs(self, images: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
+        """Up to `bucket` images -> their rows of each of `outputs` (copies), from one run."""
         count = len(images)
         if count == self.bucket and images.flags.c_contiguous and images.dtype == INPUT_DTYPE:
             source = images
@@ -272,7 +292,7 @@ class BucketSession:
             source = self.host
         self.input.update_inplace(source)  # host -> device (or into the CPU buffer): same address every run
         self.session.run_with_iobinding(self.binding)
-        return np.array(self.outputs[output].numpy()[:count])
+        return [np.array(self.outputs[output].numpy()[:count]) for output in outputs]
 
 
 class OnnxRuntimeBackend:
@@ -305,6 +325,7 @@ class OnnxRuntimeBackend:
         self.plan = resolve_plan(Path(model), on_gpu, precision, layout, batch_buckets, max_batch_size, cuda_graph)
         self._dynamic_session: Any = None
         self._buckets: dict[int, BucketSession] = {}
+        self._outputs: tuple[str, ...] = OUTPUT_NAMES  # what the model file gives; `_check_io` sets it
         try:
             self._open_sessions()
         except BackendUnavailable as exc:
@@ -324,6 +345,19 @@ class OnnxRuntimeBackend:
                 f"{self.plan.model_path} says it is {self.metadata.precision}, but precision {self.plan.precision} "
                 "was planned"
             )
+        self.has_digit_score = DIGIT_SCORE in self._outputs
+        if self.has_digit_score != self.metadata.has_digit_score:
+            raise BackendUnavailable(
+                f"{self.plan.model_path} has "
+                + (
+                    f"a {DIGIT_SCORE!r} output but no digit_threshold in its metadata"
+                    if self.has_digit_score
+                    else f"a digit_threshold in its metadata but no {DIGIT_SCORE!r} output"
+                )
+                + "; re-export it with mnist-export (--add-digit-score adds the score to an existing file)"
+            )
+        # What each run fetches: the probabilities, and the score when the model computes it
+        self._fetch = [PROBABILITIES, DIGIT_SCORE] if self.has_digit_score else [PROBABILITIES]
         self.sha256 = hashlib.sha256(self.plan.model_path.read_bytes()).hexdigest()
         self.providers: tuple[str, ...] = tuple(self._any_session().get_providers())
         self._device = gpu_description() if self.plan.on_gpu else "CPU"
@@ -387,14 +421,23 @@ class OnnxRuntimeBackend:
         return session
 
     def _check_io(self, session: Any) -> None:
+        """The contract (proto/contract.py): one float input; logits and probabilities, optionally digit_score."""
         inputs = [(i.name, i.type) for i in session.get_inputs()]
         outputs = [(o.name, o.type) for o in session.get_outputs()]
-        expected_outputs = [(name, "tensor(float)") for name in OUTPUT_NAMES]
-        if inputs != [(INPUT_NAME, "tensor(float)")] or outputs != expected_outputs:
+        allowed = {names: [(name, "tensor(float)") for name in names] for names in (OUTPUT_NAMES, SCORED_OUTPUT_NAMES)}
+        matching = [names for names, expected in allowed.items() if outputs == expected]
+        if inputs != [(INPUT_NAME, "tensor(float)")] or not matching:
             raise BackendUnavailable(
                 f"{self.plan.model_path} has inputs {inputs} and outputs {outputs}; the contract is "
-                f"[({INPUT_NAME!r}, 'tensor(float)')] and {expected_outputs}"
+                f"[({INPUT_NAME!r}, 'tensor(float)')] and {allowed[OUTPUT_NAMES]}, optionally followed by "
+                f"({DIGIT_SCORE!r}, 'tensor(float)') [batch]"
             )
+        score_shape = next((o.shape for o in session.get_outputs() if o.name == DIGIT_SCORE), None)
+        if score_shape is not None and len(score_shape) != 1:
+            raise BackendUnavailable(
+                f"{self.plan.model_path}: output {DIGIT_SCORE!r} has shape {score_shape}; the contract is [batch]"
+            )
+        self._outputs = matching[0]
 
     def _spins(self) -> bool:
         """Idle intra-op threads spin only on a GPU (one thread) unless asked: on CPU they burn the cores that the
@@ -411,12 +454,14 @@ class OnnxRuntimeBackend:
     def _bucket_session(self, bucket: int, graph: bool) -> BucketSession:
         device = "cuda" if self.plan.on_gpu else "cpu"
         try:
-            return BucketSession(self._ort, self._new_session(bucket, graph), bucket, device, graph)
+            session = self._new_session(bucket, graph)
+            return BucketSession(self._ort, session, bucket, device, graph, self._outputs)
         except BackendUnavailable as exc:
             if not graph:
                 raise
             log.warning("batch bucket %d: no session with a CUDA graph (%s); building it without", bucket, exc)
-            return BucketSession(self._ort, self._new_session(bucket, False), bucket, device, False)
+            session = self._new_session(bucket, False)
+            return BucketSession(self._ort, session, bucket, device, False, self._outputs)
 
     def _any_session(self) -> Any:
         return self._dynamic_session or next(iter(self._buckets.values())).session
@@ -447,15 +492,22 @@ class OnnxRuntimeBackend:
             runtime=runtime_description(ort),
             options=options,
             normalization=self.metadata.norm,
+            digit_threshold=self.metadata.digit_threshold,
+            digit_detector=self.metadata.digit_detector or {},
         )
 
-    def run(self, images: np.ndarray) -> np.ndarray:
+    def run(self, images: np.ndarray) -> BackendOutput:
         if self._dynamic_session is not None:
-            return self._dynamic_session.run([PROBABILITIES], {INPUT_NAME: images})[0]
+            fetched = self._dynamic_session.run(self._fetch, {INPUT_NAME: images})
+            return BackendOutput(fetched[0], fetched[1] if self.has_digit_score else None)
         probabilities = np.empty((len(images), NUM_CLASSES), np.float32)
+        scores = np.empty(len(images), np.float32) if self.has_digit_score else None
         for run in plan_runs(len(images), self.plan.buckets):
-            probabilities[run.start : run.stop] = self._buckets[run.bucket].run(images[run.start : run.stop])
-        return probabilities
+            fetched = self._buckets[run.bucket].run_outputs(images[run.start : run.stop], self._fetch)
+            probabilities[run.start : run.stop] = fetched[0]
+            if scores is not None:
+                scores[run.start : run.stop] = fetched[1]
+        return BackendOutput(probabilities, scores)
 
     def warm_up(self) -> float:
         """Run every bucket (capturing its CUDA graph) and check it answers like the largest one; returns seconds.

@@ -1,0 +1,161 @@
+"""Admission control as a whole, against real servers: load the server can carry is never refused; overload is.
+
+Functional, not timed: each test asserts which status codes came back, never how fast. The CPU default is the
+server as `mnist-serve` starts with no flags (the bundled model on this machine's CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import pytest
+
+from loadtest.drivers import open_loop
+from loadtest.servers import ServerProcess
+from proto.mnist.v1 import classifier_pb2 as pb
+from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
+from training.data import load_split
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cpu_default(mnist_dir: Path):
+    with ServerProcess([]) as server:
+        yield server
+
+
+def loadtest(target: str, users: int, out: Path, seconds: int = 6) -> dict:
+    """`mnist-loadtest` (Locust, the 6:3:1 mix of raw, encoded and batch calls) with no latency objective to speak
+    of: only the status codes are judged here."""
+    command = [sys.executable, "-m", "loadtest.run", "--host", target, "--users", str(users), "--spawn-rate"]
+    command += [str(users), "--run-time", f"{seconds}s", "--slo-p99-ms", "60000", "--max-error-ratio", "1"]
+    command += ["--min-accuracy", "0", "--report-dir", str(out)]
+    finished = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    (run_dir,) = out.iterdir()
+    return json.loads((run_dir / "verdict.json").read_text())
+
+
+@pytest.mark.parametrize("users", [1, 4, 16, 64])
+def test_closed_loops_of_the_load_test_mix_are_never_refused(cpu_default, users: int, tmp_path: Path) -> None:
+    """Closed-loop users cannot overload a server: each waits for its answer before it sends again. 4 users once got
+    3,749 of 4,991 calls refused; 64 users keep about 200 ms of work queued on this CPU and must be served too."""
+    verdict = loadtest(cpu_default.target, users, tmp_path)
+    assert verdict["errors"] == {}, verdict["errors"]
+    assert verdict["total"]["requests"] >= 10 * users
+    assert {row["name"] for row in verdict["rows"]} == {"Classify raw", "Classify encoded", "ClassifyBatch"}
+
+
+class Clients:
+    """`count` threads, each with its own connection, sending raw Classify back to back and recording every code."""
+
+    def __init__(self, target: str, count: int, pause_on_unavailable: float = 0.01) -> None:
+        digits = load_split("test").images[:64]
+        self.requests = [pb.ClassifyRequest(raw=digit.tobytes()) for digit in digits]
+        self.target, self.pause = target, pause_on_unavailable
+        self.codes: Counter = Counter()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(count)]
+
+    def _run(self, offset: int) -> None:
+        options = [("grpc.use_local_subchannel_pool", 1), ("grpc.initial_reconnect_backoff_ms", 50)]
+        with grpc.insecure_channel(self.target, options=options) as channel:
+            stub, i = pb_grpc.ClassifierStub(channel), offset
+            while not self.stop.is_set():
+                try:
+                    stub.Classify(self.requests[i % len(self.requests)], timeout=10)
+                    code = "OK"
+                except grpc.RpcError as err:
+                    code = err.code().name
+                with self.lock:
+                    self.codes[code] += 1
+                if code == "UNAVAILABLE":  # the server is going or gone: do not spin
+                    time.sleep(self.pause)
+                i += 1
+
+    def __enter__(self) -> Clients:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    def snapshot(self) -> Counter:
+        with self.lock:
+            return Counter(self.codes)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_draining_server_under_16_clients_refuses_nothing_for_load(mnist_dir: Path, sig: signal.Signals) -> None:
+    """During the drain (health NOT_SERVING, then new calls UNAVAILABLE) nothing is refused RESOURCE_EXHAUSTED:
+    79 calls once were, in the drain second."""
+    with ServerProcess(["--drain-seconds", "1"]) as server, Clients(server.target, 16) as clients:
+        time.sleep(2.0)
+        assert clients.snapshot()["OK"] > 16
+        server.process.send_signal(sig)
+        assert server.process.wait(60) == 0
+        time.sleep(0.5)
+    codes = clients.snapshot()
+    assert "RESOURCE_EXHAUSTED" not in codes, codes
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+
+
+def test_clients_reconnecting_to_a_restarted_server_are_not_refused(mnist_dir: Path) -> None:
+    """16 clients hammering a server that is killed and started again on the same port: once it is SERVING, every
+    call is answered (1,283 were refused while the new server learnt its speed)."""
+    with ServerProcess([]) as first:
+        port = first.port
+        with Clients(first.target, 16, pause_on_unavailable=0.05) as clients:
+            time.sleep(1.0)
+            first.process.kill()
+            first.process.wait(30)
+            with ServerProcess([], port=port):
+                before = clients.snapshot()
+                time.sleep(4.0)
+                after = clients.snapshot()
+    answered = after - before
+    assert answered["OK"] > 16
+    assert "RESOURCE_EXHAUSTED" not in after, after
+
+
+def test_a_5x_open_loop_is_shed(cpu_default) -> None:
+    """Overload is refused (RESOURCE_EXHAUSTED, at admission) rather than queued until every call is late."""
+    with Clients(cpu_default.target, 16) as clients:  # capacity: what 16 closed-loop clients get answered
+        time.sleep(1.0)
+        before, started = clients.snapshot()["OK"], time.monotonic()
+        time.sleep(3.0)
+        capacity = (clients.snapshot()["OK"] - before) / (time.monotonic() - started)
+    rate = 5 * capacity
+    overload = open_loop(cpu_default.target, rate, 4.0, processes=2, deadline_s=1.0)
+    assert overload.errors.get("RESOURCE_EXHAUSTED", 0) > 0, overload.errors
+    assert len(overload.latencies_s) > 0  # and some are served
+
+
+def test_calls_over_the_concurrency_bound_are_refused_by_grpc_and_the_rest_served(mnist_dir: Path) -> None:
+    """`--max-concurrent-calls` is gRPC's own bound (refused before any handler: the cheapest refusal there is)."""
+    slow = ["--backend", "null-threaded", "--null-device-ms", "300+0", "--max-batch-size", "1"]
+    with ServerProcess([*slow, "--max-concurrent-calls", "3", "--queue-target-ms", "off"]) as server:
+        request = pb.ClassifyRequest(raw=load_split("test").images[0].tobytes())
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+            held = [stub.Classify.future(request, timeout=10) for _ in range(3)]
+            time.sleep(0.1)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Classify(request, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "Concurrent RPC limit" in refused.value.details()
+            assert [future.result().digit for future in held] == [0, 0, 0]  # the null engine's fixed answer
+            assert stub.Classify(request, timeout=10).digit == 0  # slots free again: served
