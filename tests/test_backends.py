@@ -361,13 +361,18 @@ def test_the_default_cpu_backend_describes_one_any_shape_fp32_session() -> None:
     assert (info.precision, info.layout, info.batch_buckets) == ("fp32", "NCHW", ())
     assert info.max_batch_size == 32 and info.io_binding is False and info.cuda_graph is False
     assert info.device == "CPU" and info.runtime.startswith("onnxruntime")
-    assert info.options == {"intra_op_spinning": "off"}
+    assert info.options == {"intra_op_spinning": "run"}
     assert info.model_path == str(BUNDLED_MODEL) and len(info.model_sha256) == 64
 
 
-@pytest.mark.parametrize(("spinning", "allowed"), [("auto", "0"), ("off", "0"), ("on", "")])
-def test_cpu_sessions_idle_without_spinning_unless_asked(spinning: str, allowed: str) -> None:
-    """Spinning intra-op threads burnt 1.5 of 2 cores at half load, starving the gRPC front end."""
+@pytest.mark.parametrize(
+    ("spinning", "allowed", "stop", "described"),
+    [("auto", "", "1", "run"), ("run", "", "1", "run"), ("off", "0", "", "off"), ("on", "", "", "on")],
+)
+def test_cpu_sessions_spin_only_while_a_run_is_in_progress_unless_asked(
+    spinning: str, allowed: str, stop: str, described: str
+) -> None:
+    """Threads spinning between requests burnt 1.5 of 2 cores at half load; never spinning woke them op by op."""
     options: list[ort.SessionOptions] = []
 
     def factory(path: str, sess_options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
@@ -376,14 +381,15 @@ def test_cpu_sessions_idle_without_spinning_unless_asked(spinning: str, allowed:
 
     backend = OnnxRuntimeBackend(BUNDLED_MODEL, provider="cpu", spinning=spinning, session_factory=factory)
 
-    def entry(o: ort.SessionOptions) -> str:
+    def entry(o: ort.SessionOptions, key: str) -> str:
         try:
-            return o.get_session_config_entry("session.intra_op.allow_spinning")
-        except RuntimeError:  # not set: ONNX Runtime's default, spinning
+            return o.get_session_config_entry(key)
+        except RuntimeError:  # not set: ONNX Runtime's default (spinning, and on after a run)
             return ""
 
-    assert [entry(o) for o in options] == [allowed]
-    assert backend.describe().options["intra_op_spinning"] == ("on" if spinning == "on" else "off")
+    assert [entry(o, "session.intra_op.allow_spinning") for o in options] == [allowed]
+    assert [entry(o, "session.force_spinning_stop") for o in options] == [stop]
+    assert backend.describe().options["intra_op_spinning"] == described
 
 
 def test_a_cpu_backend_with_buckets_describes_them_and_io_binding() -> None:

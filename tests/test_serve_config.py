@@ -79,7 +79,7 @@ def test_a_malformed_flag_value_exits(capsys: pytest.CaptureFixture[str]) -> Non
         (["--backend", "null-threaded", "--null-device-ms", "2ms"], {}, "null_device_ms must look like FIXED"),
         (["--backend", "null-threaded", "--null-device-ms", "1+-4"], {}, "two non-negative numbers"),
         (["--backend", "null", "--null-device-ms", "1+4"], {}, "null_device_ms needs --backend null-threaded"),
-        (["--ort-spinning", "always"], {}, "ort_spinning must be one of auto, on, off"),
+        (["--ort-spinning", "always"], {}, "ort_spinning must be one of auto, on, run, off"),
         (["--liveness-stall-seconds", "0"], {}, "liveness_stall_seconds must be > 0"),
     ],
     ids=[

@@ -137,7 +137,7 @@ def test_model_info_of_the_cpu_server_reports_the_engine_and_its_setup(onnx_serv
     assert list(info.batch_buckets) == [] and info.cuda_graph is False
     assert info.device == "CPU" and info.runtime.startswith("onnxruntime")
     assert list(info.providers) == ["CPUExecutionProvider"]
-    assert list(info.engine_options) == ["intra_op_spinning=off"]  # idle CPU threads sleep
+    assert list(info.engine_options) == ["intra_op_spinning=run"]  # CPU threads spin during runs only
 
 
 def test_model_info_says_where_the_digit_score_comes_from(onnx_served, null_served, scoreless_model) -> None:
