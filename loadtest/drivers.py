@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -53,11 +52,11 @@ def sample_digits(count: int = 1000) -> np.ndarray:
         return (rng.random((count, IMAGE_SIDE, IMAGE_SIDE)) > 0.8).astype(np.uint8) * 255
 
 
-def _requests(images_per_call: int, seed: int) -> tuple[list, str]:
+def _requests(images_per_call: int, seed: int, digits: np.ndarray | None = None) -> tuple[list, str]:
     """Prebuilt requests (raw MNIST digits) and the method that takes them."""
     from proto.mnist.v1 import classifier_pb2 as pb
 
-    digits = sample_digits()
+    digits = sample_digits() if digits is None else digits
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(digits))
     singles = [pb.ClassifyRequest(raw=digits[i].tobytes()) for i in order]
@@ -106,38 +105,49 @@ class StartLine:
     Spawning 16 clients on two busy cores once took longer than any fixed head start, and late starters ran short
     measurements: 16 clients seemed to get half of what they did."""
 
-    def __init__(self, context: Any, processes: int) -> None:
-        self._barrier = context.Barrier(processes + 1)
+    def __init__(self, context: Any) -> None:
+        self._ready = context.Semaphore(0)
+        self._failed = context.Event()
         self._go = context.Event()
         self._at = context.Value("d", 0.0)
 
     def ready(self, timeout: float = 120.0) -> float:
         """In a load process, once it can send: wait for the others; returns the start time (time.time())."""
-        self._barrier.wait(timeout)
-        self._go.wait(timeout)
+        self._ready.release()
+        if not self._go.wait(timeout):
+            raise TimeoutError("the load never started")
         return self._at.value
 
     def abort(self) -> None:
         """In a load process that cannot start: tell the parent at once instead of letting it wait."""
-        self._barrier.abort()
+        self._failed.set()
 
-    def start(self, timeout: float, head_start: float = 0.1) -> float:
-        """In the parent: wait until every process is ready, then set the start; returns it (time.time())."""
-        self._barrier.wait(timeout)
+    def start(self, processes: list, timeout: float, head_start: float = 0.1) -> float:
+        """In the parent: wait until every process is ready, then set the start; returns it (time.time()).
+        RuntimeError at once if one aborted or died first."""
+        give_up = time.monotonic() + timeout
+        waiting = len(processes)
+        while waiting:
+            if self._ready.acquire(timeout=0.2):
+                waiting -= 1
+            elif self._failed.is_set() or any(p.exitcode is not None for p in processes):
+                raise RuntimeError("a load process could not start")
+            elif time.monotonic() > give_up:
+                raise RuntimeError(f"{waiting} load processes were not ready within {timeout:g} s")
         self._at.value = time.time() + head_start
         self._go.set()
         return self._at.value
 
 
 def _closed_loop_client(
-    target: str, seconds: float, seed: int, images_per_call: int, start: StartLine, queue: mp.Queue
+    target: str, seconds: float, seed: int, images_per_call: int, digits: np.ndarray, start: StartLine, queue: mp.Queue
 ) -> None:
     import grpc
 
     from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
 
     try:
-        requests, method = _requests(images_per_call, seed)
+        requests, method = _requests(images_per_call, seed, digits)
         channel = grpc.insecure_channel(target)
         call = getattr(pb_grpc.ClassifierStub(channel), method)
         _connect(call, requests[0])
@@ -171,17 +181,17 @@ def _in_processes(
     (StartLine); their results, in any order. A process that fails to get ready fails the whole load at once."""
     context = mp.get_context("spawn")
     queue: mp.Queue = context.Queue()
-    start = StartLine(context, len(arguments))
+    start = StartLine(context)
     procs = [context.Process(target=worker, args=(*args, start, queue)) for args in arguments]
     for p in procs:
         p.start()
     try:
-        start_at = start.start(timeout=120)
-    except threading.BrokenBarrierError:
+        start_at = start.start(procs, timeout=120)
+    except RuntimeError as problem:
         failure = next((item for item in _drain(queue) if isinstance(item, BaseException)), None)
         for p in procs:
             p.kill()
-        raise RuntimeError(f"a load process could not start: {failure!r}") from failure
+        raise RuntimeError(f"{problem}: {failure!r}") from failure
     if on_start is not None:
         on_start(start_at)
     gathered = [queue.get(timeout=seconds + 120) for _ in procs]
@@ -202,9 +212,9 @@ def _drain(queue: mp.Queue) -> list:
 
 def closed_loop(target: str, clients: int, seconds: float, images_per_call: int = 1) -> LoadResult:
     """`clients` processes, each with one call in flight for `seconds`."""
-    gathered = _in_processes(
-        _closed_loop_client, [(target, seconds, i, images_per_call) for i in range(clients)], seconds
-    )
+    digits = sample_digits()  # read once here, not in every client process (MNIST took each of them ~0.3 s)
+    arguments = [(target, seconds, i, images_per_call, digits) for i in range(clients)]
+    gathered = _in_processes(_closed_loop_client, arguments, seconds)
     errors: Counter = Counter()
     for _, errs, _ in gathered:
         errors.update(errs)
@@ -220,13 +230,14 @@ async def _open_loop_sender(
     images_per_call: int,
     seed: int,
     deadline_s: float,
+    digits: np.ndarray,
     start: StartLine,
 ) -> tuple[list[float], dict[str, int], int, list[float]]:
     import grpc
 
     from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
 
-    requests, method = _requests(images_per_call, seed)
+    requests, method = _requests(images_per_call, seed, digits)
     latencies: list[float] = []
     lateness: list[float] = []
     errors: Counter = Counter()
@@ -270,11 +281,13 @@ def _open_loop_process(
     images_per_call: int,
     seed: int,
     deadline_s: float,
+    digits: np.ndarray,
     start: StartLine,
     queue: mp.Queue,
 ) -> None:
     try:
-        result = asyncio.run(_open_loop_sender(target, rate, seconds, offset, images_per_call, seed, deadline_s, start))
+        sender = _open_loop_sender(target, rate, seconds, offset, images_per_call, seed, deadline_s, digits, start)
+        result = asyncio.run(sender)
     except BaseException as exc:
         queue.put(exc)
         raise
@@ -294,9 +307,13 @@ def open_loop(
     deadline of `deadline_s`; they begin together once every sender is connected (`on_start(time.time())` is told
     when, in the parent)."""
     per_process = rate / processes
+    digits = sample_digits()
     gathered = _in_processes(
         _open_loop_process,
-        [(target, per_process, seconds, i / rate, images_per_call, 100 + i, deadline_s) for i in range(processes)],
+        [
+            (target, per_process, seconds, i / rate, images_per_call, 100 + i, deadline_s, digits)
+            for i in range(processes)
+        ],
         seconds,
         on_start,
     )

@@ -187,11 +187,26 @@ def new_request_id_array(count: int) -> np.ndarray:
     """`count` ids like `new_request_ids`, as a (count, 32) array of their ASCII bytes, for a batch response: 24 hex
     digits of randomness shared by the batch (96 bits, from one urandom call), then each item's index in 8."""
     random = np.frombuffer(os.urandom(12), np.uint8)
-    index = np.arange(count, dtype=">u4").view(np.uint8).reshape(count, 4)
+    prefix = np.empty(24, np.uint8)
+    prefix[0::2], prefix[1::2] = _HEX[random >> 4], _HEX[random & 15]
     ids = np.empty((count, 32), np.uint8)
-    ids[:, 0:24:2], ids[:, 1:24:2] = _HEX[random >> 4], _HEX[random & 15]
-    ids[:, 24::2], ids[:, 25::2] = _HEX[index >> 4], _HEX[index & 15]
+    ids[:, :24] = prefix
+    ids[:, 24:] = _index_hex(count)
     return ids
+
+
+def _index_hex(count: int) -> np.ndarray:
+    """(count, 8): 0, 1, 2, ... as 8 hex digits each; made once, for the largest batch seen so far."""
+    global _INDEX_HEX
+    if len(_INDEX_HEX) < count:
+        index = np.arange(max(count, 2 * len(_INDEX_HEX)), dtype=">u4").view(np.uint8).reshape(-1, 4)
+        table = np.empty((len(index), 8), np.uint8)
+        table[:, 0::2], table[:, 1::2] = _HEX[index >> 4], _HEX[index & 15]
+        _INDEX_HEX = table
+    return _INDEX_HEX[:count]
+
+
+_INDEX_HEX = np.empty((0, 8), np.uint8)
 
 
 def fill_request_ids(request_ids: Sequence[str]) -> list[str]:
