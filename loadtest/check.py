@@ -6,8 +6,8 @@ both sides alike; the limits are in loadtest/check.toml.
 
 1. **ceiling**: `mnist-serve --backend null` against the echo server (loadtest/echo_server.py), same clients:
    Classify at 1 client (p50 added) and 16 clients (share of calls/s), ClassifyBatch (share of images/s);
-2. **mix**: `mnist-loadtest` closed loop (raw, encoded and batch calls) against the CPU default: no refusal;
-3. **overhead**: the bundled model at 1 client against its bare session, interleaved (p50 added);
+2. **overhead**: the bundled model at 1 client against its bare session, interleaved (p50 added);
+3. **mix**: `mnist-loadtest` closed loop (raw, encoded and batch calls) against the CPU default: no refusal;
 4. **refusal**: server CPU per refused call against per echo call (loadtest/cpu_cost.py).
 
 Writes DIR/check.json and DIR/check.md (date, commit, machine, every line) and exits 1 when a line fails.
@@ -218,9 +218,9 @@ def run_check(out: Path, seconds: float = 3.0, limits_path: Path = LIMITS) -> in
         lines.extend(new)
 
     report(check_ceiling(limits["ceiling"], seconds))
-    with ServerProcess([]) as cpu_default:
-        report([check_mix(cpu_default.target, limits["mix"], out)])
+    with ServerProcess([]) as cpu_default:  # the overhead first: one call at a time to a server fresh from start-up
         report([check_overhead(cpu_default.target, limits["overhead"], seconds / 2)])
+        report([check_mix(cpu_default.target, limits["mix"], out)])
     report([check_refusal(limits["refusal"])])
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
