@@ -220,6 +220,27 @@ def plan(profile_name: str, out: Path) -> list[Step]:
             why="fp16 against fp32 for the full model",
         ),  # fmt: skip
         Step(
+            "digit-score-cost",
+            [
+                PY,
+                "-m",
+                "loadtest.digit_score_cost",
+                "--batches",
+                f"1,{p.batch_images}",
+                "--rounds",
+                "5",
+                "--round-seconds",
+                p.seconds,
+                "--json",
+                str(out / "digit-score-cost.json"),
+                "--",
+                "--provider",
+                p.provider,
+            ],
+            90,
+            why="the not-a-digit score inside the model's graph: what it adds to a run (target: <= 10%)",
+        ),  # fmt: skip
+        Step(
             "bundled-fp16-accuracy",
             [*export, "--check", str(fp16_bundled)],
             60,
@@ -392,6 +413,13 @@ def collect(profile: str, out: Path, records: list[dict], seconds: float) -> dic
            loadtest.get("passed") if loadtest else None,
            f"{total.get('requests_per_second', 0):,.0f} requests/s, Locust mix, answers checked"
            if loadtest else "not run")  # fmt: skip
+    score = _load(out / "digit-score-cost.json")
+    for size in (1, batch):
+        row = (score or {}).get("batches", {}).get(str(size))
+        added = row and row["median_ms"]["in-graph"] / row["median_ms"]["classifier"] - 1
+        target(f"the digit score adds <= 10% to a run of {size}", added, None if row is None else added <= 0.10,
+               f"{row['median_ms']['in-graph']:.3f} vs {row['median_ms']['classifier']:.3f} ms (medians of rounds)"
+               if row else "not measured")  # fmt: skip
     if train:
         seconds_taken = f"{train['wall_seconds_to_checkpoint']:.1f} s to checkpoint"
         target("googlenet >= 99.6% test accuracy (the README recipe)", train["test_accuracy"],

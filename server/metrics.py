@@ -37,6 +37,11 @@ LATENCY_BUCKETS = (
     0.025,
     0.05,
     0.1,
+    0.25,  # a loaded CPU server queues hundreds of milliseconds (64 load-test users: about 250 ms), and a standing
+    0.5,  # queue holds up to --queue-target-ms (at most 500 ms by default): without these edges every quantile
+    1.0,  # above 100 ms read as 100 ms
+    2.5,
+    5.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 CONFIDENCE_BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)

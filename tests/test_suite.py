@@ -89,6 +89,9 @@ def test_targets_are_judged_against_the_echo_server_measured_in_the_same_run(tmp
     verdict_dir = tmp_path / "loadtest" / "20260101-000000"
     verdict_dir.mkdir(parents=True)
     (verdict_dir / "verdict.json").write_text(json.dumps({"passed": True, "total": {"p99_ms": 4.2}}))
+    score = {size: {"median_ms": {"classifier": run, "in-graph": run * grown}} for size, run, grown in
+             (("1", 0.30, 1.05), ("256", 2.40, 1.20))}  # fmt: skip
+    (tmp_path / "digit-score-cost.json").write_text(json.dumps({"batches": score}))
     results = collect("gpu", tmp_path, [{"name": "train", "status": "passed"}], 400.0)
     verdicts = {t["target"]: t["passed"] for t in results["targets"]}
     assert verdicts == {
@@ -98,6 +101,8 @@ def test_targets_are_judged_against_the_echo_server_measured_in_the_same_run(tmp
         "googlenet-fast ClassifyBatch of 256 >= 50,000 images/s at p99 <= 10 ms": True,
         "googlenet (fp16) ClassifyBatch of 256 >= 25,000 images/s at p99 <= 10 ms": False,
         "mnist-loadtest with 16 users passes the 10 ms SLO": True,
+        "the digit score adds <= 10% to a run of 1": True,  # +5%
+        "the digit score adds <= 10% to a run of 256": False,  # +20%
     }
     text = summary_markdown(results)
     assert "| googlenet-fast at 64 clients >= 75% of the echo server's calls/s | 0.538 | FAIL |" in text
