@@ -35,6 +35,7 @@ class LoadResult:
     images_per_call: int = 1
     sent: int = 0  # calls sent (open loop: as scheduled)
     late_p99_ms: float = 0.0  # open loop: how late the sender itself was at the 99th percentile
+    reasons: dict[str, int] = field(default_factory=dict)  # open loop: failures by code and what the server said
 
     @property
     def error_count(self) -> int:
@@ -232,7 +233,7 @@ async def _open_loop_sender(
     deadline_s: float,
     digits: np.ndarray,
     start: StartLine,
-) -> tuple[list[float], dict[str, int], int, list[float]]:
+) -> tuple[list[float], dict[str, int], int, list[float], dict[str, int]]:
     import grpc
 
     from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
@@ -241,6 +242,7 @@ async def _open_loop_sender(
     latencies: list[float] = []
     lateness: list[float] = []
     errors: Counter = Counter()
+    reasons: Counter = Counter()
     async with grpc.aio.insecure_channel(target) as channel:
         call = getattr(pb_grpc.ClassifierStub(channel), method)
         try:  # connected (not a call: a server that refuses everything is a fine target)
@@ -260,6 +262,7 @@ async def _open_loop_sender(
                 latencies.append(time.perf_counter() - max(due, sent))
             except grpc.aio.AioRpcError as exc:
                 errors[exc.code().name] += 1
+                reasons[f"{exc.code().name}: {(exc.details() or '').split(':')[0][:60]}"] += 1
 
         tasks = []
         k = 0
@@ -270,7 +273,7 @@ async def _open_loop_sender(
             tasks.append(asyncio.ensure_future(one(requests[k % len(requests)], due)))
             k += 1
         await asyncio.gather(*tasks)
-    return latencies, dict(errors), k, lateness
+    return latencies, dict(errors), k, lateness, dict(reasons)
 
 
 def _open_loop_process(
@@ -318,17 +321,20 @@ def open_loop(
         on_start,
     )
     errors: Counter = Counter()
-    for _, errs, _, _ in gathered:
+    reasons: Counter = Counter()
+    for _, errs, _, _, said in gathered:
         errors.update(errs)
-    latencies = np.concatenate([np.asarray(lat, float) for lat, _, _, _ in gathered])
-    lateness = np.concatenate([np.asarray(late, float) for _, _, _, late in gathered])
+        reasons.update(said)
+    latencies = np.concatenate([np.asarray(lat, float) for lat, *_ in gathered])
+    lateness = np.concatenate([np.asarray(late, float) for _, _, _, late, _ in gathered])
     return LoadResult(
         latencies,
         dict(errors),
         seconds,
         images_per_call,
-        sent=sum(sent for _, _, sent, _ in gathered),
+        sent=sum(sent for _, _, sent, _, _ in gathered),
         late_p99_ms=float(np.percentile(lateness, 99) * 1000) if len(lateness) else 0.0,
+        reasons=dict(reasons),
     )
 
 

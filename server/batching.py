@@ -123,11 +123,12 @@ class BatchCost:
         return fixed + per_image * images
 
     def images_within(self, seconds: float) -> int:
-        """The most images a batch can hold and still be predicted to run within `seconds` (at least 1)."""
-        fixed, per_image = self.line()
+        """The most images whose cost per image adds up to `seconds` (at least 1). The fixed part is paid whatever
+        the batch holds, so it limits nothing: an engine whose cost is mostly per batch keeps its full batches."""
+        _, per_image = self.line()
         if per_image <= 0:
             return 2**31
-        return max(1, math.floor((seconds - fixed) / per_image))
+        return max(1, math.floor(seconds / per_image + 1e-9))
 
 
 MIN_RUNS_TO_JUDGE = 8  # no refusal is predicted before the engine's speed is known from this many real runs
@@ -287,8 +288,8 @@ class Batcher:
         return full * self.cost.seconds(limit) + (self.cost.seconds(partial) if partial else 0.0)
 
     def batch_limit(self) -> int:
-        """Images per batch: max_batch_size, unless such a batch would run longer than the queue target allows a
-        batch (an eighth of it: AUTO_TARGET_FULL_BATCHES): then as many as run within that. An engine whose cost is
+        """Images per batch: max_batch_size, unless the images' own cost would take longer than the queue target allows
+        a batch (an eighth of it: AUTO_TARGET_FULL_BATCHES): then as many as fit in that. An engine whose cost is
         all per image gains nothing from large batches, only latency: with 256-image batches of a 1+4 ms/image
         device, every call waited half a second for the batch ahead and half a second in its own. Until the speed is
         known, batches after the first hold what the runs so far predict to take LEARNING_RUN_S: a flood arriving at
@@ -411,7 +412,7 @@ class Batcher:
 
     def _fill_wait(self) -> float:
         """Seconds the next batch should still wait for more images (max_queue_delay), 0 to take it now."""
-        if self.max_queue_delay > 0 and not self._closed and self._jobs and self._queued < self.max_batch_size:
+        if self.max_queue_delay > 0 and not self._closed and self._jobs and self._queued < self.batch_limit():
             return max(0.0, self._jobs[0].enqueued_at + self.max_queue_delay - time.monotonic())
         return 0.0
 
@@ -450,6 +451,8 @@ class Batcher:
                 continue
             count = min(room, left)
             deadline = math.inf if job.deadline is None else job.deadline
+            if judged and now + self.cost.seconds(count) > deadline:
+                deadline = math.inf  # too late even alone (a run overran): it must not hold its batch to itself
             if batch and judged and now + self.cost.seconds(rows + count) > min(ends_by, deadline):
                 break  # the batch as it is ends in time for all of its jobs; this one waits for the next
             if job.taken == 0:

@@ -823,3 +823,42 @@ def test_an_engine_whose_cost_is_per_batch_keeps_its_full_batches() -> None:
         assert batcher.batch_limit() == 256
 
     run(scenario, max_batch_size=256, max_queue_size=512)
+
+
+def test_an_engine_whose_fixed_cost_exceeds_the_targets_share_still_runs_full_batches() -> None:
+    """3 ms a batch + 10 us an image with a 20 ms target: the fixed cost is paid whatever the batch holds, so
+    limiting the batch to what fits in 2.5 ms would cut throughput a hundredfold and save nothing."""
+
+    async def mostly_fixed(batcher: Batcher, model: FakeModel) -> None:
+        for _ in range(MIN_RUNS_TO_JUDGE):
+            batcher.cost.observe(1, 0.00301)
+            batcher.cost.observe(256, 0.00556)
+        assert batcher.batch_limit() == 250  # the images' own 2.5 ms
+
+    async def all_fixed(batcher: Batcher, model: FakeModel) -> None:
+        for _ in range(MIN_RUNS_TO_JUDGE):
+            batcher.cost.observe(1, 0.300)  # no image adds anything
+            batcher.cost.observe(256, 0.300)
+        assert batcher.batch_limit() == 256
+
+    run(mostly_fixed, max_batch_size=256, max_queue_size=512, queue_target=0.02)
+    run(all_fixed, max_batch_size=256, max_queue_size=512, queue_target=0.02)
+
+
+def test_a_job_too_late_even_alone_does_not_hold_its_batch_to_itself() -> None:
+    """After a run that overran, the job at the head cannot meet its deadline whatever happens: the jobs behind it
+    still share its batch, instead of every batch running one doomed job."""
+
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        teach(batcher, 0.1)  # "100 ms an image"
+        held = await model.hold(batcher)
+        doomed = asyncio.ensure_future(batcher.classify(images(1), deadline=time.monotonic() + 0.35))
+        await asyncio.sleep(0)
+        rest = [asyncio.ensure_future(batcher.classify(images(n))) for n in range(2, 9)]
+        await asyncio.sleep(0.3)  # the running batch overran: 50 ms left for the head, which needs "100 ms"
+        model.released.set()
+        await asyncio.gather(held, *rest)
+        await asyncio.gather(doomed, return_exceptions=True)
+        assert model.sizes()[1:] == [8]  # together, not the doomed one alone and then the rest
+
+    run(scenario, max_batch_size=8, queue_target=0.0)
