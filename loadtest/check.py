@@ -50,11 +50,12 @@ class Line:
 
 
 def commit() -> str:
-    """The checked-out commit, with `+dirty` when the tree has changes (what was measured, exactly)."""
+    """The checked-out commit, with `+dirty` when the tree has changes (what was measured, exactly); recorded
+    results (loadtest/results, where a check may be writing) do not count."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=REPO_ROOT)  # fmt: skip
+        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)loadtest/results"]
+        dirty = subprocess.run(status, capture_output=True, text=True, cwd=REPO_ROOT)
     except OSError:
         return "unknown"
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
