@@ -19,6 +19,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -131,8 +132,10 @@ def run_mix(target: str, users: int, seconds: float, out: Path) -> dict[str, Any
     return json.loads((runs[-1] / "verdict.json").read_text())
 
 
-def check_mix(target: str, limits: dict[str, Any], out: Path) -> Line:
-    verdict = run_mix(target, int(limits["users"]), float(limits["seconds"]), out / "mix")
+def check_mix(target: str, limits: dict[str, Any]) -> Line:
+    """Locust's own reports go to a temporary folder: the verdict, kept in check.json, is what the line needs."""
+    with tempfile.TemporaryDirectory() as reports:
+        verdict = run_mix(target, int(limits["users"]), float(limits["seconds"]), Path(reports))
     refused = verdict["errors"].get("RESOURCE_EXHAUSTED", 0)
     others = {code: n for code, n in verdict["errors"].items() if code != "RESOURCE_EXHAUSTED"}
     total = verdict["total"]
@@ -221,7 +224,7 @@ def run_check(out: Path, seconds: float = 3.0, limits_path: Path = LIMITS) -> in
     report(check_ceiling(limits["ceiling"], seconds))
     with ServerProcess([]) as cpu_default:  # the overhead first: one call at a time to a server fresh from start-up
         report([check_overhead(cpu_default.target, limits["overhead"], seconds / 2)])
-        report([check_mix(cpu_default.target, limits["mix"], out)])
+        report([check_mix(cpu_default.target, limits["mix"])])
     report([check_refusal(limits["refusal"])])
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -29,7 +29,7 @@ import numpy as np
 from proto.contract import INPUT_DTYPE, INPUT_SHAPE
 from server import tracing
 from server.backends.base import Backend, BackendInfo
-from server.batching import Batcher, BatchObserver
+from server.batching import AUTO, Batcher, BatchObserver
 from server.budgets import PixelBudget, return_freed_memory
 from server.digit_scores import DigitScorer, ModelDigitScore
 from server.digit_scores import choose as choose_digit_scorer
@@ -65,7 +65,7 @@ class PipelineSettings:
     max_image_pixels: int
     max_request_pixels: int = 16_000_000
     max_decoding_pixels: int = 16_000_000
-    queue_target: float | str = "auto"  # seconds a standing queue may hold (server/batching.py); "auto"; 0 = off
+    queue_target: float | str = AUTO  # seconds a standing queue may hold (server/batching.py); AUTO; 0 = off
     preprocess_workers: int = 0  # 0 = one per core
 
 
