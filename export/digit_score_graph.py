@@ -1,6 +1,6 @@
 """The digit detector as ONNX nodes, attached to the classifier graph: one session run gives the answer and its score.
 
-`server/digit_detector.py` (numpy) runs after the model on the batch runner thread: 0.18 ms for one
+`server/pipeline/digit_detector.py` (numpy) runs after the model on the batch runner thread: 0.18 ms for one
 image, 36 us per image at 256, on a GPU several times the model itself. Here the same computation
 (same features, same fusion network, the same numbers: `DigitDetector.graph_constants`) becomes a
 subgraph reading the graph's `image` input and its `probabilities` output and writing a third
@@ -40,7 +40,7 @@ from proto.contract import (
     output_layout,
     read_metadata,
 )
-from server.digit_detector import (
+from server.pipeline.digit_detector import (
     FEATURE_NAMES,
     HOG_CELLS,
     HOG_CHANNELS,

@@ -2,10 +2,10 @@
 
     python -m export.digit_score_report --data-dir /work/shared/data/mnist
 
-Before: the numpy detector (server/digit_detector.py) scoring the model's probabilities after the
+Before: the numpy detector (server/pipeline/digit_detector.py) scoring the model's probabilities after the
 model, as the server did for every answer. After: the models' own `digit_score` output
 (export/digit_score_graph.py), fp32 and fp16. Measured on the same images:
-  - catch rate on non-digits: the evaluation sets of `python -m export.digit_detector` (fresh
+  - catch rate on non-digits: the evaluation sets of `python -m training.fit_digit_detector` (fresh
     samples of the fitted kinds, kinds held out of fitting, and the ambiguous rings and strokes,
     reported apart), generated from the same seed;
   - false-alarm rate on MNIST test digits, clean and through mnist-eval's 21-kind corruption suite
@@ -28,8 +28,8 @@ import numpy as np
 
 from proto.contract import DIGIT_SCORE, INPUT_NAME, MNIST_NORMALIZATION, PROBABILITIES, variant_path
 from server.config import BUNDLED_MODEL, DIGIT_DETECTOR
-from server.digit_detector import DigitDetector
-from training.corruptions import CORRUPTIONS, corrupt
+from server.pipeline.digit_detector import DigitDetector
+from training.corruptions import HELD_OUT_CORRUPTIONS, corrupt
 from training.data import load_split, sha256_file
 
 TARGET_POINTS = 1.0  # the in-graph score may move a headline rate by at most this many percentage points
@@ -64,7 +64,7 @@ def digit_sets(data_dir: str | None, limit: int, seed: int) -> dict[str, np.ndar
     test = load_split("test", data_dir)
     images = test.images[:limit] if limit else test.images
     sets = {"clean": MNIST_NORMALIZATION.apply(test.images)[:, None]}
-    for kind in CORRUPTIONS:
+    for kind in HELD_OUT_CORRUPTIONS:
         sets[kind] = MNIST_NORMALIZATION.apply(corrupt(images, kind, seed))[:, None]
     return sets
 
@@ -126,16 +126,16 @@ def agreement(sets: dict[str, dict[str, np.ndarray]], threshold: float) -> dict[
 def build_report(args: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from export.digit_detector import LETTER_SHARE, NEGATIVES_EVAL, SEED, negative_categories
+    from training.fit_digit_detector import LETTER_SHARE, NEGATIVES_EVAL, SEED, negative_categories
 
     started = time.perf_counter()
     detector = DigitDetector.load(args.digit_detector)
     models = {p: variant_path(args.model, p) for p in ("fp32", "fp16")}
     sessions = {p: ort.InferenceSession(str(m), providers=["CPUExecutionProvider"]) for p, m in models.items()}
-    log("generating non-digits (the evaluation sets of export.digit_detector) ...")
+    log("generating non-digits (the evaluation sets of training.fit_digit_detector) ...")
     categories = negative_categories(SEED, fit=False, n=args.negatives or NEGATIVES_EVAL)
     groups = {c.name: c.group for c in categories}
-    log(f"generating digits: clean MNIST test and {len(CORRUPTIONS)} corruption kinds ...")
+    log(f"generating digits: clean MNIST test and {len(HELD_OUT_CORRUPTIONS)} corruption kinds ...")
     digit_inputs = digit_sets(args.data_dir, args.limit, args.seed)
 
     def scored(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -186,7 +186,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
             for scorer in SCORERS
         },
         "data": {
-            "non_digits": f"export.digit_detector.negative_categories(seed {SEED}, fresh evaluation samples, "
+            "non_digits": f"training.fit_digit_detector.negative_categories(seed {SEED}, fresh evaluation samples, "
             f"{args.negatives or NEGATIVES_EVAL} per kind, letters {LETTER_SHARE}x that)",
             "digits": f"MNIST test: clean all 10,000; corruption suite (training/corruptions.py, seed {args.seed}) on "
             f"the first {args.limit or 10_000:,} per kind, as mnist-eval --seed {args.seed} --limit {args.limit}",
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export.digit_score_report",
         description="Measure the models' in-graph digit_score against the numpy detector it replaces: catch rate on "
-        "non-digits (export.digit_detector's evaluation sets) and false alarms on MNIST test digits, clean and "
+        "non-digits (training.fit_digit_detector's evaluation sets) and false alarms on MNIST test digits, clean and "
         "through mnist-eval's corruption suite, for the fp32 model and its fp16 variant, on the CPU provider. "
         "Deterministic for the seeds. Exit status 0, or 1 when a headline rate moves more than "
         f"{TARGET_POINTS:g} point.",

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from proto.contract import INPUT_NAME, MNIST_NORMALIZATION, PROBABILITIES, ModelMetadata, Normalization
-from training.corruptions import CORRUPTIONS, corrupt
+from training.corruptions import HELD_OUT_CORRUPTIONS, corrupt
 from training.data import load_split, sha256_file
 
 PROG = "mnist-eval"
@@ -133,13 +133,13 @@ def score(kind: str, images: np.ndarray, labels: np.ndarray, probabilities: np.n
 def parse_kinds(text: str) -> list[str]:
     """'all' or a comma-separated list of kind names (order kept, repeats and 'clean' dropped)."""
     if text.strip() == "all":
-        return list(CORRUPTIONS)
+        return list(HELD_OUT_CORRUPTIONS)
     kinds: list[str] = []
     for name in (part.strip() for part in text.split(",")):
         if not name or name == CLEAN or name in kinds:
             continue
-        if name not in CORRUPTIONS:
-            raise EvalError(f"unknown corruption kind {name!r}; known kinds: {', '.join(CORRUPTIONS)}")
+        if name not in HELD_OUT_CORRUPTIONS:
+            raise EvalError(f"unknown corruption kind {name!r}; known kinds: {', '.join(HELD_OUT_CORRUPTIONS)}")
         kinds.append(name)
     return kinds
 
@@ -198,7 +198,7 @@ def build_report(
         "clean_accuracy": clean.accuracy,
         "corruption_accuracy": {r.kind: r.accuracy for r in results[1:]},
         "mean_corruption_accuracy": mean_corruption_accuracy(results),
-        "descriptions": {r.kind: CORRUPTIONS[r.kind].description for r in results[1:]},
+        "descriptions": {r.kind: HELD_OUT_CORRUPTIONS[r.kind].description for r in results[1:]},
         "seconds": round(seconds, 2),
     }
 
@@ -211,7 +211,7 @@ def format_table(results: list[KindResult]) -> str:
     lines = [f"{'kind':<{width}}{'accuracy':>9}  {'vs clean':>8}  description", "-" * (width + 40)]
     for r in results:
         change = "" if r.kind == CLEAN else f"{100 * (r.accuracy - clean):+.2f}"
-        description = "MNIST test images as they are" if r.kind == CLEAN else CORRUPTIONS[r.kind].description
+        description = "MNIST test images as they are" if r.kind == CLEAN else HELD_OUT_CORRUPTIONS[r.kind].description
         lines.append(f"{r.kind:<{width}}{100 * r.accuracy:>8.2f}%  {change:>8}  {description}")
     mean = mean_corruption_accuracy(results)
     if mean is not None:
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         metavar="all|K1,K2",
         help=f"corruption kinds to score: 'all' (the default) or comma-separated names from: "
-        f"{', '.join(CORRUPTIONS)}. The clean images are always scored",
+        f"{', '.join(HELD_OUT_CORRUPTIONS)}. The clean images are always scored",
     )
     parser.add_argument(
         "--limit",

@@ -43,7 +43,7 @@ from proto.contract import (
     variant_path,
 )
 from server.config import DIGIT_DETECTOR
-from server.digit_detector import DigitDetector, DigitDetectorError
+from server.pipeline.digit_detector import DigitDetector, DigitDetectorError
 from training.data import sha256_file
 
 OPSET = 18
@@ -56,13 +56,14 @@ FP16_LOGIT_TOLERANCE = 0.05
 FP16_PROBABILITY_TOLERANCE = 0.01
 FP16_MAX_CHANGED_PREDICTIONS = 0.001
 FP16_MAX_ACCURACY_DROP = 0.001
-# The in-graph digit score against the numpy detector (server/digit_detector.py) on the same images and the model's
+# The in-graph digit score against the numpy detector (server/pipeline/digit_detector.py) on the same images and the
+# model's
 # own probabilities. Both compute in float32 and several features are differences of large sums (the energy outside
 # a subspace can be ~1 of a |x|^2 of ~220), so the two round differently, each about as far from a float64
 # computation as from the other. Measured on the bundled model: max |Δscore| 2.4e-5 on the 10,000 MNIST test digits,
 # 2.5e-5 on synthetic non-digits, 1.0e-4 on blurred test digits (mnist-eval's gaussian_blur); x2 for other CPUs.
 SCORE_TOLERANCE = 2e-4
-SCORE_CHECK_NON_DIGITS = 40  # per kind of export.digit_detector.quick_non_digits (six kinds)
+SCORE_CHECK_NON_DIGITS = 40  # per kind of training.fit_digit_detector.quick_non_digits (six kinds)
 
 
 class ExportError(RuntimeError):
@@ -183,7 +184,7 @@ def detector_description(detector: DigitDetector, path: Path) -> dict:
 def check_digit_score(session, detector: DigitDetector, digits: np.ndarray) -> ScoreCheck:
     """Run `digits` and a quick set of non-digits through the model (batches of 256, and a few alone) and compare
     its digit_score with the numpy detector's score of the same inputs and the model's own probabilities."""
-    from export.digit_detector import quick_non_digits
+    from training.fit_digit_detector import quick_non_digits
 
     non_digits = np.concatenate(list(quick_non_digits(SCORE_CHECK_NON_DIGITS).values()))
     x = np.concatenate([digits, non_digits]).astype(np.float32)
@@ -236,7 +237,7 @@ def export_checkpoint(
     """Export, verify and annotate; returns the export report (also written beside the model).
 
     Parity is checked on the CPU provider (fp32 there matches PyTorch to 1e-4); the stored test accuracy
-    is measured through `provider`. With `digit_detector` (a .npz of export.digit_detector; None: no score) the
+    is measured through `provider`. With `digit_detector` (a .npz of training.fit_digit_detector; None: no score) the
     detector becomes the graph's `digit_score` output, checked against the numpy detector.
     """
     import onnx
@@ -729,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--digit-detector",
         default=str(DIGIT_DETECTOR),
         metavar="FILE.npz|none",
-        help="the digit detector (written by python -m export.digit_detector) computed inside the graph as the "
+        help="the digit detector (written by python -m training.fit_digit_detector) computed inside the graph as the "
         f"output '{DIGIT_SCORE}', its threshold and description stored in the metadata; none: a model without it "
         f"(the server then scores with its separate --digit-detector file). The score must match the numpy detector "
         f"to {SCORE_TOLERANCE:.0e} on test digits and non-digits. With --fp16 or --check, the file the model's score "

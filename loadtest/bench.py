@@ -85,8 +85,8 @@ def from_load(label: str, result: LoadResult, concurrency: int, target_rate: flo
 
 def measure_floor(server_args: list[str], batch_sizes: list[int], seconds: float) -> list[LatencyStats]:
     """The backend the server would build from `server_args`, timed per run at each batch size."""
-    from server.backends import build_backend
     from server.config import load_config
+    from server.engine.backends import build_backend
 
     backend = build_backend(load_config(server_args, environ={}))
     backend.warm_up()

@@ -164,8 +164,8 @@ def check_overhead(target: str, limits: dict[str, Any], seconds: float) -> Line:
 
     from proto.mnist.v1 import classifier_pb2 as pb
     from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
-    from server.backends import build_backend
     from server.config import load_config
+    from server.engine.backends import build_backend
 
     backend = build_backend(load_config(["--model", str(BUNDLED_MODEL)], environ={}))
     backend.warm_up()

@@ -2,7 +2,7 @@
 
 Each case is encoded here (a digit drawn on paper at the given size, as PNG or JPEG) and decoded in a
 fresh process that does nothing else, so its peak resident memory is the decode's own: opened,
-decoded and preprocessed exactly as the server does (`server.preprocess`). Prints a Markdown table of
+decoded and preprocessed exactly as the server does (`server.pipeline.preprocess`). Prints a Markdown table of
 seconds and peak memory above the idle process.
 
     python -m loadtest.decode_cost [--sizes 1,4,16] [--formats PNG,JPEG]
@@ -51,7 +51,7 @@ def measure_one(path: str, fmt: str, megapixels: float, max_pixels: int) -> dict
     """In this fresh process, which has done nothing else: time and measure the server's decode of the file."""
     data = Path(path).read_bytes()
     from proto.contract import MNIST_NORMALIZATION
-    from server.preprocess import InvalidImage, from_encoded, open_image
+    from server.pipeline.preprocess import InvalidImage, from_encoded, open_image
 
     before = _high_water_kb()
     started = time.perf_counter()

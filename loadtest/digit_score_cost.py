@@ -48,9 +48,9 @@ def measure(server_args: list[str], model: Path, batches: list[int], rounds: int
     import onnx
 
     from export.digit_score_graph import has_digit_score, without_digit_score
-    from server.backends import build_backend
     from server.config import load_config
-    from server.digit_detector import DigitDetector
+    from server.engine.backends import build_backend
+    from server.pipeline.digit_detector import DigitDetector
 
     proto = onnx.load(str(model))
     if not has_digit_score(proto):

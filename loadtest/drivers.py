@@ -70,7 +70,7 @@ def _requests(images_per_call: int, seed: int, digits: np.ndarray | None = None)
     return batches, "ClassifyBatch"
 
 
-RETRY_AFTER_KEY = "retry-after-ms"  # server/guards.py: the hint a RESOURCE_EXHAUSTED answer carries
+RETRY_AFTER_KEY = "retry-after-ms"  # server/transport/guards.py: the hint a RESOURCE_EXHAUSTED answer carries
 MAX_RETRY_AFTER_S = 0.1
 
 

@@ -24,7 +24,7 @@ def describe_machine() -> dict[str, Any]:
     import numpy as np
     import onnxruntime as ort
 
-    from server.backends.onnxruntime_backend import gpu_description, nvidia_driver_present, runtime_description
+    from server.engine.backends.onnxruntime_backend import gpu_description, nvidia_driver_present, runtime_description
 
     facts: dict[str, Any] = {
         "cpu": cpu_model(),
@@ -59,8 +59,8 @@ def probe_cuda() -> str:
     import numpy as np
 
     from proto.contract import INPUT_SHAPE
-    from server.backends.onnxruntime_backend import OnnxRuntimeBackend
     from server.config import BUNDLED_MODEL
+    from server.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend(BUNDLED_MODEL, provider="cuda", batch_buckets="1", cuda_graph="off")
     probabilities = backend.run(np.zeros((1, *INPUT_SHAPE), np.float32)).probabilities

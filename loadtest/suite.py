@@ -24,8 +24,9 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NoReturn
 
+from loadtest.servers import ServerProcess
 from server.config import BUNDLED_MODEL
 
 PY = sys.executable
@@ -260,7 +261,8 @@ def run_step(step: Step, out: Path, seconds_left: float) -> dict[str, Any]:
     with log_path.open("w") as log:
         try:
             if step.server is not None:
-                server = start_server(step.server, log)
+                server = StepServer(step.server, log)
+                server.start()
             process = subprocess.Popen(step.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 record["exit_code"] = process.wait(timeout=max(1.0, timeout - (time.monotonic() - started)))
@@ -273,28 +275,20 @@ def run_step(step: Step, out: Path, seconds_left: float) -> dict[str, Any]:
             record["status"], record["exit_code"] = f"could not run: {exc}", None
         finally:
             if server is not None:
-                server.terminate()
-                try:
-                    server.wait(30)
-                except subprocess.TimeoutExpired:
-                    server.kill()
+                server.stop()
     record["seconds"] = round(time.monotonic() - started, 1)
     record["log_tail"] = log_path.read_text(errors="replace").splitlines()[-12:]
     return record
 
 
-def start_server(flags: list[str], log) -> subprocess.Popen:
-    from loadtest.servers import wait_until_serving
+class StepServer(ServerProcess):
+    """A step's server: mnist-serve on the fixed ports the step's command names, its output in the step's log."""
 
-    command = [
-        PY, "-m", "server.app", "--host", "127.0.0.1", "--port", str(SERVER_PORT), "--metrics-port",
-        str(METRICS_PORT), "--http-port", "0", "--drain-seconds", "0", "--log-level", "WARNING", *flags,
-    ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    if wait_until_serving(process, f"127.0.0.1:{SERVER_PORT}", 180):
-        return process
-    process.kill()
-    raise RuntimeError("the server for this step did not become SERVING")
+    def __init__(self, flags: list[str], log: IO[str]) -> None:
+        super().__init__(flags, port=SERVER_PORT, metrics_port=METRICS_PORT, log=log)
+
+    def not_serving(self, exited: int | None) -> NoReturn:
+        raise RuntimeError("the server for this step did not become SERVING")
 
 
 def run_suite(profile: str, out: Path, dry_run: bool = False, results_to: Path | None = None) -> int:

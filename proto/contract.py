@@ -23,7 +23,8 @@ BATCH_AXIS = "batch"  # name of the graph's dynamic first dimension
 LOGITS = "logits"
 PROBABILITIES = "probabilities"
 OUTPUT_NAMES = (LOGITS, PROBABILITIES)  # the classifier's outputs, in every model file
-# Optional third output: the digit detector (server/digit_detector.py) computed inside the graph, float32 [batch]
+# Optional third output: the digit detector (server/pipeline/digit_detector.py) computed inside the graph, float32
+# [batch]
 # in [0, 1]; is_digit = digit_score >= ModelMetadata.digit_threshold. Files exported before it lack it.
 DIGIT_SCORE = "digit_score"
 SCORED_OUTPUT_NAMES = (*OUTPUT_NAMES, DIGIT_SCORE)

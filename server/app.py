@@ -25,29 +25,30 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
-from server.backends import build_backend
 from server.config import ServeConfig, describe, load_config
-from server.digit_detector import DigitDetector
+from server.engine.backends import build_backend
 from server.errors import ServiceError
-from server.guards import CallGate, StreamGate, generic_handler, status_of
-from server.health import HealthService
-from server.liveness import LoopHeartbeat
-from server.metrics import ServiceMetrics
-from server.metrics_http import MetricsHttpServer
-from server.oip import InferenceDataPlane
-from server.oip_grpc import SERVICE as INFERENCE_SERVICE
-from server.oip_grpc import InferenceServicer
-from server.oip_grpc import add_to_server as add_inference_to_server
-from server.pipeline import ModelPipeline, PipelineSettings
-from server.repository import ModelRepository, RepositoryObserver, verify_on_samples
+from server.models.model_settings import check_against
+from server.models.repository import ModelRepository, RepositoryObserver, verify_on_samples
+from server.ops.liveness import LoopHeartbeat
+from server.ops.metrics import ServiceMetrics
+from server.ops.metrics_http import MetricsHttpServer
+from server.ops.sockets import cut_connections
+from server.pipeline.digit_detector import DigitDetector
+from server.pipeline.model_pipeline import ModelPipeline, PipelineSettings
+from server.plane.data_plane import DataPlane
 from server.security import TokenChecker, grpc_server_credentials, http_ssl_context, load_token_checker
 from server.security import describe as describe_security
-from server.service import SERVICE, ClassifierServicer, add_to_server
-from server.sockets import cut_connections
 from server.tracing import Tracing
+from server.transport.guards import CallGate, StreamGate, generic_handler, status_of
+from server.transport.health import HealthService
+from server.transport.oip_grpc import SERVICE as INFERENCE_SERVICE
+from server.transport.oip_grpc import InferenceServicer
+from server.transport.oip_grpc import add_to_server as add_inference_to_server
+from server.transport.service import SERVICE, ClassifierServicer, add_to_server
 
 if TYPE_CHECKING:
-    from server.rest import RestServer  # imported at start, only when --http-port is set (aiohttp)
+    from server.transport.rest import RestServer  # imported at start, only when --http-port is set (aiohttp)
 
 log = logging.getLogger("mnist.serve")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -112,7 +113,7 @@ class RepositoryMetrics(RepositoryObserver):
 
     def on_unloaded(self, name: str, version: str) -> None:
         self.server.metrics.forget_version(name, version)
-        self.server.inference.forget(name, version)
+        self.server.plane.forget(name, version)
 
     def on_changed(self, repository: ModelRepository) -> None:
         self.server.metrics.describe_models(repository)
@@ -127,20 +128,21 @@ class MnistServer:
         self.config = config
         self.metrics = ServiceMetrics()
         self.metrics.queue_capacity.set(config.max_queue_size)
-        self.servicer = ClassifierServicer(config)
         self.calls = CallGate()
         self.streams = StreamGate(config.max_streams, config.stream_idle_seconds)
         # Every model version served, READY before it takes traffic; both protocols route through it.
         self.models = ModelRepository(
             self._load_model, None, RepositoryMetrics(self), config.default_model, config.grace_seconds
         )
-        self.servicer.models = self.models
         self.detector: DigitDetector | None = None
         self._watch: asyncio.Future | None = None
         self._serving = False
         self._model_health_names: set[str] = set()
-        # The Open Inference Protocol (gRPC beside mnist.v1, and REST): the same models and pipelines.
-        self.inference = InferenceDataPlane(self.models, config.max_request_images, _version(), config.model_control)
+        # The one data plane under every transport: mnist.v1, the Open Inference Protocol's gRPC and REST.
+        self.plane = DataPlane(
+            self.models, config.max_request_images, _version(), config.model_control, config.max_read_digits
+        )
+        self.servicer = ClassifierServicer(config, self.plane)
         self.http_port: int | None = None
         self._rest: RestServer | None = None
         self.tracing: Tracing | None = None  # OpenTelemetry spans, with --otlp-endpoint (server/tracing.py)
@@ -196,7 +198,7 @@ class MnistServer:
         # Bearer tokens: the Classifier and reflection (it lists the API) need one; health never does (probes).
         add_to_server(self.servicer, self._grpc, self.metrics, self.calls, self.streams, self.tokens)
         add_inference_to_server(
-            InferenceServicer(self.inference), self._grpc, self.metrics, self.calls, self.streams, self.tokens
+            InferenceServicer(self.plane), self._grpc, self.metrics, self.calls, self.streams, self.tokens
         )
         reflector = ReflectionServicer(
             (SERVICE.full_name, INFERENCE_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -238,10 +240,10 @@ class MnistServer:
             )
             self.metrics_port = self._metrics_http.start()
         if self.config.http_port:
-            from server.rest import RestApi, RestServer  # aiohttp only when the HTTP API is on
+            from server.transport.rest import RestApi, RestServer  # aiohttp only when the HTTP API is on
 
             api = RestApi(
-                self.inference, self.metrics, self.tokens, self.config.max_message_bytes, self.config.max_read_digits
+                self.plane, self.metrics, self.tokens, self.config.max_message_bytes, self.config.max_read_digits
             )
             host = self.config.http_host or self.config.host
             self._rest = RestServer(
@@ -280,8 +282,13 @@ class MnistServer:
         return self
 
     async def _load_model(self, name: str | None, version: str | None, path: Path) -> ModelPipeline:
-        """One model version, loaded, warmed on every batch shape and verified before any request reaches it."""
-        config = replace(self.config, model=str(path))
+        """One model version, loaded, warmed on every batch shape and verified before any request reaches it, with
+        its model's own settings (config.pbtxt in a repository) in place of the flags."""
+        settings = self.models.settings(name)
+        check_against(settings, self.config)  # ValueError: this version FAILED, saying why
+        config = replace(settings.applied_to(self.config), model=str(path))
+        if settings.overrides():
+            log.info("%s %s: settings from its config.pbtxt: %s", name, version, settings.describe())
         backend = await asyncio.get_running_loop().run_in_executor(None, build_backend, config)
         info = backend.describe()
         name, version = name or info.model_name, version or info.model_version
@@ -294,13 +301,13 @@ class MnistServer:
             backend,
             PipelineSettings(
                 max_batch_size=info.max_batch_size,
-                max_queue_size=self.config.max_queue_size,
-                max_queue_delay=self.config.max_queue_delay_ms / 1000,
-                max_image_pixels=self.config.max_image_pixels,
-                max_request_pixels=self.config.max_request_pixels,
-                max_decoding_pixels=self.config.max_decoding_pixels,
-                queue_target=self.config.queue_target_seconds(),
-                preprocess_workers=self.config.preprocess_workers,
+                max_queue_size=config.max_queue_size,
+                max_queue_delay=config.max_queue_delay_ms / 1000,
+                max_image_pixels=config.max_image_pixels,
+                max_request_pixels=config.max_request_pixels,
+                max_decoding_pixels=config.max_decoding_pixels,
+                queue_target=config.queue_target_seconds(),
+                preprocess_workers=config.preprocess_workers,
             ),
             self.metrics.batch_observer(),
             self.metrics.prediction_observer(name, version),
@@ -333,7 +340,7 @@ class MnistServer:
         )
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        self.inference.draining = True  # the protocol's ServerReady and ModelReady say false, as health does
+        self.plane.draining = True  # the protocol's ServerReady and ModelReady say false, as health does
         self.metrics.serving.set(0)
         await asyncio.sleep(self.config.drain_seconds)
         self.streams.closing.set()  # health watchers and reflection streams end UNAVAILABLE

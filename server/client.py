@@ -1,6 +1,6 @@
 """A small Python client for mnist.v1.Classifier, and the `mnist-classify` command.
 
-Against a server started with TLS (README: TLS and tokens): `--tls` trusts the system's root CAs,
+Against a server started with TLS (docs/security.md): `--tls` trusts the system's root CAs,
 `--tls-ca FILE` a CA of your own; `--tls-cert/--tls-key` present a client certificate (mTLS);
 `--token` (better: the environment variable MNIST_TOKEN, which `ps` does not show) sends
 `authorization: Bearer <token>` with every call. Each flag has an environment variable (see --help),

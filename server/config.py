@@ -43,7 +43,7 @@ class ServeConfig:
     cudnn_conv_algo_search: str = "EXHAUSTIVE"  # once per bucket session at warm-up; HEURISTIC / DEFAULT start faster
     max_queue_delay_ms: float = 0.0  # extra wait for a fuller batch once the queue has run dry
     max_queue_size: int = 4096  # images waiting; beyond it requests get RESOURCE_EXHAUSTED
-    queue_target_ms: str = "auto"  # a standing queue is held to this wait (CoDel): auto (8 full batches), off, or ms
+    queue_target_ms: str = "auto"  # a standing queue is held to this wait (CoDel): auto, off, or ms
     max_concurrent_calls: int = 4096  # calls in flight at once on the gRPC port (gRPC refuses more itself)
     max_calls_per_connection: int = 1024  # HTTP/2 streams a single connection may have open
     max_streams: int = 64  # long-lived streams (health Watch, reflection) open at once
@@ -139,7 +139,8 @@ HELP = {
     "standing (a load beyond capacity, not a burst: a burst drains, and a closed loop of clients holds no more "
     "than it has clients), and requests that would wait longer are refused at once with RESOURCE_EXHAUSTED and a "
     "retry-after-ms hint, before any decoding, until a request waits less; auto: eight full batches of the engine, "
-    "as measured (at least 5 ms); off: never (queue bounded by --max-queue-size only); at any load a request "
+    "as measured (5 to 500 ms), or eight typical requests' work if more (at most 5 s); off: never (queue bounded "
+    "by --max-queue-size only); at any load a request "
     "that could not be answered before its deadline is refused the same way",
     "max_concurrent_calls": "most calls in flight at once on the gRPC port, over all connections and services "
     "(health checks and streams included); more are refused RESOURCE_EXHAUSTED by gRPC itself before any handler "

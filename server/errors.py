@@ -1,6 +1,6 @@
 """Why a request could not be answered, in the model pipeline's own terms (no gRPC here).
 
-Each transport maps them to its status codes in one table (server/guards.py for gRPC, server/rest.py
+Each transport maps them to its status codes in one table (server/transport/guards.py for gRPC, server/transport/rest.py
 for HTTP); the message is written for the client and sent as the status details.
 """
 

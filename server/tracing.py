@@ -16,7 +16,7 @@ metadata or HTTP headers; without one, or with a malformed one, the call starts 
 
 A batch serves many calls, so there is no shared batch span: each call gets its own `queue wait`
 and `inference` spans, drawn afterwards with explicit start and end times that the batcher records
-on its Job (server/batching.py: monotonic clock, converted to wall-clock time here). Every trace then
+on its Job (server/engine/batching.py: monotonic clock, converted to wall-clock time here). Every trace then
 shows where its own time went; `mnist.batch.images` says how many images shared the run.
 
 The rest of the code calls this module through a small API and checks `tracing.enabled` first, so

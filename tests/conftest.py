@@ -45,7 +45,7 @@ def tiny_mnist_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"the project's MNIST copy is missing at {SHARED_MNIST} (see README: Data)")
+        pytest.fail(f"the project's MNIST copy is missing at {SHARED_MNIST} (see docs/training.md: Data)")
     return SHARED_MNIST
 
 

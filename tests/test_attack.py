@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from PIL import Image, ImageOps
 
 from loadtest import attack
-from loadtest import attacks_images as craft
+from loadtest.attack import client, context, craft, decode, load, wire
 from proto.mnist.v1 import classifier_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +147,7 @@ def test_blanks_are_flat_and_non_digits_are_not_empty() -> None:
         reflection_pb2.ServerReflectionRequest,
     ],
 )
-@pytest.mark.parametrize("name,payload", attack.GARBAGE)
+@pytest.mark.parametrize("name,payload", wire.GARBAGE)
 def test_every_garbage_payload_is_undecodable_for_every_request_type(message, name: str, payload: bytes) -> None:
     with pytest.raises(Exception):  # noqa: B017 - protobuf's DecodeError differs between implementations
         message.FromString(payload)
@@ -156,7 +156,7 @@ def test_every_garbage_payload_is_undecodable_for_every_request_type(message, na
 def test_the_group_requests_parse_with_raw_set_and_the_group_kept(mnist_dir: Path) -> None:
     raw = bytes(range(256)) * 3 + bytes(16)
     for overlong in (False, True):
-        data = attack.group_request(raw, overlong=overlong)
+        data = wire.group_request(raw, overlong=overlong)
         message = pb.ClassifyRequest.FromString(data)
         assert message.WhichOneof("image") == "raw" and message.raw == raw
         assert (message.ByteSize() == len(data)) is not overlong  # the overlong one forces a server's exact scan
@@ -170,17 +170,17 @@ def test_report_helpers() -> None:
         'mnist_requests_total{method="Classify",code="INVALID_ARGUMENT"} 2.0\n'
         'mnist_requests_total{method="Classify",code="OK"} 7.0\n'
     )
-    assert attack.metric(text, "mnist_requests_total", code="INVALID_ARGUMENT") == 7.0
-    assert attack.metric(text, "mnist_requests_total", method="Classify", code="OK") == 7.0
-    assert attack.metric(text, "mnist_decoding_pixels") is None
-    assert attack.top_level_fields(pb.ClassifyResponse(digit=3, request_id="x").SerializeToString()) == {1, 5}
+    assert client.metric(text, "mnist_requests_total", code="INVALID_ARGUMENT") == 7.0
+    assert client.metric(text, "mnist_requests_total", method="Classify", code="OK") == 7.0
+    assert client.metric(text, "mnist_decoding_pixels") is None
+    assert client.top_level_fields(pb.ClassifyResponse(digit=3, request_id="x").SerializeToString()) == {1, 5}
     # busy (1 core) until t=2, then idle
     times, cpu = [0.0, 1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 2.01, 2.02]
-    assert attack.busy_until(times, cpu, after=0.5, threshold=0.25) == 2.0
+    assert decode.busy_until(times, cpu, after=0.5, threshold=0.25) == 2.0
     help_text = "--max-image-pixels MAX_IMAGE_PIXELS largest image [env MNIST_SERVE_MAX_IMAGE_PIXELS; default 40000000]"
-    assert attack.flag_default(help_text, "--max-image-pixels") == "40000000"
+    assert context.flag_default(help_text, "--max-image-pixels") == "40000000"
     assert (
-        attack.flag_value(["--a", "1", "--max-image-pixels=7", "--max-image-pixels", "9"], "--max-image-pixels") == "9"
+        context.flag_value(["--a", "1", "--max-image-pixels=7", "--max-image-pixels", "9"], "--max-image-pixels") == "9"
     )
 
 
@@ -188,10 +188,10 @@ def test_probe_summary_counts_failures_and_includes_their_time_in_the_percentile
     # (sent, seconds, outcome, lateness): 97 fast answers, a 503 and two timeouts
     records = [(float(i), 0.002, "200", 0.0) for i in range(97)] + [(97.0, 0.003, "503", 0.0)]
     records += [(98.0, 1.0, "TimeoutError", 0.004), (99.0, 1.0, "TimeoutError", 0.0)]
-    summary = attack.probe_summary(records, "200")
+    summary = load.probe_summary(records, "200")
     assert (summary["count"], summary["failed"], summary["failures"]) == (100, 3, {"503": 1, "TimeoutError": 2})
     assert summary["p99_ms"] == summary["max_ms"] == 1000.0 and summary["p50_ms"] == 2.0
-    assert "3 of 100 failed ({'503': 1, 'TimeoutError': 2}); p50 2.00 ms" in attack.describe_probes(summary)
+    assert "3 of 100 failed ({'503': 1, 'TimeoutError': 2}); p50 2.00 ms" in load.describe_probes(summary)
 
 
 def test_only_selects_checks_and_groups_and_refuses_unknown_names() -> None:

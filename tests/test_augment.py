@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.augment import AUGMENTATIONS, CORRUPTIONS, augment, corrupt_some, elastic, random_affine
+from training.augment import AUGMENT_CORRUPTIONS, AUGMENTATIONS, augment, corrupt_some, elastic, random_affine
 from training.data import load_split
 
 
@@ -28,16 +28,16 @@ def centre_of_mass(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([(ink * rows).sum((1, 2)) / total, (ink * cols).sum((1, 2)) / total], 1)
 
 
-@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+@pytest.mark.parametrize("kind", sorted(AUGMENT_CORRUPTIONS))
 def test_every_corruption_changes_the_digits_and_keeps_the_batch_shape(digits: torch.Tensor, kind: str) -> None:
-    out = CORRUPTIONS[kind](digits, generator()).clamp(0, 1)
+    out = AUGMENT_CORRUPTIONS[kind](digits, generator()).clamp(0, 1)
     assert out.shape == digits.shape and out.dtype == digits.dtype
     changed = (out - digits).abs().flatten(1).amax(1) > 0.05
     assert changed.float().mean() > 0.9, f"{kind} left most digits as they were"
 
 
 def test_there_are_at_least_twelve_corruption_kinds() -> None:
-    assert len(CORRUPTIONS) >= 12
+    assert len(AUGMENT_CORRUPTIONS) >= 12
 
 
 def test_the_same_seed_gives_the_same_augmented_batch_and_another_seed_another(digits: torch.Tensor) -> None:
@@ -62,12 +62,12 @@ def test_corrupt_some_touches_about_the_asked_share_of_images(digits: torch.Tens
 
 def test_thicker_strokes_add_ink_and_thinner_ones_remove_it(digits: torch.Tensor) -> None:
     ink = digits.sum()
-    assert CORRUPTIONS["thicker"](digits, generator()).sum() > 1.5 * ink
-    assert CORRUPTIONS["thinner"](digits, generator()).sum() < 0.7 * ink
+    assert AUGMENT_CORRUPTIONS["thicker"](digits, generator()).sum() > 1.5 * ink
+    assert AUGMENT_CORRUPTIONS["thinner"](digits, generator()).sum() < 0.7 * ink
 
 
 def test_partial_inversion_turns_paper_into_ink_inside_a_box(digits: torch.Tensor) -> None:
-    out = CORRUPTIONS["partial_inversion"](digits, generator())
+    out = AUGMENT_CORRUPTIONS["partial_inversion"](digits, generator())
     white_paper = ((out > 0.9) & (digits < 0.1)).flatten(1).sum(1)
     assert (white_paper >= 4).all() and white_paper.float().mean() > 40
 

@@ -1,4 +1,5 @@
-"""server.backends: batch buckets, the setup plan, ONNX Runtime's one-shape-per-session design, warm-up, null engine."""
+"""server.engine.backends: batch buckets, the setup plan, ONNX Runtime's one-shape-per-session design, warm-up,
+null engine."""
 
 from __future__ import annotations
 
@@ -11,17 +12,17 @@ import onnxruntime as ort
 import pytest
 
 from proto.contract import DIGIT_SCORE, INPUT_NAME, INPUT_SHAPE, LOGITS, MNIST_NORMALIZATION, OUTPUT_NAMES, variant_path
-from server.backends import ENGINES, BackendUnavailable, build_backend
-from server.backends.buckets import Run, plan_runs, powers_of_two
-from server.backends.null_backend import FIXED_ROW, FIXED_SCORE, FIXED_THRESHOLD, NullBackend
-from server.backends.onnxruntime_backend import (
+from server.config import BUNDLED_MODEL, CHOICES, ServeConfig, parse_buckets
+from server.engine.backends import ENGINES, BackendUnavailable, build_backend
+from server.engine.backends.buckets import Run, plan_runs, powers_of_two
+from server.engine.backends.null_backend import FIXED_ROW, FIXED_SCORE, FIXED_THRESHOLD, NullBackend
+from server.engine.backends.onnxruntime_backend import (
     CPU,
     CUDA,
     OnnxRuntimeBackend,
     nvidia_driver_present,
     resolve_plan,
 )
-from server.config import BUNDLED_MODEL, CHOICES, ServeConfig, parse_buckets
 from training.data import load_split
 
 FP16_MODEL = variant_path(BUNDLED_MODEL, "fp16")

@@ -1,4 +1,5 @@
-"""server.batching.Batcher with a fake model: results, coalescing, splitting, bounds, deadlines, failures, shutdown."""
+"""server.engine.batching.Batcher with a fake model: results, coalescing, splitting, bounds, deadlines,
+failures, shutdown."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import numpy as np
 import pytest
 
-from server.batching import MIN_RUNS_TO_JUDGE, BatchCost, Batcher, BatchObserver, StandingQueue
+from server.engine.batching import MIN_RUNS_TO_JUDGE, BatchCost, Batcher, BatchObserver, StandingQueue
 from server.errors import DeadlineExpired, Overloaded, ShuttingDown
 
 WAIT = 5.0  # seconds a test waits for something that should happen almost at once
@@ -489,6 +490,26 @@ def test_the_auto_target_is_eight_full_batches_of_the_engine_within_5_to_500_ms(
         assert batcher.queue_target() == pytest.approx(0.5)
 
     run(scenario, max_batch_size=8)
+
+
+def test_the_auto_target_holds_eight_typical_requests_when_they_are_larger_than_full_batches() -> None:
+    """Four clients each sending 256 images to a CPU (batches of 32) keep about 0.6 s queued: a closed loop, not
+    overload. Batches still follow the full-batch target alone, so small calls queued between large ones wait little."""
+
+    async def scenario(batcher: Batcher, model: FakeModel) -> None:
+        teach(batcher, 0.001)  # a full batch of 32 "takes 32 ms": eight of them, 256 ms
+        batcher.request_images.observe(1)
+        assert batcher.queue_target() == pytest.approx(8 * 0.032)  # single images: the full batches decide
+        for _ in range(60):
+            batcher.request_images.observe(256)  # requests of 256 images now, each eight batches
+        assert batcher.request_images.mean() >= 240
+        assert batcher.queue_target() >= 8 * 0.240  # eight such requests' work may stand: about 2 s
+        assert batcher.batch_limit() == 32  # batch sizes follow the full batches' 256 ms / 8, not the 2 s
+        for _ in range(600):
+            batcher.request_images.observe(256 * 100)  # absurd requests: the target stops at 5 s
+        assert batcher.queue_target() == pytest.approx(5.0)
+
+    run(scenario, max_batch_size=32, max_queue_size=100_000)
 
 
 def test_no_refusal_is_predicted_before_the_engines_speed_is_known() -> None:

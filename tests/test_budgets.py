@@ -1,4 +1,5 @@
-"""server.budgets: the decode pixel budget (an asyncio weighted semaphore, first come first served) and memory trim."""
+"""server.pipeline.budgets: the decode pixel budget (an asyncio weighted semaphore, first come first served) and
+memory trim."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from server.budgets import PixelBudget, return_freed_memory
 from server.errors import DeadlineExpired
+from server.pipeline.budgets import PixelBudget, return_freed_memory
 
 WAIT = 5.0  # seconds a test waits for something that should happen almost at once
 

@@ -1,4 +1,5 @@
-"""server.digit_detector with the bundled detector: real digits pass, non-digits are flagged, the file is checked.
+"""server.pipeline.digit_detector with the bundled detector: real digits pass, non-digits are flagged, the file is
+checked.
 
 The model's probabilities come from the bundled ONNX model through ONNX Runtime, as in serving. The
 MNIST part is skipped where the project's MNIST copy is absent; the rest needs no data.
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from proto.contract import INPUT_NAME, MNIST_NORMALIZATION, PROBABILITIES
-from server.digit_detector import (
+from server.pipeline.digit_detector import (
     FORMAT_VERSION,
     HOG_CELLS,
     HOG_CHANNELS,
@@ -26,7 +27,7 @@ from server.digit_detector import (
     DigitDetectorError,
     orientation_cells,
 )
-from server.preprocess import from_encoded
+from server.pipeline.preprocess import from_encoded
 from training.data import REPO_ROOT, load_split
 
 BUNDLED = REPO_ROOT / "server" / "bundled"
@@ -147,7 +148,7 @@ def test_foreign_or_damaged_files_are_refused_with_the_reason(tmp_path: Path, ch
 
 def test_runtime_imports_neither_torch_nor_onnx() -> None:
     code = (
-        "import sys, server.digit_detector; "
+        "import sys, server.pipeline.digit_detector; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'onnx', 'onnxruntime', 'PIL'}))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)

@@ -1,6 +1,6 @@
 """export.digit_score_graph: the digit detector inside the model graph computes what the numpy detector computes.
 
-The numpy detector (server/digit_detector.py) stays the reference and the fallback for model files
+The numpy detector (server/pipeline/digit_detector.py) stays the reference and the fallback for model files
 without the output; these tests hold the bundled models' `digit_score` to it on real MNIST test
 digits and on non-digits (letters, blanks, noise, lines, checkerboards), fp32 and fp16.
 """
@@ -15,13 +15,13 @@ import onnxruntime as ort
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from export.digit_detector import quick_non_digits
 from export.digit_score_graph import PREFIX, attach, build, detach, has_digit_score, with_digit_score
 from export.onnx_export import SCORE_TOLERANCE
 from proto.contract import DIGIT_SCORE, INPUT_NAME, MNIST_NORMALIZATION, OUTPUT_NAMES, read_metadata, variant_path
 from server.config import BUNDLED_MODEL, DIGIT_DETECTOR
-from server.digit_detector import DigitDetector
+from server.pipeline.digit_detector import DigitDetector
 from training.data import load_split
+from training.fit_digit_detector import quick_non_digits
 
 FP16_MODEL = variant_path(BUNDLED_MODEL, "fp16")
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from export.evaluate import build_parser, main
-from training.corruptions import CORRUPTIONS
+from training.corruptions import HELD_OUT_CORRUPTIONS
 from training.data import sha256_file
 
 BUNDLED = Path(__file__).resolve().parents[1] / "server" / "bundled" / "googlenet-fast.onnx"
@@ -62,7 +62,7 @@ def test_the_report_names_the_model_and_scores_clean_and_each_kind(run: tuple[in
     assert list(report["corruption_accuracy"]) == KINDS
     assert all(0 <= accuracy <= 1 for accuracy in report["corruption_accuracy"].values())
     assert report["mean_corruption_accuracy"] == pytest.approx(np.mean(list(report["corruption_accuracy"].values())))
-    assert report["descriptions"] == {kind: CORRUPTIONS[kind].description for kind in KINDS}
+    assert report["descriptions"] == {kind: HELD_OUT_CORRUPTIONS[kind].description for kind in KINDS}
     assert report["normalization"]["source"] == "model metadata", "fed as the server feeds this model"
 
 

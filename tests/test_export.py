@@ -21,7 +21,7 @@ from export.onnx_export import (
 )
 from proto.contract import ModelMetadata, read_metadata
 from server.config import DIGIT_DETECTOR
-from server.digit_detector import DigitDetector
+from server.pipeline.digit_detector import DigitDetector
 from training.data import sha256_file
 from training.train import TrainConfig, train
 

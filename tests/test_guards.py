@@ -18,9 +18,9 @@ from PIL import Image
 
 from proto.mnist.v1 import classifier_pb2 as pb
 from server.app import MnistServer
-from server.guards import RETRY_AFTER_KEY
-from server.health import HealthService
-from tests.test_server import Harness, test_config
+from server.transport.guards import RETRY_AFTER_KEY
+from server.transport.health import HealthService
+from tests.support import Harness, test_config
 
 GARBAGE = b"\xff\xff\xff\xff"  # a truncated varint key: no protobuf parser accepts it
 RAW_DIGIT = bytes(range(256)) * 3 + bytes(16)

@@ -1,4 +1,4 @@
-"""Liveness that a busy gRPC event loop cannot starve: the heartbeat (server/liveness.py), /livez and /readyz on
+"""Liveness that a busy gRPC event loop cannot starve: the heartbeat (server/ops/liveness.py), /livez and /readyz on
 the metrics port of a real server whose loop the tests block, and the image's probe command."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server import livez_probe
 from server.app import MnistServer
-from server.liveness import LoopHeartbeat
-from tests.test_server import free_port, test_config
+from server.ops.liveness import LoopHeartbeat
+from tests.support import free_port, test_config
 
 TOKEN = "a-token-for-the-liveness-tests-0123456789"
 

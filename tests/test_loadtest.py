@@ -11,7 +11,7 @@ import pytest
 
 from loadtest.bench import LatencyStats, summarize
 from loadtest.run import histogram_quantile, judge, parse_duration
-from tests.test_shutdown import start_server
+from tests.support import start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 

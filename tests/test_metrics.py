@@ -1,4 +1,5 @@
-"""server.metrics: the numpy histogram exposes what prometheus_client's own would; predictions are counted per batch."""
+"""server.ops.metrics: the numpy histogram exposes what prometheus_client's own would; predictions are counted
+per batch."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.metrics import CONFIDENCE_BUCKETS, LATENCY_BUCKETS, BulkHistogram, ServiceMetrics
+from server.ops.metrics import CONFIDENCE_BUCKETS, LATENCY_BUCKETS, BulkHistogram, ServiceMetrics
 
 NAME = "mnist_test_seconds"
 

@@ -1,4 +1,4 @@
-"""server.metrics_http: /metrics that slow, idle or hostile clients cannot tie up; loopback only.
+"""server.ops.metrics_http: /metrics that slow, idle or hostile clients cannot tie up; loopback only.
 
 Every test reads what came back (status, headers and the metric's sample line), so a server that
 answers the right status with the wrong body, or keeps a connection it should drop, fails.
@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.metrics_http import MetricsHttpServer
+from server.ops.metrics_http import MetricsHttpServer
 from server.security import TokenChecker
 
 SAMPLE = b"metrics_http_test_requests_total 7.0\n"

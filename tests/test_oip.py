@@ -19,7 +19,7 @@ from proto.inference import grpc_service_pb2 as oip
 from proto.inference import grpc_service_pb2_grpc as oip_grpc
 from proto.mnist.v1 import classifier_pb2 as pb
 from server.app import MnistServer
-from tests.test_server import Harness, free_port, test_config
+from tests.support import Harness, free_port, test_config
 from training.data import load_split
 
 MODEL = "googlenet-fast"
@@ -195,6 +195,35 @@ def test_statistics_count_requests_and_images(served: Harness, digits) -> None:
     assert after.inference_stats.success.ns > before.inference_stats.success.ns
 
 
+def test_statistics_count_every_protocols_traffic_not_only_the_inference_protocols(served: Harness, digits) -> None:
+    """One data plane under every transport: mnist.v1 calls and ReadDigits show in the statistics too."""
+
+    def stats():
+        return served.oip.ModelStatistics(oip.ModelStatisticsRequest(name=MODEL), timeout=5).model_stats[0]
+
+    images = digits[0]
+    seven = (SAMPLES / "seven.png").read_bytes()
+    before = stats()
+    served.stub.Classify(pb.ClassifyRequest(raw=images[0].tobytes()), timeout=10)
+    served.stub.Classify(pb.ClassifyRequest(encoded=seven), timeout=10)
+    raw_batch = pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(raw=image.tobytes()) for image in images[:4]])
+    served.stub.ClassifyBatch(raw_batch, timeout=10)
+    mixed = pb.ClassifyBatchRequest(
+        requests=[pb.ClassifyRequest(raw=images[0].tobytes()), pb.ClassifyRequest(encoded=seven)]
+    )
+    served.stub.ClassifyBatch(mixed, timeout=10)
+    served.stub.ReadDigits(pb.ReadDigitsRequest(image=seven), timeout=30)
+    assert rest(served, f"/v2/models/{MODEL}/read", seven)[0] == 200
+    with pytest.raises(grpc.RpcError) as refused:  # decoded, then refused: a failure of this model
+        served.stub.Classify(pb.ClassifyRequest(encoded=b"not an image"), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = stats()
+    assert after.execution_count - before.execution_count == 6
+    assert after.inference_count - before.inference_count == 1 + 1 + 4 + 2 + 1 + 1
+    assert after.inference_stats.success.count - before.inference_stats.success.count == 6
+    assert after.inference_stats.fail.count - before.inference_stats.fail.count == 1
+
+
 def test_a_stream_answers_each_request_in_order_and_survives_a_bad_one(served: Harness, digits) -> None:
     good = infer_request(digits[0][:1], id="a")
     bad = infer_request(digits[0][:1], id="b", model_name="nope")
@@ -319,7 +348,7 @@ def test_the_web_page_is_served_at_the_root_and_uses_only_the_rest_api(served: H
 def test_rest_and_grpc_inference_join_the_callers_trace_with_queue_and_inference_children(served, digits) -> None:
     from opentelemetry.trace import SpanKind
 
-    from tests.test_tracing import PARENT_ID, TRACE_ID, TRACEPARENT, Traces
+    from tests.support import PARENT_ID, TRACE_ID, TRACEPARENT, Traces
 
     traces = Traces()
     try:

@@ -12,6 +12,7 @@ import time
 import tomllib
 import urllib.parse
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from proto.contract import ModelMetadata
 from proto.mnist.v1 import classifier_pb2 as pb
 from server.app import MnistServer
 from server.config import BUNDLED_MODEL, ServeConfig
-from tests.test_server import Harness, free_port, test_config
+from tests.support import Harness, free_port, test_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "server" / "deploy"
@@ -64,6 +65,34 @@ def test_the_image_installs_only_the_serve_extra() -> None:
     named = set(re.findall(r'nvidia="([\w-]+)\[', runtime))
     assert named == {"onnxruntime-gpu"} and named <= serve_names  # only adds the NVIDIA libraries' extras
     assert not any("torch" in d for d in extras["serve"] + extras["serve-cpu"])
+
+
+def test_the_wheel_the_image_installs_holds_every_module_and_file_the_service_reads(tmp_path: Path) -> None:
+    """The image installs the project as a wheel: a subpackage missing from it (server/backends once was) would
+    only show as an ImportError in the container."""
+    source = tmp_path / "source"  # a copy: a build/ folder left in the checkout could hide what is missing
+    for name in ("server", "training", "export", "loadtest", "proto"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("results", "__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "."],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    packed = set(zipfile.ZipFile(wheel).namelist())
+    sources = {
+        str(path.relative_to(ROOT))
+        for folder in ("server", "training", "export", "loadtest", "proto")
+        for path in (ROOT / folder).rglob("*.py")
+    }
+    assert sources - packed == set()
+    data = {"server/bundled/googlenet-fast.onnx", "server/bundled/digit-detector.npz", "server/web/index.html"}
+    assert data | {"server/samples/seven.png"} <= packed
 
 
 def test_the_image_runs_as_non_root_with_health_check_ports_and_env_that_exist() -> None:

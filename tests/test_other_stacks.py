@@ -19,7 +19,7 @@ import pytest
 from loadtest.reading import compose
 from proto.mnist.v1 import classifier_pb2 as pb
 from server.app import MnistServer
-from tests.test_server import Harness, test_config
+from tests.support import Harness, test_config
 from training.data import load_split
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,5 @@
-"""server.pipeline.ModelPipeline: payloads in, prediction arrays out, in order; per-item errors named by index."""
+"""server.pipeline.model_pipeline.ModelPipeline: payloads in, prediction arrays out, in order; per-item errors
+named by index."""
 
 from __future__ import annotations
 
@@ -18,16 +19,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import server.pipeline
-from server.backends.base import Backend, BackendInfo, BackendOutput
-from server.backends.null_backend import FIXED_ROW, FIXED_SCORE, NullBackend
-from server.backends.onnxruntime_backend import OnnxRuntimeBackend
+import server.pipeline.model_pipeline
 from server.config import BUNDLED_MODEL, DIGIT_DETECTOR
-from server.digit_detector import DigitDetector
+from server.engine.backends.base import Backend, BackendInfo, BackendOutput
+from server.engine.backends.null_backend import FIXED_ROW, FIXED_SCORE, NullBackend
+from server.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 from server.errors import DeadlineExpired, InvalidInput
-from server.pipeline import ENCODED, RAW, ModelPipeline, PipelineSettings
-from server.preprocess import DecodeStopped
-from server.preprocess import from_opened as real_from_opened
+from server.pipeline.digit_detector import DigitDetector
+from server.pipeline.model_pipeline import ENCODED, RAW, ModelPipeline, PipelineSettings
+from server.pipeline.preprocess import DecodeStopped
+from server.pipeline.preprocess import from_opened as real_from_opened
 from training.data import load_split
 
 GOOD = bytes(range(256)) * 3 + bytes(16)  # any raw image with contrast (a blank one is refused)
@@ -348,7 +349,8 @@ def test_a_blank_raw_image_before_a_raw_image_of_the_wrong_length_reports_the_lo
 
 
 class GatedDecode:
-    """Stands in for server.pipeline.from_opened: each call waits at a gate (as if busy inside a long decode step),
+    """Stands in for server.pipeline.model_pipeline.from_opened: each call waits at a gate (as if busy inside a long
+    decode step),
     then runs the real one and records how it ended."""
 
     def __init__(self) -> None:
@@ -388,7 +390,7 @@ async def until_idle(pipeline: ModelPipeline, within: float) -> float:
 
 def test_a_cancelled_request_stops_its_decoding_threads_at_their_next_step(monkeypatch) -> None:
     gated = GatedDecode()
-    monkeypatch.setattr(server.pipeline, "from_opened", gated)
+    monkeypatch.setattr(server.pipeline.model_pipeline, "from_opened", gated)
 
     async def body(pipeline: ModelPipeline) -> None:
         request = asyncio.ensure_future(pipeline.classify([page_png(60, 60)] * 10, [ENCODED] * 10))
@@ -407,7 +409,7 @@ def test_a_cancelled_request_stops_its_decoding_threads_at_their_next_step(monke
 
 def test_a_request_whose_deadline_passes_while_decoding_stops_and_reports_deadline_expired(monkeypatch) -> None:
     gated = GatedDecode()
-    monkeypatch.setattr(server.pipeline, "from_opened", gated)
+    monkeypatch.setattr(server.pipeline.model_pipeline, "from_opened", gated)
 
     async def body(pipeline: ModelPipeline) -> None:
         deadline = time.monotonic() + 0.2
@@ -430,7 +432,7 @@ def test_the_decode_pool_goes_idle_soon_after_a_request_of_many_large_pngs_is_ca
         started.append(opened.pixels)
         return real_from_opened(opened, norm, stop)
 
-    monkeypatch.setattr(server.pipeline, "from_opened", counting)
+    monkeypatch.setattr(server.pipeline.model_pipeline, "from_opened", counting)
     images = 64  # 4 megapixels each: about 2 s of decoding on two threads, were it all done
 
     async def body(pipeline: ModelPipeline) -> float:

@@ -1,4 +1,4 @@
-"""server.preprocess: raw payloads, encoded images of every accepted kind, and the payloads it refuses."""
+"""server.pipeline.preprocess: raw payloads, encoded images of every accepted kind, and the payloads it refuses."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from proto.contract import Normalization
-from server.backends.onnxruntime_backend import OnnxRuntimeBackend
 from server.config import BUNDLED_MODEL
-from server.preprocess import (
+from server.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
+from server.pipeline.preprocess import (
     DecodeStopped,
     InvalidImage,
     OpenedImage,

@@ -15,8 +15,8 @@ from PIL import Image
 from loadtest.reading import KINDS, benchmark_set, compose, draw_examples, run
 from proto.mnist.v1 import classifier_pb2 as pb
 from server.app import MnistServer
-from server.reading import NO_DIGITS, segment
-from tests.test_server import Harness, free_port, test_config
+from server.pipeline.reading import NO_DIGITS, segment
+from tests.support import Harness, free_port, test_config
 from training.data import load_split
 
 ROOT = Path(__file__).resolve().parents[1]

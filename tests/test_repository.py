@@ -21,8 +21,8 @@ from proto.mnist.v1 import classifier_pb2 as pb
 from server.app import MnistServer
 from server.config import BUNDLED_MODEL
 from server.errors import NotFound
-from server.repository import FAILED, LOADING, READY, UNLOADING, ModelRepository, scan_repository
-from tests.test_server import Harness, test_config
+from server.models.repository import FAILED, LOADING, READY, UNLOADING, ModelRepository, scan_repository
+from tests.support import Harness, test_config
 from training.data import load_split
 
 MODEL = "googlenet-fast"
@@ -459,7 +459,7 @@ def test_odd_folders_and_a_policy_that_selects_nothing_never_stop_serving(tmp_pa
 
 
 def test_a_broken_config_is_reported_once_not_at_every_poll(tmp_path: Path) -> None:
-    from server.repository import RepositoryObserver
+    from server.models.repository import RepositoryObserver
 
     class Failures(RepositoryObserver):
         def __init__(self) -> None:
@@ -539,3 +539,79 @@ def test_an_explicit_load_says_when_the_file_fails_and_names_must_be_folders(tmp
         await repository.close()
 
     run(scenario())
+
+
+# --- each model's own settings, from its config.pbtxt ----------------------------------------------------------
+
+
+def test_config_pbtxt_settings_are_read_as_triton_writes_them_and_bad_ones_are_named(tmp_path: Path) -> None:
+    publish(tmp_path, 1)
+    config_pbtxt(
+        tmp_path,
+        "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 2500 }\n"
+        "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
+        'parameters { key: "cudnn_conv_algo_search" value { string_value: "1" } }\n'
+        'parameters { key: "precision" value { string_value: "FP32" } }',
+    )
+    settings = scan_repository(tmp_path)[MODEL].settings
+    assert settings.overrides() == {
+        "max_batch_size": 8,
+        "max_queue_delay_ms": 2.5,
+        "provider": "cpu",
+        "precision": "fp32",
+        "cudnn_conv_algo_search": "HEURISTIC",  # Triton's ONNX Runtime backend reads 1 as the heuristic search
+    }
+    config_pbtxt(tmp_path, 'parameters { key: "layout" value { string_value: "sideways" } }')
+    spec = scan_repository(tmp_path)[MODEL]
+    assert "parameter layout must be one of auto, nchw, nhwc, not 'sideways'" in spec.problem
+    config_pbtxt(tmp_path, "version_policy { latest { num_versions: 1 } }")  # no settings: the flags decide
+    assert scan_repository(tmp_path)[MODEL].settings.overrides() == {}
+
+
+def test_two_models_with_different_batch_settings_are_served_side_by_side(tmp_path: Path, digits) -> None:
+    """Each model is batched as its own config.pbtxt says; the flags are only the defaults."""
+    publish(tmp_path, 1, model="small-batches")
+    config_pbtxt(
+        tmp_path,
+        "max_batch_size: 4\ndynamic_batching { max_queue_delay_microseconds: 3000 }",
+        model="small-batches",
+    )
+    publish(tmp_path, 1, model="flag-defaults")
+    config = test_config(model_repository=str(tmp_path), max_batch_size=16, max_queue_delay_ms=0.0)
+    harness = Harness(MnistServer(config).start())
+    try:
+        stub = oip_grpc.GRPCInferenceServiceStub(harness.channel)
+        small = stub.ModelConfig(oip.ModelConfigRequest(name="small-batches"), timeout=5).config
+        default = stub.ModelConfig(oip.ModelConfigRequest(name="flag-defaults"), timeout=5).config
+        assert (small.max_batch_size, small.dynamic_batching.max_queue_delay_microseconds) == (4, 3000)
+        assert (default.max_batch_size, default.dynamic_batching.max_queue_delay_microseconds) == (16, 0)
+        assert small.backend == default.backend == "onnxruntime"  # what the engine reports, not a constant
+        assert small.parameters["device"].string_value == "CPU"
+        batchers = {s.name: s.pipeline.batcher for s in harness.server.models.served()}
+        assert (batchers["small-batches"].max_batch_size, batchers["small-batches"].max_queue_delay) == (4, 0.003)
+        assert (batchers["flag-defaults"].max_batch_size, batchers["flag-defaults"].max_queue_delay) == (16, 0.0)
+        images, labels = digits
+        for model in ("small-batches", "flag-defaults"):  # both answer, each through its own batcher
+            batch = pb.ClassifyBatchRequest(
+                model_name=model, requests=[pb.ClassifyRequest(raw=image.tobytes()) for image in images[:10]]
+            )
+            answers = harness.stub.ClassifyBatch(batch, timeout=30).responses
+            assert [a.digit for a in answers] == list(labels[:10])
+    finally:
+        harness.close()
+
+
+def test_a_setting_the_engine_cannot_use_fails_that_model_only(tmp_path: Path) -> None:
+    publish(tmp_path, 1, model="broken")
+    config_pbtxt(
+        tmp_path, 'max_batch_size: 4\nparameters { key: "batch_buckets" value { string_value: "1,8" } }', "broken"
+    )
+    publish(tmp_path, 1, model="fine")
+    harness = Harness(MnistServer(test_config(model_repository=str(tmp_path))).start())
+    try:
+        statuses = {(s.name, s.version): s for s in harness.server.models.statuses()}
+        assert statuses[("fine", "1")].state == READY
+        broken = statuses[("broken", "1")]
+        assert broken.state == FAILED and "max_batch_size 4 is under the largest batch bucket 8" in broken.reason
+    finally:
+        harness.close()

@@ -36,7 +36,7 @@ from server.app import MnistServer
 from server.config import load_config
 from server.errors import PermissionDenied, Unauthenticated
 from server.security import TokenChecker, grpc_authorization, http_refusal, http_ssl_context, read_tokens
-from tests.test_server import free_port, test_config
+from tests.support import free_port, test_config
 
 RAW_DIGIT = bytes(range(256)) * 3 + bytes(16)  # any 28x28 with contrast: the null backend does not look
 SAMPLES = Path(__file__).resolve().parents[1] / "server" / "samples"
@@ -500,7 +500,7 @@ def test_livez_under_mtls_needs_the_client_certificate(pki: Pki, mtls_server: Mn
     assert livez_probe.main([], {**environ, **client}) == 0
 
 
-# --- the HTTP API (server/rest.py) takes the same TLS and tokens ------------------------------------
+# --- the HTTP API (server/transport/rest.py) takes the same TLS and tokens ------------------------------------
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -13,81 +12,29 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from proto.mnist.v1 import classifier_pb2 as pb
 from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
 from server.app import MnistServer
-from server.backends.onnxruntime_backend import OnnxRuntimeBackend
-from server.config import BUNDLED_MODEL, ServeConfig
-from server.guards import RETRY_AFTER_KEY
-from server.repository import PARITY_SAMPLES
+from server.config import BUNDLED_MODEL
+from server.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
+from server.models.repository import PARITY_SAMPLES
+from server.transport.guards import RETRY_AFTER_KEY
+from tests.support import Harness, test_config
 from training.data import load_split, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_config(**overrides) -> ServeConfig:
-    base = ServeConfig(
-        host="127.0.0.1",
-        port=0,
-        metrics_port=free_port(),
-        http_port=0,
-        provider="cpu",
-        drain_seconds=0,
-        grace_seconds=5,
-        max_request_images=16,
-        max_image_pixels=10_000_000,
-    )
-    return replace(base, **overrides)
-
-
-test_config.__test__ = False  # a helper, not a test
-VERIFIED = len(PARITY_SAMPLES)  # images every model version reads before it takes traffic (server/repository.py)
-
-
-class Harness:
-    """A started server with a channel, stubs and a /metrics reader."""
-
-    def __init__(self, server: MnistServer) -> None:
-        self.server = server
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-        self.stub = pb_grpc.ClassifierStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    def health_status(self, service: str = "") -> int:
-        return self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
-
-    def metrics(self) -> dict[str, float]:
-        """Every sample as 'name{label="value",...}' -> value."""
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.server.metrics_port}/metrics", timeout=5).read()
-        samples = {}
-        for family in text_string_to_metric_families(text.decode()):
-            for s in family.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-                samples[f"{s.name}{{{labels}}}"] = s.value
-        return samples
-
-    def close(self) -> None:
-        self.channel.close()
-        self.server.stop()
+VERIFIED = len(PARITY_SAMPLES)  # images every model version reads before it takes traffic (server/models/repository.py)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +123,7 @@ def test_a_batch_is_answered_in_order_mixing_raw_and_encoded(served: Harness, di
 
 
 def test_a_batch_of_raw_images_only_gets_the_answers_the_protobuf_path_gives(served: Harness, digits) -> None:
-    """Raw-only batches are read off the wire as one array (server/wire.py RawBatch); a request id on one item
+    """Raw-only batches are read off the wire as one array (server/transport/wire.py RawBatch); a request id on one item
     sends the same batch through protobuf's parser: both must answer alike, and the first with fresh ids."""
     images, labels = digits
     raw_only = [pb.ClassifyRequest(raw=images[i].tobytes()) for i in range(16)]
@@ -548,7 +495,7 @@ for name in ("aiohttp", "scipy", "opentelemetry"):
 import grpc
 from proto.mnist.v1 import classifier_pb2 as pb
 from server.app import MnistServer
-from tests.test_server import Harness, test_config
+from tests.support import Harness, test_config
 harness = Harness(MnistServer(test_config(http_port=0)).start())
 seven = open("server/samples/seven.png", "rb").read()
 print(harness.stub.Classify(pb.ClassifyRequest(encoded=seven), timeout=10).digit)

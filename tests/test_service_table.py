@@ -1,4 +1,5 @@
-"""server.service: the handler table follows the proto, each domain error has one status; the wire end to end."""
+"""server.transport.service: the handler table follows the proto, each domain error has one status; the wire end
+to end."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import server.errors
 from proto.mnist.v1 import classifier_pb2 as pb
 from server.app import MnistServer
 from server.config import DIGIT_DETECTOR
-from server.digit_detector import DigitDetector
 from server.errors import (
     AuthRefused,
     Cancelled,
@@ -28,9 +28,10 @@ from server.errors import (
     Unauthenticated,
     Unsupported,
 )
-from server.metrics import ServiceMetrics
-from server.service import SERVICE, ClassifierServicer, generic_handler, status_of
-from tests.test_server import Harness, test_config
+from server.ops.metrics import ServiceMetrics
+from server.pipeline.digit_detector import DigitDetector
+from server.transport.service import SERVICE, ClassifierServicer, generic_handler, status_of
+from tests.support import Harness, test_config
 
 DOCUMENTED = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
@@ -137,7 +138,7 @@ def test_model_info_of_the_cpu_server_reports_the_engine_and_its_setup(onnx_serv
     assert list(info.batch_buckets) == [] and info.cuda_graph is False
     assert info.device == "CPU" and info.runtime.startswith("onnxruntime")
     assert list(info.providers) == ["CPUExecutionProvider"]
-    assert list(info.engine_options) == ["intra_op_spinning=run"]  # CPU threads spin during runs only
+    assert list(info.engine_options) == ["intra_op_spinning=on"]  # CPU threads spin as ONNX Runtime does by default
 
 
 def test_model_info_says_where_the_digit_score_comes_from(onnx_served, null_served, scoreless_model) -> None:

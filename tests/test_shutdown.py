@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -16,39 +15,8 @@ import pytest
 
 from proto.mnist.v1 import classifier_pb2 as pb
 from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
-from server.client import ClassifierClient
-from tests.test_server import free_port
+from tests.support import free_port, start_server
 from training.data import load_split
-
-
-def start_server(*flags: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server.app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--metrics-port",
-            "0",
-            "--provider",
-            "cpu",
-            *flags,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=Path(__file__).resolve().parents[1],
-        env={**os.environ, **(env or {})},
-    )
-    with ClassifierClient(f"127.0.0.1:{port}") as client:
-        if client.wait_until_serving(30):
-            return process, port
-    process.kill()
-    raise AssertionError("server did not become SERVING within 30 s:\n" + process.communicate()[0])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -16,19 +16,15 @@ import numpy as np
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import StatusCode
 
 from proto.mnist.v1 import classifier_pb2 as pb
 from server import tracing
 from server.app import MnistServer
 from server.config import ServeConfig, build_parser, load_config
 from server.tracing import Tracing
-from tests.test_server import Harness, free_port, test_config
+from tests.support import PARENT_ID, TRACE_ID, TRACEPARENT, Harness, Traces, free_port, test_config
 
-TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
-PARENT_ID = "00f067aa0ba902b7"
-TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 DEVICE_MS = 2.0
 IMAGE = np.random.default_rng(0).integers(0, 256, 784, dtype=np.uint8).tobytes()
 
@@ -39,24 +35,6 @@ def served() -> Iterator[Harness]:
     harness = Harness(MnistServer(config).start())
     yield harness
     harness.close()
-
-
-class Traces:
-    """Tracing installed for one test, exporting to memory."""
-
-    def __init__(self, sample_ratio: float = 1.0) -> None:
-        self.exporter = InMemorySpanExporter()
-        self.tracing = Tracing(self.exporter, sample_ratio).install()
-
-    def spans(self) -> list[ReadableSpan]:
-        self.tracing.force_flush()
-        return list(self.exporter.get_finished_spans())
-
-    def call_spans(self) -> list[ReadableSpan]:
-        return [span for span in self.spans() if span.kind == SpanKind.SERVER]
-
-    def children(self, call: ReadableSpan) -> dict[str, ReadableSpan]:
-        return {s.name: s for s in self.spans() if s.parent is not None and s.parent.span_id == call.context.span_id}
 
 
 @pytest.fixture

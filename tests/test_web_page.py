@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from server.app import MnistServer
-from tests.test_server import Harness, free_port, test_config
+from tests.support import Harness, free_port, test_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "reports" / "web-page"

@@ -1,4 +1,5 @@
-"""server.wire: hand-written responses parse as protobuf's own; request parsers name problems and never raise."""
+"""server.transport.wire: hand-written responses parse as protobuf's own; request parsers name problems and
+never raise."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import re
 import numpy as np
 import pytest
 
-import server.wire
+import server.transport.wire
 from proto.mnist.v1 import classifier_pb2 as pb
-from server.predictions import Predictions
-from server.wire import (
+from server.pipeline.predictions import Predictions
+from server.transport.wire import (
     BOTH_SET,
     RawBatch,
     encode_classify_batch_response,
@@ -81,13 +82,13 @@ def assert_same_floats(parsed: pb.ClassifyBatchResponse, answers: Predictions) -
 def fallbacks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the batch responses built by protobuf (the fallback) rather than by the numpy fast path."""
     calls: list[int] = []
-    original = server.wire._protobuf_batch_response
+    original = server.transport.wire._protobuf_batch_response
 
     def counted(answers, request_ids):
         calls.append(len(request_ids))
         return original(answers, request_ids)
 
-    monkeypatch.setattr(server.wire, "_protobuf_batch_response", counted)
+    monkeypatch.setattr(server.transport.wire, "_protobuf_batch_response", counted)
     return calls
 
 

@@ -9,7 +9,7 @@ Three recipes (`AUGMENTATIONS`):
 - `robust` (and `strong`, the same harder): a stronger warp (rotation, shear, zoom, off-centre shift)
   and an elastic wobble, then, for `corruption_probability` of the images, one or two "photo and
   scan" corruptions drawn from
-  `CORRUPTIONS`: stroke width, blur, low resolution, noise of three kinds, contrast and paper tone,
+  `AUGMENT_CORRUPTIONS`: stroke width, blur, low resolution, noise of three kinds, contrast and paper tone,
   fog, partial inversion, occlusion, stray pen lines, edges only. Their strengths are drawn from
   ranges, not fixed levels, so the model learns the kind of change rather than one test setting.
 """
@@ -248,7 +248,9 @@ def edges_only(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return magnitude / magnitude.flatten(1).amax(1).clamp_min(1e-6).view(-1, 1, 1, 1)
 
 
-CORRUPTIONS: dict[str, Augmentation] = {
+# Training augmentation (torch, on batches): damage mixed into training so the model learns to read it. Not the
+# held-out suite (training/corruptions.py HELD_OUT_CORRUPTIONS), whose kinds and settings differ on purpose.
+AUGMENT_CORRUPTIONS: dict[str, Augmentation] = {
     "thicker": thicker,
     "thinner": thinner,
     "blur": blur,
@@ -288,7 +290,7 @@ AUGMENTATIONS: dict[str, Recipe] = {
         elastic_pixels=1.0,
         corruption_probability=0.3,
     ),
-    # Measured on the 2-core CPU, googlenet-fast, 6 epochs: 99.24% clean test accuracy (robust: see README).
+    # Measured on the 2-core CPU, googlenet-fast, 6 epochs: 99.24% clean test accuracy (robust: see docs/training.md).
     "strong": Recipe(
         max_rotation_deg=25.0,
         max_scale=0.25,
@@ -307,7 +309,7 @@ def corrupt_some(x: torch.Tensor, generator: torch.Generator, probability: float
     if probability <= 0:
         return x
     n = x.shape[0]
-    kinds = list(CORRUPTIONS.values())
+    kinds = list(AUGMENT_CORRUPTIONS.values())
     for round_probability in (probability, probability / 4):
         chosen = torch.rand(n, generator=generator, device=generator.device).to(x.device) < round_probability
         which = torch.randint(len(kinds), (n,), generator=generator, device=generator.device).to(x.device)

@@ -410,7 +410,8 @@ def edges_only(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where((magnitude > threshold) & (strongest > 0), 255, 0).astype(np.uint8)
 
 
-CORRUPTIONS: dict[str, Corruption] = {
+# The held-out evaluation suite (mnist-eval): never used in training, so its scores measure robustness, not memory.
+HELD_OUT_CORRUPTIONS: dict[str, Corruption] = {
     function.__name__: Corruption(function, (function.__doc__ or "").strip().splitlines()[0])
     for function in (
         gaussian_noise,
@@ -445,13 +446,13 @@ def kind_rng(kind: str, seed: int) -> np.random.Generator:
 
 def corrupt(images: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
     """`images` (N, 28, 28) uint8 corrupted by `kind`, deterministically for (kind, seed); the input is not changed."""
-    if kind not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption kind {kind!r}; known kinds: {', '.join(CORRUPTIONS)}")
+    if kind not in HELD_OUT_CORRUPTIONS:
+        raise ValueError(f"unknown corruption kind {kind!r}; known kinds: {', '.join(HELD_OUT_CORRUPTIONS)}")
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (SIDE, SIDE):
         raise ValueError(f"images must be uint8 (N, {SIDE}, {SIDE}), not {images.dtype} {images.shape}")
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, not {seed}")
-    out = CORRUPTIONS[kind](images, kind_rng(kind, seed))
+    out = HELD_OUT_CORRUPTIONS[kind](images, kind_rng(kind, seed))
     assert out.shape == images.shape and out.dtype == np.uint8, f"{kind} returned {out.dtype} {out.shape}"
     return out

@@ -1,0 +1,380 @@
+"""Prometheus metrics of the service, on their own registry (served by server/ops/metrics_http.py).
+
+Per-image figures (predicted digits, confidences, queue waits) arrive as arrays once per batch
+or call and are counted with numpy (`BulkHistogram`), not with one Python call per image.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from server.engine.batching import BatchObserver
+
+# 0.1 ms to 100 ms, with 10 ms (the SLO) as an edge.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.1,
+    0.25,  # a loaded CPU server queues hundreds of milliseconds (64 load-test users: about 250 ms), and a standing
+    0.5,  # queue holds up to --queue-target-ms (at most 500 ms by default): without these edges every quantile
+    1.0,  # above 100 ms read as 100 ms
+    2.5,
+    5.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+CONFIDENCE_BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
+AUTH_PROTOCOLS = ("grpc", "http", "metrics")  # mnist_auth_refused_total series exist from the start, at 0
+AUTH_REASONS = ("missing", "malformed", "invalid")
+
+
+class InFlight:
+    """Calls being handled: `inc`/`dec` on the event loop (no lock, a Gauge's lock cost every call two), read when
+    /metrics is scraped."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def inc(self) -> None:
+        self.count += 1
+
+    def dec(self) -> None:
+        self.count -= 1
+
+    def value(self) -> float:
+        return float(self.count)
+
+
+class BulkCounts:
+    """One histogram series: counts per bucket and a sum, fed many observations in one numpy call."""
+
+    def __init__(self, edges: np.ndarray) -> None:
+        self.edges = edges
+        self._edge_list = [float(edge) for edge in edges]
+        self._counts = np.zeros(len(edges) + 1, np.int64)  # last: above every edge (+Inf only)
+        self._sum = 0.0
+        self._lock = threading.Lock()  # observations come from the loop or the runner, scrapes from the HTTP thread
+
+    def observe_many(self, values: np.ndarray | list[float]) -> None:
+        if len(values) <= 4:  # numpy's fixed cost per call is larger than a few bisections
+            for value in values:
+                self.observe(float(value))
+            return
+        values = np.asarray(values, np.float64).ravel()
+        # Prometheus buckets are "less than or equal": a value equal to an edge falls in that edge's bucket.
+        counts = np.bincount(np.searchsorted(self.edges, values, side="left"), minlength=len(self._counts))
+        with self._lock:
+            self._counts += counts
+            self._sum += float(values.sum())
+
+    def observe(self, value: float) -> None:
+        index = bisect.bisect_left(self._edge_list, value) if value == value else len(self._edge_list)  # NaN: +Inf
+        with self._lock:
+            self._counts[index] += 1
+            self._sum += value
+
+    def buckets(self) -> tuple[list[tuple[str, float]], float]:
+        with self._lock:
+            cumulative = np.cumsum(self._counts)
+            total = self._sum
+        buckets = [(_edge_label(edge), float(count)) for edge, count in zip(self.edges, cumulative[:-1], strict=True)]
+        buckets.append(("+Inf", float(cumulative[-1])))
+        return buckets, total
+
+
+class BulkHistogram(Collector):
+    """A Prometheus histogram that takes many observations in one numpy call; with `labelnames`, one series per
+    `labels(...)`, as prometheus_client's own."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+        labelnames: Sequence[str] = (),
+    ) -> None:
+        self.name, self.documentation = name, documentation
+        self.edges = np.asarray(buckets, np.float64)
+        self.labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], BulkCounts] = {} if self.labelnames else {(): BulkCounts(self.edges)}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def labels(self, *values: str) -> BulkCounts:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+        with self._lock:
+            return self._series.setdefault(tuple(values), BulkCounts(self.edges))
+
+    def remove(self, *values: str) -> None:
+        with self._lock:
+            self._series.pop(tuple(values), None)
+
+    def observe_many(self, values: np.ndarray | list[float]) -> None:
+        self._series[()].observe_many(values)
+
+    def observe(self, value: float) -> None:
+        self._series[()].observe(value)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        with self._lock:
+            series = list(self._series.items())
+        for values, counts in series:
+            buckets, total = counts.buckets()
+            family.add_metric(list(values), buckets, total)
+        yield family
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+
+CODE_NAMES = tuple(code.name for code in grpc.StatusCode)  # the codes mnist_model_requests is labelled by
+
+
+def _remove(family: Any, *labels: str) -> None:
+    try:
+        family.remove(*labels)
+    except KeyError:  # never observed
+        pass
+
+
+def _edge_label(edge: float) -> str:
+    return floatToGoString(float(edge))  # as prometheus_client labels its own buckets: 1 -> "1.0"
+
+
+class ServiceMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self._model_series: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # observe_model_request's
+        self.request_latency = Histogram(
+            "mnist_request_latency_seconds",
+            "gRPC call latency, server side",
+            ["method", "code"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter("mnist_requests", "gRPC calls answered", ["method", "code"], registry=r)
+        self.in_flight = InFlight()  # a plain count on the hot path; read when scraped
+        Gauge("mnist_requests_in_flight", "gRPC calls being handled", registry=r).set_function(self.in_flight.value)
+        self.auth_refused = Counter(
+            "mnist_auth_refused",
+            "calls refused for their credentials (server/security.py), by protocol (grpc, http, metrics) and "
+            "reason (missing, malformed: no or unreadable bearer token; invalid: a token not accepted)",
+            ["protocol", "reason"],
+            registry=r,
+        )
+        for protocol in AUTH_PROTOCOLS:
+            for reason in AUTH_REASONS:
+                self.auth_refused.labels(protocol, reason)
+        self.session_run = Histogram(
+            "mnist_session_run_seconds", "inference backend run per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_wait = BulkHistogram(
+            "mnist_queue_wait_seconds", "time a request waited in the batch queue", LATENCY_BUCKETS, r
+        )
+        self.batch_size = Histogram("mnist_batch_size", "images per session run", buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("mnist_queue_depth", "images waiting in the batch queue", registry=r)
+        self.queue_capacity = Gauge("mnist_queue_capacity", "most images the batch queue holds", registry=r)
+        self.serving = Gauge("mnist_health_serving", "1 while grpc.health reports SERVING, else 0", registry=r)
+        self.expired = Counter(
+            "mnist_deadline_expired_images", "images dropped unrun: their deadline passed while queued", registry=r
+        )
+        self.cancelled = Counter(
+            "mnist_cancelled_images", "images dropped unrun: the caller went away while they were queued", registry=r
+        )
+        self.model_info = Gauge(
+            "mnist_model_info",
+            "what is being served (value 1 per READY version): model, version, whether requests naming no version get "
+            "it, engine, provider, precision, layout, batch buckets, CUDA graph",
+            ["name", "version", "default", "provider", "backend", "precision", "layout", "buckets", "cuda_graph"],
+            registry=r,
+        )
+        self.model_versions = Gauge(
+            "mnist_model_versions",
+            "model versions the server knows of, by state (READY, LOADING, FAILED, UNLOADING)",
+            ["model", "state"],
+            registry=r,
+        )
+        self.model_load_seconds = Gauge(
+            "mnist_model_load_seconds",
+            "how long the version's load, verification on stored digits and warm-up took",
+            ["model", "version"],
+            registry=r,
+        )
+        self.model_load_failures = Counter(
+            "mnist_model_load_failures",
+            "model versions that failed to load or verify and never took traffic (version '-': the model's "
+            "config.pbtxt)",
+            ["model", "version"],
+            registry=r,
+        )
+        self.model_requests = Counter(
+            "mnist_model_requests", "requests answered, by the model version that answered and status code",
+            ["model", "version", "code"], registry=r,
+        )  # fmt: skip
+        self.model_latency = Histogram(
+            "mnist_model_request_latency_seconds",
+            "request latency from routing to answer, by the model version that answered (both protocols)",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decoding_pixels = Gauge(
+            "mnist_decoding_pixels",
+            "pixels of encoded images being decoded now (bounded by max_decoding_pixels)",
+            registry=r,
+        )
+        self.open_streams = Gauge(
+            "mnist_open_streams",
+            "long-lived streams open now (health Watch, reflection; bounded by max_streams)",
+            registry=r,
+        )
+        self.non_digits = Counter(
+            "mnist_non_digit_images",
+            "images answered is_digit=false: the detector says they are not digits",
+            registry=r,
+        )
+        self.read_digits = Histogram(
+            "mnist_read_digits_per_image",
+            "digits ReadDigits found in an image",
+            buckets=(0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 32, 64),
+            registry=r,
+        )
+        self.read_segmentation = Histogram(
+            "mnist_read_segmentation_seconds",
+            "ReadDigits: decoding an image and finding its digits, before the model runs",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.predictions = Counter(
+            "mnist_predictions", "predicted digits, by model version", ["model", "version", "digit"], registry=r
+        )
+        self.confidence = BulkHistogram(
+            "mnist_prediction_confidence",
+            "probability of the predicted digit, by model version",
+            CONFIDENCE_BUCKETS,
+            r,
+            ("model", "version"),
+        )
+
+    def count_refusal(self, protocol: str, error: object) -> None:
+        """One call refused by server/security.py's checks (`error` an AuthRefused: its `reason`
+        labels it)."""
+        self.auth_refused.labels(protocol, getattr(error, "reason", "invalid")).inc()
+
+    def describe_models(self, repository: Any) -> None:
+        """mnist_model_info for every READY version, and the count of versions by state
+        (server/models/repository.py)."""
+        self.model_info.clear()
+        defaults = {(s.name, s.version) for s in repository.statuses() if s.is_default}
+        for served in repository.served():
+            info = served.pipeline.info
+            self.model_info.labels(
+                name=served.name,
+                version=served.version,
+                default=str((served.name, served.version) in defaults).lower(),
+                provider=info.providers[0] if info.providers else info.engine,
+                backend=info.engine,
+                precision=info.precision,
+                layout=info.layout,
+                buckets=",".join(map(str, info.batch_buckets)) or "any",
+                cuda_graph=str(info.cuda_graph).lower(),
+            ).set(1)
+        self.model_versions.clear()
+        for status in repository.statuses():
+            self.model_versions.labels(status.name, status.state).inc()
+
+    def observe_reading(self, digits: int, seconds: float) -> None:
+        self.read_digits.observe(digits)
+        self.read_segmentation.observe(seconds)
+
+    def observe_model_request(self, model: str, version: str, code: str, seconds: float) -> None:
+        """One request answered by a model version: counted by code and timed. The labelled series are looked up
+        once per (version, code) and kept: `labels()` was the largest cost of a refused call here."""
+        series = self._model_series.get((model, version, code))
+        if series is None:
+            series = self._model_series[(model, version, code)] = (
+                self.model_requests.labels(model, version, code),
+                self.model_latency.labels(model, version),
+            )
+        series[0].inc()
+        series[1].observe(seconds)
+
+    def forget_version(self, model: str, version: str) -> None:
+        """A version was unloaded: its series go, so that a server shipping weekly versions does not grow forever."""
+        for key in [key for key in self._model_series if key[:2] == (model, version)]:
+            del self._model_series[key]
+        for digit in range(10):
+            _remove(self.predictions, model, version, str(digit))
+        for code in CODE_NAMES:
+            _remove(self.model_requests, model, version, code)
+        for family in (self.model_latency, self.model_load_seconds):
+            _remove(family, model, version)
+        self.confidence.remove(model, version)
+
+    def prediction_observer(self, model: str, version: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+        """The per-batch callback of one model version's pipeline: its digit counts, confidences and non-digits."""
+        digit_counters = [self.predictions.labels(model, version, str(digit)) for digit in range(10)]
+        confidence = self.confidence.labels(model, version)
+
+        def observe(digits: np.ndarray, confidences: np.ndarray, is_digit: np.ndarray | None = None) -> None:
+            if is_digit is not None and len(is_digit) and not is_digit.all():
+                self.non_digits.inc(int(len(is_digit) - np.count_nonzero(is_digit)))
+            if len(digits) <= 4:
+                for digit in digits.tolist():
+                    digit_counters[digit].inc()
+            else:
+                for digit, count in enumerate(np.bincount(digits, minlength=10)[:10].tolist()):
+                    if count:
+                        digit_counters[digit].inc(count)
+            confidence.observe_many(confidences)
+
+        return observe
+
+    def observe_predictions(
+        self, digits: np.ndarray, confidences: np.ndarray, is_digit: np.ndarray | None = None
+    ) -> None:
+        """A batch's predictions for a pipeline built without a model name (tests, tools): model and version ''."""
+        self.prediction_observer("", "")(digits, confidences, is_digit)
+
+    def batch_observer(self) -> BatchObserver:
+        def on_batch(size: int, seconds: float) -> None:
+            self.batch_size.observe(size)
+            self.session_run.observe(seconds)
+
+        def on_dropped(expired: int, cancelled: int) -> None:
+            if expired:
+                self.expired.inc(expired)
+            if cancelled:
+                self.cancelled.inc(cancelled)
+
+        return BatchObserver(
+            on_batch=on_batch,
+            on_waits=self.queue_wait.observe_many,
+            on_depth=self.queue_depth.set,
+            on_dropped=on_dropped,
+        )

@@ -1,0 +1,197 @@
+"""The gRPC transport for mnist.v1.Classifier: thin asyncio handlers over the data plane (server/plane/data_plane.py).
+
+A handler turns the request into the data plane's arguments, awaits it and writes the response. Parsing,
+statuses, counting and the bounds on calls in flight are the guards' (server/transport/guards.py), the same
+for every service the server exposes; nothing a client sends can crash the server or surface as
+UNKNOWN. The handler table is built from the service descriptor, so a method the proto declares
+and this servicer lacks stops the server at start-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+
+from proto.mnist.v1 import classifier_pb2 as pb
+from server.config import ServeConfig
+from server.errors import InvalidInput, NotReady
+from server.ops.metrics import ServiceMetrics
+from server.pipeline.digit_scores import summary as digit_score_summary
+from server.plane.data_plane import DataPlane
+from server.security import TokenChecker
+from server.transport.guards import STATUS_OF, CallGate, StreamGate, generic_handler, request_deadline, status_of
+from server.transport.wire import (
+    ParsedRequest,
+    RawBatch,
+    encode_classify_batch_response,
+    encode_classify_response,
+    fill_request_ids,
+    new_request_id_array,
+    new_request_ids,
+    parse_classify_batch_request,
+    parse_classify_request,
+)
+
+__all__ = ["SERVICE", "STATUS_OF", "ClassifierServicer", "add_to_server", "generic_handler", "status_of"]
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"]
+# Requests parsed by our own deserializers (server/transport/wire.py); any other method gets `safe_parser`.
+PARSERS: dict[str, Callable[[bytes], ParsedRequest]] = {
+    "Classify": parse_classify_request,
+    "ClassifyBatch": parse_classify_batch_request,
+}
+
+
+class ClassifierServicer:
+    """mnist.v1 over the data plane, which routes each call to the model version it names (the defaults when it names
+    none); until a version is READY every call is answered UNAVAILABLE."""
+
+    def __init__(self, config: ServeConfig, plane: DataPlane | None = None) -> None:
+        self.config = config
+        self._plane = plane
+
+    @property
+    def plane(self) -> DataPlane:
+        if self._plane is None:
+            raise NotReady("model is still loading; retry shortly")
+        return self._plane
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> bytes:
+        kind = request.WhichOneof("image")
+        payload = getattr(request, kind) if kind else b""
+        predictions = await self.plane.classify(
+            request.model_name, request.model_version, [payload], [kind], request_deadline(context)
+        )
+        return encode_classify_response(predictions, request.request_id or new_request_ids(1)[0])
+
+    async def ClassifyBatch(
+        self, request: pb.ClassifyBatchRequest | RawBatch, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        if isinstance(request, RawBatch):  # raw images only, read off the wire as one array (server/transport/wire.py)
+            return await self._classify_raw_batch(request, context)
+        items = request.requests
+        if not items:
+            raise InvalidInput("batch is empty: send at least one request")
+        if len(items) > self.config.max_request_images:
+            raise InvalidInput(f"batch has {len(items)} requests, over the maximum of {self.config.max_request_images}")
+        for index, item in enumerate(items):
+            if (item.model_name or request.model_name, item.model_version or request.model_version) != (
+                request.model_name,
+                request.model_version,
+            ):
+                raise InvalidInput(
+                    f"requests[{index}] names model {item.model_name!r} version {item.model_version!r}; one model "
+                    "answers a batch: set model_name and model_version on the batch, not on its items",
+                    index,
+                )
+        raws = [item.raw for item in items]
+        # An item with `encoded` (or nothing) set has an empty `raw`: then look at what each item holds.
+        kinds = None if min(map(len, raws)) > 0 else [item.WhichOneof("image") for item in items]
+        payloads = raws if kinds is None else [getattr(i, k) if k else b"" for i, k in zip(items, kinds, strict=True)]
+        try:
+            predictions = await self.plane.classify(
+                request.model_name, request.model_version, payloads, kinds, request_deadline(context)
+            )
+        except InvalidInput as err:
+            if err.index is None:
+                raise
+            raise InvalidInput(f"requests[{err.index}]: {err}", err.index) from None
+        return encode_classify_batch_response(predictions, fill_request_ids([item.request_id for item in items]))
+
+    async def _classify_raw_batch(self, request: RawBatch, context: grpc.aio.ServicerContext) -> bytes:
+        count = len(request.pixels)
+        if count > self.config.max_request_images:
+            raise InvalidInput(f"batch has {count} requests, over the maximum of {self.config.max_request_images}")
+        try:
+            predictions = await self.plane.classify_tensor(
+                request.model_name, request.model_version, request.pixels, request_deadline(context)
+            )
+        except InvalidInput as err:
+            if err.index is None:
+                raise
+            raise InvalidInput(f"requests[{err.index}]: {err}", err.index) from None
+        return encode_classify_batch_response(predictions, new_request_id_array(count))
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        served = self.plane.model_info(request.model_name, request.model_version)
+        info, detector = served.pipeline.info, served.pipeline.detector
+        return pb.ModelInfo(
+            name=served.name,
+            version=served.version,
+            sha256=info.model_sha256,
+            providers=list(info.providers),
+            max_batch_size=info.max_batch_size,
+            test_accuracy=info.test_accuracy,
+            backend=info.engine,
+            precision=info.precision,
+            layout=info.layout,
+            batch_buckets=list(info.batch_buckets),
+            cuda_graph=info.cuda_graph,
+            device=info.device,
+            runtime=info.runtime,
+            engine_options=[f"{key}={value}" for key, value in sorted(info.options.items())],
+            digit_threshold=detector.threshold if detector else float("nan"),
+            digit_detector=detector_summary(detector),
+        )
+
+    async def ReadDigits(self, request: pb.ReadDigitsRequest, context: grpc.aio.ServicerContext):
+        served, reading, (width, height) = await self.plane.read_digits(
+            request.model_name, request.model_version, request.image, request.expected_digits, request_deadline(context)
+        )
+        return pb.ReadDigitsResponse(
+            text=reading.text,
+            digits=[
+                pb.ReadDigit(
+                    digit=d.digit,
+                    confidence=d.confidence,
+                    x=d.box[0],
+                    y=d.box[1],
+                    width=d.box[2],
+                    height=d.box[3],
+                    alternatives=[pb.DigitAlternative(digit=a, probability=q) for a, q in d.alternatives],
+                    line=d.line,
+                    group=d.group,
+                )
+                for d in reading.digits
+            ],
+            confidence=reading.confidence,
+            model_version=served.version,
+            request_id=request.request_id or new_request_ids(1)[0],
+            image_width=width,
+            image_height=height,
+        )
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
+        statuses, default_model = self.plane.list_models()
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelVersionStatus(
+                    name=s.name,
+                    version=s.version,
+                    state=s.state,
+                    reason=s.reason,
+                    is_default=s.is_default,
+                    load_seconds=s.load_seconds,
+                )
+                for s in statuses
+            ],
+            default_model=default_model,
+        )
+
+
+def detector_summary(detector: object | None) -> str:
+    """One line on where digit_score comes from (the model's own output, or the separate detector file) and how it is
+    computed, from the detector's own description."""
+    return digit_score_summary(detector)
+
+
+def add_to_server(
+    servicer: ClassifierServicer,
+    server: grpc.aio.Server,
+    metrics: ServiceMetrics,
+    calls: CallGate | None = None,
+    streams: StreamGate | None = None,
+    auth: TokenChecker | None = None,
+) -> None:
+    server.add_generic_rpc_handlers((generic_handler(servicer, SERVICE, metrics, calls, streams, PARSERS, auth),))
