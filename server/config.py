@@ -138,7 +138,7 @@ HELP = {
     "(100 ms, or two full batches if longer) has waited longer than this before its batch ran, the queue is "
     "standing (a load beyond capacity, not a burst: a burst drains, and a closed loop of clients holds no more "
     "than it has clients), and requests that would wait longer are refused at once with RESOURCE_EXHAUSTED and a "
-    "retry-after-ms hint, before any decoding, until a request waits less; auto: eight full batches of the engine, "
+    "retry-after-ms hint, before any decoding, until a request waits less; auto: sixteen full batches of the engine, "
     "as measured (5 to 500 ms), or eight typical requests' work if more (at most 5 s); off: never (queue bounded "
     "by --max-queue-size only); at any load a request "
     "that could not be answered before its deadline is refused the same way",

@@ -148,11 +148,12 @@ class RequestSize:
 
 
 MIN_RUNS_TO_JUDGE = 8  # no refusal is predicted before the engine's speed is known from this many real runs
-AUTO_TARGET_FULL_BATCHES = 8  # queue_target "auto": a standing queue may hold this many full batches of work ...
+AUTO_TARGET_FULL_BATCHES = 16  # queue_target "auto": a standing queue may hold this many full batches of work ...
 AUTO_TARGET_MIN_S = 0.005  # ... never less than this ...
 AUTO_TARGET_MAX_S = 0.5  # ... nor more than this (an engine whose full batch takes a second has no use for eight)
 AUTO_TARGET_REQUESTS = 8  # ... but at least this many typical requests' work (one ClassifyBatch of 256 on a CPU ...
 AUTO_TARGET_REQUESTS_MAX_S = 5.0  # ... is eight batches of 32 on its own), up to this
+BATCH_SHARE_OF_TARGET = 8  # a batch holds at most the images whose own cost fits in this share of the target
 STANDING_INTERVAL_S = 0.1  # CoDel's interval: how long every wait must stay above the target (or two full batches)
 STANDING_EXIT = 0.5  # a standing queue ends at a wait under this share of the target (or when the queue empties)
 LEARNING_RUN_S = 0.05  # until the engine's speed is judged, batches after the first are held to about this long
@@ -309,7 +310,7 @@ class Batcher:
 
     def batch_limit(self) -> int:
         """Images per batch: max_batch_size, unless the images' own cost would take longer than the queue target allows
-        a batch (an eighth of it: AUTO_TARGET_FULL_BATCHES): then as many as fit in that. An engine whose cost is
+        a batch (an eighth of it: BATCH_SHARE_OF_TARGET): then as many as fit in that. An engine whose cost is
         all per image gains nothing from large batches, only latency: with 256-image batches of a 1+4 ms/image
         device, every call waited half a second for the batch ahead and half a second in its own. Until the speed is
         known, batches after the first hold what the runs so far predict to take LEARNING_RUN_S: a flood arriving at
@@ -321,7 +322,7 @@ class Batcher:
         target = self._batches_target()
         if not target:
             return self.max_batch_size
-        return min(self.max_batch_size, self.cost.images_within(target / AUTO_TARGET_FULL_BATCHES))
+        return min(self.max_batch_size, self.cost.images_within(target / BATCH_SHARE_OF_TARGET))
 
     def judged(self) -> bool:
         """Whether the engine's speed is known well enough to refuse anything for its predicted wait."""
@@ -332,9 +333,10 @@ class Batcher:
         batches of this engine, within AUTO_TARGET_MIN_S..AUTO_TARGET_MAX_S, and at least AUTO_TARGET_REQUESTS
         typical requests' work (up to AUTO_TARGET_REQUESTS_MAX_S). A batching engine needs a batch or two queued to
         stay busy, and a closed loop of clients builds a queue as long as it has clients without asking for more
-        than the engine does: 64 clients sending the load test's mix kept about 3.5 full batches (200 ms) queued on
-        the 2-core CPU, and 4 clients sending ClassifyBatch of 256 images kept 0.6 s (each request alone eight
-        batches of 32): neither may be refused."""
+        than the engine does. 64 clients sending the load test's mix keep 100-250 ms queued on the 2-core CPU, where
+        a full batch of 32 takes about 40 ms: eight full batches (320 ms) left so little room that one CI run in
+        several refused some of them; sixteen (clamped to 500 ms) leave twice that. 4 clients sending ClassifyBatch
+        of 256 images keep 0.6 s queued (each request alone eight batches of 32). None of these may be refused."""
         if self.queue_target_setting != AUTO:
             return float(self.queue_target_setting)
         requests = min(AUTO_TARGET_REQUESTS_MAX_S, AUTO_TARGET_REQUESTS * self._run_time(self.request_images.mean()))
@@ -500,8 +502,11 @@ class Batcher:
             target = self.queue_target()
             if target and self.judged():
                 interval = self.standing_interval()
+                # A wait counts only as far as work is still queued behind it: a stall (a paused machine, a slow run)
+                # lengthens every wait of a closed loop without queueing more, and must not read as a standing queue.
+                backlog = self.cost.seconds(rows) + self._run_time(self._queued)
                 for wait in waits:
-                    self.standing.observe(wait, now, target, interval)
+                    self.standing.observe(min(wait, backlog), now, target, interval)
         if not self._jobs:
             self.standing.drained()
         if expired or cancelled:

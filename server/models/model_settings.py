@@ -7,7 +7,8 @@ Triton's model configuration says how each model is batched and where it runs, a
 | -------------------------------------------------------- | ---------------------------------------------- |
 | `max_batch_size: N` (N > 0)                              | `--max-batch-size`                             |
 | `dynamic_batching { max_queue_delay_microseconds: U }`   | `--max-queue-delay-ms` (U / 1000)              |
-| `instance_group [ { kind: KIND_CPU } ]`                  | `--provider cpu` (KIND_GPU: the flag decides)  |
+| `instance_group [ { kind: KIND_CPU } ]`                  | `--provider cpu` (KIND_GPU: the flag decides;  |
+|                                                          | one engine per version, whatever `count` says) |
 | `parameters { key: "batch_buckets" ... }`                | `--batch-buckets` (e.g. "1,8,32,256")          |
 | `parameters { key: "precision" ... }`                    | `--precision` (auto, fp32, fp16)               |
 | `parameters { key: "layout" ... }`                       | `--layout` (auto, nchw, nhwc)                  |
