@@ -286,6 +286,19 @@ def parse_device_ms(text: str) -> tuple[float, float]:
     return fixed, per_image
 
 
+def batching_problems(config: ServeConfig) -> list[str]:
+    """What is wrong with the batch buckets and the largest batch together (the server's, or one model's)."""
+    if config.batch_buckets in ("auto", "none"):
+        return []
+    try:
+        buckets = parse_buckets(config.batch_buckets)
+    except ValueError as exc:
+        return [str(exc)]
+    if config.max_batch_size and config.max_batch_size < buckets[-1]:
+        return [f"max_batch_size {config.max_batch_size} is under the largest batch bucket {buckets[-1]}"]
+    return []
+
+
 def validate(config: ServeConfig) -> None:
     problems = []
     for name in (
@@ -331,16 +344,7 @@ def validate(config: ServeConfig) -> None:
     else:
         if config.null_device_ms.strip() not in ("0+0", "0", "") and config.backend != "null-threaded":
             problems.append("null_device_ms needs --backend null-threaded (emulated device time runs on its thread)")
-    if config.batch_buckets not in ("auto", "none"):
-        try:
-            buckets = parse_buckets(config.batch_buckets)
-        except ValueError as exc:
-            problems.append(str(exc))
-        else:
-            if config.max_batch_size and config.max_batch_size < buckets[-1]:
-                problems.append(
-                    f"max_batch_size {config.max_batch_size} is under the largest batch bucket {buckets[-1]}"
-                )
+    problems += batching_problems(config)
     if config.http_port and config.http_port in (config.port, config.metrics_port):
         problems.append(f"http_port {config.http_port} is already taken by the gRPC or the metrics port")
     if config.max_request_images > config.max_queue_size:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from proto.inference import model_config_pb2
-from server.config import CHOICES, ServeConfig, parse_buckets, parse_queue_target
+from server.config import CHOICES, ServeConfig, batching_problems, parse_buckets, parse_queue_target
 
 # Triton's ONNX Runtime backend reads cudnn_conv_algo_search as a number.
 CUDNN_SEARCH_NUMBERS = {"0": "EXHAUSTIVE", "1": "HEURISTIC", "2": "DEFAULT"}
@@ -97,8 +97,6 @@ def _parameter(key: str, value: str) -> str:
 
 def check_against(settings: ModelSettings, config: ServeConfig) -> None:
     """ValueError if the settings cannot work together with the server's (a batch bucket over the largest batch)."""
-    merged = settings.applied_to(config)
-    if merged.batch_buckets not in ("auto", "none") and merged.max_batch_size:
-        largest = parse_buckets(merged.batch_buckets)[-1]
-        if merged.max_batch_size < largest:
-            raise ValueError(f"max_batch_size {merged.max_batch_size} is under the largest batch bucket {largest}")
+    problems = batching_problems(settings.applied_to(config))
+    if problems:
+        raise ValueError("; ".join(problems))

@@ -224,9 +224,8 @@ class DataPlane:
     def _counted(self, name: str, version: str) -> Iterator[tuple[ServedModel, _Count]]:
         """Lease the version and count the request in its statistics, as a success or, if it raises, a failure."""
         with self.models.lease(name, version) as served:
-            stats = self._statistics.get((served.name, served.version))
-            if stats is None:
-                stats = self._statistics.setdefault((served.name, served.version), ModelStatistics())
+            key = (served.name, served.version)  # get first: no new ModelStatistics (and lock) per call
+            stats = self._statistics.get(key) or self._statistics.setdefault(key, ModelStatistics())
             count, started = _Count(), time.perf_counter()
             try:
                 yield served, count
