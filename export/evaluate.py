@@ -66,8 +66,9 @@ def open_model(path: Path) -> Model:
 
     providers = ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        if hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()
+        from server.engine.backends.onnxruntime_backend import preload_cuda_libraries
+
+        preload_cuda_libraries(ort)  # the server's loader: also finds CUDA wheels unpacked apart from onnxruntime
         providers.insert(0, "CUDAExecutionProvider")  # ONNX Runtime falls back to the CPU if CUDA cannot start
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: the CUDA fallback's warnings are not the user's business

@@ -140,8 +140,9 @@ def ort_session(path: Path, provider: str = "cpu"):
     except ImportError:
         raise ExportError("onnxruntime is not installed: pip install -e '.[serve]' (or '.[serve-cpu]')") from None
     if provider == "cuda":
-        if hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()
+        from server.engine.backends.onnxruntime_backend import preload_cuda_libraries
+
+        preload_cuda_libraries(ort)  # the server's loader: also finds CUDA wheels unpacked apart from onnxruntime
         session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
         if session.get_providers()[0] != "CUDAExecutionProvider":
             raise ExportError(f"--provider cuda asked for, but ONNX Runtime could not start CUDA for {path}")

@@ -320,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--results-to",
         type=Path,
         metavar="DIR",
-        help="with --suite: also put summary.md, suite.json, floors.png and one .tar.gz of every other result "
-        "(no models or checkpoints) in DIR, e.g. a device machine's $OUT",
+        help="with --suite: copy summary.md and suite.json to DIR as each step starts and ends, and at the end (also "
+        "on SIGTERM/SIGINT) floors.png and one .tar.gz of every other result (no models or checkpoints): e.g. a "
+        "device machine's $OUT",
     )
     return parser
 

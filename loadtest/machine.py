@@ -67,24 +67,112 @@ def probe_cuda() -> str:
     return f"CUDA session started: providers {list(backend.providers)}, one run gave {probabilities.shape}"
 
 
+def probe_cuda_graph() -> str:
+    """Capture and replay one CUDA graph through IO binding, as the served default does (fp16, NHWC, batch 1).
+
+    The server quietly falls back to plain runs when a graph cannot be captured; this says so, and why, in
+    seconds. Raises with the reason when the capture or the replay fails.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    from proto.contract import BATCH_AXIS, INPUT_DTYPE, INPUT_NAME, INPUT_SHAPE, LOGITS, variant_path
+    from server.config import BUNDLED_MODEL
+    from server.engine.backends.onnxruntime_backend import BUCKET_AGREEMENT, CPU, CUDA, WARM_RUNS, BucketSession
+
+    model = variant_path(BUNDLED_MODEL, "fp16")
+
+    def session(graph: bool) -> Any:
+        options = ort.SessionOptions()
+        options.add_free_dimension_override_by_name(BATCH_AXIS, 1)  # a graph replays one shape only
+        cuda = {"enable_cuda_graph": "1" if graph else "0", "prefer_nhwc": "1", "do_copy_in_default_stream": "1"}
+        made = ort.InferenceSession(str(model), options, providers=[(CUDA, cuda), CPU])
+        if made.get_providers()[0] != CUDA:
+            raise RuntimeError(f"the CUDA provider did not start (providers in use: {made.get_providers()})")
+        return made
+
+    graphed = session(graph=True)
+    bound = BucketSession(ort, graphed, 1, "cuda", graph=True, outputs=[o.name for o in graphed.get_outputs()])
+    rng = np.random.default_rng(20)
+    first, second = (rng.normal(size=(1, *INPUT_SHAPE)).astype(INPUT_DTYPE) for _ in range(2))
+    for _ in range(WARM_RUNS):  # the provider captures the graph after its warm-up runs
+        on_first = bound.run(first, LOGITS)
+    replayed = bound.run(second, LOGITS)  # a replay reads the bound input buffer: new images, new answers
+    reference = session(graph=False).run([LOGITS], {INPUT_NAME: second})[0]
+    diff = float(np.abs(replayed - reference).max())
+    if (
+        not np.isfinite(replayed).all()
+        or np.array_equal(on_first, replayed)
+        or diff > BUCKET_AGREEMENT["fp16"] * max(1.0, float(np.abs(reference).max()))
+    ):
+        raise RuntimeError(f"the replay answers wrongly (max difference from a run without the graph: {diff:.3g})")
+    return f"{model.name}: one CUDA graph captured and replayed through IO binding, max difference {diff:.1e}"
+
+
+PROBES = {"cuda_session": probe_cuda, "cuda_graph": probe_cuda_graph}
+
+
+def run_probes(report: Path | None = None, facts: dict[str, Any] | None = None) -> dict[str, dict[str, str]]:
+    """Each probe's status ('passed', 'failed', or 'skipped: no CUDA' where CUDA cannot run) and what it found.
+
+    With `report`, the facts and probes are written there before each probe too, so a probe that kills the
+    process (a crash inside the CUDA provider) still leaves its name and 'failed' behind.
+    """
+    import json
+
+    import onnxruntime as ort
+
+    from server.engine.backends.onnxruntime_backend import cuda_usable
+
+    facts = facts or describe_machine()
+    results: dict[str, dict[str, str]] = {}
+
+    def write() -> None:
+        if report is not None:
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(json.dumps({"machine": facts, "probes": results}, indent=2) + "\n")
+
+    usable = cuda_usable(ort, "auto")
+    for name, probe in PROBES.items():
+        if not usable:
+            results[name] = {"status": "skipped: no CUDA", "detail": "no NVIDIA driver or no CUDA provider here"}
+            continue
+        results[name] = {"status": "failed", "detail": "the process died during this probe"}
+        write()
+        try:
+            results[name] = {"status": "passed", "detail": probe()}
+        except Exception as exc:  # noqa: BLE001 - the reason is the result
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            results[name] = {"status": "failed", "detail": f"{type(exc).__name__}: {reason}"}
+    write()
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Print the facts, nvidia-smi's own view where there is a GPU, and with --probe whether CUDA starts."""
+    """Print the facts, nvidia-smi's own view where there is a GPU, and with --probe whether CUDA and its graphs run.
+
+    `--json PATH` (with --probe) also writes the facts and each probe's outcome there, for the suite's results.
+    Exits 1 when a probe failed; probes skipped for want of CUDA are no failure.
+    """
+    import argparse
     import json
     import shutil
     import subprocess
-    import sys
 
-    print(json.dumps(describe_machine(), indent=2))
-    if not shutil.which("nvidia-smi"):
+    parser = argparse.ArgumentParser(prog="python -m loadtest.machine", description=main.__doc__)
+    parser.add_argument("--probe", action="store_true", help="start a CUDA session and capture a CUDA graph")
+    parser.add_argument("--json", type=Path, help="with --probe: write the facts and the probes' outcomes here")
+    args = parser.parse_args(argv)
+    facts = describe_machine()
+    print(json.dumps(facts, indent=2))
+    if shutil.which("nvidia-smi"):
+        subprocess.run(["nvidia-smi"], check=False)
+    if not args.probe:
         return 0
-    subprocess.run(["nvidia-smi"], check=False)
-    if "--probe" in (sys.argv[1:] if argv is None else argv):
-        try:
-            print(probe_cuda())
-        except Exception as exc:  # noqa: BLE001 - reported, and the suite's step fails on the exit status
-            print(f"CUDA does not start here: {type(exc).__name__}: {exc}")
-            return 1
-    return 0
+    results = run_probes(args.json, facts)
+    for name, outcome in results.items():
+        print(f"{name}: {outcome['status']}: {outcome['detail']}")
+    return 1 if any(outcome["status"] == "failed" for outcome in results.values()) else 0
 
 
 if __name__ == "__main__":

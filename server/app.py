@@ -9,6 +9,7 @@ every batch shape warmed up (in a worker thread, so health answers meanwhile) ->
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import logging
 import resource
@@ -56,6 +57,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
 REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 METRICS_MAX_CONNECTIONS = 4096  # slow or idle scrapers cost a descriptor each, never a thread
+STOP_MARGIN_SECONDS = 10.0  # beyond drain and grace: close the models, flush the last answers, spans (a few s)
 SHUTDOWN_FLUSH_SECONDS = 1.0  # after every call is answered: time for the last responses to leave
 
 
@@ -380,13 +382,30 @@ class MnistServer:
         return self
 
     def stop(self) -> None:
+        """Drain and stop (`stop_async`), waiting no longer than `stop_deadline_s()`: a stop that hangs raises
+        TimeoutError naming the bound instead of holding its caller (a test run, an embedding process) forever."""
         if self._loop is None or self._thread is None:
             return
-        asyncio.run_coroutine_threadsafe(self.stop_async(), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-        self._loop = None
+        bound = self.stop_deadline_s()
+        stopping = asyncio.run_coroutine_threadsafe(self.stop_async(), self._loop)
+        try:
+            stopping.result(timeout=bound)
+        except concurrent.futures.TimeoutError:
+            stopping.cancel()
+            raise TimeoutError(
+                f"the server did not stop within {bound:.1f} s (drain {self.config.drain_seconds:g} s + grace "
+                f"{self.config.grace_seconds:g} s + {STOP_MARGIN_SECONDS:g} s to close models, ports and traces)"
+            ) from None
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(STOP_MARGIN_SECONDS)
+            if not self._thread.is_alive():
+                self._loop.close()
+            self._loop = None
+
+    def stop_deadline_s(self) -> float:
+        """The longest a stop may take: the drain, the grace for calls in flight, and a margin for the rest."""
+        return self.config.drain_seconds + self.config.grace_seconds + STOP_MARGIN_SECONDS
 
 
 async def serve(config: ServeConfig) -> int:
@@ -403,7 +422,11 @@ async def serve(config: ServeConfig) -> int:
         await server.stop_async()
         return 2
     await stop_requested.wait()
-    await server.stop_async()
+    try:
+        await asyncio.wait_for(server.stop_async(), server.stop_deadline_s())
+    except TimeoutError:
+        log.error("did not stop within %.1f s; exiting anyway", server.stop_deadline_s())
+        return 1
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny IDX files written on the fly, and the real MNIST directory when present."""
+"""Shared fixtures: tiny IDX files written on the fly, and the real MNIST directory. Skips under
+`MNIST_TEST_STRICT=1` fail the run: tests/strict_skips.py."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from training.data import IMAGES_MAGIC, LABELS_MAGIC, REPO_ROOT
 os.environ.setdefault("MNIST_SERVE_HTTP_PORT", "0")
 
 SHARED_MNIST = REPO_ROOT.parent / "shared" / "data" / "mnist"
+pytest_plugins = ["tests.strict_skips", "pytester"]  # pytester: tests/test_strict_skips.py runs pytest itself
 
 
 def idx_bytes(array: np.ndarray, magic: int) -> bytes:

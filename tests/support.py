@@ -1,5 +1,6 @@
 """What the tests share: a server in this process (`Harness`, `test_config`), one as a subprocess (`start_server`),
-free ports, and traces exported to memory (`Traces`). A plain module, not a test file: pytest collects nothing here.
+free ports, traces exported to memory (`Traces`), and ONNX Runtime sessions that record their runs (`RecordingSession`,
+`recording_factory`). A plain module, not a test file: pytest collects nothing here.
 
 Imports only what a server without aiohttp, scipy or OpenTelemetry has (tests/test_server.py imports this module
 in such a process); OpenTelemetry is imported where `Traces` needs it.
@@ -14,10 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import grpc
+import numpy as np
+import onnxruntime as ort
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.servers import ServerProcess, free_port
+from proto.contract import INPUT_NAME
 from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
 from server.app import MnistServer
 from server.config import ServeConfig
@@ -125,3 +129,65 @@ class Traces:
 
     def children(self, call: ReadableSpan) -> dict[str, ReadableSpan]:
         return {s.name: s for s in self.spans() if s.parent is not None and s.parent.span_id == call.context.span_id}
+
+
+# --- ONNX Runtime sessions that record their runs ---------------------------------------------------------
+
+
+class RecordingBinding:
+    """An IOBinding that remembers the OrtValue bound as the input, so each run's input shape can be read."""
+
+    def __init__(self, binding: ort.IOBinding) -> None:
+        self.binding = binding
+        self.bound_input: ort.OrtValue | None = None
+        self.bound_outputs: dict[str, ort.OrtValue] = {}
+
+    def bind_ortvalue_input(self, name: str, ortvalue: ort.OrtValue) -> None:
+        self.bound_input = ortvalue
+        self.binding.bind_ortvalue_input(name, ortvalue)
+
+    def bind_ortvalue_output(self, name: str, ortvalue: ort.OrtValue) -> None:
+        self.bound_outputs[name] = ortvalue
+        self.binding.bind_ortvalue_output(name, ortvalue)
+
+    def __getattr__(self, name: str):
+        return getattr(self.binding, name)
+
+
+class RecordingSession:
+    """A real InferenceSession that records the input shape of every run, plain or IO-bound.
+
+    `corrupt`, when set, is called with the bound outputs after each IO-bound run (to simulate a broken bucket).
+    """
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.bucket = session.get_inputs()[0].shape[0]  # an int when the batch axis is fixed, else its name
+        self.shapes: list[tuple[int, ...]] = []
+        self.corrupt = None
+
+    def run(self, output_names, input_feed, run_options=None):
+        self.shapes.append(tuple(np.shape(input_feed[INPUT_NAME])))
+        return self.session.run(output_names, input_feed, run_options)
+
+    def io_binding(self) -> RecordingBinding:
+        return RecordingBinding(self.session.io_binding())
+
+    def run_with_iobinding(self, binding: RecordingBinding, run_options=None) -> None:
+        assert binding.bound_input is not None, "input not bound through bind_ortvalue_input: shape unknown"
+        self.shapes.append(tuple(binding.bound_input.shape()))  # the shape of what is bound now, at this run
+        self.session.run_with_iobinding(binding.binding, run_options)
+        if self.corrupt is not None:
+            self.corrupt(binding.bound_outputs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.session, name)
+
+
+def recording_factory(sessions: list[RecordingSession]):
+    def factory(path: str, sess_options: ort.SessionOptions, providers: list) -> RecordingSession:
+        session = RecordingSession(ort.InferenceSession(path, sess_options, providers=providers))
+        sessions.append(session)
+        return session
+
+    return factory

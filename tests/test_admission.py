@@ -105,17 +105,23 @@ class Clients:
         with self.lock:
             return Counter(self.codes)
 
+    def wait_for(self, code: str, more_than: int, seconds: float = 60) -> None:
+        """Until more than `more_than` calls were answered `code` (the deadline only guards against a hang)."""
+        deadline = time.monotonic() + seconds
+        while self.snapshot()[code] <= more_than:
+            assert time.monotonic() < deadline, f"gave up waiting for {more_than + 1} calls answered {code}"
+            time.sleep(0.01)
+
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_draining_server_under_16_clients_refuses_nothing_for_load(mnist_dir: Path, sig: signal.Signals) -> None:
     """During the drain (health NOT_SERVING, then new calls UNAVAILABLE) nothing is refused RESOURCE_EXHAUSTED:
     79 calls once were, in the drain second."""
     with ServerProcess(["--drain-seconds", "1"]) as server, Clients(server.target, 16) as clients:
-        time.sleep(2.0)
-        assert clients.snapshot()["OK"] > 16
+        clients.wait_for("OK", 16)
         server.process.send_signal(sig)
         assert server.process.wait(60) == 0
-        time.sleep(0.5)
+        clients.wait_for("UNAVAILABLE", clients.snapshot()["UNAVAILABLE"])  # the clients have seen it gone
     codes = clients.snapshot()
     assert "RESOURCE_EXHAUSTED" not in codes, codes
     assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
@@ -127,7 +133,7 @@ def test_clients_reconnecting_to_a_restarted_server_are_not_refused(mnist_dir: P
     with ServerProcess([]) as first:
         port = first.port
         with Clients(first.target, 16, pause_on_unavailable=0.05) as clients:
-            time.sleep(1.0)
+            clients.wait_for("OK", 16)
             first.process.kill()
             first.process.wait(30)
             with ServerProcess([], port=port):
@@ -142,7 +148,7 @@ def test_clients_reconnecting_to_a_restarted_server_are_not_refused(mnist_dir: P
 def test_a_5x_open_loop_is_shed(cpu_default) -> None:
     """Overload is refused (RESOURCE_EXHAUSTED, at admission) rather than queued until every call is late."""
     with Clients(cpu_default.target, 16) as clients:  # capacity: what 16 closed-loop clients get answered
-        time.sleep(1.0)
+        clients.wait_for("OK", 16)  # all of them under way; then a window of 3 s measured, not waited for
         before, started = clients.snapshot()["OK"], time.monotonic()
         time.sleep(3.0)
         capacity = (clients.snapshot()["OK"] - before) / (time.monotonic() - started)

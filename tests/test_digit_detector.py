@@ -1,8 +1,8 @@
 """server.pipeline.digit_detector with the bundled detector: real digits pass, non-digits are flagged, the file is
 checked.
 
-The model's probabilities come from the bundled ONNX model through ONNX Runtime, as in serving. The
-MNIST part is skipped where the project's MNIST copy is absent; the rest needs no data.
+The model's probabilities come from the bundled ONNX model through ONNX Runtime, as in serving. The MNIST part
+reads the project's copy (the `mnist_dir` fixture fails where it is missing); the rest needs no data.
 """
 
 from __future__ import annotations
@@ -34,9 +34,6 @@ BUNDLED = REPO_ROOT / "server" / "bundled"
 DETECTOR = BUNDLED / "digit-detector.npz"
 REPORT = BUNDLED / "digit-detector.report.json"
 MODEL = BUNDLED / "googlenet-fast.onnx"
-MNIST_DIRS = [REPO_ROOT.parent / "shared" / "data" / "mnist", Path.cwd().parent / "shared" / "data" / "mnist"]
-MNIST = next((d for d in MNIST_DIRS if (d / "t10k-images-idx3-ubyte.gz").is_file()), None)
-needs_mnist = pytest.mark.skipif(MNIST is None, reason=f"MNIST not found in {' or '.join(map(str, MNIST_DIRS))}")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +44,8 @@ def detector() -> DigitDetector:
 @pytest.fixture(scope="module")
 def model():
     """(N, 1, 28, 28) normalized input -> (N, 10) softmax, through the bundled model."""
-    ort = pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
     session = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
     return lambda x: session.run([PROBABILITIES], {INPUT_NAME: np.ascontiguousarray(x, np.float32)})[0]
 
@@ -242,9 +240,8 @@ def test_horizontal_and_diagonal_lines_are_not_digits(detector: DigitDetector, m
     assert flagged.mean() >= 0.8, flagged
 
 
-@needs_mnist
-def test_real_test_digits_mostly_count_as_digits(detector: DigitDetector, model) -> None:
-    test = load_split("test", MNIST)
+def test_real_test_digits_mostly_count_as_digits(detector: DigitDetector, model, mnist_dir: Path) -> None:
+    test = load_split("test", mnist_dir)
     x = raw(test.images[:500])
     scores = detector.score(x, model(x))
     accepted = detector.is_digit(scores)
@@ -252,10 +249,9 @@ def test_real_test_digits_mostly_count_as_digits(detector: DigitDetector, model)
     assert np.median(scores) > 0.9
 
 
-@needs_mnist
-def test_digits_score_above_noise(detector: DigitDetector, model) -> None:
+def test_digits_score_above_noise(detector: DigitDetector, model, mnist_dir: Path) -> None:
     """The ranking itself: real digits against the same digits' pixels shuffled (same ink, no shape)."""
-    test = load_split("test", MNIST)
+    test = load_split("test", mnist_dir)
     digits = test.images[500:700]
     shuffled = np.random.default_rng(4).permuted(digits.reshape(200, -1), axis=1).reshape(200, 28, 28)
     x_digits, x_shuffled = raw(digits), raw(shuffled)
@@ -306,10 +302,9 @@ def test_printed_capital_letters_are_not_digits(detector: DigitDetector, model) 
     assert flagged.mean() >= 0.85, flagged
 
 
-@needs_mnist
-def test_digits_with_a_speck_or_a_rule_still_count_as_digits(detector: DigitDetector, model) -> None:
+def test_digits_with_a_speck_or_a_rule_still_count_as_digits(detector: DigitDetector, model, mnist_dir: Path) -> None:
     """Extra marks alone do not make a digit a non-digit: a dust speck, or a faint ruled line across."""
-    test = load_split("test", MNIST)
+    test = load_split("test", mnist_dir)
     digits = test.images[1000:1200].copy()
     digits[:100, 3, 5:8] = 200  # a speck near the top left corner
     digits[100:, 24, :] = np.maximum(digits[100:, 24, :], 90)  # a faint rule across near the bottom

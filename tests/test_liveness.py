@@ -43,18 +43,35 @@ def get(port: int, path: str, method: str = "GET", headers: dict[str, str] | Non
     return response.status, body, time.perf_counter() - started
 
 
-def block_loop(server: MnistServer, seconds: float) -> threading.Event:
-    """Run time.sleep(seconds) on the server's gRPC event loop; the event is set once the loop is blocked."""
-    assert server._loop is not None
-    blocked = threading.Event()
+class Block:
+    """The server's gRPC event loop blocked in a callback until `release()`: `blocking` tells whether it still is."""
 
-    def block() -> None:
-        blocked.set()
-        time.sleep(seconds)
+    def __init__(self, server: MnistServer) -> None:
+        assert server._loop is not None
+        self._started, self._release, self._ended = threading.Event(), threading.Event(), threading.Event()
+        server._loop.call_soon_threadsafe(self._block)
+        assert self._started.wait(30), "the loop never ran the blocking callback"
 
-    server._loop.call_soon_threadsafe(block)
-    assert blocked.wait(5), "the loop never ran the blocking callback"
-    return blocked
+    def _block(self) -> None:
+        self._started.set()
+        self._release.wait(60)  # a hang guard: the test releases it
+        self._ended.set()
+
+    @property
+    def blocking(self) -> bool:
+        return not self._ended.is_set()
+
+    def release(self) -> None:
+        self._release.set()
+        assert self._ended.wait(30)
+
+
+def poll(check: Callable[[], bool], what: str, seconds: float = 30) -> None:
+    """Until `check()` is true: synchronisation on a state (the deadline only guards against a hang)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.01)
 
 
 def health_check(server: MnistServer, timeout: float) -> grpc.StatusCode:
@@ -111,29 +128,34 @@ def test_the_heartbeat_beats_several_times_per_limit() -> None:
 
 
 def test_livez_answers_at_once_while_the_grpc_loop_is_blocked(start) -> None:
-    server = start()  # the default stall limit (20 s): a 2 s block is a busy loop, not a dead one
+    server = start()  # the default stall limit (20 s): a block shorter than that is a busy loop, not a dead one
     assert get(server.metrics_port, "/livez")[:2] == (200, b"ok\n")
-    block_loop(server, 2.0)
-    time.sleep(0.2)
-    status, body, seconds = get(server.metrics_port, "/livez")
-    assert (status, body) == (200, b"ok\n")
-    assert seconds < 0.1, f"/livez took {seconds * 1000:.0f} ms while the gRPC loop was blocked"
-    # The loop really was blocked: grpc health, served on it, misses a 0.5 s deadline meanwhile.
-    assert health_check(server, 0.5) == grpc.StatusCode.DEADLINE_EXCEEDED
+    block = Block(server)
+    try:
+        status, body, _ = get(server.metrics_port, "/livez")
+        assert (status, body) == (200, b"ok\n")
+        assert block.blocking  # answered while the loop was blocked: nothing of /livez waits for it
+        # The loop really was blocked: grpc health, served on it, misses a 0.5 s deadline meanwhile.
+        assert health_check(server, 0.5) == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert block.blocking
+    finally:
+        block.release()
 
 
 def test_livez_is_503_naming_the_stall_once_the_loop_is_blocked_past_the_limit(start) -> None:
     server = start(liveness_stall_seconds=0.5)
     assert get(server.metrics_port, "/livez")[0] == 200
-    block_loop(server, 2.5)
-    time.sleep(1.2)
-    status, body, seconds = get(server.metrics_port, "/livez")
-    assert status == 503
-    assert b"gRPC event loop has run no callback for" in body and b"blocked or deadlocked" in body
-    assert seconds < 0.1
-    assert get(server.metrics_port, "/livez", "HEAD")[:2] == (503, b"")
-    time.sleep(1.6)  # the block is over: the loop beats again
-    assert get(server.metrics_port, "/livez")[:2] == (200, b"ok\n")
+    block = Block(server)
+    try:
+        poll(lambda: get(server.metrics_port, "/livez")[0] == 503, "/livez to say 503")
+        status, body, _ = get(server.metrics_port, "/livez")
+        assert status == 503
+        assert b"gRPC event loop has run no callback for" in body and b"blocked or deadlocked" in body
+        assert get(server.metrics_port, "/livez", "HEAD")[:2] == (503, b"")
+        assert block.blocking  # all of it answered while the loop was blocked
+    finally:
+        block.release()
+    poll(lambda: get(server.metrics_port, "/livez")[:2] == (200, b"ok\n"), "/livez to say ok again")  # it beats again
 
 
 def test_livez_and_readyz_need_no_token_while_metrics_do(start, tmp_path: Path) -> None:
@@ -150,12 +172,13 @@ def test_livez_and_readyz_need_no_token_while_metrics_do(start, tmp_path: Path) 
 
 
 def test_readyz_mirrors_grpc_health_and_says_not_ready_while_draining(start) -> None:
-    server = start(drain_seconds=1.5)
+    server = start(drain_seconds=5.0)
     assert get(server.metrics_port, "/readyz")[:2] == (200, b"ok\n")
     stopping = threading.Thread(target=server.stop)
     stopping.start()
     try:
-        time.sleep(0.5)  # within the drain: grpc health says NOT_SERVING, the metrics port still answers
+        poll(lambda: get(server.metrics_port, "/readyz")[0] == 503, "/readyz to say not ready")
+        assert stopping.is_alive()  # within the drain: grpc health says NOT_SERVING, the metrics port still answers
         assert get(server.metrics_port, "/readyz")[:2] == (503, b"shutting down\n")
         assert get(server.metrics_port, "/livez")[:2] == (200, b"ok\n")  # draining is alive
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:

@@ -400,22 +400,23 @@ def test_http_1_0_closes_unless_keep_alive_is_asked(serve):
 
 
 def test_an_idle_keep_alive_connection_is_closed_after_idle_timeout(serve):
-    server = serve(idle_timeout_s=0.3, header_timeout_s=5.0)
-    sock, stream = connect(server.port)
+    # The other timeouts are far beyond the read's hang guard (60 s): a close before it can only be the idle one's.
+    server = serve(idle_timeout_s=0.3, header_timeout_s=600.0, write_timeout_s=600.0)
+    sock, stream = connect(server.port, timeout=60)
     with sock, stream:
+        start = time.monotonic()  # before the request: the idle time can only start later
         sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
         assert read_response(stream)[0] == 200
-        start = time.monotonic()
         assert_closed(stream)
-        assert 0.2 < time.monotonic() - start < 2.0
+        assert time.monotonic() - start >= 0.3  # not before the idle timeout
     wait_for(lambda: server.open_connections == 0)
 
 
 def test_slowloris_is_closed_after_header_timeout(serve):
-    server = serve(header_timeout_s=0.5, idle_timeout_s=30.0)
+    server = serve(header_timeout_s=0.5, idle_timeout_s=600.0, write_timeout_s=600.0)
     trickle = b"GET /metrics HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"z" * 100
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    start = time.monotonic()
+    start = time.monotonic()  # before the connection: the head's time can only start later
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
     closed_after = None
     with sock:
         for byte in trickle:  # one byte every 50 ms, never finishing the head
@@ -429,18 +430,21 @@ def test_slowloris_is_closed_after_header_timeout(serve):
                 assert data == b"" or data.startswith(b"HTTP/1.1 408 "), data
                 closed_after = time.monotonic() - start
                 break
+    # Closed while the head was still arriving, a byte every 50 ms or slower (at least 7 s in all): the bytes did not
+    # extend the head's deadline, and nothing but that deadline closes a connection this early.
     assert closed_after is not None, "the server kept a trickling connection open"
-    assert 0.4 < closed_after < 2.0
+    assert closed_after >= 0.5  # not before the header timeout
     wait_for(lambda: server.open_connections == 0)
 
 
 def test_a_silent_connection_is_closed_after_header_timeout(serve):
-    server = serve(header_timeout_s=0.5, idle_timeout_s=30.0)
-    sock, stream = connect(server.port)
+    # The other timeouts are far beyond the read's hang guard (60 s): a close before it can only be the header one's.
+    server = serve(header_timeout_s=0.5, idle_timeout_s=600.0, write_timeout_s=600.0)
+    start = time.monotonic()  # before the connection: the head's time can only start later
+    sock, stream = connect(server.port, timeout=60)
     with sock, stream:
-        start = time.monotonic()
         assert_closed(stream)
-        assert 0.4 < time.monotonic() - start < 2.0
+        assert time.monotonic() - start >= 0.5  # not before the header timeout
 
 
 def test_a_client_that_never_reads_is_cut_off_after_write_timeout(serve):
@@ -456,7 +460,8 @@ def test_a_client_that_never_reads_is_cut_off_after_write_timeout(serve):
 
     registry, big = CollectorRegistry(), Big()
     registry.register(big)
-    server = serve(registry, write_timeout_s=0.5, header_timeout_s=30.0, idle_timeout_s=30.0)
+    # The other timeouts are far beyond the hang guard below (60 s): a close before it can only be the write one's.
+    server = serve(registry, write_timeout_s=0.5, header_timeout_s=600.0, idle_timeout_s=600.0)
     big.calls = 0
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -464,20 +469,18 @@ def test_a_client_that_never_reads_is_cut_off_after_write_timeout(serve):
         sock.connect(("127.0.0.1", server.port))
         sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")  # and never read
         wait_for(lambda: big.calls == 1)
-        start = time.monotonic()
         big.label = "small"
         assert server.open_connections == 1
         response, body = get(server.port)  # others are served meanwhile
         assert b'metrics_http_test_big{v="small"} 1.0\n' in body
-        wait_for(lambda: server.open_connections == 0, timeout=5.0)
-        assert time.monotonic() - start < 3.0
+        wait_for(lambda: server.open_connections == 0, timeout=60.0)  # cut off though the client is still there
 
 
 def test_idle_and_slow_connections_cost_no_threads_and_do_not_block_a_scrape(serve):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 2048:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(2048, hard), hard))
-    server = serve(header_timeout_s=10.0)
+    server = serve(header_timeout_s=600.0)  # the half heads stay open for the whole test
     threads = threading.active_count()
     assert len(metrics_threads()) == 1
     idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(300)]
@@ -488,11 +491,8 @@ def test_idle_and_slow_connections_cost_no_threads_and_do_not_block_a_scrape(ser
                 sock.sendall(part)
             time.sleep(0.05)
         wait_for(lambda: server.open_connections == 350)
-        start = time.monotonic()
-        response, body = get(server.port)
-        elapsed = time.monotonic() - start
+        response, body = get(server.port)  # a scrape stuck behind them would wait for their 600 s (get's limit: 5 s)
         assert response.status == 200 and SAMPLE in body
-        assert elapsed < 1.0
         assert threading.active_count() <= threads  # not one more thread for 350 connections
         assert len(metrics_threads()) == 1
     finally:
@@ -571,6 +571,7 @@ def reachable(host: str, port: int) -> bool:
         return False
 
 
+@pytest.mark.may_skip("a host with only the loopback address")
 def test_loopback_bind_is_not_reachable_from_another_local_address(serve):
     other = other_local_ipv4()
     if other is None:
@@ -584,6 +585,7 @@ def test_loopback_bind_is_not_reachable_from_another_local_address(serve):
     assert SAMPLE in body
 
 
+@pytest.mark.may_skip("a host without IPv6")
 @pytest.mark.skipif(not (socket.has_dualstack_ipv6() and ipv6_loopback_usable()), reason="no dual-stack IPv6")
 @pytest.mark.parametrize("host", ["[::]", "::"])
 def test_all_addresses_serve_ipv6_and_ipv4(serve, host):
@@ -593,6 +595,7 @@ def test_all_addresses_serve_ipv6_and_ipv4(serve, host):
         assert SAMPLE in body
 
 
+@pytest.mark.may_skip("a host without IPv6")
 @pytest.mark.skipif(not ipv6_loopback_usable(), reason="no IPv6 loopback")
 def test_ipv6_loopback_in_brackets(serve):
     server = serve(host="[::1]")
@@ -622,7 +625,7 @@ def test_a_taken_port_raises_oserror_naming_the_address():
 
 
 def test_stop_closes_everything_and_frees_the_port():
-    server = MetricsHttpServer(make_registry()[0], "127.0.0.1", 0, header_timeout_s=30.0, idle_timeout_s=30.0)
+    server = MetricsHttpServer(make_registry()[0], "127.0.0.1", 0, header_timeout_s=600.0, idle_timeout_s=600.0)
     port = server.start()
     assert port == server.port != 0
     (thread,) = metrics_threads()
@@ -632,9 +635,11 @@ def test_stop_closes_everything_and_frees_the_port():
         kept.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
         assert SAMPLE in read_response(kept_stream)[2]
         wait_for(lambda: server.open_connections == 2)
-        start = time.monotonic()
-        server.stop()
-        assert time.monotonic() - start < 2.0
+        # a stop that waited for the connections' own timeouts (600 s) would outlast the join's hang guard (60 s)
+        stopping = threading.Thread(target=server.stop)
+        stopping.start()
+        stopping.join(60)
+        assert not stopping.is_alive(), "stop waited for the open connections"
         for stream in (kept_stream, silent_stream):
             try:
                 assert stream.read() == b""

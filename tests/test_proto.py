@@ -52,21 +52,64 @@ def test_the_contract_keeps_its_field_numbers() -> None:
 
 # --- the Open Inference Protocol's files, vendored ------------------------------------------------
 
+INFERENCE_FILES = ("grpc_service.proto", "model_config.proto")
 
-def test_the_vendored_inference_protocol_matches_its_generated_code(tmp_path: Path) -> None:
-    from proto.inference import grpc_service_pb2, model_config_pb2
 
-    folder = ROOT / "proto/inference"
-    out = tmp_path / "descriptor.pb"
-    assert protoc.main(["protoc", f"-I{folder}", f"--descriptor_set_out={out}", "grpc_service.proto"]) == 0
-    (fresh,) = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
-    committed = descriptor_pb2.FileDescriptorProto.FromString(grpc_service_pb2.DESCRIPTOR.serialized_pb)
-    for proto in (fresh, committed):
-        for message in proto.message_type:
+def _message_fields(file: descriptor_pb2.FileDescriptorProto) -> dict[str, list[tuple]]:
+    """Every message, nested ones too, by full name -> its fields as (name, number, type, label, type name, oneof),
+    and every enum -> its values: what a stale stub would get wrong on the wire."""
+    table: dict[str, list[tuple]] = {}
+
+    def walk(prefix: str, messages, enums) -> None:
+        for enum in enums:
+            table[f"{prefix}.{enum.name}"] = [(value.name, value.number) for value in enum.value]
+        for message in messages:
+            name = f"{prefix}.{message.name}"
+            table[name] = [
+                (f.name, f.number, f.type, f.label, f.type_name, f.oneof_index if f.HasField("oneof_index") else None)
+                for f in message.field
+            ]
+            walk(name, message.nested_type, message.enum_type)
+
+    walk(file.package, file.message_type, file.enum_type)
+    return table
+
+
+def _without_json_names(file: descriptor_pb2.FileDescriptorProto) -> descriptor_pb2.FileDescriptorProto:
+    """Generated Python code omits the derived JSON names; protoc's descriptor set has them."""
+
+    def clear(messages) -> None:
+        for message in messages:
             for field in message.field:
                 field.ClearField("json_name")
+            clear(message.nested_type)
+
+    clear(file.message_type)
+    return file
+
+
+@pytest.mark.parametrize("name", INFERENCE_FILES)
+def test_the_vendored_inference_protocol_matches_its_generated_code(tmp_path: Path, name: str) -> None:
+    from proto.inference import grpc_service_pb2, model_config_pb2
+
+    generated = {"grpc_service.proto": grpc_service_pb2, "model_config.proto": model_config_pb2}[name]
+    folder = ROOT / "proto/inference"
+    out = tmp_path / "descriptor.pb"
+    assert protoc.main(["protoc", f"-I{folder}", f"--descriptor_set_out={out}", name]) == 0
+    (fresh,) = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+    fresh = _without_json_names(fresh)
+    committed = _without_json_names(descriptor_pb2.FileDescriptorProto.FromString(generated.DESCRIPTOR.serialized_pb))
+    assert committed.package == fresh.package == "inference"
+    stale, current = _message_fields(committed), _message_fields(fresh)
+    assert stale.keys() == current.keys(), "messages differ; regenerate: python -m proto.generate"
+    for message, fields in current.items():
+        assert stale[message] == fields, f"{message}: fields differ; regenerate: python -m proto.generate"
     assert committed.service == fresh.service, "regenerate: python -m proto.generate"
-    assert model_config_pb2.DESCRIPTOR.package == "inference"
+    assert committed == fresh, "regenerate: python -m proto.generate"  # options, oneof names, imports: the rest
+
+
+def test_the_vendored_inference_protocol_keeps_its_license() -> None:
+    folder = ROOT / "proto/inference"
     assert (folder / "LICENSE").read_text().startswith("Copyright"), "the BSD-3-Clause notice travels with the files"
 
 

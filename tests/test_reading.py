@@ -116,16 +116,20 @@ def test_a_large_photo_is_read_in_its_own_pixels(served: Harness, test_digits) -
     assert first.width > 8 * 10 and first.x + first.width <= big.width
 
 
-def test_the_expected_count_splits_a_touching_pair(served: Harness, test_digits) -> None:
+def test_the_expected_count_splits_a_touching_pair_into_its_two_digits(served: Harness, test_digits) -> None:
+    """Pairs read at the wrong count without help (seeded: 28 of 300) are read as two digits with it, and those are
+    the digits drawn more often than not: the split falls between the digits, not just anywhere."""
     rng = np.random.default_rng(0)
-    tried = 0
-    for _ in range(40):
+    helped: list[tuple[str, str]] = []
+    for _ in range(300):
         composed = compose(rng, *test_digits, "touching-pair", photo=False)
-        if read(served, composed.image).text == composed.text:
+        if len(read(served, composed.image).text) == 2:
             continue
-        tried += 1
-        assert len(read(served, composed.image, expected_digits=2).digits) == 2
-    assert tried, "every pair was read right without help: nothing to test"
+        helped.append((composed.text, read(served, composed.image, expected_digits=2).text))
+    assert len(helped) >= 20, "too few pairs read at the wrong count: nothing to test"
+    assert all(len(text) == 2 for _, text in helped), helped
+    right = sum(drawn == text for drawn, text in helped)
+    assert right >= len(helped) / 2, helped  # none of them was right unaided: the count was wrong
 
 
 # --- what people send that is not a number ------------------------------------------------------------------

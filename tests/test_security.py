@@ -10,6 +10,7 @@ import datetime
 import hmac
 import ipaddress
 import logging
+import socket
 import ssl
 import urllib.error
 import urllib.request
@@ -413,33 +414,135 @@ def _client_context(pki: Pki, client: bool = False) -> ssl.SSLContext:
     return context
 
 
+# What a refusal looks like on the wire, told apart from a port nobody listens on (gRPC answers both UNAVAILABLE).
+H2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # preface, empty SETTINGS
+HTTP_HELLO = b"GET /livez HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+H2_SETTINGS = 0x04  # the frame type a gRPC server's first frame has
+HANG_UPS = ("", "ConnectionResetError", "SSLEOFError", "SSLZeroReturnError", "SSLError")
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One connection to a port: what a client saw at each step."""
+
+    connected: bool  # the TCP connection was accepted
+    handshake: bool = False  # the TLS handshake completed, the server's certificate verified against the test CA
+    server_name: str = ""  # the common name of the certificate the server presented
+    reply: bytes = b""  # the first bytes the server answered the hello with; b"" when it closed without a word
+    error: str = ""  # the exception that ended the exchange, by type ("" when the server answered or closed)
+
+    @property
+    def closed_silently(self) -> bool:
+        """Hung up on without an answer: EOF, a reset, or a TLS alert (SSLError), never a byte of the protocol."""
+        return self.reply == b"" and self.error in HANG_UPS
+
+
+def _exchange(port: int, hello: bytes, context: ssl.SSLContext | None = None) -> Exchange:
+    """Connect to 127.0.0.1:`port`, with TLS over `context` when given, send `hello` and read the first answer."""
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    except ConnectionRefusedError:
+        return Exchange(connected=False, error="ConnectionRefusedError")
+    with sock:
+        handshake, name = False, ""
+        try:
+            if context is not None:
+                sock = context.wrap_socket(sock, server_hostname="localhost")
+                handshake = True
+                name = dict(field[0] for field in sock.getpeercert()["subject"])["commonName"]
+            sock.sendall(hello)
+            return Exchange(True, handshake, name, sock.recv(64))
+        except (ssl.SSLError, ConnectionError) as err:
+            return Exchange(True, handshake, name, error=type(err).__name__)
+
+
+def _tls(pki: Pki, client: str | None = None, *, tls12: bool = False, h2: bool = True) -> ssl.SSLContext:
+    """A client context trusting the test CA, presenting `client`'s certificate ("client", "rogue") or none."""
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if client is not None:
+        cert, key = {"client": (pki.client_cert, pki.client_key), "rogue": (pki.rogue_cert, pki.rogue_key)}[client]
+        context.load_cert_chain(str(cert), str(key))
+    if tls12:  # the server checks a client certificate inside the handshake, not after it as in TLS 1.3
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    if h2:
+        context.set_alpn_protocols(["h2"])
+    return context
+
+
+def _refused_for_its_certificate(port: int, pki: Pki, client: str | None, hello: bytes = H2_HELLO) -> None:
+    """The server on `port` speaks TLS with the test certificate, and hangs up on `client` (no or a rogue certificate)
+    where the same client with the right certificate gets an answer: a refusal no closed port can give."""
+    h2 = hello is H2_HELLO
+    refused = _exchange(port, hello, _tls(pki, client, h2=h2))
+    assert refused.handshake and refused.server_name == "localhost", refused  # TLS 1.3: the client finishes first
+    assert refused.closed_silently, refused  # ... then the server, checking the certificate, closes unanswered
+    accepted = _exchange(port, hello, _tls(pki, "client", h2=h2))
+    assert accepted.handshake and accepted.reply, accepted
+    if h2:
+        assert accepted.reply[3] == H2_SETTINGS, accepted
+    else:
+        assert accepted.reply.startswith(b"HTTP/1.1 "), accepted
+    cut = _exchange(port, hello, _tls(pki, client, tls12=True, h2=h2))  # TLS 1.2: the handshake itself is cut short
+    assert cut.connected and not cut.handshake and cut.error in HANG_UPS[1:], cut
+    assert _exchange(port, hello, _tls(pki, "client", tls12=True, h2=h2)).handshake
+
+
+def _closed_port() -> int:
+    port = free_port()
+    assert not _exchange(port, H2_HELLO).connected  # nobody listens there
+    return port
+
+
+def _unavailable(target: str, credentials: grpc.ChannelCredentials | None) -> str:
+    """The details of the UNAVAILABLE a Classify call to `target` gets."""
+    channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    with channel, pytest.raises(grpc.RpcError) as err:
+        _classify(channel)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+    return err.value.details()
+
+
+def test_a_closed_port_is_unavailable_with_connection_refused_which_no_refusal_gives(pki: Pki) -> None:
+    """The control for the refusals below: gRPC says UNAVAILABLE for a port nobody listens on too, but names the
+    refused connection; a raw connection is refused before any TLS."""
+    port = _closed_port()
+    assert "Connection refused" in _unavailable(f"127.0.0.1:{port}", None)
+    assert "Connection refused" in _unavailable(f"localhost:{port}", _credentials(pki, client="client"))
+    assert _exchange(port, H2_HELLO, _tls(pki, "client")) == Exchange(False, error="ConnectionRefusedError")
+
+
 def test_a_tls_server_answers_a_tls_client(pki: Pki, tls_server: MnistServer) -> None:
     for host in ("localhost", "127.0.0.1"):  # both names the certificate carries
         with grpc.secure_channel(f"{host}:{tls_server.port}", _credentials(pki)) as channel:
             assert len(_classify(channel).probabilities) == 10
 
 
-def test_a_tls_server_refuses_a_plaintext_client(tls_server: MnistServer) -> None:
-    with grpc.insecure_channel(f"127.0.0.1:{tls_server.port}") as channel, pytest.raises(grpc.RpcError) as err:
-        _classify(channel)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+def test_a_tls_server_refuses_a_plaintext_client(pki: Pki, tls_server: MnistServer) -> None:
+    details = _unavailable(f"127.0.0.1:{tls_server.port}", None)
+    assert "Connection refused" not in details  # the connection was taken, then dropped: not a closed port
+    plain = _exchange(tls_server.port, H2_HELLO)
+    assert plain.connected and not plain.handshake and plain.closed_silently, plain  # HTTP/2 in clear: hung up on
+    tls = _exchange(tls_server.port, H2_HELLO, _tls(pki))
+    assert tls.server_name == "localhost" and tls.reply[3] == H2_SETTINGS, tls  # the same hello over TLS: answered
 
 
 def test_a_client_that_does_not_trust_the_servers_ca_fails(pki: Pki, tls_server: MnistServer) -> None:
     untrusting = grpc.ssl_channel_credentials(root_certificates=pki.rogue_cert.read_bytes())
-    with (
-        grpc.secure_channel(f"localhost:{tls_server.port}", untrusting) as channel,
-        pytest.raises(grpc.RpcError) as err,
-    ):
-        _classify(channel)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = _unavailable(f"localhost:{tls_server.port}", untrusting)
+    assert "handshake failed" in details.lower() and "CERTIFICATE_VERIFY_FAILED" in details  # it saw a certificate
+    assert "Connection refused" not in details
 
 
 def test_metrics_are_served_over_tls_too(pki: Pki, tls_server: MnistServer) -> None:
     status, body, _ = _scrape(tls_server.metrics_port, context=_client_context(pki))
     assert status == 200 and "mnist_auth_refused_total" in body
-    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP: the connection is closed unanswered
+    # plain HTTP: the connection is taken, then closed unanswered (a closed port raises URLError, refused)
+    with pytest.raises(ConnectionError):
         urllib.request.urlopen(f"http://127.0.0.1:{tls_server.metrics_port}/metrics", timeout=5).read()
+    plain = _exchange(tls_server.metrics_port, HTTP_HELLO)
+    assert plain.connected and plain.closed_silently, plain
+    tls = _exchange(tls_server.metrics_port, HTTP_HELLO, _tls(pki, h2=False))
+    assert tls.server_name == "localhost" and tls.reply.startswith(b"HTTP/1.1 200"), tls
 
 
 def test_the_health_command_connects_with_tls_ca(pki: Pki, tls_server: MnistServer, capsys) -> None:
@@ -451,17 +554,13 @@ def test_the_health_command_connects_with_tls_ca(pki: Pki, tls_server: MnistServ
 
 
 def test_mtls_refuses_a_client_without_a_certificate(pki: Pki, mtls_server: MnistServer) -> None:
-    with grpc.secure_channel(f"localhost:{mtls_server.port}", _credentials(pki)) as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            _classify(channel)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "Connection refused" not in _unavailable(f"localhost:{mtls_server.port}", _credentials(pki))
+    _refused_for_its_certificate(mtls_server.port, pki, client=None)
 
 
 def test_mtls_refuses_a_certificate_from_an_unknown_ca(pki: Pki, mtls_server: MnistServer) -> None:
-    with grpc.secure_channel(f"localhost:{mtls_server.port}", _credentials(pki, client="rogue")) as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            _classify(channel)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "Connection refused" not in _unavailable(f"localhost:{mtls_server.port}", _credentials(pki, client="rogue"))
+    _refused_for_its_certificate(mtls_server.port, pki, client="rogue")
 
 
 def test_mtls_answers_a_client_with_a_certificate(pki: Pki, mtls_server: MnistServer) -> None:
@@ -473,8 +572,10 @@ def test_mtls_answers_a_client_with_a_certificate(pki: Pki, mtls_server: MnistSe
 
 def test_mtls_applies_to_metrics(pki: Pki, mtls_server: MnistServer) -> None:
     assert _scrape(mtls_server.metrics_port, context=_client_context(pki, client=True))[0] == 200
-    with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+    with pytest.raises((ssl.SSLError, ConnectionError)):  # after the handshake: not URLError, as a closed port
         _scrape(mtls_server.metrics_port, context=_client_context(pki))
+    _refused_for_its_certificate(mtls_server.metrics_port, pki, client=None, hello=HTTP_HELLO)
+    _refused_for_its_certificate(mtls_server.metrics_port, pki, client="rogue", hello=HTTP_HELLO)
 
 
 def _livez_environ(server: MnistServer, pki: Pki) -> dict[str, str]:
@@ -535,5 +636,15 @@ def test_the_http_api_serves_tls_and_checks_tokens_like_grpc(pki: Pki, rest_serv
     samples = _samples(body)
     assert samples['mnist_auth_refused_total{protocol="http",reason="missing"}'] >= 1
     assert samples['mnist_auth_refused_total{protocol="http",reason="invalid"}'] >= 1
-    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP to the TLS port
+    with pytest.raises(ConnectionError):  # plain HTTP to the TLS port: taken, then closed unanswered
         urllib.request.urlopen(f"http://127.0.0.1:{rest_server.http_port}/v2/health/ready", timeout=5).read()
+    assert _exchange(rest_server.http_port, HTTP_HELLO).closed_silently
+    tls = _exchange(rest_server.http_port, HTTP_HELLO.replace(b"/livez", b"/v2/health/live"), _tls(pki, h2=False))
+    assert tls.server_name == "localhost" and tls.reply.startswith(b"HTTP/1.1 200"), tls
+
+
+def test_a_closed_http_port_raises_url_error_not_the_tls_refusal(pki: Pki) -> None:
+    """The control for the plain-HTTP refusals above: a port nobody listens on fails at connect, as URLError."""
+    with pytest.raises(urllib.error.URLError) as err:
+        urllib.request.urlopen(f"http://127.0.0.1:{_closed_port()}/livez", timeout=5).read()
+    assert isinstance(err.value.reason, ConnectionRefusedError) and not isinstance(err.value, ConnectionError)

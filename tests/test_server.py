@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -249,12 +250,38 @@ def test_metrics_are_scraped_and_move_with_traffic(served: Harness, digits) -> N
     assert after[f'mnist_model_requests_total{{code="OK",{model}}}'] >= 5
     assert after[f"mnist_model_request_latency_seconds_count{{{model}}}"] >= 6
     assert after[f"mnist_model_load_seconds{{{model}}}"] > 0
-    info = [k for k in after if k.startswith("mnist_model_info{")]
-    assert info == [
-        'mnist_model_info{backend="onnxruntime",buckets="any",cuda_graph="false",default="true",layout="NCHW",'
-        f'name="googlenet-fast",precision="fp32",provider="CPUExecutionProvider",version="{version}"}}'
-    ]
+    (info,) = [dict(re.findall(r'(\w+)="([^"]*)"', k)) for k in after if k.startswith("mnist_model_info{")]
+    assert info == expected_model_info(served)
     assert "mnist_queue_depth{}" in after and "mnist_requests_in_flight{}" in after
+
+
+def expected_model_info(served: Harness) -> dict[str, str]:
+    """mnist_model_info's labels as the spec has them: docs/serving.md's label list, the served file's own metadata
+    (the contract), the provider the config asks for, and the engine's choices as GetModelInfo reports them."""
+    import onnx
+
+    from proto.contract import read_metadata
+
+    table = (ROOT / "docs" / "serving.md").read_text()
+    (labels,) = re.findall(r"^\| `mnist_model_info` \| gauge = 1 \| (.*) \|$", table, re.MULTILINE)
+    metadata = read_metadata(onnx.load(str(BUNDLED_MODEL), load_external_data=False))
+    reply = served.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    expected = {
+        "name": metadata.model_name,
+        "version": metadata.model_version,
+        "precision": metadata.precision,
+        "provider": "CPUExecutionProvider",  # test_config: provider "cpu"
+        "backend": reply.backend,
+        "layout": reply.layout,
+        "buckets": ",".join(map(str, reply.batch_buckets)) or "any",
+        "cuda_graph": str(reply.cuda_graph).lower(),
+        "default": "true",  # the one model served: requests naming none get it
+    }
+    assert set(expected) == {*labels.split(", "), "default"}
+    assert (reply.name, reply.version, reply.precision, reply.providers[0]) == (
+        expected["name"], expected["version"], expected["precision"], expected["provider"]
+    )  # fmt: skip
+    return expected
 
 
 def test_a_scrape_holds_series_for_what_happened_not_for_every_code_of_every_method(served: Harness) -> None:
@@ -313,17 +340,22 @@ def test_a_full_queue_answers_resource_exhausted_at_once(digits) -> None:
 
 
 def test_health_is_not_serving_until_warm_and_while_draining(monkeypatch: pytest.MonkeyPatch, digits) -> None:
-    warm_up_may_finish = threading.Event()
+    warming, warm_up_may_finish = threading.Event(), threading.Event()
     original = OnnxRuntimeBackend.warm_up
-    monkeypatch.setattr(OnnxRuntimeBackend, "warm_up", lambda self: warm_up_may_finish.wait(10) and original(self))
+
+    def warm_up(self) -> None:
+        warming.set()
+        assert warm_up_may_finish.wait(60), "the test never let the warm-up finish"
+        original(self)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "warm_up", warm_up)
     server = MnistServer(test_config(drain_seconds=1.0))
     starting = threading.Thread(target=server.start)
     starting.start()
-    while server.port is None:
-        time.sleep(0.01)
+    assert warming.wait(60), "the server never began its warm-up"
+    assert server.port is not None  # listening, and warming up
     harness = Harness(server)
     try:
-        time.sleep(0.2)
         assert harness.health_status() == NOT_SERVING
         assert harness.health_status("mnist.v1.Classifier") == NOT_SERVING
         with pytest.raises(grpc.RpcError) as err:
@@ -334,8 +366,11 @@ def test_health_is_not_serving_until_warm_and_while_draining(monkeypatch: pytest
         assert harness.health_status() == SERVING and harness.health_status("mnist.v1.Classifier") == SERVING
         stopping = threading.Thread(target=server.stop)
         stopping.start()
-        time.sleep(0.3)
-        assert harness.health_status() == NOT_SERVING  # draining: still answering, no longer advertised
+        deadline = time.monotonic() + 10
+        while harness.health_status() != NOT_SERVING:  # draining: no longer advertised ...
+            assert time.monotonic() < deadline, "health never said NOT_SERVING"
+            time.sleep(0.005)
+        assert stopping.is_alive()  # ... within the 1 s drain, still answering:
         assert harness.stub.Classify(pb.ClassifyRequest(raw=digits[0][0].tobytes()), timeout=5).digit == digits[1][0]
         stopping.join(10)
     finally:
@@ -367,14 +402,26 @@ def test_the_classify_cli_prints_digit_and_certainty_per_file(served: Harness, t
 
 
 def one_image_per_run_with_a_backlog(digits) -> tuple[Harness, grpc.Future]:
-    """A server running one image per session run, busy with a 256-image batch (~256 runs ahead of any new call);
-    its queue is bounded in size only (--queue-target-ms off), so a call with time to wait is queued."""
+    """A server running one image per session run, busy with a 256-image batch (~256 runs ahead of any new call),
+    returned once its speed is learnt from them; its queue is bounded in size only (--queue-target-ms off), so a call
+    with time to wait is queued."""
     config = test_config(max_batch_size=1, max_request_images=256, max_queue_size=512, queue_target_ms="off")
     harness = Harness(MnistServer(config).start())
     busy = pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(raw=digits[0][i % 64].tobytes()) for i in range(256)])
     backlog = harness.stub.ClassifyBatch.future(busy, timeout=60)
-    time.sleep(0.05)
+    # the backlog runs until the batcher knows the engine's speed from real runs (it predicts no wait before)
+    batcher = harness.server.pipeline.batcher
+    wait_until(harness, lambda m: batcher.judged() and not backlog.done(), "the engine's speed judged")
     return harness, backlog
+
+
+def wait_until(harness: Harness, condition, what: str) -> dict[str, float]:
+    """/metrics, polled until `condition` holds of it: synchronisation on the server's state, not a guessed sleep."""
+    deadline = time.monotonic() + 30
+    while not condition(metrics := harness.metrics()):
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.005)
+    return metrics
 
 
 def metrics_once(harness: Harness, sample: str) -> dict[str, float]:
@@ -390,11 +437,14 @@ def metrics_once(harness: Harness, sample: str) -> dict[str, float]:
 def test_a_request_that_cannot_be_answered_by_its_deadline_is_refused_at_once_and_never_run(digits) -> None:
     harness, backlog = one_image_per_run_with_a_backlog(digits)
     try:
-        started = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
             harness.stub.Classify(pb.ClassifyRequest(raw=digits[0][0].tobytes()), timeout=0.2)
-        assert time.monotonic() - started < 0.15  # refused at once, not after waiting out its deadline
+        # refused at once by the server, not after waiting out its deadline: a wait would end in the client's own
+        # DEADLINE_EXCEEDED, or the server's, with the image counted as expired in the queue
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "deadline" in err.value.details()
+        metrics = harness.metrics()
+        assert metrics["mnist_deadline_expired_images_total{}"] == 0
+        assert metrics['mnist_requests_total{code="RESOURCE_EXHAUSTED",method="Classify"}'] == 1
         assert int(dict(err.value.trailing_metadata())[RETRY_AFTER_KEY]) > 0
         assert len(backlog.result().responses) == 256
         assert harness.metrics()["mnist_batch_size_sum{}"] == 256 + VERIFIED  # the refused image never ran
@@ -425,7 +475,8 @@ def test_a_call_cancelled_while_queued_is_never_run_and_is_counted(digits) -> No
     harness, backlog = one_image_per_run_with_a_backlog(digits)
     try:
         gone = harness.stub.Classify.future(pb.ClassifyRequest(raw=digits[0][0].tobytes()), timeout=60)
-        time.sleep(0.05)
+        wait_until(harness, lambda m: m["mnist_requests_in_flight{}"] >= 2, "the call to reach the server")
+        assert not backlog.done()  # still queued behind the backlog
         assert gone.cancel()
         assert len(backlog.result().responses) == 256
         metrics = metrics_once(harness, "mnist_cancelled_images_total{}")

@@ -8,10 +8,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proto.mnist.v1 import classifier_pb2 as pb
 from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
@@ -22,9 +24,11 @@ from training.data import load_split
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_shutdown_finishes_in_flight_requests_then_exits_zero(mnist_dir: Path, sig: signal.Signals) -> None:
     # one image per session run, so a 256-image batch stays in flight long enough to be interrupted
+    metrics_port = free_port()
     process, port = start_server(
-        "--max-batch-size", "1", "--drain-seconds", "0", "--grace-seconds", "30", "--max-request-images", "256"
-    )
+        "--max-batch-size", "1", "--drain-seconds", "0", "--grace-seconds", "30", "--max-request-images", "256",
+        "--metrics-port", str(metrics_port),
+    )  # fmt: skip
     images = load_split("test", mnist_dir)
     batch = pb.ClassifyBatchRequest(requests=[pb.ClassifyRequest(raw=images.images[i].tobytes()) for i in range(256)])
     outcome: dict = {}
@@ -37,9 +41,17 @@ def test_shutdown_finishes_in_flight_requests_then_exits_zero(mnist_dir: Path, s
             except grpc.RpcError as err:
                 outcome["error"] = err
 
+        runs_before = scrape(metrics_port)["mnist_batch_size_count"]
         caller = threading.Thread(target=call)
         caller.start()
-        time.sleep(0.15)  # the batch is being classified now
+        deadline = time.monotonic() + 30
+        while True:  # until the batch is being classified: its first images have run, the call is still in flight
+            metrics = scrape(metrics_port)
+            if metrics["mnist_batch_size_count"] > runs_before and metrics["mnist_requests_in_flight"] >= 1:
+                break
+            assert time.monotonic() < deadline and caller.is_alive(), "the batch never started"
+            time.sleep(0.005)
+        assert metrics["mnist_batch_size_count"] - runs_before < 256  # signalled mid-batch: images still to run
         process.send_signal(sig)
         caller.join(60)
     output, _ = process.communicate(timeout=60)
@@ -47,6 +59,12 @@ def test_shutdown_finishes_in_flight_requests_then_exits_zero(mnist_dir: Path, s
     assert [r.digit for r in outcome["reply"].responses] == list(images.labels[:256])
     assert process.returncode == 0, output
     assert f"received {sig.name}" in output and "stopped" in output
+
+
+def scrape(port: int) -> dict[str, float]:
+    """/metrics: each unlabelled sample's value."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
 
 
 def test_configuration_is_printed_at_start_and_env_vars_apply(tmp_path: Path) -> None:
@@ -58,7 +76,8 @@ def test_configuration_is_printed_at_start_and_env_vars_apply(tmp_path: Path) ->
     assert process.returncode == 0
     for line in (
         rf"port +{port}\n",
-        r"max_batch_size +8\n",
+        r"max_batch_size +8\n",  # the flag beats MNIST_SERVE_MAX_BATCH_SIZE
+        r"max_queue_delay_ms +0\.5\n",  # MNIST_SERVE_MAX_QUEUE_DELAY_MS applies where no flag says otherwise
         r"provider +cpu\n",
         "inference provider: CPUExecutionProvider",
     ):

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from loadtest import suite
-from loadtest.suite import PROFILES, Step, collect, plan, summary_markdown
+from loadtest.suite import PROFILES, Step, collect, group_members, plan, summary_markdown
+from server.config import BUNDLED_MODEL
+from server.engine.backends.onnxruntime_backend import nvidia_driver_present
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,9 +58,18 @@ def test_the_gpu_plan_measures_what_the_targets_need() -> None:
     assert order.index("loadtest") < order.index("export") < order.index("floor-googlenet-fp32")  # targets first
 
 
-def bench_json(folder: Path, server: list[dict], echo: dict | None = None, floor: list | None = None) -> None:
+def bench_json(
+    folder: Path, server: list[dict], echo: dict | None = None, floor: list | None = None, served: dict | None = None
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    report = {"server": server, "echo": echo, "floor": floor or [], "summary": {}, "served": {}, "machine": {}}
+    report = {
+        "server": server,
+        "echo": echo,
+        "floor": floor or [],
+        "summary": {},
+        "served": served or {},
+        "machine": {},
+    }
     (folder / "bench.json").write_text(json.dumps(report))
 
 
@@ -83,7 +94,9 @@ def test_targets_are_judged_against_the_echo_server_measured_in_the_same_run(tmp
             row("server", 4, 300, 6.0, batch=256),  # 76,800 images/s at 6 ms: passes
         ],
     )
-    bench_json(tmp_path / "bench-googlenet", [row("server", 4, 80, 12.0, batch=256)])  # 20,480 images/s: fails
+    bench_json(  # 20,480 images/s: fails
+        tmp_path / "bench-googlenet", [row("server", 4, 80, 12.0, batch=256)], served={"precision": "fp16"}
+    )
     echo_rows = [row("echo", 1, 1800, 1.0), row("echo", 16, 5882, 4.1), row("echo", 64, 5579, 20.6)]
     bench_json(tmp_path / "ceiling", [], echo={"rows": {"echo": echo_rows, "null": []}, "ratios": {}})
     verdict_dir = tmp_path / "loadtest" / "20260101-000000"
@@ -106,6 +119,28 @@ def test_targets_are_judged_against_the_echo_server_measured_in_the_same_run(tmp
     }
     text = summary_markdown(results)
     assert "| googlenet-fast at 64 clients >= 75% of the echo server's calls/s | 0.538 | FAIL |" in text
+
+
+@pytest.mark.parametrize(
+    ("served", "fp16_written", "label"),
+    [
+        ({"precision": "fp16"}, True, "googlenet (fp16)"),
+        ({"precision": "fp32"}, False, "googlenet (fp32: no fp16 export)"),
+        ({"precision": "fp32"}, True, "googlenet (fp32)"),  # the CPU serves fp32 whatever was exported
+        ({}, False, "googlenet (not served)"),
+    ],
+)
+def test_the_full_models_target_is_named_after_the_precision_its_server_served(
+    tmp_path: Path, served: dict, fp16_written: bool, label: str
+) -> None:
+    bench_json(tmp_path / "bench-googlenet", [row("server", 4, 200, 3.0, batch=256)], served=served)
+    if fp16_written:
+        fp16 = suite.variant_path(suite.trained_model("gpu", tmp_path), "fp16")
+        fp16.parent.mkdir(parents=True)
+        fp16.write_bytes(b"onnx")
+    names = [t["target"] for t in collect("gpu", tmp_path, [], 1.0)["targets"]]
+    assert f"{label} ClassifyBatch of 256 >= 25,000 images/s at p99 <= 10 ms" in names
+    assert not any(name.startswith("googlenet (") and name.split(" ClassifyBatch")[0] != label for name in names)
 
 
 def test_a_target_without_its_measurement_is_not_measured_rather_than_failed(tmp_path: Path) -> None:
@@ -171,13 +206,11 @@ def test_a_step_over_its_time_is_killed_with_everything_it_started(tmp_path: Pat
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
         f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)"
     )
-    quick_steps(monkeypatch, [Step("slow", python(spawner), timeout_s=2), Step("after", python("pass"), 10)], 600)
+    quick_steps(monkeypatch, [Step("slow", python(spawner), timeout_s=2), Step("after", gone(pid_file), 10)], 600)
     assert suite.run_suite("smoke", tmp_path / "out") == 1
     steps = {s["name"]: s for s in json.loads((tmp_path / "out" / "suite.json").read_text())["steps"]}
     assert steps["slow"]["status"].startswith("timed out") and steps["after"]["status"] == "passed"
-    status = Path(f"/proc/{int(pid_file.read_text())}/status")
-    time.sleep(0.2)
-    assert not status.exists() or "\tZ (zombie)" in status.read_text()  # the grandchild went with its step
+    assert not alive(int(pid_file.read_text()))  # the grandchild went with its step
 
 
 def test_steps_that_no_longer_fit_the_budget_are_skipped_and_said_so(tmp_path: Path, monkeypatch) -> None:
@@ -201,3 +234,221 @@ def test_results_travel_back_as_a_few_flat_files_without_models(tmp_path: Path, 
         names = archive.getnames()
     assert "gpu-check/models/note.json" in names and "gpu-check/logs/write.log" in names
     assert not any(name.endswith(".onnx") for name in names)
+
+
+def test_a_server_start_waits_no_longer_than_the_budget_leaves(tmp_path: Path, monkeypatch) -> None:
+    waits: list[float] = []
+
+    class NeverServing:
+        def __init__(self, flags: list[str], log: object, wait_s: float) -> None:
+            waits.append(wait_s)
+
+        def start(self) -> None:
+            raise RuntimeError("the server for this step did not become SERVING")
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(suite, "StepServer", NeverServing)
+    quick_steps(monkeypatch, [Step("served", python("pass"), timeout_s=150, server=["--model", "x"])], budget=30)
+    assert suite.run_suite("smoke", tmp_path / "out") == 1
+    assert len(waits) == 1 and 0 < waits[0] <= 30  # not the 180 s a server may take when the budget allows
+    (record,) = json.loads((tmp_path / "out" / "suite.json").read_text())["steps"]
+    assert record["status"].startswith("could not run: the server for this step did not become SERVING")
+
+
+def test_summary_and_suite_json_reach_results_to_before_the_next_step_starts(tmp_path: Path, monkeypatch) -> None:
+    back, seen = tmp_path / "back", tmp_path / "seen.json"
+    copy = f"import shutil; shutil.copyfile({str(back / 'suite.json')!r}, {str(seen)!r})"
+    quick_steps(monkeypatch, [Step("first", python("pass"), 30), Step("second", python(copy), 30)], 600)
+    assert suite.run_suite("smoke", tmp_path / "out", results_to=back) == 0
+    steps = {s["name"]: s for s in json.loads(seen.read_text())["steps"]}  # what `second` found there
+    assert steps["first"]["status"] == "passed"
+    assert steps["second"]["status"] == "running" and steps["second"]["process_group"] > 0
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie has exited: only its parent's bookkeeping is left)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def spawner(pid_file: Path, then: str = "") -> list[str]:
+    """A step that starts a child that would outlive it, writes the child's pid, then runs `then` and waits."""
+    return python(
+        "import os, signal, subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); {then or 'pass'}; time.sleep(120)"
+    )
+
+
+def gone(pid_file: Path) -> list[str]:
+    """A step that passes only if the process whose pid `pid_file` holds no longer runs (a zombie has exited)."""
+    return python(
+        "import pathlib, sys; "
+        f"stat = pathlib.Path('/proc', pathlib.Path({str(pid_file)!r}).read_text(), 'stat'); "
+        "sys.exit(stat.exists() and stat.read_text().rsplit(')', 1)[1].split()[0] not in 'ZX')"
+    )
+
+
+def test_an_exception_in_the_suite_while_a_step_runs_kills_the_steps_process_group(tmp_path: Path, monkeypatch) -> None:
+    pid_file = tmp_path / "child.pid"
+    write_results = suite.write_results
+
+    def failing_once_a_step_runs(profile: str, out: Path, records: list[dict], seconds: float) -> None:
+        if any("process_group" in r for r in records) and not pid_file.with_suffix(".failed").exists():
+            deadline = time.monotonic() + 60
+            while (not pid_file.is_file() or not pid_file.read_text()) and time.monotonic() < deadline:
+                time.sleep(0.01)  # until the step's child is started: its pid is written
+            pid_file.with_suffix(".failed").touch()
+            raise OSError(28, "No space left on device")
+        write_results(profile, out, records, seconds)
+
+    monkeypatch.setattr(suite, "write_results", failing_once_a_step_runs)
+    quick_steps(monkeypatch, [Step("spawns", spawner(pid_file), 60), Step("after", gone(pid_file), 10)], 600)
+    assert suite.run_suite("smoke", tmp_path / "out") == 1
+    steps = {s["name"]: s for s in json.loads((tmp_path / "out" / "suite.json").read_text())["steps"]}
+    assert steps["spawns"]["status"] == "could not run: [Errno 28] No space left on device"
+    assert steps["after"]["status"] == "passed"  # the child was gone before the next step started
+
+
+def test_a_sigterm_to_the_suite_kills_the_running_step_and_still_packs_the_results(tmp_path: Path, monkeypatch) -> None:
+    pid_file = tmp_path / "child.pid"
+    terminate_suite = f"os.kill({os.getpid()}, signal.SIGTERM)"  # this process runs the suite
+    steps = [Step("first", python("pass"), 10), Step("signalled", spawner(pid_file, terminate_suite), 60),
+             Step("never", python("pass"), 10)]  # fmt: skip
+    quick_steps(monkeypatch, steps, 600)
+    assert suite.run_suite("smoke", tmp_path / "out", results_to=tmp_path / "back") == 128 + 15
+    assert not alive(int(pid_file.read_text()))
+    results = json.loads((tmp_path / "back" / "suite.json").read_text())
+    assert [(s["name"], s["status"]) for s in results["steps"]] == [
+        ("first", "passed"),
+        ("signalled", "interrupted by SIGTERM"),
+        ("never", "not run: interrupted by SIGTERM"),
+    ]
+    assert (tmp_path / "back" / "out.tar.gz").is_file()
+
+
+def only_without_a_driver(test):
+    """Only where no NVIDIA driver is: a skip on a GPU machine, allowed under MNIST_TEST_STRICT=1."""
+    skip = pytest.mark.skipif(nvidia_driver_present(), reason="an NVIDIA driver is here: CUDA may well work")
+    return pytest.mark.may_skip("a GPU machine")(skip(test))
+
+
+@only_without_a_driver
+def test_without_cuda_the_environment_step_passes_with_its_cuda_probes_skipped(smoke) -> None:
+    out, _ = smoke
+    results = json.loads((out / "suite.json").read_text())
+    assert results["steps"][0] == results["steps"][0] | {"name": "environment", "status": "passed"}
+    assert {name: p["status"] for name, p in results["probes"].items()} == {
+        "cuda_session": "skipped: no CUDA",
+        "cuda_graph": "skipped: no CUDA",
+    }
+    assert "| cuda_graph | skipped: no CUDA |" in (out / "summary.md").read_text()
+
+
+@only_without_a_driver
+def test_the_environment_probe_reports_why_a_cuda_graph_failed(tmp_path: Path, monkeypatch) -> None:
+    import server.engine.backends.onnxruntime_backend as backend
+    from loadtest import machine
+
+    monkeypatch.setattr(backend, "cuda_usable", lambda ort, provider: True)  # as if a GPU were here: CUDA fails
+    assert machine.main(["--probe", "--json", str(tmp_path / "environment.json")]) == 1
+    probes = json.loads((tmp_path / "environment.json").read_text())["probes"]
+    assert probes["cuda_graph"]["status"] == "failed"
+    assert "the CUDA provider did not start" in probes["cuda_graph"]["detail"]
+
+
+def test_cuda_libraries_are_loaded_by_the_servers_loader_in_every_step(monkeypatch) -> None:
+    import onnxruntime
+
+    import server.engine.backends.onnxruntime_backend as backend
+    from export import evaluate, onnx_export
+
+    class Loaded(Exception):
+        pass
+
+    def loader(ort: object) -> None:
+        raise Loaded
+
+    monkeypatch.setattr(backend, "preload_cuda_libraries", loader)
+    with pytest.raises(Loaded):
+        onnx_export.ort_session(BUNDLED_MODEL, provider="cuda")  # export and export --check
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    with pytest.raises(Loaded):
+        evaluate.open_model(BUNDLED_MODEL)
+    sources = [p for p in ROOT.glob("[!.]*/**/*.py") if p.parts[len(ROOT.parts)] != "tests"]
+    others = [p for p in sources if "preload_dlls" in p.read_text() and p != Path(backend.__file__)]
+    assert not others  # one home for loading CUDA: server/engine/backends/onnxruntime_backend.py
+
+
+# --- a suite cut short, as a lent machine's time limit cuts it -----------------------------------------
+
+
+def start_smoke(tmp_path: Path, mnist_dir: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "loadtest.bench", "--suite", "smoke", "--out", str(tmp_path / "out"),
+               "--results-to", str(tmp_path / "back")]  # fmt: skip
+    with (tmp_path / "suite.log").open("w") as log:
+        return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "MNIST_DIR": str(mnist_dir)})  # fmt: skip
+
+
+def running_after_the_first_step(tmp_path: Path, process: subprocess.Popen) -> dict:
+    """Poll the copy in --results-to until the first step is recorded done and the next one runs: its record."""
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        results = suite._load(tmp_path / "back" / "suite.json")
+        steps = (results or {}).get("steps", [])
+        running = [s for s in steps if s["status"] == "running" and "process_group" in s]
+        if running and steps[0]["name"] == "environment" and steps[0]["status"] == "passed":
+            assert running[0]["name"] == "train"  # a step that runs for a while: a kill finds it running
+            return running[0]
+        time.sleep(0.05)
+    pytest.fail(f"the smoke suite never got past its first step: {(tmp_path / 'suite.log').read_text()[-3000:]}")
+
+
+@pytest.fixture
+def cut_short(tmp_path: Path, mnist_dir: Path):
+    """The smoke suite as a subprocess, running its second step; whatever a failed test leaves is killed."""
+    process = start_smoke(tmp_path, mnist_dir)
+    running = running_after_the_first_step(tmp_path, process)
+    yield process, running
+    for pgid in (process.pid, running["process_group"]):
+        try:
+            os.killpg(pgid, 9)
+        except ProcessLookupError:
+            pass
+    process.wait()
+
+
+def test_a_suite_terminated_mid_step_leaves_its_results_packed_and_no_step_process(tmp_path: Path, cut_short) -> None:
+    process, running = cut_short
+    process.terminate()  # what `timeout` sends
+    assert process.wait(120) == 128 + 15
+    steps = {s["name"]: s["status"] for s in json.loads((tmp_path / "back" / "suite.json").read_text())["steps"]}
+    assert steps["environment"] == "passed" and steps[running["name"]] == "interrupted by SIGTERM"
+    assert f"| {running['name']} | interrupted by SIGTERM |" in (tmp_path / "back" / "summary.md").read_text()
+    assert (tmp_path / "back" / "out.tar.gz").is_file()
+    assert group_members(running["process_group"]) == [] and group_members(process.pid) == []
+    assert not (tmp_path / "out" / running["name"] / "report.json").exists()  # cut short, not waited for
+
+
+def test_a_suite_killed_mid_step_leaves_the_copies_of_its_last_step_and_no_step_process(
+    tmp_path: Path, cut_short
+) -> None:
+    process, running = cut_short
+    process.kill()  # SIGKILL: no handler, no finally; only what was copied after each step survives
+    assert process.wait(60) == -9
+    steps = {s["name"]: s["status"] for s in json.loads((tmp_path / "back" / "suite.json").read_text())["steps"]}
+    assert steps["environment"] == "passed" and steps[running["name"]] == "running"
+    assert (tmp_path / "back" / "summary.md").is_file() and not (tmp_path / "back" / "out.tar.gz").exists()
+    deadline = time.monotonic() + 60  # the guard process kills the step's group once the suite is gone
+    while group_members(running["process_group"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert group_members(running["process_group"]) == []
+    assert not (tmp_path / "out" / running["name"] / "report.json").exists()  # killed, not left to finish

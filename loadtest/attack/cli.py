@@ -4,7 +4,9 @@ Starts its own servers on loopback (`loadtest.servers.ServerProcess`, the bundle
 port and a free metrics port each; more flags with `--server-args`), runs the checks below one by
 one, and writes DIR/report.json and DIR/report.md (rewritten after every check, so a run cut short
 still leaves its report): one line per check with what was sent, what was measured, the target
-and PASS / FAIL / SKIP. Exit status 1 when any line FAILs. Loopback only: nothing leaves the machine.
+and PASS / FAIL / SKIP. Exit status 1 when any line FAILs. A SKIP (a check that did not run) is no pass: it is
+counted apart and named in the summary, and fails the run too with `--strict` or MNIST_TEST_STRICT=1. Loopback
+only: nothing leaves the machine.
 
 Checks share one server where they cannot disturb each other (malformed messages, image modes,
 non-digits); memory, overload, idle-client and shutdown checks get a fresh server each. The load
@@ -25,15 +27,24 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from loadtest.attack.client import digits
 from loadtest.attack.context import Ctx
-from loadtest.attack.core import FAIL, PASS, SKIP, Line
+from loadtest.attack.core import SKIP, Line
 from loadtest.attack.load import raise_fd_limit
-from loadtest.attack.runner import describe_checks, run_check, select, write_report
+from loadtest.attack.runner import (
+    STRICT_ENV,
+    describe_checks,
+    exit_status,
+    run_check,
+    select,
+    strict_from_env,
+    tally,
+    verdict,
+    write_report,
+)
 
 # Flags the hardened server is to accept; the report notes which it does.
 EXPECTED_FLAGS = (
@@ -81,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--senders", type=int, default=4, help="load-generator processes for the overload check")
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help=f"a SKIPped check fails the run (exit status 1), as {STRICT_ENV}=1 in the environment does",
+    )
     return parser
 
 
@@ -105,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Ctx(args)
     started, clock = time.strftime("%Y-%m-%d %H:%M:%S"), time.monotonic()
     budget = min(args.budget_s, 60.0) if args.quick and args.budget_s == 600.0 else args.budget_s
+    strict = args.strict or strict_from_env()
     meta: dict[str, Any] = {
         "started": started,
         "quick": args.quick,
+        "strict": strict,
         "budget_s": budget,
         "elapsed_s": 0.0,
         "server_args": args.server_args,
@@ -166,9 +184,6 @@ def main(argv: list[str] | None = None) -> int:
         ctx.close_servers()
         meta["elapsed_s"] = time.monotonic() - clock
         write_report(args.out, meta, lines)
-    counts = Counter(line.status for line in lines)
-    say(
-        f"done: {counts.get(PASS, 0)} PASS, {counts.get(FAIL, 0)} FAIL, {counts.get(SKIP, 0)} SKIP; "
-        f"{args.out / 'report.md'}"
-    )
-    return 1 if counts.get(FAIL) else 0
+    say(f"done: {tally(lines)}; {args.out / 'report.md'}")
+    say(verdict(lines, strict))
+    return exit_status(lines, strict)

@@ -343,6 +343,24 @@ def bomb_png(side: int = 6000) -> bytes:
     return encode(image, "PNG", optimize=True)
 
 
+def padded_png(data: bytes, size: int) -> bytes:
+    """`data` (a PNG) grown to exactly `size` bytes by a private ancillary chunk after IHDR, which decoders skip."""
+    ihdr_end = 8 + 12 + struct.unpack(">I", data[8:12])[0]
+    length = size - len(data) - 12
+    if length < 0:
+        raise ValueError(f"a PNG of {len(data)} bytes cannot be padded to {size}")
+    body = b"paDd" + bytes(length)
+    chunk = struct.pack(">I", length) + body + struct.pack(">I", zlib.crc32(body))
+    return data[:ihdr_end] + chunk + data[ihdr_end:]
+
+
+def small_png_digit(index: int, size: int) -> bytes:
+    """MNIST test digit `index` as an ordinary PNG scan (dark ink on white, PAPER_SIDE square), padded to `size`
+    bytes: what a well-behaved client sends, as heavy on the wire as the image it is compared with."""
+    images, _ = mnist_test()
+    return padded_png(encode(Image.fromarray(paper(images[index])), "PNG"), size)
+
+
 def big_jpeg_digit(index: int, side: int = 6000) -> bytes:
     return encode(big_digit(index, side).convert("RGB"), "JPEG", quality=80)
 

@@ -126,7 +126,8 @@ class ModelPipeline:
         await self.batcher.close(timeout)
         self._decoders.shutdown(wait=False, cancel_futures=True)
         await self.batcher.stopped()  # never close the backend under a batch that is still running
-        self.backend.close()
+        # Off the event loop: on a GPU, close waits its turn behind another version's CUDA-graph capture (seconds)
+        await asyncio.get_running_loop().run_in_executor(None, self.backend.close)
 
     async def classify(
         self, payloads: Sequence[bytes], kinds: Sequence[str | None] | None = None, deadline: float | None = None

@@ -53,6 +53,7 @@ HTTP_STATUS_OF: dict[type[ServiceError], int] = {
     InvalidInput: 400,
     Unauthenticated: 401,
     PermissionDenied: 403,
+    AuthRefused: 403,  # any other refusal of credentials, as gRPC's PERMISSION_DENIED (answered by http_refusal)
     NotFound: 404,
     Overloaded: 429,
     Unsupported: 501,
@@ -167,7 +168,9 @@ class RestApi:
         except web.HTTPException as err:
             code = "NOT_FOUND" if err.status == 404 else "INVALID_ARGUMENT" if err.status < 500 else "INTERNAL"
             if err.status == 405:
-                response = _error(405, f"{request.method} is not allowed on {request.path}", dict(err.headers))
+                # only Allow: the exception's own headers carry its text/plain Content-Type, which json_response refuses
+                allow = {"Allow": err.headers["Allow"]}
+                response = _error(405, f"{request.method} is not allowed on {request.path}", allow)
             elif err.status == 413:
                 response = _error(413, f"request body over the limit of {self.max_body_bytes:,} bytes")
             else:

@@ -15,14 +15,17 @@ Model files without it are served as before (the server's separate detector scor
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import importlib.util
 import logging
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,17 @@ WARM_RUNS = 3  # the CUDA provider captures its graph after a couple of plain ru
 BUCKET_AGREEMENT = {"fp32": 1e-2, "fp16": 3e-2}
 
 SessionFactory = Callable[..., Any]  # (path, sess_options, providers) -> onnxruntime.InferenceSession
+
+# CUDA-graph capture is process-wide (cudaStreamCaptureModeGlobal): while one thread captures, a cudaMalloc or cudaFree
+# on another (a model version's sessions being built or released) invalidates the capture or fails. So, across every
+# backend in the process, building and warming GPU sessions (warm-up is where the graphs are captured) and releasing
+# them take turns: a new version's warm-up never overlaps a retiring version's close().
+_GPU_TURN = threading.Lock()
+
+
+def gpu_turn(on_gpu: bool) -> AbstractContextManager[Any]:
+    """The process's GPU turn (see `_GPU_TURN`) for a backend on the GPU; nothing to wait for on the CPU."""
+    return _GPU_TURN if on_gpu else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -356,12 +370,14 @@ class OnnxRuntimeBackend:
         self._buckets: dict[int, BucketSession] = {}
         self._outputs: tuple[str, ...] = OUTPUT_NAMES  # what the model file gives; `_check_io` sets it
         try:
-            self._open_sessions()
+            with gpu_turn(on_gpu):  # session builds allocate device memory: not while another version captures
+                self._open_sessions()
         except BackendUnavailable as exc:
             if not (on_gpu and provider == "auto"):
                 raise
             log.warning("%s; --provider auto: serving on the CPU instead", exc)
-            self._buckets.clear()
+            with gpu_turn(on_gpu):  # the GPU sessions already built are released here
+                self._buckets.clear()
             self.plan = resolve_plan(Path(model), False, precision, layout, batch_buckets, max_batch_size, cuda_graph)
             self._open_sessions()
         meta_props = self._any_session().get_modelmeta().custom_metadata_map
@@ -549,7 +565,12 @@ class OnnxRuntimeBackend:
 
         A bucket whose CUDA graph fails to capture or replays wrong answers is rebuilt without the graph
         (logged); a bucket that still answers wrongly stops the start: better no server than wrong digits.
+        On the GPU it holds the process's GPU turn throughout: the graphs are captured here (see `_GPU_TURN`).
         """
+        with gpu_turn(self.plan.on_gpu):
+            return self._warm_up()
+
+    def _warm_up(self) -> float:
         started = time.perf_counter()
         rng = np.random.default_rng(20)  # not zeros: zeros hide unwritten buffers and wrong rows
         largest = max(self.plan.buckets or (self.plan.max_batch_size,))
@@ -597,5 +618,8 @@ class OnnxRuntimeBackend:
         return logits, ""
 
     def close(self) -> None:
-        self._buckets.clear()
-        self._dynamic_session = None
+        """Release the sessions; on the GPU in the process's GPU turn: freeing device memory while another version
+        captures its CUDA graphs would break that capture."""
+        with gpu_turn(self.plan.on_gpu):
+            self._buckets.clear()
+            self._dynamic_session = None
