@@ -374,6 +374,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where report.json, examples.png and worst.png are written (default: runs/eval/<model file stem>)",
     )
+    parser.add_argument(
+        "--digit-sources",
+        type=_count(0),
+        nargs="?",
+        const=0,
+        metavar="N",
+        help="also judge the not-a-digit signal (is_digit, as served) on every named source of real digits and "
+        "non-digits (training/digit_sources.py), each apart: false alarms and catches per source, how the "
+        "detector and the classifier agree, the curve; writes digit-signal.json, .md and .curve.png beside the "
+        "report; N: only the first N images of each source (default: all, about a minute on 2 cores; needs "
+        "tests/setup.sh's handwriting fonts)",
+    )
     return parser
 
 
@@ -404,6 +416,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {model.provider}, normalization from {model.normalization_source}, {seconds:.1f} s\n")
     print(format_table(results))
     print(f"\nwrote {out / 'report.json'}, {out / 'examples.png'}, {out / 'worst.png'}")
+    if args.digit_sources is not None:
+        from export import digit_signal
+
+        signal = digit_signal.evaluate(args.model, mnist_dir=args.data_dir, per_source=args.digit_sources or None)
+        written = digit_signal.write(signal, out)
+        print("\n" + digit_signal.markdown(signal))
+        print(f"\nwrote {', '.join(str(path) for path in written)}")
     return 0
 
 

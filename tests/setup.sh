@@ -21,5 +21,19 @@ python3 -m venv .venv-triton
 # Node.js's @grpc/grpc-js, for the test that calls the service from another gRPC stack.
 npm install --silent --no-audit --no-fund --prefix .node-clients @grpc/grpc-js@1 @grpc/proto-loader@0
 
+# Handwriting fonts (npm @fontsource, latin woff) for training/digit_sources.py: the digit detector is fitted on
+# some (FIT_FONTS) and evaluated on the others (HELD_OUT_FONTS). Only the missing ones are installed.
+hand_fonts=(caveat indie-flower shadows-into-light reenie-beanie kalam gochi-hand patrick-hand architects-daughter
+    just-another-hand nothing-you-could-do coming-soon gaegu gloria-hallelujah covered-by-your-grace permanent-marker
+    rock-salt schoolbell nanum-pen-script)
+missing_fonts=()
+for font in "${hand_fonts[@]}"; do
+    woff=".fonts/node_modules/@fontsource/$font/files/$font-latin-400-normal.woff"
+    [ -f "$woff" ] || missing_fonts+=("@fontsource/$font@5")
+done
+if ((${#missing_fonts[@]})); then
+    npm install --silent --no-audit --no-fund --prefix .fonts "${missing_fonts[@]}"
+fi
+
 # The oldest grpcio and protobuf the generated stubs accept: a test installs them in an empty environment.
 .venv/bin/pip download -q --only-binary :all: -d .floor-wheels grpcio==1.85.1 protobuf==7.35.1

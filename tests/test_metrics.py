@@ -146,3 +146,31 @@ def test_an_unloaded_versions_series_are_forgotten_and_others_kept() -> None:
     metrics.forget_version("googlenet-fast", "3")
     text = generate_latest(metrics.registry).decode()
     assert 'version="3"' not in text and 'version="4"' in text
+
+
+def test_flagged_answers_are_counted_per_model_version_and_forgotten_with_it() -> None:
+    metrics = ServiceMetrics()
+
+    def flagged(version: str) -> float | None:
+        labels = {"model": "googlenet-fast", "version": version}
+        return metrics.registry.get_sample_value("mnist_non_digit_images_total", labels)
+
+    observe = metrics.prediction_observer("googlenet-fast", "3")
+    metrics.prediction_observer("googlenet-fast", "4")
+    assert flagged("3") == flagged("4") == 0  # from load on: the share reads 0, not absent
+    is_digit = np.array([True, False, True, True, False, True, False, True])
+    observe(np.arange(8) % 10, np.full(8, 0.9, np.float32), is_digit)
+    assert flagged("3") == 3 and flagged("4") == 0
+    observe(np.array([1, 2]), np.array([0.9, 0.9], np.float32), np.array([True, True]))
+    observe(np.array([1]), np.array([0.9], np.float32))  # a pipeline without a detector flags nothing
+    assert flagged("3") == 3
+    predicted = sum(
+        metrics.registry.get_sample_value(
+            "mnist_predictions_total", {"model": "googlenet-fast", "version": "3", "digit": str(d)}
+        )
+        for d in range(10)
+    )
+    assert predicted == 11  # the share's denominator counts the same images, flagged ones included
+
+    metrics.forget_version("googlenet-fast", "3")
+    assert flagged("3") is None and flagged("4") == 0

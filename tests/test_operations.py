@@ -151,6 +151,7 @@ def test_prometheus_config_and_alert_rules_are_valid_and_behave_as_specified() -
         "MnistQueueSaturated",
         "MnistModelLoadFailed",
         "MnistModelNotServing",
+        "MnistNonDigitShareJumped",
     }
 
 
@@ -210,7 +211,9 @@ def test_a_real_prometheus_measures_the_p99_the_client_sees(served: Harness, tmp
         assert query(prometheus, "mnist_health_serving")[0]["value"][1] == "1"
         rules = json.loads(urllib.request.urlopen(f"{prometheus}/api/v1/rules", timeout=5).read())
         loaded = [r["name"] for g in rules["data"]["groups"] for r in g["rules"]]
-        assert "MnistLatencyP99Over10ms" in loaded and len(loaded) == 7
+        written = [r.get("alert") or r["record"] for g in yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"]
+                   for r in g["rules"]]  # fmt: skip
+        assert "MnistLatencyP99Over10ms" in loaded and loaded == written  # every rule of the file, in its order
     finally:
         process.terminate()
         process.wait(10)
@@ -232,15 +235,21 @@ def test_every_dashboard_query_names_a_metric_the_server_exports(served: Harness
     assert "mnist_model_load_failures_total" in used and "mnist_model_request_latency_seconds_bucket" in exported
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
     topics = ("p99", "code", "batch size", "queue", "provider", "prediction", "confidence", "refused", "streams")
-    for topic in (*topics, "by model version", "ready / loading / failed / unloading", "load failures"):
+    versions = ("by model version", "ready / loading / failed / unloading", "load failures", "flagged share")
+    for topic in (*topics, *versions):
         assert topic in titles, topic
     variables = [v["name"] for v in dashboard["templating"]["list"]]
     assert variables == ["datasource", "job", "model", "version"], variables
     for expr in expressions:
-        if re.search(r"mnist_(predictions|prediction_confidence|model_request)", expr):
+        if re.search(r"mnist_(predictions|prediction_confidence|model_request|non_digit)", expr):
             assert 'model=~"$model",version=~"$version"' in expr, expr
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids)), ids
+    flagged = next(p for p in dashboard["panels"] if "flagged share" in p["title"].lower())
+    share = flagged["targets"][0]["expr"]
+    per_version = r"by \(model, version\) \(rate\(mnist_non_digit_images_total.*\) / sum by \(model, version\) \(rate\("
+    assert re.search(per_version + "mnist_predictions_total", share), share
+    assert flagged["fieldConfig"]["defaults"]["unit"] == "percentunit"
     latency = next(p for p in dashboard["panels"] if "p99" in p["title"] and "latency" in p["title"].lower())
     assert latency["fieldConfig"]["defaults"]["thresholds"]["steps"][-1]["value"] == 0.01
 

@@ -255,6 +255,28 @@ def test_metrics_are_scraped_and_move_with_traffic(served: Harness, digits) -> N
     assert "mnist_queue_depth{}" in after and "mnist_requests_in_flight{}" in after
 
 
+def test_a_non_digit_upload_counts_as_flagged_for_the_version_that_answered(served: Harness, digits) -> None:
+    """mnist_non_digit_images_total{model,version} over mnist_predictions_total is the flagged share (alerts.yml):
+    uniform noise (flagged by the bundled detector, tests/test_digit_detector.py; a flat square is refused before
+    the model as blank) adds one to the numerator, a real digit only to the denominator."""
+    version = served.server.pipeline.version
+    model = f'model="googlenet-fast",version="{version}"'
+    flagged = f"mnist_non_digit_images_total{{{model}}}"
+
+    def predicted(samples: dict[str, float]) -> float:
+        return sum(samples.get(f'mnist_predictions_total{{digit="{d}",{model}}}', 0) for d in range(10))
+
+    before = served.metrics()
+    assert flagged in before  # at 0 from load on, not absent
+    noise = np.random.default_rng(0).integers(0, 256, (28, 28)).astype(np.uint8)
+    flagged_reply = served.stub.Classify(pb.ClassifyRequest(raw=noise.tobytes()), timeout=10)
+    digit = served.stub.Classify(pb.ClassifyRequest(raw=digits[0][0].tobytes()), timeout=10)
+    assert (flagged_reply.is_digit, digit.is_digit) == (False, True)
+    after = served.metrics()
+    assert after[flagged] - before[flagged] == 1
+    assert predicted(after) - predicted(before) == 2
+
+
 def expected_model_info(served: Harness) -> dict[str, str]:
     """mnist_model_info's labels as the spec has them: docs/serving.md's label list, the served file's own metadata
     (the contract), the provider the config asks for, and the engine's choices as GetModelInfo reports them."""

@@ -255,7 +255,9 @@ class ServiceMetrics:
         )
         self.non_digits = Counter(
             "mnist_non_digit_images",
-            "images answered is_digit=false: the detector says they are not digits",
+            "images answered is_digit=false (the detector says they are not digits), by model version: "
+            "over mnist_predictions_total (the same images, all answers) it is the version's flagged share",
+            ["model", "version"],
             registry=r,
         )
         self.read_digits = Histogram(
@@ -332,18 +334,21 @@ class ServiceMetrics:
             _remove(self.predictions, model, version, str(digit))
         for code in CODE_NAMES:
             _remove(self.model_requests, model, version, code)
-        for family in (self.model_latency, self.model_load_seconds):
+        for family in (self.model_latency, self.model_load_seconds, self.non_digits):
             _remove(family, model, version)
         self.confidence.remove(model, version)
 
     def prediction_observer(self, model: str, version: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
-        """The per-batch callback of one model version's pipeline: its digit counts, confidences and non-digits."""
+        """The per-batch callback of one model version's pipeline: its digit counts, confidences and non-digits.
+        The version's non-digit series exists from here on, at 0 until an image is flagged: its flagged share reads 0,
+        not absent, and Prometheus's rate() sees the first flagged image."""
         digit_counters = [self.predictions.labels(model, version, str(digit)) for digit in range(10)]
         confidence = self.confidence.labels(model, version)
+        non_digits = self.non_digits.labels(model, version)
 
         def observe(digits: np.ndarray, confidences: np.ndarray, is_digit: np.ndarray | None = None) -> None:
             if is_digit is not None and len(is_digit) and not is_digit.all():
-                self.non_digits.inc(int(len(is_digit) - np.count_nonzero(is_digit)))
+                non_digits.inc(int(len(is_digit) - np.count_nonzero(is_digit)))
             if len(digits) <= 4:
                 for digit in digits.tolist():
                     digit_counters[digit].inc()
