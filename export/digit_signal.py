@@ -15,8 +15,10 @@ caught; look-alike letters (O l I S Z B g q) are reported apart and count in nei
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +154,8 @@ def curve(scored: list[Scored], role: str, points: int = 400) -> dict[str, list[
     """Catch rate against false-alarm rate over thresholds, on the sources of `role`, each source weighing alike."""
     digits, digit_w = pooled(scored, "digit", role)
     others, other_w = pooled(scored, "non-digit", role)
+    if not (np.isfinite(digits).any() and len(others)):  # no curve without both kinds
+        return {"threshold": [], "false_alarm": [], "catch": []}
     thresholds = np.unique(
         np.concatenate(
             [np.linspace(0, 1, points), np.quantile(digits[np.isfinite(digits)], np.linspace(0, 0.1, points))]
@@ -159,7 +163,11 @@ def curve(scored: list[Scored], role: str, points: int = 400) -> dict[str, list[
     )
     false_alarm = [float((digit_w * (digits < t)).sum() / digit_w.sum()) for t in thresholds]
     catch = [float((other_w * (others < t)).sum() / other_w.sum()) for t in thresholds]
-    return {"threshold": thresholds.tolist(), "false_alarm": false_alarm, "catch": catch}
+    return {
+        "threshold": [round(float(t), 6) for t in thresholds],
+        "false_alarm": [round(v, 5) for v in false_alarm],
+        "catch": [round(v, 5) for v in catch],
+    }
 
 
 def at(curve_: dict[str, list[float]], threshold: float) -> tuple[float, float]:
@@ -196,6 +204,8 @@ def evaluate(
     worst_catch = min((r.flagged for r in others), default=None)
     return {
         "model": str(model),
+        "model_sha256": hashlib.sha256(Path(model).read_bytes()).hexdigest(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "threshold": chosen,
         "score": "in-graph" if scorer.in_graph else "separate detector",
         "rows": [asdict(r) for r in rows],
@@ -256,26 +266,30 @@ def plot_curve(report: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=110)
+    roles = [role for role in ("fit", "held-out") if report["curves"][role]["threshold"]]  # those with both kinds
+    defaults = {role: at(report["curves"][role], report["threshold"]) for role in roles}
+    right = max(
+        5.0, 1.25 * 100 * max((fa for fa, _ in defaults.values()), default=0.0)
+    )  # the default point always shows
+    low = 100.0
     for role, style in (("fit", "--"), ("held-out", "-")):
+        if role not in roles:
+            continue
         c = report["curves"][role]
-        ax.plot(np.asarray(c["false_alarm"]) * 100, np.asarray(c["catch"]) * 100, style, label=f"{role} sources")
-        fa, catch = at(c, report["threshold"])
+        fa_line, catch_line = np.asarray(c["false_alarm"]) * 100, np.asarray(c["catch"]) * 100
+        fa, catch = defaults[role]
+        label = f"{role} sources; at the default {report['threshold']:.3f}: {fa:.1%} flagged, {catch:.1%} caught"
+        ax.plot(fa_line, catch_line, style, label=label)
         ax.plot([fa * 100], [catch * 100], "o", color=ax.lines[-1].get_color())
-        ax.annotate(
-            f"default {report['threshold']:.3f}: {fa:.1%} / {catch:.1%}",
-            (fa * 100, catch * 100),
-            textcoords="offset points",
-            xytext=(8, -14 if role == "fit" else 6),
-            fontsize=8,
-        )
+        low = min(low, float(catch_line[fa_line <= right].min(initial=100.0)))
     ax.axvline(FALSE_ALARM_TARGET * 100, color="grey", lw=0.8, ls=":")
     ax.axhline(CATCH_TARGET * 100, color="grey", lw=0.8, ls=":")
-    ax.set_xlim(0, 5)
-    ax.set_ylim(70, 100.5)
+    ax.set_xlim(0, right)
+    ax.set_ylim(max(0.0, low - 3), 100.5)
     ax.set_xlabel("real digits flagged, % (false alarms; sources weigh alike)")
     ax.set_ylabel("non-digits caught, %")
     ax.set_title("Not-a-digit signal: catch rate against false alarms")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -298,7 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-source", type=int, help="only the first N images of each source (default: all)")
     args = parser.parse_args(argv)
     report = evaluate(
-        args.model, args.sources.split(",") if args.sources else None, args.mnist, args.detector, args.threshold
+        args.model,
+        args.sources.split(",") if args.sources else None,
+        args.mnist,
+        args.detector,
+        args.threshold,
+        args.per_source,
     )
     print(markdown(report))
     if args.out:

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from proto.contract import DIGIT_SCORE, INPUT_NAME, INPUT_SHAPE, LOGITS, MNIST_NORMALIZATION, OUTPUT_NAMES, variant_path
-from server.config import BUNDLED_MODEL, CHOICES, ServeConfig, parse_buckets
+from server.config import BUNDLED_MODEL, CHOICES, DIGIT_DETECTOR, ServeConfig, parse_buckets
 from server.engine.backends import ENGINES, BackendUnavailable, build_backend
 from server.engine.backends.buckets import Run, plan_runs, powers_of_two
 from server.engine.backends.null_backend import FIXED_ROW, FIXED_SCORE, FIXED_THRESHOLD, NullBackend
@@ -23,6 +23,7 @@ from server.engine.backends.onnxruntime_backend import (
     nvidia_driver_present,
     resolve_plan,
 )
+from server.pipeline.digit_detector import DigitDetector
 from tests.support import RecordingSession, recording_factory
 from training.data import load_split
 
@@ -443,7 +444,9 @@ def test_models_with_and_without_the_digit_score_output_are_served(test_digits, 
     np.testing.assert_array_equal(with_score.probabilities, without.probabilities)  # the classifier is the same
     alone = np.concatenate([scored.run(batch[i : i + 1]).digit_scores for i in range(7)])
     np.testing.assert_allclose(with_score.digit_scores, alone, atol=1e-5)  # each image's own score, in its row
-    assert 0.5 < scored.describe().digit_threshold < 0.7 and scored.describe().digit_detector["hidden_units"] > 0
+    bundled_detector = DigitDetector.load(DIGIT_DETECTOR)  # the model carries the bundled detector's threshold
+    assert scored.describe().digit_threshold == pytest.approx(bundled_detector.threshold)
+    assert scored.describe().digit_detector["hidden_units"] > 0
     assert plain.describe().digit_threshold is None and plain.describe().digit_detector == {}
 
 

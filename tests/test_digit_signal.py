@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -103,3 +104,24 @@ def test_mnist_eval_prints_and_writes_the_signal_per_source(tmp_path: Path, caps
     assert {r["source"] for r in report["rows"]} == set(digit_sources.SOURCES)
     assert all(r["n"] == min(8, digit_sources.SOURCES[r["source"]].size) for r in report["rows"])
     assert (tmp_path / "digit-signal.curve.png").stat().st_size > 10_000
+
+
+def test_the_recorded_report_is_the_bundled_models_own_and_still_reproduces() -> None:
+    """server/bundled/googlenet-fast.digit-signal.json (the figures docs/serving.md quotes) describes the file that is
+    bundled now, at its threshold, and two of its rows come out the same when measured again."""
+    recorded = json.loads((BUNDLED_MODEL.parent / "googlenet-fast.digit-signal.json").read_text())
+    assert recorded["model_sha256"] == hashlib.sha256(BUNDLED_MODEL.read_bytes()).hexdigest()
+    assert recorded["threshold"] == pytest.approx(ModelScorer(BUNDLED_MODEL).threshold, abs=1e-6)
+    again = digit_signal.evaluate(BUNDLED_MODEL, names=["mnist-test-encoders", "uci-scans"])
+    rows = {r["source"]: r for r in recorded["rows"]}
+    for row_again in again["rows"]:
+        assert row_again == rows[row_again["source"]]
+
+
+def test_the_cli_judges_the_named_sources_on_their_first_images(tmp_path: Path, capsys) -> None:
+    assert digit_signal.main([str(BUNDLED_MODEL), "--sources", "uci-scans,paper", "--per-source", "5",
+                              "--out", str(tmp_path)]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "digit-signal.json").read_text())
+    assert [(r["source"], r["n"]) for r in report["rows"]] == [("uci-scans", 5), ("paper", 5)]
+    assert report["curves"]["fit"]["threshold"] == []  # no fit source named: no fit curve, and no crash drawing it
+    assert (tmp_path / "digit-signal.curve.png").is_file() and "| uci-scans (digit) |" in capsys.readouterr().out

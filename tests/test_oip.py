@@ -19,6 +19,8 @@ from proto.inference import grpc_service_pb2 as oip
 from proto.inference import grpc_service_pb2_grpc as oip_grpc
 from proto.mnist.v1 import classifier_pb2 as pb
 from server.app import MnistServer
+from server.config import DIGIT_DETECTOR
+from server.pipeline.digit_detector import DigitDetector
 from tests.support import Harness, free_port, test_config
 from training.data import load_split
 
@@ -98,7 +100,8 @@ def test_triton_model_config_lets_perf_analyzer_size_its_batches(served: Harness
 def test_the_model_config_says_where_the_digit_score_comes_from(served: Harness) -> None:
     parameters = served.oip.ModelConfig(oip.ModelConfigRequest(name=MODEL)).config.parameters
     assert parameters["digit_score_source"].string_value == "in-graph"  # the bundled model's own output
-    assert float(parameters["digit_score_threshold"].string_value) == pytest.approx(0.6161, abs=1e-4)
+    bundled = DigitDetector.load(DIGIT_DETECTOR)  # the model carries the bundled detector's threshold
+    assert float(parameters["digit_score_threshold"].string_value) == pytest.approx(bundled.threshold, abs=1e-6)
     assert parameters["digit_score"].string_value.startswith("in-graph, output 'digit_score' of googlenet-fast.onnx")
     status, _, body = rest(served, f"/v2/models/{MODEL}/config")
     assert status == 200 and json.loads(body)["parameters"]["digit_score_source"]["string_value"] == "in-graph"

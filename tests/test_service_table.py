@@ -147,7 +147,8 @@ def test_model_info_says_where_the_digit_score_comes_from(onnx_served, null_serv
     threshold = DigitDetector.load(DIGIT_DETECTOR).threshold
     info = onnx_served.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     assert info.digit_detector.startswith(
-        "in-graph, output 'digit_score' of googlenet-fast.onnx (built from digit-detector.npz v2): threshold 0.6161"
+        f"in-graph, output 'digit_score' of googlenet-fast.onnx (built from digit-detector.npz v2): threshold "
+        f"{threshold:.4f}"
     )
     assert info.digit_threshold == pytest.approx(threshold, abs=1e-6)
     null_info = null_served.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
@@ -157,7 +158,7 @@ def test_model_info_says_where_the_digit_score_comes_from(onnx_served, null_serv
         old_info = older.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     finally:
         older.close()
-    assert old_info.digit_detector.startswith("separate file digit-detector.npz v2: threshold 0.6161")
+    assert old_info.digit_detector.startswith(f"separate file digit-detector.npz v2: threshold {threshold:.4f}")
     assert old_info.digit_threshold == pytest.approx(threshold, abs=1e-6)
 
 

@@ -409,8 +409,10 @@ def draw_shape(kind: str, rng: np.random.Generator) -> np.ndarray:
 
     def ring(count: int, radii: list[float]) -> list[tuple[float, float]]:
         return [
-            (c + radii[k % len(radii)] * math.cos(turn + 2 * math.pi * k / count),
-             c + radii[k % len(radii)] * math.sin(turn + 2 * math.pi * k / count))
+            (
+                c + radii[k % len(radii)] * math.cos(turn + 2 * math.pi * k / count),
+                c + radii[k % len(radii)] * math.sin(turn + 2 * math.pi * k / count),
+            )
             for k in range(count)
         ]
 
@@ -442,8 +444,9 @@ def draw_shape(kind: str, rng: np.random.Generator) -> np.ndarray:
     elif kind == "spiral":
         t = np.linspace(0, float(rng.uniform(3, 6)) * math.pi, 200)
         radius = r * t / t[-1]
-        draw.line(list(zip(c + radius * np.cos(t + turn), c + radius * np.sin(t + turn), strict=True)), fill=255,
-                  width=width)
+        draw.line(
+            list(zip(c + radius * np.cos(t + turn), c + radius * np.sin(t + turn), strict=True)), fill=255, width=width
+        )
     elif kind == "scribble":  # a pen wandering with momentum
         steps = int(rng.integers(30, 120))
         angle = rng.uniform(0, 2 * math.pi) + np.cumsum(rng.normal(0, 0.6, steps))
@@ -457,8 +460,11 @@ def draw_shape(kind: str, rng: np.random.Generator) -> np.ndarray:
             for offset in np.arange(-r, r, gap):
                 half = math.sqrt(max(r * r - offset * offset, 0))
                 px, py = c - dy * offset, c + dx * offset
-                draw.line([(px - dx * half, py - dy * half), (px + dx * half, py + dy * half)], fill=255,
-                          width=max(2, width // 2))
+                draw.line(
+                    [(px - dx * half, py - dy * half), (px + dx * half, py + dy * half)],
+                    fill=255,
+                    width=max(2, width // 2),
+                )
     return _jitter(_np(image), rng, hand=rng.random() < 0.5)
 
 
@@ -589,38 +595,112 @@ def _spec(name: str, kind: str, role: str, size: int, builder: Builder, descript
 SOURCES: dict[str, SourceSpec] = {
     spec.name: spec
     for spec in (
-        _spec("mnist-test-encoders", "digit", "held-out", 1000, _mnist_encoders,
-              "MNIST test[9000:10000] as RGBA-alpha/16-bit/palette PNG, JPEG q50-90, WebP, BMP, GIF; half 2-4x LANCZOS",
-              max_size=MNIST_TEST_SLICE[1] - MNIST_TEST_SLICE[0]),
-        _spec("uci-scans", "digit", "held-out", 1797, _uci_scans,
-              "UCI 8x8 digits (scikit-learn, 43 writers, 16 levels) upscaled to 32-96 px, either polarity",
-              max_size=1797),
-        _spec("handwriting-fonts", "digit", "held-out", 1000,
-              _glyphs({str(d): d for d in range(10)}, _hand_fonts(HELD_OUT_FONTS), 0.0),
-              "digits in held-out handwriting fonts, jittered pen (width, rotation, shear, elastic), clean, 28-128 px"),
-        _spec("photographed-handwriting", "digit", "held-out", 400,
-              _glyphs({str(d): d for d in range(10)}, _hand_fonts(HELD_OUT_FONTS), 1.0),
-              "held-out handwriting-font digits photographed on paper (light, grain, blur, JPEG), 48-360 px"),
-        _spec("handwriting-fonts-fit", "digit", "fit", 2000,
-              _glyphs({str(d): d for d in range(10)}, _hand_fonts(FIT_FONTS), 0.35),
-              "digits in the fit handwriting fonts, jittered, clean (65%) or photographed (35%)"),
-        _spec("letters-handwriting", "non-digit", "held-out", 1000, _glyphs(LETTERS, _hand_fonts(HELD_OUT_FONTS), 0.3),
-              f"letters no digit resembles ({LETTERS}) in held-out handwriting fonts, jittered, 30% photographed"),
-        _spec("letters-print", "non-digit", "held-out", 600,
-              _glyphs(LETTERS, lambda: list(print_fonts()), 0.25, hand=False),
-              "the same letters in the print fonts fit_digit_detector holds out (mono, condensed, Computer Modern)"),
-        _spec("shapes-scribbles", "non-digit", "held-out", 800, _shapes,
-              "triangles, squares, stars, hearts, arrows, crosses, spirals, scribbles, hatching; 35% photographed"),
-        _spec("paper", "non-digit", "held-out", 200, _paper_only,
-              "blank paper: clean scans and photos (uneven light, stains, grain, folds); refusals are catches"),
-        _spec("textures", "non-digit", "held-out", 600, _textures,
-              "crops of scikit-image's bundled photos (brick, grass, gravel, camera, page, ...), 64-256 px"),
-        _spec("letters-handwriting-fit", "non-digit", "fit", 2000, _glyphs(LETTERS, _hand_fonts(FIT_FONTS), 0.3),
-              "letters no digit resembles in the fit handwriting fonts, jittered, 30% photographed"),
-        _spec("textures-fit", "non-digit", "fit", 800, _textures_fit,
-              "procedural textures: value noise, wood rings, fabric weave, gratings, cellular stone; 64-256 px"),
-        _spec("look-alike-letters", "look-alike", "held-out", 400, _glyphs(LOOK_ALIKES, _look_alike_fonts, 0.25),
-              "O l I S Z B g q in held-out handwriting (and print) fonts, labelled with the digit each resembles"),
+        _spec(
+            "mnist-test-encoders",
+            "digit",
+            "held-out",
+            1000,
+            _mnist_encoders,
+            "MNIST test[9000:10000] as RGBA-alpha/16-bit/palette PNG, JPEG q50-90, WebP, BMP, GIF; half 2-4x LANCZOS",
+            max_size=MNIST_TEST_SLICE[1] - MNIST_TEST_SLICE[0],
+        ),
+        _spec(
+            "uci-scans",
+            "digit",
+            "held-out",
+            1797,
+            _uci_scans,
+            "UCI 8x8 digits (scikit-learn, 43 writers, 16 levels) upscaled to 32-96 px, either polarity",
+            max_size=1797,
+        ),
+        _spec(
+            "handwriting-fonts",
+            "digit",
+            "held-out",
+            1000,
+            _glyphs({str(d): d for d in range(10)}, _hand_fonts(HELD_OUT_FONTS), 0.0),
+            "digits in held-out handwriting fonts, jittered pen (width, rotation, shear, elastic), clean, 28-128 px",
+        ),
+        _spec(
+            "photographed-handwriting",
+            "digit",
+            "held-out",
+            400,
+            _glyphs({str(d): d for d in range(10)}, _hand_fonts(HELD_OUT_FONTS), 1.0),
+            "held-out handwriting-font digits photographed on paper (light, grain, blur, JPEG), 48-360 px",
+        ),
+        _spec(
+            "handwriting-fonts-fit",
+            "digit",
+            "fit",
+            2000,
+            _glyphs({str(d): d for d in range(10)}, _hand_fonts(FIT_FONTS), 0.35),
+            "digits in the fit handwriting fonts, jittered, clean (65%) or photographed (35%)",
+        ),
+        _spec(
+            "letters-handwriting",
+            "non-digit",
+            "held-out",
+            1000,
+            _glyphs(LETTERS, _hand_fonts(HELD_OUT_FONTS), 0.3),
+            f"letters no digit resembles ({LETTERS}) in held-out handwriting fonts, jittered, 30% photographed",
+        ),
+        _spec(
+            "letters-print",
+            "non-digit",
+            "held-out",
+            600,
+            _glyphs(LETTERS, lambda: list(print_fonts()), 0.25, hand=False),
+            "the same letters in the print fonts fit_digit_detector holds out (mono, condensed, Computer Modern)",
+        ),
+        _spec(
+            "shapes-scribbles",
+            "non-digit",
+            "held-out",
+            800,
+            _shapes,
+            "triangles, squares, stars, hearts, arrows, crosses, spirals, scribbles, hatching; 35% photographed",
+        ),
+        _spec(
+            "paper",
+            "non-digit",
+            "held-out",
+            200,
+            _paper_only,
+            "blank paper: clean scans and photos (uneven light, stains, grain, folds); refusals are catches",
+        ),
+        _spec(
+            "textures",
+            "non-digit",
+            "held-out",
+            600,
+            _textures,
+            "crops of scikit-image's bundled photos (brick, grass, gravel, camera, page, ...), 64-256 px",
+        ),
+        _spec(
+            "letters-handwriting-fit",
+            "non-digit",
+            "fit",
+            2000,
+            _glyphs(LETTERS, _hand_fonts(FIT_FONTS), 0.3),
+            "letters no digit resembles in the fit handwriting fonts, jittered, 30% photographed",
+        ),
+        _spec(
+            "textures-fit",
+            "non-digit",
+            "fit",
+            800,
+            _textures_fit,
+            "procedural textures: value noise, wood rings, fabric weave, gratings, cellular stone; 64-256 px",
+        ),
+        _spec(
+            "look-alike-letters",
+            "look-alike",
+            "held-out",
+            400,
+            _glyphs(LOOK_ALIKES, _look_alike_fonts, 0.25),
+            "O l I S Z B g q in held-out handwriting (and print) fonts, labelled with the digit each resembles",
+        ),
     )
 }
 
@@ -664,7 +744,11 @@ def _code_version() -> str:
 
 
 def build(
-    name: str, n: int | None = None, seed: int = SEED, *, mnist_dir: str | Path | None = None,
+    name: str,
+    n: int | None = None,
+    seed: int = SEED,
+    *,
+    mnist_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
 ) -> Source:
     """Build source `name` (its default size when `n` is None); the first `n` images of the full source.
@@ -699,8 +783,13 @@ def _build(name: str, n: int, seed: int, mnist_dir: str | None, cache_dir: str |
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             np.savez(
-                path, blob=np.frombuffer(b"".join(encoded), np.uint8), ends=np.cumsum([len(e) for e in encoded]),
-                inputs=inputs, refused=refused, labels=labels, tags=np.array(tags),
+                path,
+                blob=np.frombuffer(b"".join(encoded), np.uint8),
+                ends=np.cumsum([len(e) for e in encoded]),
+                inputs=inputs,
+                refused=refused,
+                labels=labels,
+                tags=np.array(tags),
             )
     for array in (inputs, refused, labels):
         array.setflags(write=False)
@@ -753,8 +842,9 @@ def contact_sheet(source: Source, path: str | Path, columns: int = 10, rows: int
     sheet = Image.new("RGB", (2 * panel + 3 * GAP * 4, header + rows * (cell + CAPTION)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     refused = int(source.refused.sum())
-    draw.text((8, 4), f"{source.name} ({source.kind}, {source.role}): {len(source)} images, {refused} refused",
-              fill=(0, 0, 0))
+    draw.text(
+        (8, 4), f"{source.name} ({source.kind}, {source.role}): {len(source)} images, {refused} refused", fill=(0, 0, 0)
+    )
     draw.text((8, 18), "left: as uploaded    right: the 28x28 input the model sees", fill=(90, 90, 90))
     for slot, index in enumerate(picks):
         r, c = divmod(slot, columns)

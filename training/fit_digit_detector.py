@@ -62,6 +62,7 @@ from server.pipeline.digit_detector import (
     orientation_map,
 )
 from server.pipeline.preprocess import InvalidImage, from_encoded, mnist_like
+from training import digit_sources
 from training.data import IdxFormatError, load_split, resolve_data_dir
 
 SEED = 20_240_611
@@ -80,6 +81,8 @@ POSITIVE_WEIGHTS = {
     "mnist_train_jitter": 0.18,
     "mnist_train_clutter": 0.25,
 }
+# With --other-hands: digits in the fit handwriting fonts (training/digit_sources.py) weigh this much beside them.
+OTHER_HANDS_WEIGHT = 0.25
 # Relative weight of each fitted non-digit category (1 where not named): letters are the widest kind.
 NEGATIVE_WEIGHTS = {"letters": 2.5}
 JITTER = ("translate", "rotate", "scale", "shear", "binarize")
@@ -1102,7 +1105,7 @@ def photographed_digits(digits: np.ndarray, style: PhotoStyle, rng: np.random.Ge
     return np.stack(out).astype(np.float32), np.asarray(kept, np.int64)
 
 
-def positive_categories(data_dir: str, seed: int) -> list[Category]:
+def positive_categories(data_dir: str, seed: int, other_hands: bool = False) -> list[Category]:
     train, test = load_split("train", data_dir), load_split("test", data_dir)
     order = rng_for("train-split", seed).permutation(len(train))
     fit_idx, threshold_idx = order[:FIT_DIGITS], order[FIT_DIGITS : FIT_DIGITS + THRESHOLD_DIGITS]
@@ -1129,6 +1132,8 @@ def positive_categories(data_dir: str, seed: int) -> list[Category]:
     clutter_idx = order[at : at + FIT_CLUTTER]
     cluttered = clutter(train.images[clutter_idx], rng_for("fit-clutter", seed))
     cats.append(Category("mnist_train_clutter", "positive-fit", normalize_raw(cluttered), train.labels[clutter_idx]))
+    if other_hands:
+        cats += handwriting_categories(seed)
     pick = rng_for("robustness", seed).permutation(len(test))
     at = 0
     for name, style in PHOTO_STYLES.items():
@@ -1149,6 +1154,42 @@ def positive_categories(data_dir: str, seed: int) -> list[Category]:
             note = "kind never seen in fitting"
         cats.append(Category(f"c_{name}", "robustness", normalize_raw(pixels), test.labels[idx], note=note))
     return cats
+
+
+def _from_source(name: str, category: str, group: str, seed: int, n: int | None = None) -> Category:
+    """A fit-role source of training/digit_sources.py as a Category (refused uploads counted, not kept)."""
+    role = digit_sources.SOURCES[name].role
+    if role != "fit":  # before building it: a held-out source is never even generated here
+        raise ValueError(f"{name} is a {role} source: the detector never fits or calibrates on those")
+    source = digit_sources.build(name, n=n, seed=seed)
+    kept = ~source.refused
+    labels = source.labels[kept] if source.kind == "digit" else None
+    return Category(
+        category,
+        group,
+        np.ascontiguousarray(source.inputs[kept]),
+        labels,
+        int(source.refused.sum()),
+        note=source.description,
+    )
+
+
+def handwriting_categories(seed: int) -> list[Category]:
+    """Digits in the fit handwriting fonts: one set fitted on, fresh renders of the same fonts for the threshold."""
+    return [
+        _from_source("handwriting-fonts-fit", "handwriting_fonts_fit", "positive-fit", seed),
+        _from_source("handwriting-fonts-fit", "handwriting_fonts_threshold", "threshold", seed + 1, n=1000),
+    ]
+
+
+def other_hand_negatives(seed: int, fit: bool) -> list[Category]:
+    """Letters in the fit handwriting fonts and procedural textures: fitted on (fit=True), or fresh renders."""
+    group, at = ("fit", seed) if fit else ("fitted", seed + 1)
+    n = None if fit else 500
+    return [
+        _from_source("letters-handwriting-fit", "letters_handwriting", group, at, n=n),
+        _from_source("textures-fit", "textures_procedural", group, at, n=n),
+    ]
 
 
 # --- fitting -----------------------------------------------------------------------------------------
@@ -1381,7 +1422,8 @@ def fit(cats: list[Category], seed: int = SEED) -> tuple[dict[str, Any], DigitDe
     fit_neg = [c for c in cats if c.group == "fit"]
     inputs = np.concatenate([probe.raw_inputs(c.x, c.probabilities) for c in fit_pos + fit_neg])
     pos_n = sum(len(c.x) for c in fit_pos)
-    weights = [np.full(len(c.x), 0.5 * POSITIVE_WEIGHTS[c.name] / len(c.x)) for c in fit_pos]
+    share = {**POSITIVE_WEIGHTS, "handwriting_fonts_fit": OTHER_HANDS_WEIGHT}
+    weights = [np.full(len(c.x), 0.5 * share[c.name] / len(c.x)) for c in fit_pos]
     # each fitted negative category weighs the same (letters more), and all of them as much as all positives
     total = sum(NEGATIVE_WEIGHTS.get(c.name, 1.0) for c in fit_neg)
     weights += [np.full(len(c.x), 0.5 * NEGATIVE_WEIGHTS.get(c.name, 1.0) / total / len(c.x)) for c in fit_neg]
@@ -1399,11 +1441,66 @@ def fit(cats: list[Category], seed: int = SEED) -> tuple[dict[str, Any], DigitDe
     params["output_weights"] = (np.concatenate([net[3] for net in nets]) / NETWORKS).astype(np.float32)
     params["bias"] = np.float64(np.mean([net[4] for net in nets]))
     detector = DigitDetector(params)
-    held = by["mnist_train_heldout"]
-    held_scores = detector.score(held.x, held.probabilities)
-    # is_digit = score >= threshold, so about TARGET_FALSE_ALARM of held-out digits fall below it
-    params["threshold"] = np.float64(np.quantile(held_scores, TARGET_FALSE_ALARM))
+    # is_digit = score >= threshold, so about TARGET_FALSE_ALARM of the threshold digits (MNIST train never fitted,
+    # fresh renders of the fit handwriting fonts; each set weighing alike) fall below it
+    held = [c for c in cats if c.group == "threshold"]
+    scores = np.concatenate([detector.score(c.x, c.probabilities) for c in held])
+    if len(held) == 1:
+        params["threshold"] = np.float64(np.quantile(scores, TARGET_FALSE_ALARM))
+    else:
+        weights = np.concatenate([np.full(len(c.x), 1.0 / len(c.x)) for c in held])
+        order = np.argsort(scores)
+        below = np.cumsum(weights[order]) / weights.sum()
+        params["threshold"] = np.float64(scores[order][np.searchsorted(below, TARGET_FALSE_ALARM)])
     return params, DigitDetector(params)
+
+
+def threshold_curve(detector: DigitDetector, cats: list[Category], points: int = 300) -> dict[str, Any]:
+    """The threshold's choice as a curve: digits flagged (the threshold sets: never fitted, each set weighing alike)
+    against non-digits caught (fresh samples of the fitted kinds, each kind alike), over thresholds."""
+    digits = [detector.score(c.x, c.probabilities) for c in cats if c.group == "threshold"]
+    others = [detector.score(c.x, c.probabilities) for c in cats if c.group == "fitted"]
+    pooled = np.concatenate(digits)
+    thresholds = np.unique(
+        np.concatenate([np.linspace(0, 1, points), np.quantile(pooled, np.linspace(0, 0.1, points))])
+    )
+    false_alarm = [float(np.mean([np.mean(s < t) for s in digits])) for t in thresholds]
+    catch = [float(np.mean([np.mean(s < t) for s in others])) for t in thresholds]
+    return {
+        "digits": [c.name for c in cats if c.group == "threshold"],
+        "non_digits": [c.name for c in cats if c.group == "fitted"],
+        "threshold": [round(float(t), 6) for t in thresholds],
+        "false_alarm": [round(v, 5) for v in false_alarm],
+        "catch": [round(v, 5) for v in catch],
+    }
+
+
+def plot_threshold_curve(curve: dict[str, Any], chosen: float, path: Path) -> None:
+    """The curve with the default marked: what a lower or higher threshold would buy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.asarray(curve["threshold"])
+    false_alarm, catch = np.asarray(curve["false_alarm"]) * 100, np.asarray(curve["catch"]) * 100
+    at = int(np.argmin(np.abs(t - chosen)))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    ax.plot(false_alarm, catch, "-", label="threshold digits vs fresh fitted-kind non-digits")
+    ax.plot([false_alarm[at]], [catch[at]], "o", color="C3")
+    ax.annotate(f"default {chosen:.3f}: {false_alarm[at]:.1f}% flagged, {catch[at]:.1f}% caught",
+                (false_alarm[at], catch[at]), textcoords="offset points", xytext=(8, -14), fontsize=8)  # fmt: skip
+    ax.axvline(TARGET_FALSE_ALARM * 100, color="grey", lw=0.8, ls=":")
+    ax.set_xlim(0, 5)
+    ax.set_ylim(max(0.0, float(catch[false_alarm <= 5].min()) - 5), 100.5)
+    ax.set_xlabel("real digits flagged, %")
+    ax.set_ylabel("non-digits caught, %")
+    ax.set_title("Digit detector: the threshold's curve (fitting side)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def letter_survey(scores: dict[str, np.ndarray], threshold: float, cats: list[Category]) -> dict[str, Any]:
@@ -1723,6 +1820,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=SEED, help="seed of every random choice (default: %(default)s)")
     parser.add_argument(
+        "--other-hands",
+        action="store_true",
+        help="also fit on other hands (training/digit_sources.py's fit-role sources: digits and letters in nine "
+        "handwriting fonts, procedural textures) and set the threshold on MNIST and fresh renders of those fonts "
+        "together. Measured on the held-out sources (docs/serving.md): far fewer real digits flagged, fewer "
+        "non-digits caught; not the bundled detector's recipe (default: off)",
+    )
+    parser.add_argument(
         "--negatives",
         type=int,
         default=NEGATIVES_FIT,
@@ -1753,14 +1858,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     log("1/5 digits: MNIST train/test, photos of digits through the server's preprocessing, corruptions")
     try:
-        cats = positive_categories(data_dir, args.seed)
+        cats = positive_categories(data_dir, args.seed, args.other_hands)
     except IdxFormatError as exc:
         log(f"error: {exc}")
         return 2
     log("2/5 non-digits: fitting samples")
     cats += negative_categories(args.seed, fit=True, n=args.negatives)
+    cats += other_hand_negatives(args.seed, fit=True) if args.other_hands else []
     log("3/5 non-digits: fresh samples of every category, and the letter survey")
     cats += negative_categories(args.seed, fit=False, n=args.eval_negatives)
+    cats += other_hand_negatives(args.seed, fit=False) if args.other_hands else []
     cats += survey_categories(args.seed, SURVEY_PER_FONT, SURVEY_PER_SIZE)
     log(f"4/5 model probabilities ({args.model})")
     run_model(args.model, cats)
@@ -1852,8 +1959,16 @@ def main(argv: list[str] | None = None) -> int:
         },
         "runtime_s": round(time.perf_counter() - start, 1),
     }
+    report["threshold_curve"] = threshold_curve(detector, cats)
+    report["threshold_rule"] = (
+        f"the score under which {TARGET_FALSE_ALARM:.0%} of the threshold digits fall (MNIST train and fresh renders "
+        "of the fit handwriting fonts, never fitted, each set weighing alike): a client told 'not a digit' should "
+        "almost always be right; the curve shows what catching more non-digits would cost"
+    )
     report_path = args.report or args.out.with_name(args.out.name.removesuffix(".npz") + ".report.json")
     report_path.write_text(json.dumps(report, indent=2) + "\n")
+    plot_threshold_curve(report["threshold_curve"], float(params["threshold"]), report_path.with_name(
+        report_path.name.removesuffix(".report.json") + ".curve.png"))  # fmt: skip
     print(summary_markdown(report))
     print(f"\nwrote {args.out} ({args.out.stat().st_size:,} bytes) and {report_path} in {report['runtime_s']} s")
     return 0
