@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -412,6 +413,17 @@ def _rest_control(served: Served, action: str, authorization: str | None) -> int
     return rest_call(served, name, route, authorization, refused=True)[0]
 
 
+def _settled_state(served: Served, guard_s: float = 60.0) -> list[tuple[str, str]]:
+    """The model's versions once none is still UNLOADING (a hang guard, not a timing assertion)."""
+    deadline = time.monotonic() + guard_s
+    states = served.model_state()
+    while any(state == "UNLOADING" for _, state in states):
+        assert time.monotonic() < deadline, f"still unloading after {guard_s:.0f} s: {states}"
+        time.sleep(0.05)
+        states = served.model_state()
+    return states
+
+
 def test_a_refused_unload_leaves_the_model_loaded_and_a_refused_load_leaves_it_unloaded(control: Served) -> None:
     for authorization, code, status in CREDENTIALS.values():
         metadata = (("authorization", authorization),) if authorization else None
@@ -419,7 +431,7 @@ def test_a_refused_unload_leaves_the_model_loaded_and_a_refused_load_leaves_it_u
         assert _rest_control(control, "unload", authorization) == status
         assert control.model_state() == [("1", "READY")]
     assert _unload(control, bearer(TOKEN)) == grpc.StatusCode.OK
-    unloaded = control.model_state()
+    unloaded = _settled_state(control)  # the unload answers first; the retiring version then drains (UNLOADING)
     assert unloaded != [("1", "READY")] and not control.server.plane.model_ready(MODEL)
     for authorization, code, status in CREDENTIALS.values():
         metadata = (("authorization", authorization),) if authorization else None
