@@ -140,34 +140,17 @@ def row(scored: Scored, threshold: float) -> Row:
     )
 
 
-def pooled(scored: list[Scored], kind: str, role: str) -> tuple[np.ndarray, np.ndarray]:
-    """(scores with refused as -inf, count) of every source of a kind and role together, each source weighing alike."""
-    parts = [s for s in scored if s.kind == kind and s.role == role]
-    scores = [np.where(s.refused, -np.inf, np.nan_to_num(s.scores, nan=-np.inf)) for s in parts]
-    weights = [np.full(len(s), 1.0 / max(1, len(s))) for s in scores]
-    if not scores:
-        return np.zeros(0), np.zeros(0)
-    return np.concatenate(scores), np.concatenate(weights)
-
-
 def curve(scored: list[Scored], role: str, points: int = 400) -> dict[str, list[float]]:
     """Catch rate against false-alarm rate over thresholds, on the sources of `role`, each source weighing alike."""
-    digits, digit_w = pooled(scored, "digit", role)
-    others, other_w = pooled(scored, "non-digit", role)
-    if not (np.isfinite(digits).any() and len(others)):  # no curve without both kinds
-        return {"threshold": [], "false_alarm": [], "catch": []}
-    thresholds = np.unique(
-        np.concatenate(
-            [np.linspace(0, 1, points), np.quantile(digits[np.isfinite(digits)], np.linspace(0, 0.1, points))]
-        )
-    )
-    false_alarm = [float((digit_w * (digits < t)).sum() / digit_w.sum()) for t in thresholds]
-    catch = [float((other_w * (others < t)).sum() / other_w.sum()) for t in thresholds]
-    return {
-        "threshold": [round(float(t), 6) for t in thresholds],
-        "false_alarm": [round(v, 5) for v in false_alarm],
-        "catch": [round(v, 5) for v in catch],
-    }
+
+    def scores(kind: str) -> list[np.ndarray]:
+        return [
+            np.where(s.refused, -np.inf, np.nan_to_num(s.scores, nan=-np.inf))
+            for s in scored
+            if s.kind == kind and s.role == role and len(s.scores)
+        ]
+
+    return digit_sources.catch_curve(scores("digit"), scores("non-digit"), points)
 
 
 def at(curve_: dict[str, list[float]], threshold: float) -> tuple[float, float]:

@@ -796,6 +796,23 @@ def _build(name: str, n: int, seed: int, mnist_dir: str | None, cache_dir: str |
     return Source(spec.name, spec.kind, spec.role, spec.description, encoded, inputs, refused, labels, tags)
 
 
+def catch_curve(digits: list[np.ndarray], non_digits: list[np.ndarray], points: int = 400) -> dict[str, list[float]]:
+    """Non-digits caught against real digits flagged (score under the threshold; -inf for a refused upload) over
+    thresholds, each array (a source, a kind) weighing alike: the curve a threshold is chosen from."""
+    pooled = np.concatenate(digits) if digits else np.zeros(0)
+    if not (np.isfinite(pooled).any() and non_digits):  # no curve without both kinds
+        return {"threshold": [], "false_alarm": [], "catch": []}
+    finite = pooled[np.isfinite(pooled)]
+    thresholds = np.unique(
+        np.concatenate([np.linspace(0, 1, points), np.quantile(finite, np.linspace(0, 0.1, points))])
+    )
+    return {
+        "threshold": [round(float(t), 6) for t in thresholds],
+        "false_alarm": [round(float(np.mean([np.mean(s < t) for s in digits])), 5) for t in thresholds],
+        "catch": [round(float(np.mean([np.mean(s < t) for s in non_digits])), 5) for t in thresholds],
+    }
+
+
 def names(role: str | None = None, kind: str | None = None) -> list[str]:
     """The sources of a role and/or kind, in catalogue order."""
     return [s.name for s in SOURCES.values() if role in (None, s.role) and kind in (None, s.kind)]

@@ -1458,20 +1458,13 @@ def fit(cats: list[Category], seed: int = SEED) -> tuple[dict[str, Any], DigitDe
 def threshold_curve(detector: DigitDetector, cats: list[Category], points: int = 300) -> dict[str, Any]:
     """The threshold's choice as a curve: digits flagged (the threshold sets: never fitted, each set weighing alike)
     against non-digits caught (fresh samples of the fitted kinds, each kind alike), over thresholds."""
-    digits = [detector.score(c.x, c.probabilities) for c in cats if c.group == "threshold"]
-    others = [detector.score(c.x, c.probabilities) for c in cats if c.group == "fitted"]
-    pooled = np.concatenate(digits)
-    thresholds = np.unique(
-        np.concatenate([np.linspace(0, 1, points), np.quantile(pooled, np.linspace(0, 0.1, points))])
-    )
-    false_alarm = [float(np.mean([np.mean(s < t) for s in digits])) for t in thresholds]
-    catch = [float(np.mean([np.mean(s < t) for s in others])) for t in thresholds]
+    digits = [c for c in cats if c.group == "threshold"]
+    others = [c for c in cats if c.group == "fitted"]
+    scores = [[detector.score(c.x, c.probabilities) for c in group] for group in (digits, others)]
     return {
-        "digits": [c.name for c in cats if c.group == "threshold"],
-        "non_digits": [c.name for c in cats if c.group == "fitted"],
-        "threshold": [round(float(t), 6) for t in thresholds],
-        "false_alarm": [round(v, 5) for v in false_alarm],
-        "catch": [round(v, 5) for v in catch],
+        "digits": [c.name for c in digits],
+        "non_digits": [c.name for c in others],
+        **digit_sources.catch_curve(*scores, points),
     }
 
 
