@@ -2,15 +2,17 @@
 
 A server that sheds load must shed it cheaply, or refusing becomes the new overload. Both figures come from the
 same open loop (a fixed rate, so neither server sets its own pace) and the server process's own CPU time
-(`/proc/PID/stat`: user + system, every thread) over the seconds the calls were sent:
+(`/proc/PID/stat`: user + system, every thread) over the seconds the calls were sent, less what the process spent
+over the same time on other work (measured for a second just before, with no call in flight: the holders' batches
+below, about 17 us per refused call at 800 calls/s):
 
 - **echo**: `loadtest/echo_server.py` answers every call at once: one ordinary call of Python gRPC here;
 - **grpc.aio's refusal**: the echo server with `--refuse-all`: grpc.aio's own concurrency limit refuses every call
   before any handler runs, the cheapest refusal grpc.aio has (the floor for the next line);
 - **refusal**: `mnist-serve` whose engine is kept busy by two clients of slow batches (the null engine with
   `--null-device-ms 200+0`: 200 ms per batch, no CPU), so that every call of the open loop, sent with a 20 ms
-  deadline, is refused RESOURCE_EXHAUSTED at admission (it could not be answered before its deadline): the same
-  point where a standing queue's refusals happen, before any decoding.
+  deadline, is refused RESOURCE_EXHAUSTED at admission (it could not be answered before its deadline), before its
+  message is read (server/transport/guards.py `UnreadRefusal`): where a standing queue's refusals happen too.
 """
 
 from __future__ import annotations
@@ -30,12 +32,20 @@ from loadtest.drivers import open_loop
 DEVICE_MS = "200+0"  # the engine's batches while refusals are measured: slow, and no CPU
 REFUSED_DEADLINE_S = 0.02  # shorter than any batch of DEVICE_MS: every call is refused at admission
 HOLDERS = 2  # clients that keep one batch running and one queued, so the engine is never idle
+BACKGROUND_S = 1.0  # before each open loop: the server's CPU without it (the holders' batches: about 17 us a call)
 
 
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process `pid` so far, all its threads (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def background_cores(pid: int, seconds: float = BACKGROUND_S) -> float:
+    """Cores process `pid` uses with no call of the open loop in flight (the engine holders' batches, timers)."""
+    cpu0, t0 = process_cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    return (process_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
 
 
 @dataclass
@@ -46,10 +56,12 @@ class CpuPerCall:
     cpu_seconds: float  # the server's, over the window
     window_seconds: float
     codes: dict[str, int]  # how the whole run's calls ended
+    background_cores: float = 0.0  # the server's CPU without the open loop, measured just before: not the calls'
 
     @property
     def microseconds_per_call(self) -> float:
-        return 1e6 * self.cpu_seconds / max(self.calls, 1)
+        own = self.cpu_seconds - self.background_cores * self.window_seconds
+        return 1e6 * max(own, 0.0) / max(self.calls, 1)
 
     @property
     def cores(self) -> float:
@@ -62,7 +74,9 @@ class CpuPerCall:
 def cpu_per_call(
     label: str, target: str, pid: int, rate: float, seconds: float, deadline_s: float, processes: int = 2
 ) -> CpuPerCall:
-    """An open loop at `rate` for `seconds`; the server's CPU over its middle (the first and last 0.5 s left out)."""
+    """An open loop at `rate` for `seconds`; the server's CPU over its middle (the first and last 0.5 s left out),
+    less what it spent on other work over the same time (`background_cores`, measured first)."""
+    background = background_cores(pid)
     window: dict[str, float] = {}
     samplers: list[threading.Thread] = []
 
@@ -81,11 +95,12 @@ def cpu_per_call(
     codes = dict(result.errors)
     codes["OK"] = len(result.latencies_s)
     span = window["t1"] - window["t0"]
-    return CpuPerCall(label, rate, round(rate * span), window["cpu1"] - window["cpu0"], span, codes)
+    return CpuPerCall(label, rate, round(rate * span), window["cpu1"] - window["cpu0"], span, codes, background)
 
 
-class _Holders:
-    """Clients that keep the engine busy with slow batches for the length of a `with` block."""
+class BusyEngine:
+    """Clients that keep a slow engine busy (one batch running, one queued) for the length of a `with` block, once
+    the server has seen enough of its runs to judge its speed."""
 
     def __init__(self, target: str, count: int = HOLDERS) -> None:
         self.target, self.count = target, count
@@ -106,7 +121,7 @@ class _Holders:
                 stub.Classify(request, timeout=30)
                 self.runs += 1
 
-    def __enter__(self) -> _Holders:
+    def __enter__(self) -> BusyEngine:
         for thread in self.threads:
             thread.start()
         deadline = time.monotonic() + 30
@@ -157,7 +172,7 @@ def refusal_cost(rate: float = 800.0, seconds: float = 3.0, rounds: int = 3) -> 
         ServerProcess([], echo=True) as echo,
         _RefusingEcho() as floor,
         ServerProcess(["--backend", "null-threaded", "--null-device-ms", DEVICE_MS]) as server,
-        _Holders(server.target),
+        BusyEngine(server.target),
     ):
         measured: dict[str, list[CpuPerCall]] = {"echo": [], "grpc_refusal": [], "refusal": []}
         for _ in range(rounds):

@@ -191,8 +191,8 @@ class MnistServer:
             self.tracing = tracing.install()
             log.info("traces: OTLP to %s, %g of new traces sampled", self.config.otlp_endpoint, tracing.sample_ratio)
         self.tokens = load_token_checker(self.config)
-        # Calls over the bound are refused by gRPC before any handler runs (0.8x an echo call's CPU, against 1.1x for
-        # a refusal by a handler: loadtest/cpu_cost.py).
+        # Calls over the bound are refused by gRPC before any handler runs (0.8x an echo call's CPU; admission's own
+        # refusals, decided before the message is read, about 0.9-1.0x: loadtest/cpu_cost.py).
         self._grpc = grpc.aio.server(
             options=grpc_options(self.config), maximum_concurrent_rpcs=self.config.max_concurrent_calls
         )

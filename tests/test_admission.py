@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from loadtest.cpu_cost import BusyEngine
 from loadtest.drivers import closed_loop, open_loop
 from loadtest.servers import ServerProcess
 from proto.mnist.v1 import classifier_pb2 as pb
@@ -174,3 +175,40 @@ def test_calls_over_the_concurrency_bound_are_refused_by_grpc_and_the_rest_serve
             assert "Concurrent RPC limit" in refused.value.details()
             assert [future.result().digit for future in held] == [0, 0, 0]  # the null engine's fixed answer
             assert stub.Classify(request, timeout=10).digit == 0  # slots free again: served
+
+
+def test_while_the_only_version_sheds_calls_are_refused_before_their_message_is_read(mnist_dir: Path) -> None:
+    """A refusal must cost the server less than an answer: while the one version served would refuse even a single
+    image for a call's deadline, the call is refused before its message is received or parsed (garbage bytes are
+    told to retry later, not that they are garbage). Otherwise the message is read and judged as before."""
+    slow = ["--backend", "null-threaded", "--null-device-ms", "200+0"]
+    garbage = b"\xff\xff\xff"  # not a protobuf message
+    digit = pb.ClassifyRequest(raw=load_split("test").images[0].tobytes()).SerializeToString()
+    with ServerProcess(slow) as server, grpc.insecure_channel(server.target) as channel:
+        classify = channel.unary_unary("/mnist.v1.Classifier/Classify")
+        with pytest.raises(grpc.RpcError) as idle:
+            classify(garbage, timeout=5)
+        assert idle.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # an idle engine: read and judged
+        with BusyEngine(server.target):
+            for request in (digit, garbage):
+                with pytest.raises(grpc.RpcError) as shed:
+                    classify(request, timeout=0.02)
+                assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, shed.value.details()
+                assert "past the call's deadline" in shed.value.details()
+                assert dict(shed.value.trailing_metadata())["retry-after-ms"].isdigit()
+            with pytest.raises(grpc.RpcError) as patient:  # a deadline the queue can meet: read, judged, refused
+                classify(garbage, timeout=10)
+            assert patient.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_model_call_sent_as_a_stream_without_a_message_is_told_so(mnist_dir: Path) -> None:
+    """The model's calls are registered as request streams of one message (refusals decided before the read): a
+    client that ends the stream without sending one gets INVALID_ARGUMENT naming that, and the server goes on."""
+    with ServerProcess(["--backend", "null"]) as server, grpc.insecure_channel(server.target) as channel:
+        empty = channel.stream_unary("/mnist.v1.Classifier/Classify")
+        with pytest.raises(grpc.RpcError) as refused:
+            empty(iter(()), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "no request message" in refused.value.details()
+        request = pb.ClassifyRequest(raw=load_split("test").images[0].tobytes())
+        assert pb_grpc.ClassifierStub(channel).Classify(request, timeout=5).digit == 0  # the null engine's answer

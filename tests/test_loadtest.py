@@ -196,3 +196,13 @@ def test_wrong_answers_fail_the_run_by_default() -> None:
     assert default == 0.98
     verdict = judge(results({"Classify raw": [1.0] * 100}, correct=10, checked=100), 10, 10, 0.001, default)
     assert not verdict.passed and "accuracy" in verdict.failures[0]
+
+
+def test_a_calls_server_cpu_leaves_out_what_the_server_spent_on_other_work() -> None:
+    """The refusal cost's server also runs the batches that keep its engine busy: measured beside the open loop
+    (background_cores) and taken out, they are not charged to the refused calls."""
+    from loadtest.cpu_cost import CpuPerCall
+
+    measured = CpuPerCall("refusal", 800, 1000, cpu_seconds=0.6, window_seconds=1.5, codes={}, background_cores=0.1)
+    assert measured.microseconds_per_call == pytest.approx(450.0)  # (0.6 s - 0.1 cores x 1.5 s) / 1000 calls
+    assert CpuPerCall("echo", 800, 1000, 0.6, 1.5, {}).microseconds_per_call == pytest.approx(600.0)

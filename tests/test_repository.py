@@ -140,6 +140,24 @@ def test_a_new_version_takes_no_request_before_it_is_ready(tmp_path: Path) -> No
     run(scenario())
 
 
+def test_calls_are_refused_unread_only_while_one_version_is_the_whole_server(tmp_path: Path) -> None:
+    """A refusal decided before a call's message is read applies to whatever the call names: so only while one
+    version is served, as its model's default."""
+
+    async def scenario() -> None:
+        publish(tmp_path, 1, content=b"v1")
+        repository = ModelRepository(FakeLoader(), tmp_path, grace=1)
+        await repository.poll(settle=False)
+        assert repository.sole_version().version == "1"
+        publish(tmp_path, 1, model="other", content=b"o1")
+        await repository.poll(settle=False)
+        assert repository.sole_version() is None  # a call may name either model
+        await repository.close()
+        assert repository.sole_version() is None
+
+    run(scenario())
+
+
 def test_a_retired_version_is_closed_only_after_the_requests_holding_it(tmp_path: Path) -> None:
     async def scenario() -> None:
         publish(tmp_path, 1, content=b"v1")

@@ -92,6 +92,7 @@ class BatchCost:
         self.weight = weight
         self.runs = 0
         self._n = self._t = self._nn = self._nt = 0.0  # moving averages of n, t, n^2, n*t
+        self._line = (0.0, 0.0)
 
     def observe(self, images: int, seconds: float) -> None:
         # A plain mean over the first 1/weight runs, then a moving average: one slow first run (a cold engine, a
@@ -102,15 +103,18 @@ class BatchCost:
         self._nn += w * (images * images - self._nn)
         self._nt += w * (images * seconds - self._nt)
         self.runs += 1
+        self._line = self._fit()
 
     def service_rate(self) -> float:
         """Images per second of run time over the recent batches (infinite before any run)."""
         return self._n / self._t if self.runs and self._t > 0 else math.inf
 
     def line(self) -> tuple[float, float]:
-        """(fixed seconds, seconds per image) of a batch; (0, 0) before any run was seen."""
-        if not self.runs:
-            return 0.0, 0.0
+        """(fixed seconds, seconds per image) of a batch; (0, 0) before any run was seen. Fitted once per run, not
+        per question: every admission check asks several times."""
+        return self._line
+
+    def _fit(self) -> tuple[float, float]:
         spread = self._nn - self._n * self._n
         if spread > 1e-9:  # batches of several sizes seen: fit the line
             per_image = max(0.0, (self._nt - self._n * self._t) / spread)
@@ -214,6 +218,7 @@ class Batcher:
         # speed: AUTO_TARGET_FULL_BATCHES full batches) or 0 (never: bounded by size and deadlines only).
         self.queue_target_setting = queue_target
         self.cost = BatchCost()
+        self._limit_for: tuple[tuple, int] = ((), 0)  # batch_limit(), and the state it was worked out for
         self.request_images = RequestSize()
         self.standing = StandingQueue()
         self._running_rows = 0  # images in the batch the runner has now
@@ -314,7 +319,14 @@ class Batcher:
         all per image gains nothing from large batches, only latency: with 256-image batches of a 1+4 ms/image
         device, every call waited half a second for the batch ahead and half a second in its own. Until the speed is
         known, batches after the first hold what the runs so far predict to take LEARNING_RUN_S: a flood arriving at
-        a fresh server of that device once ran eight 1-second batches before anything could be judged."""
+        a fresh server of that device once ran eight 1-second batches before anything could be judged. Worked out
+        once per run of the engine (the cost it follows changes only then), not at every admission check."""
+        key = (self.cost, self.cost.runs, self.max_batch_size, self.queue_target_setting)
+        if self._limit_for[0] != key:
+            self._limit_for = (key, self._batch_limit())
+        return self._limit_for[1]
+
+    def _batch_limit(self) -> int:
         if not self.cost.runs:
             return self.max_batch_size
         if not self.judged():  # learning the engine's speed: no run much longer than LEARNING_RUN_S after the first
@@ -356,20 +368,30 @@ class Batcher:
     def admit(self, count: int, deadline: float | None) -> None:
         """Raise Overloaded for a request of `count` images that `submit` would refuse now for its wait: called
         before preprocessing, so a request that will be shed costs no decoding."""
+        if (refused := self.refusal(count, deadline)) is not None:
+            raise refused
+
+    def refusal(self, count: int, deadline: float | None) -> Overloaded | None:
+        """What `admit` would raise for a request of `count` images now, or None: returned, not raised, for the
+        refusals decided before a call's message is read (DataPlane.refusal_before_reading)."""
         with self._lock:
-            self._check_wait(count, deadline)
+            return self._wait_refusal(count, deadline)
 
     def _check_wait(self, count: int, deadline: float | None) -> None:
+        if (refused := self._wait_refusal(count, deadline)) is not None:
+            raise refused
+
+    def _wait_refusal(self, count: int, deadline: float | None) -> Overloaded | None:
         """Refuse at once what could not be answered by its deadline and, while the queue stands above its target,
         what would wait longer than the target. Nothing is refused before the engine's speed is known."""
         if not self._busy or not self.judged():
-            return
+            return None
         wait = self._expected_wait()
         if self.standing.standing:
             target = self.queue_target()
             if target and wait > target:
                 stood = time.monotonic() - (self.standing.since or time.monotonic()) + self.standing_interval()
-                raise Overloaded(
+                return Overloaded(
                     f"server overloaded: expected queue wait {wait * 1000:.1f} ms is over the target of "
                     f"{target * 1000:.1f} ms, and the queue has stood above it for {stood:.2f} s; retry later",
                     wait,
@@ -377,11 +399,12 @@ class Batcher:
         if deadline is not None:
             own = self._run_time(count)
             if time.monotonic() + wait + own > deadline:
-                raise Overloaded(
+                return Overloaded(
                     f"server busy: the answer would take about {(wait + own) * 1000:.1f} ms, past the call's "
                     "deadline; retry later or with a longer deadline",
                     wait,
                 )
+        return None
 
     async def run_in_runner(self, function: Callable[[], Any]) -> Any:
         """`function()` on the thread that runs the batches (the loop itself for an inline engine).

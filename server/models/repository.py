@@ -17,12 +17,12 @@ the last request using it has its answer: swapping versions under load fails no 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 from google.protobuf import text_format
@@ -162,6 +162,31 @@ class RepositoryObserver:
     def on_unloaded(self, name: str, version: str) -> None: ...
 
 
+class Lease:
+    """One request's hold on a version (`with repository.lease(...) as served:`), reported to the observer when it
+    ends. A class, not a generator: a refused call goes through it at every refusal, and throwing an exception
+    into a generator-based context manager cost more than the rest of the refusal's bookkeeping."""
+
+    __slots__ = ("served", "observer", "started")
+
+    def __init__(self, served: ServedModel, observer: RepositoryObserver) -> None:
+        self.served, self.observer = served, observer
+
+    def __enter__(self) -> ServedModel:
+        self.served.leases += 1
+        self.started = time.perf_counter()
+        return self.served
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        served = self.served
+        served.leases -= 1
+        if served.retired and served.leases == 0:
+            served.drained.set()
+        self.observer.on_request(served.name, served.version, time.perf_counter() - self.started, error)
+
+
 class ModelRepository:
     """Routes each request to a READY version and runs the versions' lives; everything runs on the event loop."""
 
@@ -228,23 +253,20 @@ class ModelRepository:
             )
         return served
 
-    @contextlib.contextmanager
-    def lease(self, name: str = "", version: str = "") -> Iterator[ServedModel]:
+    def sole_version(self) -> ServedModel | None:
+        """The one READY version, when exactly one is served and is its model's default (the usual server); else
+        None. A request to such a server gets this version or an error, whatever model or version it names."""
+        if self.closed or len(self._served) != 1:
+            return None
+        ((name, versions),) = self._served.items()
+        if len(versions) != 1:
+            return None
+        ((version, served),) = versions.items()
+        return served if self._defaults.get(name) == version else None
+
+    def lease(self, name: str = "", version: str = "") -> Lease:
         """Hold a version for one request: it is not closed until every request holding it has finished."""
-        served = self.resolve(name, version)
-        served.leases += 1
-        started, error = time.perf_counter(), None
-        try:
-            yield served
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            served.leases -= 1
-            if served.retired and served.leases == 0:
-                served.drained.set()
-            self.observer.on_request(served.name, served.version, time.perf_counter() - started, error)
-            error = None  # else exception -> traceback -> this frame -> exception: a cycle per failed request
+        return Lease(self.resolve(name, version), self.observer)
 
     def served(self) -> list[ServedModel]:
         return [s for name in sorted(self._served) for _, s in sorted(self._served[name].items())]

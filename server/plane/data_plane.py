@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from proto.contract import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, PROBABILITIES
-from server.errors import InvalidInput, Unsupported
-from server.models.repository import ModelRepository, ServedModel, VersionStatus
+from server.errors import InvalidInput, Overloaded, Unsupported
+from server.models.repository import Lease, ModelRepository, ServedModel, VersionStatus
 from server.pipeline.digit_scores import config_parameters as digit_score_parameters
 from server.pipeline.model_pipeline import ENCODED
 from server.pipeline.predictions import Predictions
@@ -76,10 +76,26 @@ class ModelStatistics:
             self.last_inference_ms = int(time.time() * 1000)
 
 
-class _Count:
-    """How many images the request being counted turned out to hold (known only once its input is read)."""
+class _Counted:
+    """One request held on its version and counted in the version's statistics, as a success or, if it raises, a
+    failure (`with plane._counted(...) as (served, count)`; `count.images`: how many images the request turned out
+    to hold, known only once its input is read). A class, not a generator, as `ModelRepository.lease`."""
 
-    images = 0
+    __slots__ = ("lease", "stats", "images", "started")
+
+    def __init__(self, lease: Lease, stats: ModelStatistics) -> None:
+        self.lease, self.stats, self.images = lease, stats, 0
+
+    def __enter__(self) -> tuple[ServedModel, _Counted]:
+        served = self.lease.__enter__()
+        self.started = time.perf_counter()
+        return served, self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stats.record(self.images, time.perf_counter() - self.started, ok=kind is None)
+        self.lease.__exit__(kind, error, traceback)
 
 
 def platform_of(engine: str) -> str:
@@ -220,19 +236,29 @@ class DataPlane:
 
     # --- inference --------------------------------------------------------------------------------
 
-    @contextmanager
-    def _counted(self, name: str, version: str) -> Iterator[tuple[ServedModel, _Count]]:
+    def refusal_before_reading(self, deadline: float | None) -> Overloaded | None:
+        """The refusal any inference request would get now, decided before its message is read: while a single
+        version is served and its queue would refuse even one image for this deadline (or for standing above its
+        target). Counted as a failed request of that version. None: read the request, and decide on what it holds.
+
+        A request that names another model, or holds a bad image, is refused with the rest while this lasts: it is
+        then told to retry later rather than what it got wrong, in exchange for a refusal that costs the server no
+        read of the message (server/transport/guards.py)."""
+        served = self.models.sole_version()
+        if served is None:
+            return None
+        refused = served.pipeline.batcher.refusal(1, deadline)
+        if refused is not None:
+            key = (served.name, served.version)
+            (self._statistics.get(key) or self._statistics.setdefault(key, ModelStatistics())).record(0, 0.0, False)
+            self.models.observer.on_request(served.name, served.version, 0.0, refused)
+        return refused
+
+    def _counted(self, name: str, version: str) -> _Counted:
         """Lease the version and count the request in its statistics, as a success or, if it raises, a failure."""
-        with self.models.lease(name, version) as served:
-            key = (served.name, served.version)  # get first: no new ModelStatistics (and lock) per call
-            stats = self._statistics.get(key) or self._statistics.setdefault(key, ModelStatistics())
-            count, started = _Count(), time.perf_counter()
-            try:
-                yield served, count
-            except BaseException:
-                stats.record(count.images, time.perf_counter() - started, ok=False)
-                raise
-            stats.record(count.images, time.perf_counter() - started, ok=True)
+        lease = self.models.lease(name, version)
+        key = (lease.served.name, lease.served.version)  # get first: no new ModelStatistics (and lock) per call
+        return _Counted(lease, self._statistics.get(key) or self._statistics.setdefault(key, ModelStatistics()))
 
     async def classify(
         self, name: str, version: str, payloads: Sequence[bytes], kinds: Sequence[str | None] | None, deadline: float

@@ -149,6 +149,20 @@ class _StreamEnded(Exception):
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
+@dataclass(frozen=True)
+class UnreadRefusal:
+    """Refusals decided before a call's message is read, for the unary `methods` named.
+
+    grpc.aio receives a unary call's message before any handler of ours runs; a request-streaming handler runs first
+    and reads when it asks. So these methods are registered as request streams of one message (the same bytes on
+    the wire: any unary client calls them as before), and `check(deadline)` runs before the read: the error to
+    answer unread, or None to read the message and go on as any unary call. A refused call then costs the server
+    no receive and no parse (loadtest/cpu_cost.py measures it against an echo server's call)."""
+
+    methods: frozenset[str]
+    check: Callable[[float | None], ServiceError | None]
+
+
 class _SeriesByCode(dict):
     """One method's series of a metric, by status code, each created when its code first happens.
 
@@ -212,12 +226,15 @@ def unary(
     gate: CallGate | None = None,
     auth: TokenChecker | None = None,
     service: str = "",
+    refuse_unread: Callable[[float | None], ServiceError | None] | None = None,
 ) -> Handler:
     """Count and time one unary method's calls, and turn every failure into a status with a message.
 
     With `auth`, the caller's bearer token is checked first of all (UNAUTHENTICATED / PERMISSION_DENIED,
     counted in mnist_auth_refused_total): a refused call takes no gate slot and is never parsed further.
-    With tracing on (server/tracing.py), each call is a span named `service`/`method`, ended with its status."""
+    With `refuse_unread` (UnreadRefusal.check), the handler is a request stream's: it asks that check before it
+    reads the one message. With tracing on (server/tracing.py), each call is a span named `service`/`method`,
+    ended with its status."""
     latency, calls = _counters(method, metrics)
     span_name, span_attributes = tracing.grpc_call(service, method)
 
@@ -234,6 +251,10 @@ def unary(
         try:
             if auth is not None:
                 _check(auth, context, metrics)
+            if refuse_unread is not None:
+                if (refused := refuse_unread(deadline)) is not None:
+                    raise refused
+                parsed = await _one_message(context)
             if parsed.problem:
                 raise InvalidInput(parsed.problem)
             if gate is not None:
@@ -264,6 +285,14 @@ def unary(
         return None
 
     return handle
+
+
+async def _one_message(context: grpc.aio.ServicerContext) -> ParsedRequest:
+    """The request of a unary method registered as a request stream (UnreadRefusal), parsed by its deserializer."""
+    parsed = await context.read()
+    if parsed is grpc.aio.EOF:
+        return ParsedRequest(None, "no request message: the call ended before sending one")
+    return parsed
 
 
 def streaming(
@@ -404,12 +433,14 @@ def generic_handler(
     streams: StreamGate | None = None,
     parsers: dict[str, Callable[[bytes], ParsedRequest]] | None = None,
     auth: TokenChecker | None = None,
+    unread: UnreadRefusal | None = None,
 ) -> grpc.GenericRpcHandler:
     """Guarded handlers for every method `service` declares; a method the servicer lacks is an error now, not later.
 
     `calls` bounds this service's unary calls (the model service's; health and model info pass
     none), `streams` its streaming ones; `parsers` replaces the safe protobuf parser per method; `auth`, when
-    given, checks every call's bearer token first (the server passes none for grpc.health.v1)."""
+    given, checks every call's bearer token first (the server passes none for grpc.health.v1); `unread` names the
+    unary methods whose calls may be refused before their message is read."""
     handlers = {}
     for method in service.methods:
         implementation = getattr(servicer, method.name, None)
@@ -417,9 +448,12 @@ def generic_handler(
             raise TypeError(f"{type(servicer).__name__} does not implement {method.full_name}")
         parse = (parsers or {}).get(method.name) or safe_parser(message_factory.GetMessageClass(method.input_type))
         if not method.client_streaming and not method.server_streaming:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                unary(method.name, implementation, metrics, calls, auth, service.full_name), parse, _serialize
-            )
+            if unread is not None and method.name in unread.methods:
+                guarded = unary(method.name, implementation, metrics, calls, auth, service.full_name, unread.check)
+                handlers[method.name] = grpc.stream_unary_rpc_method_handler(guarded, parse, _serialize)
+            else:
+                guarded = unary(method.name, implementation, metrics, calls, auth, service.full_name)
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(guarded, parse, _serialize)
             continue
         if method.client_streaming and not method.server_streaming:
             raise TypeError(f"{method.full_name} streams requests only; not supported here")

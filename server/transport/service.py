@@ -15,12 +15,20 @@ import grpc
 
 from proto.mnist.v1 import classifier_pb2 as pb
 from server.config import ServeConfig
-from server.errors import InvalidInput, NotReady
+from server.errors import InvalidInput, NotReady, ServiceError
 from server.ops.metrics import ServiceMetrics
 from server.pipeline.digit_scores import summary as digit_score_summary
 from server.plane.data_plane import DataPlane
 from server.security import TokenChecker
-from server.transport.guards import STATUS_OF, CallGate, StreamGate, generic_handler, request_deadline, status_of
+from server.transport.guards import (
+    STATUS_OF,
+    CallGate,
+    StreamGate,
+    UnreadRefusal,
+    generic_handler,
+    request_deadline,
+    status_of,
+)
 from server.transport.wire import (
     ParsedRequest,
     RawBatch,
@@ -43,6 +51,10 @@ PARSERS: dict[str, Callable[[bytes], ParsedRequest]] = {
 }
 
 
+# The model's calls: refused before their message is read while the only version served sheds load (UnreadRefusal).
+UNREAD_REFUSALS = frozenset({"Classify", "ClassifyBatch", "ReadDigits"})
+
+
 class ClassifierServicer:
     """mnist.v1 over the data plane, which routes each call to the model version it names (the defaults when it names
     none); until a version is READY every call is answered UNAVAILABLE."""
@@ -56,6 +68,10 @@ class ClassifierServicer:
         if self._plane is None:
             raise NotReady("model is still loading; retry shortly")
         return self._plane
+
+    def refusal_before_reading(self, deadline: float | None) -> ServiceError | None:
+        """The refusal every model call would get now, before its message is read (None while loading: read it)."""
+        return None if self._plane is None else self._plane.refusal_before_reading(deadline)
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> bytes:
         kind = request.WhichOneof("image")
@@ -194,4 +210,7 @@ def add_to_server(
     streams: StreamGate | None = None,
     auth: TokenChecker | None = None,
 ) -> None:
-    server.add_generic_rpc_handlers((generic_handler(servicer, SERVICE, metrics, calls, streams, PARSERS, auth),))
+    unread = UnreadRefusal(UNREAD_REFUSALS, servicer.refusal_before_reading)
+    server.add_generic_rpc_handlers(
+        (generic_handler(servicer, SERVICE, metrics, calls, streams, PARSERS, auth, unread),)
+    )
