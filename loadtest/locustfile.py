@@ -27,6 +27,7 @@ from PIL import Image  # noqa: E402
 
 from proto.mnist.v1 import classifier_pb2 as pb  # noqa: E402
 from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc  # noqa: E402
+from server.balancing import channel_options, channel_target  # noqa: E402
 
 BATCH_IMAGES = int(os.environ.get("MNIST_LOADTEST_BATCH_IMAGES", "16"))
 TIMEOUT_S = float(os.environ.get("MNIST_LOADTEST_TIMEOUT_S", "5"))
@@ -92,8 +93,8 @@ class ClassifierUser(User):
     def on_start(self) -> None:
         if self.host is None:
             raise ValueError("give the server as --host HOST:PORT")
-        target = self.host.removeprefix("grpc://").removeprefix("http://")
-        self.channel = grpc.insecure_channel(target)
+        servers = self.host.removeprefix("grpc://").removeprefix("http://")
+        self.channel = grpc.insecure_channel(channel_target(servers), options=channel_options(servers))
         self.stub = pb_grpc.ClassifierStub(self.channel)
         self.rng = np.random.default_rng()
 

@@ -154,7 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         "against their labels. Prints a verdict and exits 1 if the p99 SLO or the error budget is missed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--host", required=True, help="server as HOST:PORT")
+    parser.add_argument(
+        "--host",
+        required=True,
+        help="server as HOST:PORT; or several, comma-separated, or dns:///NAME:PORT: each user then spreads its calls "
+        "round-robin over the replicas, retried on another when one is unavailable",
+    )
     parser.add_argument("--users", type=int, default=8, help="concurrent Locust users (one call in flight each)")
     parser.add_argument("--spawn-rate", type=float, default=8, help="users started per second")
     parser.add_argument("--run-time", type=parse_duration, default=30.0, help="duration, e.g. 30s or 2m")

@@ -40,13 +40,15 @@ def wait_until_serving(process: subprocess.Popen, target: str, seconds: float) -
 
 
 class ServerProcess:
-    """`mnist-serve` (or the echo server) on 127.0.0.1, for the length of a `with` block or from `start()` to `stop()`.
+    """`mnist-serve` (or the echo server) on `host` (127.0.0.1), for the length of a `with` block or from `start()`
+    to `stop()`.
 
     `port`, `metrics_port`: 0 for a free port (the metrics port: one the server picks). `defaults`: the flags put
     before `args` (the echo server takes none). `log`: where the server's output goes: None drops its stdout and
     leaves its stderr on ours; a path (its first line the command), an open file or `subprocess.PIPE` (text) takes
     stdout and stderr both. `env`: variables added to ours. A server that does not become SERVING within `wait_s` is
-    killed and `not_serving()` raises (by default SystemExit, for the measuring commands).
+    killed and `not_serving()` raises (by default SystemExit, for the measuring commands). `host`: another loopback
+    address (127.0.0.2, ...) stands for another machine in a fleet (loadtest/fleet.py).
     """
 
     def __init__(
@@ -61,10 +63,12 @@ class ServerProcess:
         log: Path | IO[str] | int | None = None,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
+        self.host = host
         self.port = port or free_port()
         module = "loadtest.echo_server" if echo else "server.app"
-        common = ["--host", "127.0.0.1", "--port", str(self.port)]
+        common = ["--host", host, "--port", str(self.port)]
         if not echo:
             common += ["--metrics-port", str(metrics_port), *defaults]
         self.command = [sys.executable, "-m", module, *common, *args]
@@ -78,7 +82,7 @@ class ServerProcess:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self) -> Self:
         """Start the process and wait until it is SERVING (else kill it and call `not_serving`)."""

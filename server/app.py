@@ -73,6 +73,18 @@ def grpc_options(config: ServeConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # clients may ping as often as every 10 s
         ("grpc.keepalive_permit_without_calls", 1),
+        *_connection_age(config),
+    ]
+
+
+def _connection_age(config: ServeConfig) -> list[tuple[str, int]]:
+    """End each connection after --max-connection-age (GOAWAY: calls in flight finish), so clients spread over
+    replicas added since they connected; 0 = never (gRPC's own default)."""
+    if not config.max_connection_age:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", round(config.max_connection_age * 1000)),
+        ("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace * 1000)),
     ]
 
 

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto.mnist.v1 import classifier_pb2 as pb
 from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
+from server.balancing import channel_options, channel_target
 
 STOPPING_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
@@ -53,10 +54,12 @@ class ClassifierClient:
                 private_key=Path(tls_key).read_bytes() if tls_key else None,
                 certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
             )
-            options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
-            self.channel = grpc.secure_channel(target, credentials, options=options)
+            options = channel_options(target)
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            self.channel = grpc.secure_channel(channel_target(target), credentials, options=options)
         else:
-            self.channel = grpc.insecure_channel(target)
+            self.channel = grpc.insecure_channel(channel_target(target), options=channel_options(target))
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.stub = pb_grpc.ClassifierStub(self.channel)
         self.timeout = timeout
@@ -192,7 +195,12 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         description="Classify image files of handwritten digits with a running mnist-serve; prints one line per file.",
     )
     parser.add_argument("images", nargs="*", type=Path, help="PNG, JPEG, BMP, GIF or WebP files, any size")
-    parser.add_argument("--server", default="localhost:50051", help="host:port of mnist-serve")
+    parser.add_argument(
+        "--server",
+        default="localhost:50051",
+        help="HOST:PORT of mnist-serve; or several, comma-separated, or dns:///NAME:PORT (every address of a headless "
+        "Service): calls then go round-robin over the replicas and are retried on another when one is unavailable",
+    )
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer")
     parser.add_argument("--probabilities", action="store_true", help="also print all ten probabilities")
     parser.add_argument(
@@ -229,6 +237,10 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     )
     _add_security_arguments(parser, dict(os.environ if environ is None else environ))
     args = parser.parse_args(argv)
+    try:
+        channel_target(args.server)
+    except ValueError as problem:
+        parser.error(f"--server: {problem}")
     security = _security_options(parser, args)
     security.update(model_name=args.model_name, model_version=args.model_version)
     if args.list_models:

@@ -46,6 +46,8 @@ class ServeConfig:
     queue_target_ms: str = "auto"  # a standing queue is held to this wait (CoDel): auto, off, or ms
     max_concurrent_calls: int = 4096  # calls in flight at once on the gRPC port (gRPC refuses more itself)
     max_calls_per_connection: int = 1024  # HTTP/2 streams a single connection may have open
+    max_connection_age: float = 60.0  # seconds before a connection is ended (GOAWAY) so clients spread; 0 = never
+    max_connection_age_grace: float = 30.0  # then: how long the calls still on it may take
     max_streams: int = 64  # long-lived streams (health Watch, reflection) open at once
     stream_idle_seconds: float = 60.0  # a reflection stream with no request this long is closed
     max_request_images: int = 256  # images per ClassifyBatch
@@ -147,6 +149,12 @@ HELP = {
     "runs ('Concurrent RPC limit exceeded!', no retry hint): its cheapest refusal",
     "max_calls_per_connection": "most concurrent calls (HTTP/2 streams) one connection may open; a client's further "
     "calls wait on its side",
+    "max_connection_age": "seconds after which the server ends a client's connection (HTTP/2 GOAWAY, give or "
+    "take gRPC's own jitter of a tenth) so that clients reconnect, re-resolve and reach replicas added since; calls "
+    "in flight finish on the old connection, new ones go on a new one, none fails; 0 = never (one connection per "
+    "client for its lifetime: a Kubernetes Service then balances connections, not calls)",
+    "max_connection_age_grace": "after --max-connection-age, seconds the calls still on the old connection get to "
+    "finish before it is closed",
     "max_streams": "most long-lived streams (grpc.health.v1 Watch, server reflection) open at once; more are refused "
     "with RESOURCE_EXHAUSTED",
     "stream_idle_seconds": "a server-reflection stream that sends no request for this long is closed (UNAVAILABLE)",
@@ -325,6 +333,8 @@ def validate(config: ServeConfig) -> None:
         "stream_idle_seconds",
         "drain_seconds",
         "grace_seconds",
+        "max_connection_age",
+        "max_connection_age_grace",
         "intra_op_threads",
         "preprocess_workers",
     ):
