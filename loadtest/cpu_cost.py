@@ -204,3 +204,58 @@ def describe(result: dict[str, Any]) -> str:
         f"{us['echo']:.0f} us per echo call ({echo_rounds}); grpc.aio's own refusal {us['grpc_refusal']:.0f} us = "
         f"{result['grpc_ratio']:.2f}x; at {result['rate']:.0f} calls/s; {100 * result['refused_share']:.1f}% refused"
     )
+
+
+def answered_cost(rate: float = 300.0, seconds: float = 3.0, rounds: int = 3) -> dict[str, Any]:
+    """Server CPU per answered single-image Classify: the echo server, `mnist-serve --backend null` (every step but
+    inference) and the CPU default (the bundled model), side by side, the same open loop in turn, `rounds` times;
+    medians. The figures the capacity model in docs/performance.md starts from."""
+    from loadtest.servers import ServerProcess
+
+    with (
+        ServerProcess([], echo=True) as echo,
+        ServerProcess(["--backend", "null"]) as null,
+        ServerProcess([]) as model,
+    ):
+        servers = {"echo": echo, "null": null, "bundled model": model}
+        measured: dict[str, list[CpuPerCall]] = {name: [] for name in servers}
+        for _ in range(rounds):
+            for name, server in servers.items():
+                measured[name].append(cpu_per_call(name, server.target, server.process.pid, rate, seconds, 1.0))
+    return {
+        "rate": rate,
+        "rounds": {name: [m.as_dict() for m in runs] for name, runs in measured.items()},
+        "microseconds_per_call": {
+            name: statistics.median(m.microseconds_per_call for m in runs) for name, runs in measured.items()
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m loadtest.cpu_cost", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--answered",
+        action="store_true",
+        help="CPU per answered call (echo, null, bundled model) instead of per refused call",
+    )
+    parser.add_argument("--rate", type=float, help="calls per second of the open loop (default 800, answered: 300)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per server")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args(argv)
+    if args.answered:
+        result = answered_cost(args.rate or 300.0, rounds=args.rounds)
+        line = ", ".join(f"{name} {us:.0f} us" for name, us in result["microseconds_per_call"].items())
+        print(f"server CPU per answered call at {result['rate']:.0f} calls/s: {line}")
+    else:
+        result = refusal_cost(args.rate or 800.0, rounds=args.rounds)
+        print(describe(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,17 +43,18 @@ def is_fleet(servers: str) -> bool:
 
 def channel_target(servers: str) -> str:
     """The gRPC target for `servers`: one HOST:PORT or a URI as given; a list HOST:PORT,HOST:PORT,... as an `ipv4:`
-    (or `ipv6:`) address list, each host resolved once now. ValueError naming what cannot be used."""
+    (or `ipv6:`) list of every address of every host, resolved once now (IPv4 when every host has one). ValueError
+    naming what cannot be used."""
     if not is_fleet(servers) or "://" in servers:
         return servers
-    addresses = [_resolve(part.strip()) for part in servers.split(",") if part.strip()]
-    if not addresses:
+    hosts = [_resolve(part.strip()) for part in servers.split(",") if part.strip()]
+    if not hosts:
         raise ValueError(f"no server in {servers!r}: give HOST:PORT[,HOST:PORT...] or dns:///NAME:PORT")
-    families = {family for family, _ in addresses}
-    if len(families) > 1:
-        raise ValueError(f"{servers!r} mixes IPv4 and IPv6 addresses; give one family, or a dns:/// name")
-    (family,) = families
-    return f"{family}:" + ",".join(address for _, address in addresses)
+    for family in ("ipv4", "ipv6"):
+        if all(host[family] for host in hosts):
+            addresses = dict.fromkeys(address for host in hosts for address in host[family])
+            return f"{family}:" + ",".join(addresses)
+    raise ValueError(f"{servers!r} mixes IPv4 and IPv6 addresses; give one family, or a dns:/// name")
 
 
 def channel_options(servers: str) -> list[tuple[str, Any]]:
@@ -75,20 +76,21 @@ def channel_options(servers: str) -> list[tuple[str, Any]]:
     return options
 
 
-def _resolve(server: str) -> tuple[str, str]:
-    """HOST:PORT ([V6]:PORT) -> ("ipv4" or "ipv6", "ADDRESS:PORT" as gRPC's address lists write it)."""
+def _resolve(server: str) -> dict[str, list[str]]:
+    """HOST:PORT ([V6]:PORT) -> its addresses by family, written as gRPC's address lists write them."""
     host, separator, port = server.rpartition(":")
     if not separator or not port.isdigit() or not host:
         raise ValueError(f"{server!r} is not HOST:PORT")
     host = host.strip("[]")
     try:
-        address = ipaddress.ip_address(host)
+        addresses = [ipaddress.ip_address(host)]
     except ValueError:
         try:
             resolved = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
             raise ValueError(f"cannot resolve {host!r}: {exc.strerror}") from None
-        address = ipaddress.ip_address(resolved[0][4][0])
-    if address.version == 6:
-        return "ipv6", f"[{address}]:{port}"
-    return "ipv4", f"{address}:{port}"
+        addresses = [ipaddress.ip_address(entry[4][0]) for entry in resolved]
+    return {
+        "ipv4": [f"{a}:{port}" for a in addresses if a.version == 4],
+        "ipv6": [f"[{a}]:{port}" for a in addresses if a.version == 6],
+    }

@@ -149,6 +149,15 @@ def test_calls_are_refused_unread_only_while_one_version_is_the_whole_server(tmp
         repository = ModelRepository(FakeLoader(), tmp_path, grace=1)
         await repository.poll(settle=False)
         assert repository.sole_version().version == "1"
+        config_pbtxt(tmp_path, "version_policy: { specific: { versions: [1, 2] } }")
+        publish(tmp_path, 2, content=b"v2")
+        await repository.poll(settle=False)
+        assert [s.version for s in repository.served()] == ["1", "2"]
+        assert repository.sole_version() is None  # a call may name either version
+        config_pbtxt(tmp_path, "version_policy: { latest: { num_versions: 1 } }")
+        await repository.poll(settle=False)
+        await asyncio.sleep(0.05)  # version 1, retired, closes
+        assert repository.sole_version().version == "2"
         publish(tmp_path, 1, model="other", content=b"o1")
         await repository.poll(settle=False)
         assert repository.sole_version() is None  # a call may name either model

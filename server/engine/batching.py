@@ -368,8 +368,12 @@ class Batcher:
     def admit(self, count: int, deadline: float | None) -> None:
         """Raise Overloaded for a request of `count` images that `submit` would refuse now for its wait: called
         before preprocessing, so a request that will be shed costs no decoding."""
-        if (refused := self.refusal(count, deadline)) is not None:
-            raise refused
+        refused = self.refusal(count, deadline)
+        if refused is not None:
+            try:
+                raise refused
+            finally:
+                refused = None  # not kept by this frame, which the exception's traceback holds: no reference cycle
 
     def refusal(self, count: int, deadline: float | None) -> Overloaded | None:
         """What `admit` would raise for a request of `count` images now, or None: returned, not raised, for the
@@ -378,8 +382,12 @@ class Batcher:
             return self._wait_refusal(count, deadline)
 
     def _check_wait(self, count: int, deadline: float | None) -> None:
-        if (refused := self._wait_refusal(count, deadline)) is not None:
-            raise refused
+        refused = self._wait_refusal(count, deadline)
+        if refused is not None:
+            try:
+                raise refused
+            finally:
+                refused = None  # as in admit
 
     def _wait_refusal(self, count: int, deadline: float | None) -> Overloaded | None:
         """Refuse at once what could not be answered by its deadline and, while the queue stands above its target,

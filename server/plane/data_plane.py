@@ -94,8 +94,10 @@ class _Counted:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        self.stats.record(self.images, time.perf_counter() - self.started, ok=kind is None)
-        self.lease.__exit__(kind, error, traceback)
+        try:
+            self.stats.record(self.images, time.perf_counter() - self.started, ok=kind is None)
+        finally:
+            self.lease.__exit__(kind, error, traceback)
 
 
 def platform_of(engine: str) -> str:

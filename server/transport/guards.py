@@ -254,8 +254,9 @@ def unary(
             if auth is not None:
                 _check(auth, context, metrics)
             if refuse_unread is not None:
-                if (refused := refuse_unread(deadline)) is not None:
-                    raise refused
+                if gate is not None and gate.closing:
+                    raise ShuttingDown("server is shutting down; retry on another replica")
+                _raise_refusal(refuse_unread, deadline)
                 parsed = await _one_message(context)
             if parsed.problem:
                 raise InvalidInput(parsed.problem)
@@ -291,11 +292,24 @@ def unary(
     return handle
 
 
+def _raise_refusal(check: Callable[[float | None], ServiceError | None], deadline: float | None) -> None:
+    """Raise what `check` refuses, if anything, keeping it in no frame's variables: an exception held by a frame its
+    own traceback holds is a reference cycle, which only the garbage collector frees (one per refused call)."""
+    refused = check(deadline)
+    if refused is not None:
+        try:
+            raise refused
+        finally:
+            refused = None
+
+
 async def _one_message(context: grpc.aio.ServicerContext) -> ParsedRequest:
     """The request of a unary method registered as a request stream (UnreadRefusal), parsed by its deserializer."""
     try:
         parsed = await context.read()
-    except Exception:  # noqa: BLE001 - grpc.aio's own "server already stopped": the call cannot be read any more
+    except Exception as failure:  # grpc.aio's own "server already stopped": the call cannot be read any more
+        if type(failure).__name__ != "_ServerStoppedError":
+            raise
         raise ShuttingDown("server stopped before the request was read; retry on another replica") from None
     if parsed is grpc.aio.EOF:
         return ParsedRequest(None, "no request message: the call ended before sending one")
