@@ -105,3 +105,10 @@ def test_a_connection_older_than_its_age_is_ended_without_failing_a_call() -> No
     assert failed == [] and answered > 100
     ready = [i for i, state in enumerate(states) if state == grpc.ChannelConnectivity.READY]
     assert len(ready) >= 2, states  # connected, ended by the server, connected again
+
+
+def test_mnist_classify_reads_digits_through_a_list_of_replicas(capsys) -> None:
+    sample = sorted((ROOT / "server" / "samples").glob("*.png"))[0]
+    with ServerProcess(["--backend", "null"]) as first, ServerProcess(["--backend", "null"]) as second:
+        assert classify_main(["--server", f"{first.target},{second.target}", str(sample)]) == 0
+    assert sample.name in capsys.readouterr().out
