@@ -240,7 +240,8 @@ def unary(
     latency, calls = _counters(method, metrics)
     span_name, span_attributes = tracing.grpc_call(service, method)
 
-    async def handle(parsed: ParsedRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """`request`: the parsed message (ParsedRequest), or with `refuse_unread` the stream it is read from."""
         started = time.perf_counter()
         deadline = request_deadline(context)
         span = None
@@ -253,6 +254,7 @@ def unary(
         try:
             if auth is not None:
                 _check(auth, context, metrics)
+            parsed: ParsedRequest = request
             if refuse_unread is not None:
                 if gate is not None and gate.closing:
                     raise ShuttingDown("server is shutting down; retry on another replica")
