@@ -69,6 +69,8 @@ class Profile:
     loadtest: list[str]
     budget_s: float  # the whole suite; steps that no longer fit are skipped (the summary says so)
     slo_ms: float = SLO_MS
+    process_counts: str = "1,2,4,8"  # frontend processes on one port (loadtest/processes.py) ...
+    process_clients: str = "64"  # ... driven by this many closed-loop clients
 
 
 PROFILES = {
@@ -109,6 +111,8 @@ PROFILES = {
         loadtest=["--users", "2", "--spawn-rate", "2", "--run-time", "3s", "--batch-images", "4"],
         budget_s=600,
         slo_ms=5000.0,
+        process_counts="1,2",
+        process_clients="2",
     ),
 }
 SERVER_PORT, METRICS_PORT = 50651, 9651
@@ -268,6 +272,25 @@ def plan(profile_name: str, out: Path) -> list[Step]:
             [*export, "--check", str(fp16_bundled)],
             60,
             why="the served default's accuracy computed by the GPU itself",
+        ),  # fmt: skip
+        Step(
+            "frontend-processes",
+            [
+                PY,
+                "-m",
+                "loadtest.processes",
+                "--counts",
+                p.process_counts,
+                "--clients",
+                p.process_clients,
+                "--seconds",
+                p.seconds,
+                "--json",
+                str(out / "frontend-processes.json"),
+            ],
+            60,
+            why="1, 2, 4, 8 null-backend servers on one port (SO_REUSEPORT): does the frontend scale with processes "
+            "on this host, and at what CPU per call? (issue 23: frontend workers)",
         ),  # fmt: skip
     ]
 

@@ -56,6 +56,8 @@ def test_the_gpu_plan_measures_what_the_targets_need() -> None:
     order = list(steps)
     assert order[:2] == ["environment", "train"]  # training first: its crash was the first GPU bug
     assert order.index("loadtest") < order.index("export") < order.index("floor-googlenet-fp32")  # targets first
+    processes = " ".join(steps["frontend-processes"].command)  # issue 23: frontend processes on one port
+    assert "--counts 1,2,4,8" in processes and "--clients 64" in processes and order[-1] == "frontend-processes"
 
 
 def bench_json(
