@@ -11,12 +11,12 @@ import json
 import re
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 
+from loadtest.fleet import served_calls
 from loadtest.servers import ServerProcess, free_port
 from proto.mnist.v1 import classifier_pb2 as pb
 from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
@@ -60,13 +60,6 @@ def test_the_shipped_client_service_config_is_the_one_the_clients_use() -> None:
     assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]  # never a refusal for load: back off
 
 
-def _served_calls(metrics_port: int) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    found = re.search(r'^mnist_requests_total\{code="OK",method="Classify"\} (\S+)$', text, re.M)
-    found = found or re.search(r'^mnist_requests_total\{method="Classify",code="OK"\} (\S+)$', text, re.M)
-    return float(found.group(1)) if found else 0.0
-
-
 def test_calls_to_a_list_of_replicas_go_round_robin_to_all_of_them() -> None:
     metrics_ports = [free_port(), free_port()]
     with (
@@ -76,7 +69,7 @@ def test_calls_to_a_list_of_replicas_go_round_robin_to_all_of_them() -> None:
         with ClassifierClient(f"{first.target},{second.target}", timeout=10) as client:
             for _ in range(40):
                 client.stub.Classify(pb.ClassifyRequest(raw=RAW), timeout=10)
-        served = [_served_calls(port) for port in metrics_ports]
+        served = [served_calls("127.0.0.1", port) for port in metrics_ports]
     assert sum(served) == 40 and min(served) >= 15, served  # round-robin: about half each
 
 

@@ -368,12 +368,8 @@ class Batcher:
     def admit(self, count: int, deadline: float | None) -> None:
         """Raise Overloaded for a request of `count` images that `submit` would refuse now for its wait: called
         before preprocessing, so a request that will be shed costs no decoding."""
-        refused = self.refusal(count, deadline)
-        if refused is not None:
-            try:
-                raise refused
-            finally:
-                refused = None  # not kept by this frame, which the exception's traceback holds: no reference cycle
+        with self._lock:
+            self._check_wait(count, deadline)
 
     def refusal(self, count: int, deadline: float | None) -> Overloaded | None:
         """What `admit` would raise for a request of `count` images now, or None: returned, not raised, for the
@@ -387,7 +383,7 @@ class Batcher:
             try:
                 raise refused
             finally:
-                refused = None  # as in admit
+                refused = None  # not kept by this frame, which the exception's traceback holds: no reference cycle
 
     def _wait_refusal(self, count: int, deadline: float | None) -> Overloaded | None:
         """Refuse at once what could not be answered by its deadline and, while the queue stands above its target,

@@ -251,16 +251,18 @@ class DataPlane:
             return None
         refused = served.pipeline.batcher.refusal(1, deadline)
         if refused is not None:
-            key = (served.name, served.version)
-            (self._statistics.get(key) or self._statistics.setdefault(key, ModelStatistics())).record(0, 0.0, False)
+            self._statistics_of(served.name, served.version).record(0, 0.0, False)
             self.models.observer.on_request(served.name, served.version, 0.0, refused)
         return refused
 
     def _counted(self, name: str, version: str) -> _Counted:
         """Lease the version and count the request in its statistics, as a success or, if it raises, a failure."""
         lease = self.models.lease(name, version)
-        key = (lease.served.name, lease.served.version)  # get first: no new ModelStatistics (and lock) per call
-        return _Counted(lease, self._statistics.get(key) or self._statistics.setdefault(key, ModelStatistics()))
+        return _Counted(lease, self._statistics_of(lease.served.name, lease.served.version))
+
+    def _statistics_of(self, name: str, version: str) -> ModelStatistics:
+        key = (name, version)  # get first: no new ModelStatistics (and lock) per call
+        return self._statistics.get(key) or self._statistics.setdefault(key, ModelStatistics())
 
     async def classify(
         self, name: str, version: str, payloads: Sequence[bytes], kinds: Sequence[str | None] | None, deadline: float
