@@ -16,12 +16,14 @@ detector is refitted). Step by step, as `DigitDetector.raw_inputs` / `score` com
            summing each 4x4 cell (|a| = relu(a) + relu(-a)) -> the orientation map, normalized
   both projections -> squared centred projections, means, norms -> @ novelty matrix -> the 44 novelty measures ->
   the predicted digit's (GatherElements on argmax) and the best digit's (ReduceMin)
-  -> logarithms, squares, coordinates, log probabilities -> standardize, clip -> tanh layer -> Sigmoid -> score
+  -> logarithms, squares, coordinates, log probabilities -> standardize, clip -> tanh layer -> the fusion's log-odds
+  image -> the pixel network (3x3 Conv + Relu, MaxPool, ..., GlobalAveragePool, one output) -> its log-odds
+  both log-odds, weighed (`fusion_weights`) and added -> Sigmoid -> score (a version 2 detector: the fusion's alone)
 
-Cost, measured on the 2-core development CPU: the subgraph alone 70-95 us at batch 1 and about 3.5 ms at 256 (the
-numpy detector: 95 us and 3.4-3.7 ms; the orientation map is a third of either at 256). Inside the model, right
-after GoogLeNet has pushed its 0.75 MB of matrices out of the L2 cache, 0.2-0.3 ms at batch 1
-(python -m loadtest.digit_score_cost).
+Cost, measured on the 2-core development CPU: the features and fusion alone 70-95 us at batch 1 and about 3.5 ms at
+256 (the numpy detector: 95 us and 3.4-3.7 ms; the orientation map is a third of either at 256), the pixel network
+77 us and 14 ms. Inside the model, right after GoogLeNet has pushed its matrices out of the L2 cache, about 0.3 ms
+at batch 1 (+14% of the classifier's run) and +5.6% at 256 (python -m loadtest.digit_score_cost).
 """
 
 from __future__ import annotations
@@ -321,12 +323,47 @@ def build(detector: DigitDetector, image: str = INPUT_NAME, probabilities: str =
         b.const("bias", 2 * c["bias"]),
         name="logit",
     )  # (N,): 1-D weights give one value per image
+    if c["pixel_network"] is not None:
+        logit = b.op(
+            "Add",
+            b.op("Mul", logit, b.const("feature_weight", c["feature_weight"]), name="fusion_term"),
+            b.op("Mul", pixel_network_logit(b, image, c["pixel_network"]), b.const("pixel_weight", c["pixel_weight"])),
+            name="fused_logit",
+        )
     logit = b.op(
         "Where", b.op("IsNaN", logit), b.const("nan_logit", 2 * c["nan_half_logit"]), logit, name="logit_or_nan"
     )
     b.nodes.append(helper.make_node("Sigmoid", [logit], [DIGIT_SCORE], name=PREFIX + "score"))
     output = helper.make_tensor_value_info(DIGIT_SCORE, TensorProto.FLOAT, [BATCH_AXIS])
     return Subgraph(b.nodes, b.initializers, output)
+
+
+def pixel_network_logit(b: _Builder, image: str, network: dict[str, Any]) -> str:
+    """The pixel network (server/pipeline/pixel_network.py) on `image`: (N,) log-odds of "digit"."""
+    x = image
+    layers = len(network["conv_weights"])
+    for i, (weight, bias) in enumerate(zip(network["conv_weights"], network["conv_biases"], strict=True)):
+        pad = weight.shape[-1] // 2
+        x = b.op(
+            "Relu",
+            b.op(
+                "Conv",
+                x,
+                b.const(f"pixel_conv{i}_weight", weight),
+                b.const(f"pixel_conv{i}_bias", bias),
+                pads=[pad] * 4,
+            ),
+            name=f"pixel_conv{i}",
+        )
+        if i < layers - 1:
+            x = b.op("MaxPool", x, name=f"pixel_pool{i}", kernel_shape=[2, 2], strides=[2, 2])
+    pooled = b.op("Flatten", b.op("GlobalAveragePool", x), name="pixel_pooled", axis=1)
+    return b.op(
+        "Add",
+        b.op("MatMul", pooled, b.const("pixel_head_weight", network["head_weight"])),
+        b.const("pixel_head_bias", network["head_bias"]),
+        name="pixel_logit",
+    )
 
 
 def has_digit_score(model: Any) -> bool:

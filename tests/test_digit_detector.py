@@ -122,9 +122,9 @@ def _bundled_params() -> dict[str, np.ndarray]:
         (lambda p: p.pop("hidden_weights"), r"missing hidden_weights"),
         (
             lambda p: p.update(format_version=np.int64(FORMAT_VERSION + 1)),
-            rf"version {FORMAT_VERSION + 1}; this code reads version {FORMAT_VERSION}",
+            rf"version {FORMAT_VERSION + 1}; this code reads versions 2 and {FORMAT_VERSION}",
         ),
-        (lambda p: p.update(format_version=np.int64(1)), rf"version 1; this code reads version {FORMAT_VERSION}"),
+        (lambda p: p.update(format_version=np.int64(1)), r"version 1; this code reads versions 2 and"),
         (lambda p: p.update(kind=np.str_("something-else")), r"'something-else', not a 'mnist-digit-detector'"),
         (lambda p: p.update(hidden_weights=p["hidden_weights"][:-1]), r"hidden_weights must be"),
         (lambda p: p.update(output_weights=p["output_weights"][:-1]), r"output_weights has shape"),

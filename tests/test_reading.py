@@ -49,6 +49,9 @@ def read(served: Harness, image: bytes, **fields) -> pb.ReadDigitsResponse:
 # --- the benchmark: MNIST test digits composed into numbers -----------------------------------------------
 
 
+PER_KIND = 300
+
+
 @pytest.fixture(scope="module")
 def benchmark(served: Harness, test_digits) -> tuple[dict, list]:
     def reader(image: bytes) -> tuple[str, list]:
@@ -58,7 +61,9 @@ def benchmark(served: Harness, test_digits) -> tuple[dict, list]:
             return f"<{err.code().name}>", []
         return reply.text, [(d.x, d.y, d.width, d.height, d.digit) for d in reply.digits]
 
-    scores, answers = run(reader, *test_digits, per_kind=100, seed=0)
+    # 300 of each kind: at 100, one string is a point, and the four-digit rate (about 95.5-97% over seeds) sat on
+    # its 95% bar, passing or failing on a single image
+    scores, answers = run(reader, *test_digits, per_kind=PER_KIND, seed=0)
     REPORT.mkdir(parents=True, exist_ok=True)
     (REPORT / "report.json").write_text(json.dumps(scores, indent=2) + "\n")
     draw_examples(answers, REPORT / "examples.png")
@@ -68,7 +73,7 @@ def benchmark(served: Harness, test_digits) -> tuple[dict, list]:
 def test_four_digit_numbers_read_at_98_percent_of_digits_and_95_percent_of_strings(benchmark) -> None:
     scores, _ = benchmark
     four = scores["four-digits"]
-    assert four["images"] == 100
+    assert four["images"] == PER_KIND
     assert four["digit_accuracy"] >= 0.98, four
     assert four["string_accuracy"] >= 0.95, four
 

@@ -29,7 +29,7 @@ from server.errors import (
     Unsupported,
 )
 from server.ops.metrics import ServiceMetrics
-from server.pipeline.digit_detector import DigitDetector
+from server.pipeline.digit_detector import FORMAT_VERSION, DigitDetector
 from server.transport.service import SERVICE, ClassifierServicer, generic_handler, status_of
 from tests.support import Harness, test_config
 
@@ -147,8 +147,8 @@ def test_model_info_says_where_the_digit_score_comes_from(onnx_served, null_serv
     threshold = DigitDetector.load(DIGIT_DETECTOR).threshold
     info = onnx_served.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     assert info.digit_detector.startswith(
-        f"in-graph, output 'digit_score' of googlenet-fast.onnx (built from digit-detector.npz v2): threshold "
-        f"{threshold:.4f}"
+        f"in-graph, output 'digit_score' of googlenet-fast.onnx (built from digit-detector.npz v{FORMAT_VERSION}): "
+        f"threshold {threshold:.4f}"
     )
     assert info.digit_threshold == pytest.approx(threshold, abs=1e-6)
     null_info = null_served.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
@@ -158,7 +158,9 @@ def test_model_info_says_where_the_digit_score_comes_from(onnx_served, null_serv
         old_info = older.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     finally:
         older.close()
-    assert old_info.digit_detector.startswith(f"separate file digit-detector.npz v2: threshold {threshold:.4f}")
+    assert old_info.digit_detector.startswith(
+        f"separate file digit-detector.npz v{FORMAT_VERSION}: threshold {threshold:.4f}"
+    )
     assert old_info.digit_threshold == pytest.approx(threshold, abs=1e-6)
 
 

@@ -25,13 +25,18 @@ tanh units (the average of a few small networks, stored as one). `python -m trai
 fitted it on MNIST training digits (clean, photographed through the server's preprocessing, slightly
 moved or binarized, with specks, stray strokes, shading, ruled lines or blur added) against
 synthetic non-digits (letters in many fonts among them), and set `threshold` for about 1% false
-alarms on held-out real digits. The parameters live in a small .npz file with a format version, so
-file and code can be upgraded independently (version 2: the orientation map and the network; a
-version 1 file is refused with a message to refit).
+alarms on held-out real digits. Beside it, a small convolutional network on the pixels themselves
+(`pixel_network.py`, fitted on the same images) gives its own log-odds; the score's log-odds are the two
+weighed together (`fusion_weights`, chosen on the fitting side). The parameters live in a small .npz file with
+a format version, so file and code can be upgraded independently (version 3: the pixel network and its weight;
+a version 2 file, without them, scores with the fusion network alone; a version 1 file is refused with a
+message to refit).
 
-Cost: one (N, 784) x (784, ~165) product, an orientation map (two small products), a few small
-products and a few dozen vectorized steps; no per-image Python: about 95 us for one image and
-0.45 ms for 32 on one core of the 2-core development machine.
+Cost on one core of the 2-core development machine: the features and the fusion network (one (N, 784) x
+(784, ~165) product, an orientation map, a few small products and a few dozen vectorized steps; no per-image
+Python) about 95 us for one image and 0.45 ms for 32; the pixel network in numpy about 0.7 ms for one image and
+0.35 ms per image in a batch. Served models compute all of it inside their own graph
+(`export/digit_score_graph.py`); this numpy code is the reference and the fallback for model files without it.
 """
 
 from __future__ import annotations
@@ -43,7 +48,11 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 2
+from server.pipeline import pixel_network
+from server.pipeline.pixel_network import PixelNetwork
+
+FORMAT_VERSION = 3  # written by this code: version 2 with an optional pixel network and its fusion weights
+READABLE_VERSIONS = (2, 3)  # a version 2 file has no pixel network and scores exactly as before
 KIND = "mnist-digit-detector"
 SIDE = 28
 PIXELS = SIDE * SIDE
@@ -105,7 +114,6 @@ REQUIRED_KEYS = (
     "describe_json",
 )
 _EPS = 1e-4
-_BLAS_ROWS = 2  # rows per matrix product: 2 x 784 x 165 multiply-adds stay on the calling thread
 _MAX_LOGIT = 16.0  # float32 probabilities saturate at 1 - 6e-8: cap the log-odds so 1.0 stays finite
 _HALF = 0.5  # pixel value in [0, 1] above which a pixel counts as ink
 _LIT = 0.1  # above which it counts as lit at all
@@ -222,6 +230,7 @@ class DigitDetector:
     def __init__(self, params: dict[str, Any], source: str = "<memory>") -> None:
         self.source = source
         self.threshold = float(params["threshold"])
+        self.format_version = int(params.get("format_version", FORMAT_VERSION))
         self.feature_names = tuple(str(name) for name in np.atleast_1d(params["feature_names"]))
         self._norm_mean = float(params["norm_mean"])
         self._norm_std = float(params["norm_std"])
@@ -258,6 +267,23 @@ class DigitDetector:
         self._hidden_bias = hidden_bias.astype(np.float32)
         self._output = (0.5 * output).astype(np.float32)
         self._bias = np.float32(0.5 * float(params["bias"]))
+        # The pixel network's log-odds join the fusion network's: logit = feature_weight x fusion + pixel_weight x
+        # pixel network (both stored halved, like the fusion's output layer).
+        self.pixel_network: PixelNetwork | None = None
+        self._feature_weight, self._pixel_weight = np.float32(0.5), np.float32(0.0)
+        if all(key in params for key in pixel_network.KEYS):
+            self.pixel_network = PixelNetwork(params, problems)
+            weights = np.asarray(params.get("fusion_weights", [1.0, 1.0]), np.float32).reshape(-1)
+            if weights.shape != (2,) or not np.all(np.isfinite(weights)):
+                problems.append(f"fusion_weights must be two finite numbers, not {weights.tolist()}")
+            else:
+                self._feature_weight, self._pixel_weight = np.float32(0.5 * weights[0]), np.float32(0.5 * weights[1])
+        elif any(key in params for key in pixel_network.KEYS):
+            problems.append(
+                "a partial pixel network: " + ", ".join(k for k in pixel_network.KEYS if k not in params) + " missing"
+            )
+        if problems:
+            raise DigitDetectorError(f"{self.source}: not a usable digit detector: " + "; ".join(problems))
 
     def _novelty_setup(self) -> None:
         """Both spaces' novelty measures from one product: `_novelty` fills a row per image with
@@ -339,10 +365,10 @@ class DigitDetector:
             raise DigitDetectorError(f"{path}: not a readable .npz digit detector ({exc})") from None
         if "kind" in params and str(params["kind"]) != KIND:
             raise DigitDetectorError(f"{path}: holds {str(params['kind'])!r}, not a {KIND!r}")
-        if "format_version" in params and int(params["format_version"]) != FORMAT_VERSION:
+        if "format_version" in params and int(params["format_version"]) not in READABLE_VERSIONS:
             raise DigitDetectorError(
-                f"{path}: digit detector format version {int(params['format_version'])}; "
-                f"this code reads version {FORMAT_VERSION} (refit with `python -m training.fit_digit_detector`)"
+                f"{path}: digit detector format version {int(params['format_version'])}; this code reads versions "
+                f"{' and '.join(map(str, READABLE_VERSIONS))} (refit with `python -m training.fit_digit_detector`)"
             )
         missing = [key for key in REQUIRED_KEYS if key not in params]
         if missing:
@@ -434,19 +460,9 @@ class DigitDetector:
         novelty[:, :, 4] = measures.reshape(n, 2, 2 * means)[:, :, 1:means].min(2)
 
     def _project(self, x: np.ndarray) -> np.ndarray:
-        """x @ projection, in products of _BLAS_ROWS rows: OpenBLAS runs those on this thread alone.
-
-        One large product is handed to BLAS worker threads; on a CPU server, right after ONNX Runtime
-        ran the batch, its thread pool is still spinning on the same cores and a 32-image product took
-        3-20 ms instead of 0.07 ms. Row pairs stay under OpenBLAS's threading threshold.
-        """
-        projection = self._pixels.projection
-        if len(x) <= _BLAS_ROWS:
-            return x @ projection
-        product = np.empty((len(x), projection.shape[1]), np.float32)
-        for start in range(0, len(x), _BLAS_ROWS):
-            np.matmul(x[start : start + _BLAS_ROWS], projection, out=product[start : start + _BLAS_ROWS])
-        return product
+        """x @ projection, in products small enough to stay on this thread (`pixel_network.single_threaded_product`:
+        2 rows of 784 x 165)."""
+        return pixel_network.single_threaded_product(x, self._pixels.projection)
 
     def standardize(self, inputs: np.ndarray) -> np.ndarray:
         """Raw fusion inputs -> standardized on the fitting digits and clipped to +-INPUT_CLIP (in place)."""
@@ -471,9 +487,19 @@ class DigitDetector:
         half += self._bias
         return half
 
+    def fused_half_logits(self, fusion_half: np.ndarray, pixel_logits: np.ndarray | None) -> np.ndarray:
+        """Half the detector's log-odds from the fusion network's half log-odds and the pixel network's log-odds."""
+        if pixel_logits is None:
+            return fusion_half
+        fusion_half *= 2.0 * self._feature_weight
+        fusion_half += self._pixel_weight * pixel_logits
+        return fusion_half
+
     def score(self, images: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
         """(N, 1, 28, 28) input as the model received it (normalized), its (N, 10) softmax -> (N,) float32 in [0, 1]."""
         half = self._half_logits(self.raw_inputs(images, probabilities))
+        if self.pixel_network is not None:
+            half = self.fused_half_logits(half, self.pixel_network.logits(images))
         half[np.isnan(half)] = _NAN_HALF_LOGIT
         np.tanh(half, out=half)  # the logistic function: 1 / (1 + e^-t) = (1 + tanh(t / 2)) / 2, never overflows
         half *= 0.5
@@ -514,6 +540,9 @@ class DigitDetector:
             "output": self._output,  # halved
             "bias": self._bias,  # halved
             "nan_half_logit": np.float32(_NAN_HALF_LOGIT),
+            "pixel_network": None if self.pixel_network is None else self.pixel_network.graph_constants(),
+            "feature_weight": 2 * self._feature_weight,  # the fusion's log-odds weigh this much in the score's
+            "pixel_weight": 2 * self._pixel_weight,  # ... and the pixel network's this much
         }
 
     def is_digit(self, scores: np.ndarray) -> np.ndarray:
@@ -525,13 +554,21 @@ class DigitDetector:
         return {
             **self._describe,
             "threshold": self.threshold,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "components": {
                 "all_digits": self.global_components,
                 "per_digit": self.class_components,
                 "orientation_map": {"all_digits": self._hog.global_components, "per_digit": self._hog.class_components},
             },
             "hidden_units": int(self._output.shape[0]),
+            "pixel_network": None
+            if self.pixel_network is None
+            else {
+                "parameters": self.pixel_network.parameters,
+                "channels": [int(w.shape[0]) for w in self.pixel_network.conv_weights],
+                "weight_in_score": float(2 * self._pixel_weight),
+                "fusion_weight_in_score": float(2 * self._feature_weight),
+            },
             "source": self.source,
         }
 
