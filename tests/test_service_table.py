@@ -29,7 +29,7 @@ from server.errors import (
     Unsupported,
 )
 from server.ops.metrics import ServiceMetrics
-from server.pipeline.digit_detector import FORMAT_VERSION, DigitDetector
+from server.pipeline.digit_detector import DigitDetector
 from server.transport.service import SERVICE, ClassifierServicer, generic_handler, status_of
 from tests.support import Harness, test_config
 
@@ -144,10 +144,11 @@ def test_model_info_of_the_cpu_server_reports_the_engine_and_its_setup(onnx_serv
 def test_model_info_says_where_the_digit_score_comes_from(onnx_served, null_served, scoreless_model) -> None:
     """The bundled model scores in its own graph, the null engine gives a fixed score, an older model file is scored
     by the separate detector file: GetModelInfo names which, with the threshold in use."""
-    threshold = DigitDetector.load(DIGIT_DETECTOR).threshold
+    bundled = DigitDetector.load(DIGIT_DETECTOR)
+    threshold, version = bundled.threshold, bundled.format_version
     info = onnx_served.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     assert info.digit_detector.startswith(
-        f"in-graph, output 'digit_score' of googlenet-fast.onnx (built from digit-detector.npz v{FORMAT_VERSION}): "
+        f"in-graph, output 'digit_score' of googlenet-fast.onnx (built from digit-detector.npz v{version}): "
         f"threshold {threshold:.4f}"
     )
     assert info.digit_threshold == pytest.approx(threshold, abs=1e-6)
@@ -158,9 +159,7 @@ def test_model_info_says_where_the_digit_score_comes_from(onnx_served, null_serv
         old_info = older.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     finally:
         older.close()
-    assert old_info.digit_detector.startswith(
-        f"separate file digit-detector.npz v{FORMAT_VERSION}: threshold {threshold:.4f}"
-    )
+    assert old_info.digit_detector.startswith(f"separate file digit-detector.npz v{version}: threshold {threshold:.4f}")
     assert old_info.digit_threshold == pytest.approx(threshold, abs=1e-6)
 
 

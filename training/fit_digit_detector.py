@@ -3,7 +3,7 @@
     python -m training.fit_digit_detector --mnist /work/shared/data/mnist \\
         --model server/bundled/googlenet-fast.onnx --out server/bundled/digit-detector.npz
 
-Writes the detector (`server/pipeline/digit_detector.py` reads it; about 350 KB) and a calibration report
+Writes the detector (`server/pipeline/digit_detector.py` reads it; about 430 KB) and a calibration report
 beside it (`<out stem>.report.json`), and prints a markdown summary. Deterministic for a seed.
 
 Data, kept apart so the figures mean something:
@@ -68,7 +68,7 @@ from server.pipeline.digit_detector import (
     orientation_map,
 )
 from server.pipeline.preprocess import InvalidImage, from_encoded, mnist_like
-from training import digit_sources, pixel_network
+from training import digit_sources
 from training.data import IdxFormatError, load_split, resolve_data_dir
 
 SEED = 20_240_611
@@ -116,6 +116,7 @@ NET_L2 = 1e-4
 NET_EPOCHS = 60
 NET_BATCH = 512
 NET_LEARNING_RATE = 3e-3
+PIXEL_EPOCHS = 8  # of the pixel network (training/pixel_network.py)
 PIXEL_WEIGHT_GRID = np.round(np.linspace(0.0, 1.0, 11), 2)  # the pixel network's share of the score's log-odds
 MAX_PIXELS = 50_000_000  # the server's default limit is far above anything generated here
 CANVAS = 112  # side of the ink canvases that shapes, letters and scribbles are drawn on
@@ -1112,7 +1113,7 @@ def photographed_digits(digits: np.ndarray, style: PhotoStyle, rng: np.random.Ge
     return np.stack(out).astype(np.float32), np.asarray(kept, np.int64)
 
 
-def positive_categories(data_dir: str, seed: int, other_hands: bool = False) -> list[Category]:
+def positive_categories(data_dir: str, seed: int, other_hands: bool = True) -> list[Category]:
     train, test = load_split("train", data_dir), load_split("test", data_dir)
     order = rng_for("train-split", seed).permutation(len(train))
     fit_idx, threshold_idx = order[:FIT_DIGITS], order[FIT_DIGITS : FIT_DIGITS + THRESHOLD_DIGITS]
@@ -1433,7 +1434,8 @@ def choose_pixel_weight(
 ) -> tuple[float, list[dict[str, float]]]:
     """The pixel network's share a of the score's log-odds ((1 - a) x fusion + a x pixel network) that catches the most
     fresh non-digits of the fitted kinds where TARGET_FALSE_ALARM of the threshold digits are flagged. Each pair is
-    (fusion log-odds, pixel log-odds) of one set; chosen on the fitting side only: no held-out source is looked at."""
+    (fusion log-odds, pixel log-odds) of one set; chosen on the fitting side only: no held-out source is looked at.
+    The fresh samples are those the report's "fitted kinds" rows score: one choice among 11 flatters those a little."""
     rows = []
     for a in PIXEL_WEIGHT_GRID:
         level = weighted_quantile([(1 - a) * f + a * p for f, p in digits], TARGET_FALSE_ALARM)
@@ -1444,7 +1446,7 @@ def choose_pixel_weight(
 
 
 def fit(
-    cats: list[Category], seed: int = SEED, pixel_epochs: int = pixel_network.EPOCHS
+    cats: list[Category], seed: int = SEED, pixel_epochs: int = PIXEL_EPOCHS
 ) -> tuple[dict[str, Any], DigitDetector]:
     """PCA on the clean fitting digits, the fusion network on positives vs fitted negatives, then the pixel
     network on the same images and their weighted mix (`pixel_epochs` 0: no pixel network)."""
@@ -1477,6 +1479,8 @@ def fit(
     held = [c for c in cats if c.group == "threshold"]
     params["threshold"] = np.float64(0.5)  # set below, once the score is final
     if pixel_epochs > 0:
+        from training import pixel_network  # torch: only where the network is fitted
+
         log(f"  pixel network: {pixel_network.CHANNELS} channels, {pixel_epochs} epochs on {len(inputs):,} images")
         images = np.concatenate([c.x for c in fit_pos + fit_neg])
         result = pixel_network.fit(images, y, w, seed, pixel_epochs, log=log)
@@ -1488,9 +1492,9 @@ def fit(
             c.name: (probe.logits(probe.raw_inputs(c.x, c.probabilities)), probe.pixel_network.logits(c.x))
             for c in held + fresh
         }
-        share, grid = choose_pixel_weight([logits[c.name] for c in held], [logits[c.name] for c in fresh])
-        log(f"  pixel network's share of the score: {share} (catch of fitted kinds at 1%: {grid})")
-        params["fusion_weights"] = np.array([1.0 - share, share], np.float32)
+        pixel_share, grid = choose_pixel_weight([logits[c.name] for c in held], [logits[c.name] for c in fresh])
+        log(f"  pixel network's share of the score: {pixel_share} (catch of fitted kinds at 1%: {grid})")
+        params["fusion_weights"] = np.array([1.0 - pixel_share, pixel_share], np.float32)
         params["pixel_network_fit_json"] = np.str_(
             json.dumps({"seconds": round(result.seconds, 1), "final_loss": round(result.final_loss, 5), "grid": grid})
         )
@@ -1874,7 +1878,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--pixel-epochs",
         type=int,
-        default=pixel_network.EPOCHS,
+        default=PIXEL_EPOCHS,
         metavar="N",
         help="epochs of the pixel network (a small CNN on the 28x28 input, training/pixel_network.py) fitted on the "
         "same images beside the fusion network; its share of the score is chosen on the fitting side; 0: none, the "

@@ -1,10 +1,11 @@
 """Fit the digit detector's pixel network: a small CNN telling digits from non-digits, for `fit_digit_detector`.
 
 The same fitting images and weights as the detector's fusion network (positives and each non-digit kind
-weighing as `fit_digit_detector.fit` says), weighted cross-entropy, AdamW with a cosine step, small random
-shifts of a pixel or two so it does not learn where a digit sits to the pixel. Batch normalization is folded
-into the convolutions before the weights leave: the served network (`server/pipeline/pixel_network.py`, numpy;
-`export/digit_score_graph.py`, ONNX) has convolutions, ReLU, pooling and one linear output only.
+weighing as `fit_digit_detector.fit` says), weighted cross-entropy, AdamW with a one-cycle step (warm-up, then
+cosine), small random shifts of a pixel or two so it does not learn where a digit sits to the pixel. Batch
+normalization is folded into the convolutions before the weights leave: the served network
+(`server/pipeline/pixel_network.py`, numpy; `export/digit_score_graph.py`, ONNX) has convolutions, ReLU, pooling
+and one linear output only.
 Deterministic for a seed on one machine (CPU threads may reorder float sums elsewhere).
 """
 
@@ -23,7 +24,6 @@ from torch import nn
 from server.pipeline.pixel_network import KERNEL, LAYERS, PREFIX, SIDE
 
 CHANNELS = (24, 48, 64)  # per convolution
-EPOCHS = 8
 BATCH = 256
 LEARNING_RATE = 3e-3
 WEIGHT_DECAY = 1e-4
@@ -72,7 +72,7 @@ def fold(model: PixelCNN) -> dict[str, np.ndarray]:
 
 
 def _shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each image moved by up to MAX_SHIFT pixels each way, the field filled with its own background corner."""
+    """Each image moved by up to MAX_SHIFT pixels each way, the field filled by repeating its edge pixels."""
     n = len(x)
     padded = nn.functional.pad(x, (MAX_SHIFT,) * 4, mode="replicate")
     dy, dx = (torch.randint(0, 2 * MAX_SHIFT + 1, (n,), generator=generator) for _ in range(2))
@@ -87,7 +87,7 @@ def fit(
     y: np.ndarray,
     w: np.ndarray,
     seed: int,
-    epochs: int = EPOCHS,
+    epochs: int,
     log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
 ) -> FitResult:
     """x (N, 784) or (N, 1, 28, 28) normalized inputs, y 1 for digit and 0 for not, w per-sample weights."""

@@ -273,9 +273,11 @@ class DigitDetector:
         self._feature_weight, self._pixel_weight = np.float32(0.5), np.float32(0.0)
         if all(key in params for key in pixel_network.KEYS):
             self.pixel_network = PixelNetwork(params, problems)
-            weights = np.asarray(params.get("fusion_weights", [1.0, 1.0]), np.float32).reshape(-1)
-            if weights.shape != (2,) or not np.all(np.isfinite(weights)):
-                problems.append(f"fusion_weights must be two finite numbers, not {weights.tolist()}")
+            weights = np.asarray(params.get("fusion_weights", []), np.float32).reshape(-1)
+            if weights.shape != (2,) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+                problems.append(
+                    f"fusion_weights must be two finite numbers >= 0 beside a pixel network, not {weights.tolist()}"
+                )
             else:
                 self._feature_weight, self._pixel_weight = np.float32(0.5 * weights[0]), np.float32(0.5 * weights[1])
         elif any(key in params for key in pixel_network.KEYS):
@@ -472,7 +474,8 @@ class DigitDetector:
         return inputs
 
     def logits(self, inputs: np.ndarray) -> np.ndarray:
-        """Raw fusion inputs (N, D) -> the network's log-odds of "digit" (N,); changes `inputs`."""
+        """Raw fusion inputs (N, D) -> the fusion network's log-odds of "digit" (N,), without the pixel network's;
+        changes `inputs`."""
         return 2.0 * self._half_logits(inputs)
 
     def _half_logits(self, inputs: np.ndarray) -> np.ndarray:
@@ -488,7 +491,8 @@ class DigitDetector:
         return half
 
     def fused_half_logits(self, fusion_half: np.ndarray, pixel_logits: np.ndarray | None) -> np.ndarray:
-        """Half the detector's log-odds from the fusion network's half log-odds and the pixel network's log-odds."""
+        """Half the detector's log-odds from the fusion network's half log-odds (changed in place and returned) and
+        the pixel network's log-odds."""
         if pixel_logits is None:
             return fusion_half
         fusion_half *= 2.0 * self._feature_weight

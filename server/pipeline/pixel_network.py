@@ -61,8 +61,8 @@ class PixelNetwork:
         for i, (weight, bias) in enumerate(zip(self.conv_weights, self.conv_biases, strict=True)):
             if weight.ndim != 4 or weight.shape[1:] != (channels, KERNEL, KERNEL) or bias.shape != weight.shape[:1]:
                 problems.append(
-                    f"{PREFIX}conv{i}_weight has shape {weight.shape}, expected (c, {channels}, {KERNEL}, {KERNEL}) "
-                    "with a bias of (c,)"
+                    f"{PREFIX}conv{i}_weight has shape {weight.shape} and its bias {bias.shape}, expected "
+                    f"(c, {channels}, {KERNEL}, {KERNEL}) and (c,)"
                 )
                 return
             channels = weight.shape[0]
