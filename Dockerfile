@@ -41,9 +41,12 @@ RUN set -eu; \
     pip install --no-cache-dir "$(ls /wheels/*.whl)[$extra]" ${nvidia:+"$nvidia"}; \
     rm -rf /wheels
 USER 10001
+# One process until the GPU check has measured workers on a GPU host (docs/operations.md, Workers): set
+# MNIST_SERVE_WORKERS=auto (one per 4 cores the container may use) or a number to run several.
 ENV MNIST_SERVE_HOST=[::] \
     MNIST_SERVE_PORT=50051 \
     MNIST_SERVE_METRICS_PORT=9464 \
+    MNIST_SERVE_WORKERS=1 \
     PYTHONUNBUFFERED=1
 EXPOSE 50051 9464 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=180s --retries=3 \

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn, Self
 
-# What a server started to be measured runs with unless told otherwise: no REST port, no drain, warnings only.
-MEASURING = ("--http-port", "0", "--drain-seconds", "0", "--log-level", "WARNING")
+# What a server started to be measured runs with unless told otherwise: no REST port, no drain, warnings only, one
+# process (`--workers` auto would start several on a larger machine: a measurement asks for them by name).
+MEASURING = ("--http-port", "0", "--drain-seconds", "0", "--log-level", "WARNING", "--workers", "1")
 
 
 def free_port() -> int:

@@ -69,7 +69,7 @@ class Profile:
     loadtest: list[str]
     budget_s: float  # the whole suite; steps that no longer fit are skipped (the summary says so)
     slo_ms: float = SLO_MS
-    process_counts: str = "1,2,4,8"  # frontend processes on one port (loadtest/processes.py) ...
+    process_counts: str = "1,2,4,8"  # mnist-serve --workers N (loadtest/processes.py) ...
     process_clients: str = "64"  # ... driven by this many closed-loop clients
 
 
@@ -122,6 +122,13 @@ SERVER_WAIT_S = 180.0  # the longest a step's server may take to become SERVING,
 def trained_model(profile_name: str, out: Path) -> Path:
     """Where the export step writes the trained model (fp32; its fp16 variant beside it), named after its preset."""
     return out / "models" / f"{PROFILES[profile_name].train[1]}.onnx"
+
+
+def workers_step(name: str, p: Profile, out: Path, server_args: list[str], limit_s: float, why: str) -> Step:
+    """`mnist-serve --workers` at each of the profile's counts, measured by loadtest/processes.py into NAME.json."""
+    command = [PY, "-m", "loadtest.processes", "--counts", p.process_counts, "--clients", p.process_clients]
+    command += ["--seconds", p.seconds, *server_args, "--json", str(out / f"{name}.json")]
+    return Step(name, command, limit_s, why=why)
 
 
 def plan(profile_name: str, out: Path) -> list[Step]:
@@ -273,25 +280,24 @@ def plan(profile_name: str, out: Path) -> list[Step]:
             60,
             why="the served default's accuracy computed by the GPU itself",
         ),  # fmt: skip
-        Step(
+        workers_step(
             "frontend-processes",
-            [
-                PY,
-                "-m",
-                "loadtest.processes",
-                "--counts",
-                p.process_counts,
-                "--clients",
-                p.process_clients,
-                "--seconds",
-                p.seconds,
-                "--json",
-                str(out / "frontend-processes.json"),
-            ],
-            60,
-            why="1, 2, 4, 8 null-backend servers on one port (SO_REUSEPORT): does the frontend scale with processes "
-            "on this host, and at what CPU per call? (issue 23: frontend workers)",
-        ),  # fmt: skip
+            p,
+            out,
+            [],
+            90,
+            "mnist-serve --workers 1, 2, 4, 8 on the null backend: does the frontend scale with worker processes on "
+            "this host, and at what CPU per call? (issue 23: frontend workers)",
+        ),
+        workers_step(
+            "workers-model",
+            p,
+            out,
+            ["--server-args", f"--provider {p.provider}"],
+            150,
+            "mnist-serve --workers 1, 2, 4, 8 with the bundled model, one engine per worker on the one GPU: "
+            "single-image calls/s and CPU per call as workers are added (issue 23: the engine-per-worker decision)",
+        ),
     ]
 
 

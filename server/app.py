@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import gc
 import logging
+import os
 import resource
 import signal
 import sys
@@ -26,15 +28,16 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
-from server.config import ServeConfig, describe, load_config
+from server.config import ServeConfig, describe, load_config, worker_count
 from server.engine.backends import build_backend
 from server.errors import ServiceError
 from server.models.model_settings import check_against
-from server.models.repository import ModelRepository, RepositoryObserver, verify_on_samples
+from server.models.repository import AgreedDefaults, ModelRepository, RepositoryObserver, verify_on_samples
 from server.ops.liveness import LoopHeartbeat
 from server.ops.metrics import ServiceMetrics
 from server.ops.metrics_http import MetricsHttpServer
 from server.ops.sockets import cut_connections
+from server.ops.worker_link import INDEX_ENV, LINK_ENV, WorkerLink
 from server.pipeline.digit_detector import DigitDetector
 from server.pipeline.model_pipeline import ModelPipeline, PipelineSettings
 from server.plane.data_plane import DataPlane
@@ -131,6 +134,12 @@ class RepositoryMetrics(RepositoryObserver):
 
     def on_changed(self, repository: ModelRepository) -> None:
         self.server.metrics.describe_models(repository)
+        if self.server.link is not None:  # what this worker serves, for its supervisor's agreement on defaults
+            local = repository.local_defaults()
+            self.server.link.models = {
+                name: {"ready": versions, "local": local[name]}
+                for name, versions in repository.ready_versions().items()
+            }
         if self.server._health is not None and not self.server._stopping:
             asyncio.ensure_future(self.server._set_model_health())
 
@@ -167,8 +176,10 @@ class MnistServer:
         self._health: HealthService | None = None
         self._metrics_http: MetricsHttpServer | None = None
         self._heartbeat: LoopHeartbeat | None = None  # with the metrics port: /livez reads it off the loop
+        self.link: WorkerLink | None = None  # a worker of `--workers N`: its line to the supervisor
         self._stopping = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # start(): the loop of the server's own thread
+        self._loop_running: asyncio.AbstractEventLoop | None = None  # the loop serving, however started
         self._thread: threading.Thread | None = None
 
     @property
@@ -203,6 +214,7 @@ class MnistServer:
             self.tracing = tracing.install()
             log.info("traces: OTLP to %s, %g of new traces sampled", self.config.otlp_endpoint, tracing.sample_ratio)
         self.tokens = load_token_checker(self.config)
+        self._loop_running = asyncio.get_running_loop()
         # Calls over the bound are refused by gRPC before any handler runs (0.8x an echo call's CPU; admission's own
         # refusals, decided before the message is read, about 0.9-1.0x: loadtest/cpu_cost.py).
         self._grpc = grpc.aio.server(
@@ -224,20 +236,18 @@ class MnistServer:
             )
         )
         await self._set_health(NOT_SERVING)
-        try:
-            address, credentials = f"{self.config.host}:{self.config.port}", grpc_server_credentials(self.config)
-            if credentials is None:
-                self.port = self._grpc.add_insecure_port(address)
-            else:
-                self.port = self._grpc.add_secure_port(address, credentials)
-        except RuntimeError:
-            self.port = 0
-        if not self.port:
-            raise RuntimeError(f"cannot listen on {self.config.host}:{self.config.port}")
-        await self._grpc.start()
-        if self.config.metrics_port:
+        linked = WorkerLink.from_environment()
+        if self.config.metrics_port or linked:
             self._heartbeat = LoopHeartbeat(self.config.liveness_stall_seconds)
             self._heartbeat.start(asyncio.get_running_loop())
+        if linked is not None:
+            if (agreed := WorkerLink.agreement_at_start()) is not None:
+                self.models.propose_defaults(agreed)  # the other workers' defaults, from this worker's first call
+            self.link = WorkerLink(*linked, self._heartbeat.problem, self._readiness, self._propose_defaults)
+            self.link.start()
+        else:  # alone, the port answers health (NOT_SERVING) while the model loads; a worker binds it (gRPC listens
+            await self._open_ports()  # as it binds) only once READY, so no connection waits on a loading worker
+        if self.config.metrics_port:
             self._metrics_http = MetricsHttpServer(
                 self.metrics.registry,
                 self.config.metrics_host or self.config.host,
@@ -247,29 +257,9 @@ class MnistServer:
                 auth=self.tokens if self.config.metrics_auth == "on" else None,
                 on_refused=lambda refused: self.metrics.count_refusal("metrics", refused),
                 liveness=self._heartbeat.problem,
-                # grpc health's readiness, from two flags (read on the metrics thread; never a call into the loop)
-                readiness=lambda: (
-                    "shutting down" if self._stopping else None if self._serving else "not serving yet: model loading"
-                ),
+                readiness=self._readiness,
             )
             self.metrics_port = self._metrics_http.start()
-        if self.config.http_port:
-            from server.transport.rest import RestApi, RestServer  # aiohttp only when the HTTP API is on
-
-            api = RestApi(
-                self.plane, self.metrics, self.tokens, self.config.max_message_bytes, self.config.max_read_digits
-            )
-            host = self.config.http_host or self.config.host
-            self._rest = RestServer(
-                api, host, self.config.http_port, http_ssl_context(self.config), self.config.grace_seconds
-            )
-            self.http_port = await self._rest.start()
-            log.info("REST API (Open Inference Protocol /v2) and web page on port %d", self.http_port)
-        log.info(
-            "gRPC listening on port %d: %s (health NOT_SERVING while the model loads)",
-            self.port,
-            describe_security(self.config),
-        )
 
         self.detector = None if self.config.digit_detector == "none" else DigitDetector.load(self.config.digit_detector)
         if self.config.model_repository:
@@ -281,11 +271,15 @@ class MnistServer:
                 failures = "; ".join(f"{s.name} {s.version}: {s.reason}" for s in self.models.statuses() if s.reason)
                 raise RuntimeError(f"no model in {root} could be served ({failures or 'no <model>/<n>/model.onnx'})")
             if self.config.repository_poll_seconds:
-                self._watch = asyncio.ensure_future(self.models.watch(self.config.repository_poll_seconds))
+                interval = self.config.repository_poll_seconds
+                offset = interval * self.link.index / self.link.count if self.link is not None else 0.0
+                self._watch = asyncio.ensure_future(self.models.watch(interval, offset))
         else:
             await self.models.load_file(Path(self.config.model))
         gc.collect()
         gc.freeze()  # the modules and the model stay: full collections no longer scan them (pauses of 20-30 ms)
+        if self.link is not None:
+            await self._open_ports()
         await self._set_health(SERVING)
         log.info(
             "SERVING %s on port %d, metrics on %s",
@@ -294,6 +288,54 @@ class MnistServer:
             self.metrics_port or "(off)",
         )
         return self
+
+    def _readiness(self) -> str | None:
+        """grpc health's readiness, from two flags (read on another thread; never a call into the loop)."""
+        return "shutting down" if self._stopping else None if self._serving else "not serving yet: model loading"
+
+    def _propose_defaults(self, agreed: AgreedDefaults) -> None:
+        """From the link's thread: the workers' agreed defaults, switched to at their instant even with no call."""
+        self.models.propose_defaults(agreed)
+        loop = self._loop_running
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the worker is stopping
+            loop.call_soon_threadsafe(lambda: loop.call_at(agreed.at, self.models.follow_agreement))
+
+    async def _open_ports(self) -> None:
+        """Bind the gRPC port (gRPC listens as it binds) and start answering on it, and on the HTTP API's."""
+        try:
+            address, credentials = f"{self.config.host}:{self.config.port}", grpc_server_credentials(self.config)
+            if credentials is None:
+                self.port = self._grpc.add_insecure_port(address)
+            else:
+                self.port = self._grpc.add_secure_port(address, credentials)
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            raise RuntimeError(f"cannot listen on {self.config.host}:{self.config.port}")
+        await self._grpc.start()
+        if self.config.http_port:
+            from server.transport.rest import RestApi, RestServer  # aiohttp only when the HTTP API is on
+
+            api = RestApi(
+                self.plane, self.metrics, self.tokens, self.config.max_message_bytes, self.config.max_read_digits
+            )
+            host = self.config.http_host or self.config.host
+            self._rest = RestServer(
+                api,
+                host,
+                self.config.http_port,
+                http_ssl_context(self.config),
+                self.config.grace_seconds,
+                reuse_port=self.link is not None,
+            )
+            self.http_port = await self._rest.start()
+            log.info("REST API (Open Inference Protocol /v2) and web page on port %d", self.http_port)
+        log.info(
+            "gRPC listening on port %d: %s%s",
+            self.port,
+            describe_security(self.config),
+            "" if self.link is not None else " (health NOT_SERVING while the model loads)",
+        )
 
     async def _load_model(self, name: str | None, version: str | None, path: Path) -> ModelPipeline:
         """One model version, loaded, warmed on every batch shape and verified before any request reaches it, with
@@ -367,7 +409,8 @@ class MnistServer:
         await self.models.close(0)
         if self._grpc is not None:
             await asyncio.sleep(SHUTDOWN_FLUSH_SECONDS)  # the last UNAVAILABLE answers leave
-            cut_connections(self.port)
+            if self.port:  # a worker that stops before its model loaded never bound it
+                cut_connections(self.port)
             await self._grpc.stop(0)
         if self._rest is not None:
             await self._rest.stop()
@@ -443,9 +486,16 @@ async def serve(config: ServeConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     config = load_config(argv)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.info("configuration:\n%s", describe(config))
+    worker = os.environ.get(INDEX_ENV, "").partition("/")[0]
+    where = f"worker {worker} " if worker and os.environ.get(LINK_ENV) else ""
+    logging.basicConfig(level=config.log_level, format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s")
+    if not where and worker_count(config) > 1:
+        from server.supervisor import Supervisor  # the parent of N workers, each this same program
+
+        return Supervisor(config, argv).run()
+    log.log(logging.DEBUG if where else logging.INFO, "configuration:\n%s", describe(config))  # workers: said once
     return asyncio.run(serve(config))
 
 

@@ -34,6 +34,9 @@ SERVICE_CONFIG: dict[str, Any] = {
 
 
 RECONNECT_BACKOFF_MAX_MS = 2000
+# gRPC's DNS resolver asks again when a connection ends, but by default at most every 30 s: a client would reach a
+# replica added to a headless Service's name only that much after the server ended its connection.
+DNS_MIN_TIME_BETWEEN_RESOLUTIONS_MS = 1000
 
 
 def is_fleet(servers: str) -> bool:
@@ -59,8 +62,8 @@ def channel_target(servers: str) -> str:
 
 def channel_options(servers: str) -> list[tuple[str, Any]]:
     """Channel arguments for `servers`: for a fleet, round-robin over every address with retries on UNAVAILABLE, a
-    short reconnect backoff, and the first host as the authority (the name TLS checks) rather than an address; none
-    for one server."""
+    short reconnect backoff, and the first host as the authority (the name TLS checks) rather than an address; for
+    a DNS name, re-resolution as often as every second; none for one server."""
     if not is_fleet(servers):
         return []
     options: list[tuple[str, Any]] = [
@@ -73,6 +76,8 @@ def channel_options(servers: str) -> list[tuple[str, Any]]:
     first = servers.split(",")[0].strip()
     if "://" not in first:
         options.append(("grpc.default_authority", first))
+    if servers.startswith("dns:"):
+        options.append(("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_TIME_BETWEEN_RESOLUTIONS_MS))
     return options
 
 

@@ -69,6 +69,7 @@ class ServeConfig:
     metrics_auth: str = "off"  # on: /metrics needs a token too
     otlp_endpoint: str = ""  # OpenTelemetry traces to this OTLP/gRPC collector, e.g. http://collector:4317; "" = off
     trace_sample_ratio: float = 1.0  # new traces sampled at this ratio; a caller's traceparent decision is kept
+    workers: str = "auto"  # frontend processes on the one port (server/supervisor.py); auto = worker_count()
     log_level: str = "INFO"
 
     def queue_target_seconds(self) -> float | str:
@@ -196,8 +197,47 @@ HELP = {
     "(https:// for TLS); empty = tracing off",
     "trace_sample_ratio": "fraction of new traces sampled, 0..1; a call carrying a traceparent follows its caller's "
     "sampling decision",
+    "workers": "frontend processes serving the one gRPC (and HTTP) port, each with its own engine, under one "
+    "supervisor that serves /metrics (every worker's, through prometheus_client's multiprocess mode), /livez and "
+    "/readyz for all of them, restarts a worker that dies, drains them all on SIGTERM and moves every worker to a "
+    "new default model version at the same instant; auto = one per 4 usable cores (a container's CPU limit counts), "
+    "at most 8: 1 on a 2-core machine (docs/operations.md, Workers)",
     "log_level": "logging level: DEBUG, INFO, WARNING, ERROR",
 }
+
+MAX_WORKERS = 64
+CORES_PER_WORKER = 4  # auto: a worker's event loop takes about a core at saturation, its engine and decoders the rest
+AUTO_MAX_WORKERS = 8
+
+
+def worker_count(config: ServeConfig, cores: int | None = None) -> int:
+    """How many frontend processes `config.workers` asks for on a machine of `cores` cores (default: this one's)."""
+    if str(config.workers).strip().lower() == "auto":
+        cores = cores or usable_cores()
+        return max(1, min(AUTO_MAX_WORKERS, cores // CORES_PER_WORKER))
+    return int(config.workers)
+
+
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU limit (a container's `limits.cpu`,
+    which affinity does not show: a pod limited to 2 CPUs on a 64-core node sees 64)."""
+    cores = len(os.sched_getaffinity(0))
+    try:  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def workers_problem(text: str) -> str | None:
+    value = str(text).strip().lower()
+    if value == "auto":
+        return None
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_WORKERS:
+        return f"workers must be auto or a whole number from 1 to {MAX_WORKERS}, not {text!r}"
+    return None
 
 
 def _env_name(field_name: str) -> str:
@@ -355,6 +395,13 @@ def validate(config: ServeConfig) -> None:
         if config.null_device_ms.strip() not in ("0+0", "0", "") and config.backend != "null-threaded":
             problems.append("null_device_ms needs --backend null-threaded (emulated device time runs on its thread)")
     problems += batching_problems(config)
+    if (problem := workers_problem(config.workers)) is not None:
+        problems.append(problem)
+    elif config.model_control == "on" and worker_count(config) > 1:
+        problems.append(
+            "model_control on needs --workers 1: a load or unload reaches only the worker its connection landed on "
+            "(with several workers, change the repository folder, which every worker follows together)"
+        )
     if config.http_port and config.http_port in (config.port, config.metrics_port):
         problems.append(f"http_port {config.http_port} is already taken by the gRPC or the metrics port")
     if config.max_request_images > config.max_queue_size:

@@ -16,6 +16,9 @@ from training.data import IMAGES_MAGIC, LABELS_MAGIC, REPO_ROOT
 # Servers started by tests (in-process through load_config, or as subprocesses, which inherit this) keep off the
 # REST API's default port 8000, so that two of them never collide; tests of the REST API give it a free port.
 os.environ.setdefault("MNIST_SERVE_HTTP_PORT", "0")
+# One process per server unless a test asks for workers (tests/test_workers.py): `--workers auto` would start a
+# supervisor and several workers on a machine of 8 cores or more, and the tests would test another server there.
+os.environ.setdefault("MNIST_SERVE_WORKERS", "1")
 
 SHARED_MNIST = REPO_ROOT.parent / "shared" / "data" / "mnist"
 pytest_plugins = ["tests.strict_skips", "pytester"]  # pytester: tests/test_strict_skips.py runs pytest itself

@@ -23,6 +23,7 @@ from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
 from server.balancing import SERVICE_CONFIG, channel_options, channel_target
 from server.client import ClassifierClient
 from server.client import main as classify_main
+from tests.dns_responder import DnsResponder
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = bytes(range(200)) * 3 + bytes(184)  # 784 bytes with ink: any raw image will do for the null engine
@@ -105,3 +106,28 @@ def test_mnist_classify_reads_digits_through_a_list_of_replicas(capsys) -> None:
     with ServerProcess(["--backend", "null"]) as first, ServerProcess(["--backend", "null"]) as second:
         assert classify_main(["--server", f"{first.target},{second.target}", str(sample)]) == 0
     assert sample.name in capsys.readouterr().out
+
+
+def test_a_dns_name_reaches_a_replica_added_to_it_after_the_client_connected() -> None:
+    """A client of `dns:///NAME` (a headless Service), connected while NAME has one address, reaches a replica
+    added to NAME later: the server ends connections after --max-connection-age, and the client re-resolves."""
+    port = free_port()
+    age = ["--max-connection-age", "1", "--max-connection-age-grace", "1"]
+    metrics = [free_port(), free_port()]
+    with (
+        DnsResponder(["127.0.0.2"]) as dns,
+        ServerProcess(["--backend", "null", *age], port=port, host="127.0.0.2", metrics_port=metrics[0]),
+    ):
+        target = f"dns://127.0.0.1:{dns.port}/mnist.test:{port}"
+        with ClassifierClient(target, timeout=10) as client:
+            for _ in range(20):
+                client.stub.Classify(pb.ClassifyRequest(raw=RAW), timeout=10)
+            with ServerProcess(["--backend", "null", *age], port=port, host="127.0.0.3", metrics_port=metrics[1]):
+                dns.addresses = ["127.0.0.2", "127.0.0.3"]  # the new pod is in the Service's DNS answer
+                before = served_calls("127.0.0.3", metrics[1]) or 0.0
+                calls, ends = 0, time.monotonic() + 8.0  # max-connection-age + grace + re-resolution
+                while time.monotonic() < ends:
+                    client.stub.Classify(pb.ClassifyRequest(raw=RAW), timeout=10)
+                    calls += 1
+                added = (served_calls("127.0.0.3", metrics[1]) or 0.0) - before
+    assert added >= 0.15 * calls, (added, calls, dns.queries)

@@ -174,3 +174,49 @@ def test_flagged_answers_are_counted_per_model_version_and_forgotten_with_it() -
 
     metrics.forget_version("googlenet-fast", "3")
     assert flagged("3") is None and flagged("4") == 0
+
+
+MULTIPROCESS_SCRIPT = """
+import json, sys
+import numpy as np
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from server.ops.metrics import BulkHistogram, LATENCY_BUCKETS
+values = np.asarray(json.loads(sys.argv[1]))
+bulk = BulkHistogram("mnist_bulk_seconds", "bulk", LATENCY_BUCKETS, CollectorRegistry(), ("model",))
+series = bulk.labels("m")
+series.observe_many(values[:3])  # a few values: one at a time
+series.observe_many(values[3:])  # many: counted with numpy
+reference = Histogram("mnist_reference_seconds", "reference", ["model"], buckets=LATENCY_BUCKETS)
+for value in values.tolist():
+    reference.labels("m").observe(value)
+merged = CollectorRegistry()
+MultiProcessCollector(merged)
+print(generate_latest(merged).decode())
+"""
+
+
+def test_in_multiprocess_mode_bulk_observations_reach_the_shared_files_as_prometheus_clients_own(tmp_path) -> None:
+    """Under `mnist-serve --workers N` the bulk histograms write to prometheus_client's multiprocess files (through
+    its Histogram's own values): what the supervisor's /metrics reads must be what Histogram.observe writes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    values = values_for(LATENCY_BUCKETS)
+    done = subprocess.run(
+        [sys.executable, "-c", MULTIPROCESS_SCRIPT, json.dumps(values.tolist())],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    samples: dict[str, dict[str, float]] = {"mnist_bulk_seconds": {}, "mnist_reference_seconds": {}}
+    for family in text_string_to_metric_families(done.stdout):
+        for s in family.samples:
+            if family.name in samples and s.name.endswith(("_bucket", "_count", "_sum")):
+                key = s.name.removeprefix(family.name) + s.labels.get("le", "")
+                samples[family.name][key] = s.value
+    bulk, reference = samples["mnist_bulk_seconds"], samples["mnist_reference_seconds"]
+    assert len(bulk) == len(LATENCY_BUCKETS) + 3 and bulk.keys() == reference.keys()
+    for key in reference:
+        assert bulk[key] == pytest.approx(reference[key]), key

@@ -56,8 +56,11 @@ def test_the_gpu_plan_measures_what_the_targets_need() -> None:
     order = list(steps)
     assert order[:2] == ["environment", "train"]  # training first: its crash was the first GPU bug
     assert order.index("loadtest") < order.index("export") < order.index("floor-googlenet-fp32")  # targets first
-    processes = " ".join(steps["frontend-processes"].command)  # issue 23: frontend processes on one port
-    assert "--counts 1,2,4,8" in processes and "--clients 64" in processes and order[-1] == "frontend-processes"
+    processes = " ".join(steps["frontend-processes"].command)  # issue 23: mnist-serve --workers 1, 2, 4, 8
+    assert "--counts 1,2,4,8" in processes and "--clients 64" in processes
+    with_model = " ".join(steps["workers-model"].command)  # the same with the bundled model on the GPU
+    assert "--counts 1,2,4,8" in with_model and "--provider cuda" in with_model
+    assert order[-2:] == ["frontend-processes", "workers-model"]
 
 
 def bench_json(

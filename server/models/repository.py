@@ -123,6 +123,18 @@ def scan_repository(root: Path) -> dict[str, ModelSpec]:
     return specs
 
 
+@dataclass(frozen=True)
+class AgreedDefaults:
+    """The version of each model that requests naming none get, agreed by every worker of one host
+    (server/supervisor.py), from `at` on: a time.monotonic() reading, one clock for all processes of the host.
+    Each worker switches at that instant, at its first request after it: no client sees a new default answer
+    on one worker and then the old one on another. A model not named here is routed as each worker decides."""
+
+    seq: int
+    defaults: dict[str, str]
+    at: float
+
+
 @dataclass(eq=False)
 class ServedModel:
     """One READY (or draining) version and the requests holding it."""
@@ -217,6 +229,9 @@ class ModelRepository:
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
         self.closed = False
+        # Under a supervisor: the defaults its workers agreed on (set from another thread) and those in force here.
+        self._proposed: AgreedDefaults | None = None
+        self._agreed: AgreedDefaults | None = None
 
     # --- routing ------------------------------------------------------------------------------------------
 
@@ -231,6 +246,8 @@ class ModelRepository:
         nothing is."""
         if self.closed:
             raise ShuttingDown("server is shutting down; retry on another replica")
+        if self._proposed is not self._agreed:
+            self.follow_agreement()
         name = name or self.default_model
         versions = self._served.get(name)
         if not versions:
@@ -256,6 +273,8 @@ class ModelRepository:
     def sole_version(self) -> ServedModel | None:
         """The one READY version, when exactly one is served and is its model's default (the usual server); else
         None. A request to such a server gets this version or an error, whatever model or version it names."""
+        if self._proposed is not self._agreed:
+            self.follow_agreement()
         if self.closed or len(self._served) != 1:
             return None
         ((name, versions),) = self._served.items()
@@ -282,6 +301,35 @@ class ModelRepository:
         for key, status in self._status.items():
             rows.setdefault(key, status)
         return [rows[key] for key in sorted(rows, key=lambda k: (k[0], version_key(k[1])))]
+
+    def local_defaults(self) -> dict[str, str]:
+        """The version each model's requests would get from this process alone (its config.pbtxt's default_version
+        when READY, else the newest READY): what a worker tells its supervisor."""
+        return {name: self._local_default(name, versions) for name, versions in self._served.items()}
+
+    def ready_versions(self) -> dict[str, list[str]]:
+        return {name: sorted(versions, key=version_key) for name, versions in self._served.items()}
+
+    def propose_defaults(self, agreed: AgreedDefaults) -> None:
+        """From any thread: route requests naming no version as `agreed` says from `agreed.at` on. The versions it
+        names are not retired while it (or the agreement in force) still routes to them."""
+        self._proposed = agreed
+
+    def follow_agreement(self) -> None:
+        """On the loop: take the proposed defaults once their instant has come (at the first request after it, or at
+        the instant itself, scheduled by the worker)."""
+        proposed = self._proposed
+        if proposed is None or proposed is self._agreed or time.monotonic() < proposed.at:
+            return
+        self._agreed = proposed
+        self._choose_defaults()
+        self.observer.on_changed(self)
+
+    def _held(self, name: str, version: str) -> bool:
+        """Whether the workers' agreement (in force or proposed) still routes requests naming no version here."""
+        return any(
+            agreed is not None and agreed.defaults.get(name) == version for agreed in (self._agreed, self._proposed)
+        )
 
     def settings(self, name: str | None) -> ModelSettings:
         """The model's own settings from its config.pbtxt (none for a single model file: the flags decide)."""
@@ -359,7 +407,7 @@ class ModelRepository:
             if wanted and not any(version in versions for version in wanted):
                 continue  # none of the versions the policy wants could be loaded: the old ones keep serving
             for version in list(versions):
-                if version not in wanted:
+                if version not in wanted and not self._held(name, version):
                     self._retire(versions[version])
         for key in [k for k in self._status if k[0] not in specs]:
             self._status.pop(key)
@@ -404,8 +452,10 @@ class ModelRepository:
             self._choose_defaults()
             self.observer.on_changed(self)
 
-    async def watch(self, interval: float) -> None:
-        """Poll the repository folder every `interval` seconds until cancelled."""
+    async def watch(self, interval: float, offset: float = 0.0) -> None:
+        """Poll the repository folder every `interval` seconds until cancelled, the first time `offset` seconds later
+        (the workers of one host poll the shared folder in turn, not all at once)."""
+        await asyncio.sleep(offset)
         while True:
             await asyncio.sleep(interval)
             try:
@@ -466,12 +516,17 @@ class ModelRepository:
         for name in list(self._defaults):
             if name not in self._served:
                 del self._defaults[name]
+        agreed = self._agreed.defaults if self._agreed is not None else {}
         for name, versions in self._served.items():
-            wanted = self._wanted_default.get(name, "")
-            if wanted and wanted not in versions and (name, wanted) not in self._warned_default:
-                self._warned_default.add((name, wanted))
-                log.warning("model %s: default_version %s is not READY; using the newest", name, wanted)
-            self._defaults[name] = wanted if wanted in versions else max(versions, key=version_key)
+            chosen = agreed.get(name, "")
+            self._defaults[name] = chosen if chosen in versions else self._local_default(name, versions)
+
+    def _local_default(self, name: str, versions: dict[str, ServedModel]) -> str:
+        wanted = self._wanted_default.get(name, "")
+        if wanted and wanted not in versions and (name, wanted) not in self._warned_default:
+            self._warned_default.add((name, wanted))
+            log.warning("model %s: default_version %s is not READY; using the newest", name, wanted)
+        return wanted if wanted in versions else max(versions, key=version_key)
 
     def _retire(self, served: ServedModel, grace: float | None = None) -> None:
         """Take a version out of routing now; close it once the requests holding it are done."""

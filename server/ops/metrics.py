@@ -2,11 +2,17 @@
 
 Per-image figures (predicted digits, confidences, queue waits) arrive as arrays once per batch
 or call and are counted with numpy (`BulkHistogram`), not with one Python call per image.
+
+Under `mnist-serve --workers N` (server/supervisor.py) each worker process runs in prometheus_client's
+multiprocess mode (PROMETHEUS_MULTIPROC_DIR set before it starts): every value lives in a file the
+supervisor's /metrics reads through `MultiProcessCollector`. Each gauge says there how the workers'
+values combine (`multiprocess_mode`); the bulk histograms feed a real prometheus Histogram's values.
 """
 
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -49,6 +55,11 @@ AUTH_PROTOCOLS = ("grpc", "http", "metrics")  # mnist_auth_refused_total series 
 AUTH_REASONS = ("missing", "malformed", "invalid")
 
 
+def multiprocess_mode() -> bool:
+    """Whether this process writes its metrics for a supervisor (prometheus_client's own test, at import)."""
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ
+
+
 class InFlight:
     """Calls being handled: `inc`/`dec` on the event loop (no lock, a Gauge's lock cost every call two), read when
     /metrics is scraped."""
@@ -83,10 +94,13 @@ class BulkCounts:
             return
         values = np.asarray(values, np.float64).ravel()
         # Prometheus buckets are "less than or equal": a value equal to an edge falls in that edge's bucket.
-        counts = np.bincount(np.searchsorted(self.edges, values, side="left"), minlength=len(self._counts))
+        counts = np.bincount(np.searchsorted(self.edges, values, side="left"), minlength=len(self.edges) + 1)
+        self._add(counts, float(values.sum()))
+
+    def _add(self, counts: np.ndarray, total: float) -> None:
         with self._lock:
             self._counts += counts
-            self._sum += float(values.sum())
+            self._sum += total
 
     def observe(self, value: float) -> None:
         index = bisect.bisect_left(self._edge_list, value) if value == value else len(self._edge_list)  # NaN: +Inf
@@ -103,9 +117,33 @@ class BulkCounts:
         return buckets, total
 
 
+class SharedBulkCounts(BulkCounts):
+    """BulkCounts that also adds each observation to a prometheus_client Histogram series, whose values live in the
+    multiprocess files: the numpy counts per call, added bucket by bucket (the Histogram's own `observe` would cost a
+    Python call per value). tests/test_metrics.py holds it to `observe`'s result."""
+
+    def __init__(self, edges: np.ndarray, series: Any) -> None:
+        super().__init__(edges)
+        self._buckets, self._total = series._buckets, series._sum  # one value per bucket (not cumulative) and the sum
+
+    def _add(self, counts: np.ndarray, total: float) -> None:
+        with self._lock:
+            for index, count in enumerate(counts.tolist()):
+                if count:
+                    self._buckets[index].inc(count)
+            self._total.inc(total)
+
+    def observe(self, value: float) -> None:
+        index = bisect.bisect_left(self._edge_list, value) if value == value else len(self._edge_list)  # NaN: +Inf
+        with self._lock:
+            self._buckets[index].inc(1)
+            self._total.inc(value)
+
+
 class BulkHistogram(Collector):
     """A Prometheus histogram that takes many observations in one numpy call; with `labelnames`, one series per
-    `labels(...)`, as prometheus_client's own."""
+    `labels(...)`, as prometheus_client's own. In multiprocess mode its series are a prometheus_client Histogram's,
+    written to the shared files (SharedBulkCounts), and this collector yields nothing of its own."""
 
     def __init__(
         self,
@@ -118,15 +156,28 @@ class BulkHistogram(Collector):
         self.name, self.documentation = name, documentation
         self.edges = np.asarray(buckets, np.float64)
         self.labelnames = tuple(labelnames)
-        self._series: dict[tuple[str, ...], BulkCounts] = {} if self.labelnames else {(): BulkCounts(self.edges)}
         self._lock = threading.Lock()
+        self._shared = (
+            Histogram(name, documentation, self.labelnames, buckets=buckets, registry=None)
+            if multiprocess_mode()
+            else None
+        )
+        self._series: dict[tuple[str, ...], BulkCounts] = {} if self.labelnames else {(): self._new_series(())}
         registry.register(self)
+
+    def _new_series(self, values: tuple[str, ...]) -> BulkCounts:
+        if self._shared is None:
+            return BulkCounts(self.edges)
+        return SharedBulkCounts(self.edges, self._shared.labels(*values) if values else self._shared)
 
     def labels(self, *values: str) -> BulkCounts:
         if len(values) != len(self.labelnames):
             raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
         with self._lock:
-            return self._series.setdefault(tuple(values), BulkCounts(self.edges))
+            series = self._series.get(tuple(values))
+            if series is None:
+                series = self._series[tuple(values)] = self._new_series(tuple(values))
+            return series
 
     def remove(self, *values: str) -> None:
         with self._lock:
@@ -139,6 +190,8 @@ class BulkHistogram(Collector):
         self._series[()].observe(value)
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
+        if self._shared is not None:
+            return  # the supervisor reads these series from the multiprocess files
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         with self._lock:
             series = list(self._series.items())
@@ -169,6 +222,8 @@ class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self.multiprocess = multiprocess_mode()
+        self._gauge_series: dict[int, set[tuple[str, ...]]] = {}  # multiprocess mode: label sets set, to zero later
         self._model_series: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # observe_model_request's
         self.request_latency = Histogram(
             "mnist_request_latency_seconds",
@@ -178,8 +233,13 @@ class ServiceMetrics:
             registry=r,
         )
         self.requests = Counter("mnist_requests", "gRPC calls answered", ["method", "code"], registry=r)
-        self.in_flight = InFlight()  # a plain count on the hot path; read when scraped
-        Gauge("mnist_requests_in_flight", "gRPC calls being handled", registry=r).set_function(self.in_flight.value)
+        if self.multiprocess:  # a function's value is not written to the shared files: a gauge summed over workers
+            self.in_flight = Gauge(
+                "mnist_requests_in_flight", "gRPC calls being handled", registry=r, multiprocess_mode="livesum"
+            )
+        else:
+            self.in_flight = InFlight()  # a plain count on the hot path; read when scraped
+            Gauge("mnist_requests_in_flight", "gRPC calls being handled", registry=r).set_function(self.in_flight.value)
         self.auth_refused = Counter(
             "mnist_auth_refused",
             "calls refused for their credentials (server/security.py), by protocol (grpc, http, metrics) and "
@@ -197,9 +257,18 @@ class ServiceMetrics:
             "mnist_queue_wait_seconds", "time a request waited in the batch queue", LATENCY_BUCKETS, r
         )
         self.batch_size = Histogram("mnist_batch_size", "images per session run", buckets=BATCH_BUCKETS, registry=r)
-        self.queue_depth = Gauge("mnist_queue_depth", "images waiting in the batch queue", registry=r)
-        self.queue_capacity = Gauge("mnist_queue_capacity", "most images the batch queue holds", registry=r)
-        self.serving = Gauge("mnist_health_serving", "1 while grpc.health reports SERVING, else 0", registry=r)
+        self.queue_depth = Gauge(
+            "mnist_queue_depth", "images waiting in the batch queue", registry=r, multiprocess_mode="livesum"
+        )
+        self.queue_capacity = Gauge(
+            "mnist_queue_capacity", "most images the batch queue holds", registry=r, multiprocess_mode="livesum"
+        )
+        self.serving = Gauge(
+            "mnist_health_serving",
+            "1 while grpc.health reports SERVING, else 0 (with workers: 1 only while every worker does)",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self.expired = Counter(
             "mnist_deadline_expired_images", "images dropped unrun: their deadline passed while queued", registry=r
         )
@@ -212,18 +281,21 @@ class ServiceMetrics:
             "it, engine, provider, precision, layout, batch buckets, CUDA graph",
             ["name", "version", "default", "provider", "backend", "precision", "layout", "buckets", "cuda_graph"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.model_versions = Gauge(
             "mnist_model_versions",
             "model versions the server knows of, by state (READY, LOADING, FAILED, UNLOADING)",
             ["model", "state"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.model_load_seconds = Gauge(
             "mnist_model_load_seconds",
             "how long the version's load, verification on stored digits and warm-up took",
             ["model", "version"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.model_load_failures = Counter(
             "mnist_model_load_failures",
@@ -247,11 +319,13 @@ class ServiceMetrics:
             "mnist_decoding_pixels",
             "pixels of encoded images being decoded now (bounded by max_decoding_pixels)",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.open_streams = Gauge(
             "mnist_open_streams",
             "long-lived streams open now (health Watch, reflection; bounded by max_streams)",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.non_digits = Counter(
             "mnist_non_digit_images",
@@ -291,11 +365,12 @@ class ServiceMetrics:
     def describe_models(self, repository: Any) -> None:
         """mnist_model_info for every READY version, and the count of versions by state
         (server/models/repository.py)."""
-        self.model_info.clear()
+        self._clear_gauge(self.model_info)
         defaults = {(s.name, s.version) for s in repository.statuses() if s.is_default}
         for served in repository.served():
             info = served.pipeline.info
-            self.model_info.labels(
+            self._gauge_labels(
+                self.model_info,
                 name=served.name,
                 version=served.version,
                 default=str((served.name, served.version) in defaults).lower(),
@@ -306,9 +381,27 @@ class ServiceMetrics:
                 buckets=",".join(map(str, info.batch_buckets)) or "any",
                 cuda_graph=str(info.cuda_graph).lower(),
             ).set(1)
-        self.model_versions.clear()
+        self._clear_gauge(self.model_versions)
+        counts: dict[tuple[str, str], int] = {}
         for status in repository.statuses():
-            self.model_versions.labels(status.name, status.state).inc()
+            counts[(status.name, status.state)] = counts.get((status.name, status.state), 0) + 1
+        for (name, state), count in counts.items():
+            self._gauge_labels(self.model_versions, model=name, state=state).set(count)
+
+    def _gauge_labels(self, family: Gauge, **labels: str) -> Any:
+        """`family.labels(**labels)`, remembered in multiprocess mode so `_clear_gauge` can zero it there."""
+        if self.multiprocess:
+            self._gauge_series.setdefault(id(family), set()).add(tuple(labels[name] for name in family._labelnames))
+        return family.labels(**labels)
+
+    def _clear_gauge(self, family: Gauge) -> None:
+        """Every series of a labelled gauge gone; in multiprocess mode, where a series cannot be removed from the
+        shared files, set to 0 instead (a version no longer served reads 0, not 1)."""
+        if not self.multiprocess:
+            family.clear()
+            return
+        for values in self._gauge_series.pop(id(family), set()):
+            family.labels(*values).set(0)
 
     def observe_reading(self, digits: int, seconds: float) -> None:
         self.read_digits.observe(digits)
@@ -327,7 +420,14 @@ class ServiceMetrics:
         series[1].observe(seconds)
 
     def forget_version(self, model: str, version: str) -> None:
-        """A version was unloaded: its series go, so that a server shipping weekly versions does not grow forever."""
+        """A version was unloaded: its series go, so that a server shipping weekly versions does not grow forever.
+        In multiprocess mode series cannot be removed from the shared files: they stay, and stop growing."""
+        if self.multiprocess:
+            self._model_series = {
+                key: value for key, value in self._model_series.items() if key[:2] != (model, version)
+            }
+            self.model_load_seconds.labels(model, version).set(0)
+            return
         for key in [key for key in self._model_series if key[:2] == (model, version)]:
             del self._model_series[key]
         for digit in range(10):

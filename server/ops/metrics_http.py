@@ -98,11 +98,15 @@ def _display(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def listen_sockets(host: str, port: int, backlog: int, purpose: str = "metrics HTTP") -> list[socket.socket]:
+def listen_sockets(
+    host: str, port: int, backlog: int, purpose: str = "metrics HTTP", reuse_port: bool = False
+) -> list[socket.socket]:
     """Bind and listen in the caller's thread, so that start() raises at once if the address is unusable.
 
     "::", "[::]" and "" mean every address, IPv6 and IPv4 on one dual-stack socket (IPv4 only where the
     host has no IPv6); a name such as "localhost" gets one socket per address it resolves to, all on one port.
+    `reuse_port`: SO_REUSEPORT, so the workers of `mnist-serve --workers N` listen on one port and the kernel
+    spreads connections among them.
     """
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
@@ -110,18 +114,26 @@ def listen_sockets(host: str, port: int, backlog: int, purpose: str = "metrics H
             if socket.has_dualstack_ipv6():
                 try:
                     return [
-                        socket.create_server(("::", port), family=socket.AF_INET6, backlog=backlog, dualstack_ipv6=True)
+                        socket.create_server(
+                            ("::", port),
+                            family=socket.AF_INET6,
+                            backlog=backlog,
+                            dualstack_ipv6=True,
+                            reuse_port=reuse_port,
+                        )
                     ]
                 except OSError as exc:
                     if exc.errno not in _NO_IPV6:
                         raise
-            return [socket.create_server(("0.0.0.0", port), family=socket.AF_INET, backlog=backlog)]
+            return [
+                socket.create_server(("0.0.0.0", port), family=socket.AF_INET, backlog=backlog, reuse_port=reuse_port)
+            ]
         infos = socket.getaddrinfo(
             bare, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
         )
         for attempt in range(5):  # port 0 and several addresses: the port picked for the first may be taken on another
             try:
-                return _listen_all(infos, port, backlog)
+                return _listen_all(infos, port, backlog, reuse_port)
             except OSError as exc:
                 if port != 0 or exc.errno != errno.EADDRINUSE or attempt == 4:
                     raise
@@ -135,7 +147,7 @@ def listen_sockets(host: str, port: int, backlog: int, purpose: str = "metrics H
         raise OSError(exc.errno, message) from exc
 
 
-def _listen_all(infos: list, port: int, backlog: int) -> list[socket.socket]:
+def _listen_all(infos: list, port: int, backlog: int, reuse_port: bool = False) -> list[socket.socket]:
     socks: list[socket.socket] = []
     seen: set[tuple] = set()
     try:
@@ -146,7 +158,7 @@ def _listen_all(infos: list, port: int, backlog: int) -> list[socket.socket]:
             bound_port = socks[0].getsockname()[1] if socks else port
             address = (sockaddr[0], bound_port, *sockaddr[2:])
             try:
-                socks.append(socket.create_server(address, family=family, backlog=backlog))
+                socks.append(socket.create_server(address, family=family, backlog=backlog, reuse_port=reuse_port))
             except OSError as exc:
                 if family == socket.AF_INET6 and exc.errno in _NO_IPV6 and len(infos) > 1:
                     continue  # "localhost" on a host without IPv6: IPv4 alone will do

@@ -418,8 +418,17 @@ def infer_response(
 class RestServer:
     """The REST API on its own port, on the running event loop."""
 
-    def __init__(self, api: RestApi, host: str, port: int, ssl_context: Any = None, grace: float = 10.0) -> None:
+    def __init__(
+        self,
+        api: RestApi,
+        host: str,
+        port: int,
+        ssl_context: Any = None,
+        grace: float = 10.0,
+        reuse_port: bool = False,
+    ) -> None:
         self.api = api
+        self.reuse_port = reuse_port  # a worker of several on one port (server/supervisor.py)
         self.grace = grace
         self.host = host
         self.port = port
@@ -433,7 +442,7 @@ class RestServer:
         )
         await self._runner.setup()
         # Bound here as /metrics binds ("[::]": one dual-stack socket, IPv6 and IPv4), then handed to aiohttp.
-        for sock in listen_sockets(self.host, self.port, BACKLOG, "the REST API"):
+        for sock in listen_sockets(self.host, self.port, BACKLOG, "the REST API", self.reuse_port):
             await web.SockSite(self._runner, sock, ssl_context=self.ssl_context, backlog=BACKLOG).start()
         return self._runner.addresses[0][1]
 
