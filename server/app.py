@@ -18,6 +18,7 @@ import resource
 import signal
 import sys
 import threading
+import time
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
@@ -137,7 +138,7 @@ class RepositoryMetrics(RepositoryObserver):
         if self.server.link is not None:  # what this worker serves, for its supervisor's agreement on defaults
             local = repository.local_defaults()
             self.server.link.models = {
-                name: {"ready": versions, "local": local[name]}
+                name: {"ready": versions, "local": local.get(name)}  # local None: the folder wants none of them
                 for name, versions in repository.ready_versions().items()
             }
         if self.server._health is not None and not self.server._stopping:
@@ -242,7 +243,7 @@ class MnistServer:
             self._heartbeat.start(asyncio.get_running_loop())
         if linked is not None:
             if (agreed := WorkerLink.agreement_at_start()) is not None:
-                self.models.propose_defaults(agreed)  # the other workers' defaults, from this worker's first call
+                self._propose_defaults(agreed)  # the other workers' defaults, from this worker's first call
             self.link = WorkerLink(*linked, self._heartbeat.problem, self._readiness, self._propose_defaults)
             self.link.start()
         else:  # alone, the port answers health (NOT_SERVING) while the model loads; a worker binds it (gRPC listens
@@ -298,7 +299,9 @@ class MnistServer:
         self.models.propose_defaults(agreed)
         loop = self._loop_running
         with contextlib.suppress(RuntimeError):  # the loop has closed: the worker is stopping
-            loop.call_soon_threadsafe(lambda: loop.call_at(agreed.at, self.models.follow_agreement))
+            loop.call_soon_threadsafe(
+                lambda: loop.call_later(max(0.0, agreed.at - time.monotonic()), self.models.follow_agreement)
+            )
 
     async def _open_ports(self) -> None:
         """Bind the gRPC port (gRPC listens as it binds) and start answering on it, and on the HTTP API's."""

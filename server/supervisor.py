@@ -48,8 +48,13 @@ log = logging.getLogger("mnist.supervisor")
 
 STATUS_INTERVAL_S = 0.25  # how often each worker is asked how it is
 STATUS_TIMEOUT_S = 2.0  # how long one round of questions waits for the workers' answers
+# A worker's last answer counts this long: longer than the slowest round (a status round and an agreement round, each
+# held up to STATUS_TIMEOUT_S by one silent worker), so one slow worker never makes the others look stale.
+STATUS_FRESH_S = 3 * STATUS_TIMEOUT_S
 STARTUP_TIMEOUT_S = 300.0  # a worker not ready this long after it started is killed
-AGREEMENT_LEAD_S = 0.5  # new defaults are sent this far ahead of the instant every worker switches
+# New defaults are sent this far ahead of the instant every worker switches: more than the longest an answer is
+# waited for, so a worker that acknowledged in time had them before the instant.
+AGREEMENT_LEAD_S = STATUS_TIMEOUT_S + 0.5
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STOP_MARGIN_S = 15.0  # beyond the workers' drain and grace: their own close (models, ports, traces)
 METRICS_DIR_PREFIX = "mnist-serve-metrics-"  # then the supervisor's pid and a random part
@@ -57,20 +62,21 @@ METRICS_DIR_PREFIX = "mnist-serve-metrics-"  # then the supervisor's pid and a r
 
 def agree_defaults(previous: dict[str, str], workers: list[dict[str, dict[str, Any]]]) -> dict[str, str]:
     """The default version of each model that every worker can route to, from each worker's `models` status
-    ({model: {"ready": [...], "local": version}}).
+    ({model: {"ready": [every READY version], "local": the version it would choose alone, or None when its
+    folder wants none}}).
 
     A model's default moves only when every worker would choose the same version alone and has it READY; until
     then the previous agreement holds while every worker still has that version READY (workers do not retire a
-    version an agreement routes to); otherwise the newest version READY on every worker. A model not READY on
-    every worker gets no agreed default."""
+    version an agreement routes to); otherwise the newest version READY on every worker. A model no worker's
+    folder wants any more, or not READY on every worker, gets no agreed default (each worker decides)."""
     if not workers:
         return dict(previous)
     agreed = {}
-    for name in set.intersection(*(set(models) for models in workers)):
-        ready_everywhere = set.intersection(*(set(models[name]["ready"]) for models in workers))
-        if not ready_everywhere:
+    for name in set().union(*(set(models) for models in workers)):
+        ready_everywhere = set.intersection(*(set(models.get(name, {}).get("ready", ())) for models in workers))
+        local = {models.get(name, {}).get("local") for models in workers}
+        if not ready_everywhere or local == {None}:
             continue
-        local = {models[name]["local"] for models in workers}
         if len(local) == 1 and (choice := next(iter(local))) in ready_everywhere:
             agreed[name] = choice
         elif previous.get(name) in ready_everywhere:
@@ -96,6 +102,7 @@ class Worker:
     served_before: bool = False  # some process of this worker has been ready: a death is restarted, not fatal
     restarts: int = 0
     restart_at: float | None = None  # when a dead worker is started again
+    shutting_since: float | None = None  # when it first said it is shutting down (on its own)
     _buffer: bytearray = field(default_factory=bytearray)
     _next_id: int = 0
 
@@ -138,9 +145,12 @@ class Worker:
         self._buffer.clear()
 
 
-def ask_all(questions: dict[Worker, dict[str, Any]], timeout: float) -> dict[Worker, dict[str, Any]]:
+def ask_all(
+    questions: dict[Worker, dict[str, Any]], timeout: float, wake: socket.socket | None = None
+) -> dict[Worker, dict[str, Any]]:
     """Send each worker its question, then collect the answers until all are in or `timeout` has passed: one slow
-    worker delays the round by at most `timeout`, never one timeout per worker."""
+    worker delays the round by at most `timeout`, never one timeout per worker. Returns early, with what has
+    arrived, once `wake` is readable (a signal asked the supervisor to stop)."""
     waiting = {}
     for worker, question in questions.items():
         ident = worker.send(question)
@@ -152,7 +162,9 @@ def ask_all(questions: dict[Worker, dict[str, Any]], timeout: float) -> dict[Wor
         by_socket = {worker.link: worker for worker in waiting if worker.link is not None}
         if not by_socket:
             break
-        readable, _, _ = select.select(list(by_socket), [], [], left)
+        readable, _, _ = select.select([*by_socket, *([wake] if wake is not None else [])], [], [], left)
+        if wake is not None and wake in readable:
+            break
         for sock in readable:
             worker = by_socket[sock]
             for answer in worker.receive():
@@ -202,7 +214,9 @@ class Supervisor:
         self.agreement_seq = 0
         self._agreement_at = 0.0
         self.port = config.port
-        self.stopping = threading.Event()
+        self.stopping = threading.Event()  # set by the main loop once a stop is asked for; read by /readyz
+        self._stop_signal: str | None = None  # set by the signal handler (a plain assignment: safe there)
+        self._wake_r, self._wake_w = socket.socketpair()  # the signal's byte (set_wakeup_fd) ends a wait at once
         self.failed: str | None = None  # a worker that cannot start: the whole server stops
         self._reserved: socket.socket | None = None
         self._metrics_http: MetricsHttpServer | None = None
@@ -227,7 +241,7 @@ class Supervisor:
         return None
 
     def _is_ready(self, worker: Worker) -> bool:
-        fresh = time.monotonic() - worker.answered < STATUS_TIMEOUT_S
+        fresh = time.monotonic() - worker.answered < STATUS_FRESH_S
         process = worker.process
         return fresh and worker.status.get("ready", "?") is None and process is not None and process.poll() is None
 
@@ -236,8 +250,11 @@ class Supervisor:
     def run(self) -> int:
         """Start the workers and watch them until SIGTERM or SIGINT; returns the exit status."""
         log.info("configuration (%d workers, each):\n%s", self.count, describe(self.config))
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno())
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda number, _frame: self._request_stop(signal.Signals(number).name))
+            signal.signal(sig, self._on_signal)
         try:
             self._reserve_port()
             if self.config.metrics_port:
@@ -245,12 +262,15 @@ class Supervisor:
             for worker in self.workers:
                 self._spawn(worker)
             log.info("%d workers starting on port %d (metrics on %s)", self.count, self.port, self.config.metrics_port)
-            while not self.stopping.is_set():
+            while self._stop_signal is None and self.failed is None:
                 self._watch_once()
-                self.stopping.wait(STATUS_INTERVAL_S)
+                self._pause(STATUS_INTERVAL_S)
         except Exception as exc:  # the metrics port taken, ...
             log.error("cannot start: %s: %s", type(exc).__name__, exc)
             self.failed = self.failed or str(exc)
+        self.stopping.set()
+        if self._stop_signal is not None:
+            log.info("received %s: draining %d workers", self._stop_signal, self.count)
         status = self._stop_workers()
         if self._metrics_http is not None:
             self._metrics_http.stop()
@@ -261,9 +281,15 @@ class Supervisor:
         log.info("stopped")
         return status
 
-    def _request_stop(self, name: str) -> None:
-        log.info("received %s: draining %d workers", name, self.count)
-        self.stopping.set()
+    def _on_signal(self, number: int, _frame: object) -> None:
+        self._stop_signal = signal.Signals(number).name
+
+    def _pause(self, seconds: float) -> None:
+        """Wait `seconds`, or less if a signal arrives (its byte on the wake-up socket)."""
+        readable, _, _ = select.select([self._wake_r], [], [], seconds)
+        if readable:
+            with contextlib.suppress(BlockingIOError):
+                self._wake_r.recv(4096)
 
     def _reserve_port(self) -> None:
         """With --port 0, pick the port every worker binds (held with SO_REUSEPORT until they have bound it)."""
@@ -297,7 +323,7 @@ class Supervisor:
             LINK_ENV: str(theirs.fileno()),
             INDEX_ENV: f"{worker.index}/{self.count}",
             # the defaults in force now: a worker started again routes by them from its first call
-            AGREED_ENV: json.dumps({"seq": self.agreement_seq, "defaults": self.agreed}),
+            AGREED_ENV: json.dumps({"seq": self.agreement_seq, "defaults": self.agreed, "at": self._agreement_at}),
         }
         command = [sys.executable, "-m", "server.app", *self.argv]
         command += ["--workers", "1", "--metrics-port", "0", "--port", str(self.port)]
@@ -313,16 +339,20 @@ class Supervisor:
         worker.link = ours
         worker.started = worker.answered = time.monotonic()
         worker.status, worker.agreed_seq, worker.restart_at = {}, self.agreement_seq, None
-        worker.ready_once = False
+        worker.ready_once, worker.shutting_since = False, None
         log.info("worker %d started (pid %d)", worker.index, worker.process.pid)
 
     def _watch_once(self) -> None:
         now = time.monotonic()
         for worker in self.workers:
             if worker.process is None and worker.restart_at is not None and now >= worker.restart_at:
-                self._spawn(worker)
+                try:
+                    self._spawn(worker)
+                except OSError as err:  # no memory, no process slot: try again later, keep serving meanwhile
+                    log.error("cannot start worker %d again: %s", worker.index, err)
+                    worker.restart_at = now + RESTART_BACKOFF_S[-1]
         running = [w for w in self.workers if w.process is not None and w.process.poll() is None]
-        answers = ask_all({worker: {"op": "status"} for worker in running}, STATUS_TIMEOUT_S)
+        answers = ask_all({worker: {"op": "status"} for worker in running}, STATUS_TIMEOUT_S, self._wake_r)
         now = time.monotonic()
         for worker in running:
             answer = answers.get(worker)
@@ -330,6 +360,10 @@ class Supervisor:
                 worker.status, worker.answered = answer, now
                 if answer.get("ready") is None:
                     worker.ready_once = worker.served_before = True
+                if answer.get("ready") != "shutting down":
+                    worker.shutting_since = None
+                elif worker.shutting_since is None:
+                    worker.shutting_since = now
             if (reason := self._stuck(worker, answer, now)) is not None:
                 log.error("worker %d (pid %d) is stuck (%s): killing it", worker.index, worker.process.pid, reason)
                 worker.process.kill()
@@ -341,7 +375,8 @@ class Supervisor:
             self._reserved.close()  # every worker has bound the port
             self._reserved = None
         self.workers_ready.set(sum(1 for w in self.workers if self._is_ready(w)))
-        self._agree(answers)
+        if self._stop_signal is None:
+            self._agree(answers)
 
     def _stuck(self, worker: Worker, answer: dict[str, Any] | None, now: float) -> str | None:
         """Why a running worker should be killed, or None."""
@@ -349,7 +384,10 @@ class Supervisor:
             if now - worker.started > STARTUP_TIMEOUT_S:
                 return f"not ready {STARTUP_TIMEOUT_S:g} s after it started"
             return None  # loading: a model load may hold the GIL and delay its answers for seconds
-        if answer is not None and answer.get("live") is not None and answer.get("ready") != "shutting down":
+        if worker.shutting_since is not None:  # stopping on its own (its link closed, or a signal of its own)
+            bound = self.config.drain_seconds + self.config.grace_seconds + STOP_MARGIN_S
+            return f"still shutting down after {bound:g} s" if now - worker.shutting_since > bound else None
+        if answer is not None and answer.get("live") is not None:
             return answer["live"]
         if now - worker.answered > self.config.liveness_stall_seconds:
             return f"no answer on its link for {now - worker.answered:.0f} s"
@@ -362,7 +400,6 @@ class Supervisor:
         prometheus_multiprocess.mark_process_dead(pid, self.metrics_dir)  # its live gauges no longer count
         if not worker.served_before:
             self.failed = f"worker {worker.index} exited with status {code} before it was ready (see its log above)"
-            self.stopping.set()
             return
         if time.monotonic() - worker.started > 60:
             worker.restarts = 0  # it had run a while: this death starts the backoff afresh
@@ -389,11 +426,12 @@ class Supervisor:
             if agreed != self.agreed:
                 self.agreement_seq += 1
                 self.agreed = agreed
-                self._agreement_at = now + AGREEMENT_LEAD_S
+                # the first agreement at once: no worker routes by an earlier one it could disagree with
+                self._agreement_at = now + AGREEMENT_LEAD_S if self.agreement_seq > 1 else now
                 log.info("default versions agreed by the workers (from %.1f s on): %s", AGREEMENT_LEAD_S, agreed or "-")
         lagging = [w for w in self.workers if w.process is not None and w.agreed_seq != self.agreement_seq]
         message = {"op": "agree", "seq": self.agreement_seq, "defaults": self.agreed, "at": self._agreement_at}
-        for worker, answer in ask_all(dict.fromkeys(lagging, message), STATUS_TIMEOUT_S).items():
+        for worker, answer in ask_all(dict.fromkeys(lagging, message), STATUS_TIMEOUT_S, self._wake_r).items():
             if answer.get("seq") == self.agreement_seq:
                 worker.agreed_seq = self.agreement_seq
                 if (late := time.monotonic() - self._agreement_at) > 0:

@@ -232,6 +232,7 @@ class ModelRepository:
         # Under a supervisor: the defaults its workers agreed on (set from another thread) and those in force here.
         self._proposed: AgreedDefaults | None = None
         self._agreed: AgreedDefaults | None = None
+        self._wanted_versions: dict[str, set[str]] = {}  # model -> the versions its folder's policy selects now
 
     # --- routing ------------------------------------------------------------------------------------------
 
@@ -304,11 +305,25 @@ class ModelRepository:
 
     def local_defaults(self) -> dict[str, str]:
         """The version each model's requests would get from this process alone (its config.pbtxt's default_version
-        when READY, else the newest READY): what a worker tells its supervisor."""
-        return {name: self._local_default(name, versions) for name, versions in self._served.items()}
+        when READY, else the newest READY), among the versions the folder still wants: what a worker tells its
+        supervisor. A version kept only because the workers' agreement still routes to it does not count, or a
+        rollback by removing the newest version would never be agreed."""
+        return {name: self._local_default(name, versions) for name, versions in self._wanted_served().items()}
 
     def ready_versions(self) -> dict[str, list[str]]:
-        return {name: sorted(versions, key=version_key) for name, versions in self._served.items()}
+        """Every READY version by model, those kept only for the workers' agreement included."""
+        return {name: sorted(versions, key=version_key) for name, versions in self._served.items() if versions}
+
+    def _wanted_served(self) -> dict[str, dict[str, ServedModel]]:
+        """READY versions the folder still wants, by model (a model whose folder is gone has none)."""
+        if self.root is None:  # one model file: nothing is wanted or unwanted by a folder
+            return {name: versions for name, versions in self._served.items() if versions}
+        wanted = {}
+        for name, versions in self._served.items():
+            kept = {v: s for v, s in versions.items() if v in self._wanted_versions.get(name, ())}
+            if kept:
+                wanted[name] = kept
+        return wanted
 
     def propose_defaults(self, agreed: AgreedDefaults) -> None:
         """From any thread: route requests naming no version as `agreed` says from `agreed.at` on. The versions it
@@ -319,8 +334,10 @@ class ModelRepository:
         """On the loop: take the proposed defaults once their instant has come (at the first request after it, or at
         the instant itself, scheduled by the worker)."""
         proposed = self._proposed
-        if proposed is None or proposed is self._agreed or time.monotonic() < proposed.at:
+        if proposed is None or proposed is self._agreed:
             return
+        if self._agreed is not None and time.monotonic() < proposed.at:
+            return  # the first agreement applies at once: before it, every worker routed alike, by its own choice
         self._agreed = proposed
         self._choose_defaults()
         self.observer.on_changed(self)
@@ -378,6 +395,7 @@ class ModelRepository:
                 continue
             self._status.pop((name, ""), None)
             self._wanted_default[name] = spec.default_version
+            self._wanted_versions[name] = set(spec.versions)
             self._settings[name] = spec.settings
             for key in [k for k in self._status if k[0] == name and k[1] and k[1] not in spec.present]:
                 if self._status[key].state == FAILED:  # its folder is gone: so is its failure
@@ -411,6 +429,9 @@ class ModelRepository:
                     self._retire(versions[version])
         for key in [k for k in self._status if k[0] not in specs]:
             self._status.pop(key)
+        if only is None:
+            for name in [name for name in self._wanted_versions if name not in specs]:
+                del self._wanted_versions[name]  # its folder is gone
         self._choose_defaults()
         self.observer.on_changed(self)
 

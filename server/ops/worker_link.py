@@ -29,7 +29,7 @@ log = logging.getLogger("mnist.worker")
 
 LINK_ENV = "MNIST_WORKER_LINK_FD"
 INDEX_ENV = "MNIST_WORKER_INDEX"  # "2/4": the third worker of four
-AGREED_ENV = "MNIST_WORKER_AGREED"  # {"seq", "defaults"}: the agreement in force when the worker was started
+AGREED_ENV = "MNIST_WORKER_AGREED"  # {"seq", "defaults", "at"}: the agreement when the worker was started
 MAX_LINE_BYTES = 1 << 20
 
 
@@ -66,7 +66,9 @@ class WorkerLink:
         """The defaults every other worker routes by now, from the supervisor; None when there are none yet."""
         try:
             agreed = json.loads(os.environ.get(AGREED_ENV) or "{}")
-            return AgreedDefaults(int(agreed["seq"]), dict(agreed["defaults"]), 0.0) if agreed.get("seq") else None
+            if not agreed.get("seq"):
+                return None
+            return AgreedDefaults(int(agreed["seq"]), dict(agreed["defaults"]), float(agreed.get("at", 0.0)))
         except (ValueError, KeyError, TypeError):
             return None
 
