@@ -434,7 +434,7 @@ class Supervisor:
         for worker, answer in ask_all(dict.fromkeys(lagging, message), STATUS_TIMEOUT_S, self._wake_r).items():
             if answer.get("seq") == self.agreement_seq:
                 worker.agreed_seq = self.agreement_seq
-                if (late := time.monotonic() - self._agreement_at) > 0:
+                if self.agreement_seq > 1 and (late := time.monotonic() - self._agreement_at) > 0:  # the first: at once
                     log.warning("worker %d took the defaults %.3f s after the agreed instant", worker.index, late)
 
     def _stop_workers(self) -> int:
