@@ -426,13 +426,40 @@ def without_digit_score(model: Any) -> Any:
     """A copy of `model` as files exported before the digit score were: no output, no threshold in the metadata."""
     from dataclasses import replace
 
-    classifier, _ = detach(model)
+    if has_digit_score(model) and not any(n.name.startswith(PREFIX) for n in model.graph.node):
+        classifier = _without_output(model, DIGIT_SCORE)  # the score is the model's own class, not a detector
+    else:
+        classifier, _ = detach(model)
     if any(p.key.startswith(METADATA_PREFIX) for p in classifier.metadata_props):
         metadata = read_metadata(classifier)
         replace(metadata, output_layout=output_layout(False), digit_threshold=None, digit_detector=None).write_into(
             classifier
         )
     return classifier
+
+
+def _without_output(model: Any, name: str) -> Any:
+    """A copy of `model` without the output `name` and the nodes and initializers nothing else needs."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    outputs = [_copy(o) for o in graph.output if o.name != name]
+    del graph.output[:]
+    graph.output.extend(outputs)
+    while True:
+        needed = {o.name for o in graph.output} | {i for n in graph.node for i in n.input}
+        kept = [_copy(n) for n in graph.node if any(o in needed for o in n.output)]
+        if len(kept) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(kept)
+    used = {i for n in graph.node for i in n.input}
+    initializers = [_copy(t) for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    return copy
 
 
 def with_digit_score(model: Any, detector: DigitDetector) -> Any:

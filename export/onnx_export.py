@@ -8,7 +8,9 @@ With --fp16, the fp32 file is then converted to an fp16 variant (`name.fp16.onnx
 and arithmetic, float32 input and output, softmax and the digit score kept in fp32), checked
 against the fp32 file through ONNX Runtime and measured again. --add-digit-score puts the score
 into existing model files without retraining, checking that their classifier answers stay
-bit-identical. A model that fails a check is not written.
+bit-identical. A checkpoint trained with --non-digits has a score of its own, its eleventh output: exported as
+`digit_score` (checked against PyTorch) with a threshold from digits it never trained on, no detector attached.
+A model that fails a check is not written.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,6 +67,10 @@ FP16_MAX_ACCURACY_DROP = 0.001
 # 2.5e-5 on synthetic non-digits, 1.0e-4 on blurred test digits (mnist-eval's gaussian_blur); x2 for other CPUs.
 SCORE_TOLERANCE = 2e-4
 SCORE_CHECK_NON_DIGITS = 40  # per kind of training.fit_digit_detector.quick_non_digits (six kinds)
+SPLIT_KEYS = ("seed", "validation_size", "train_limit")  # of a training config: which digits it never trained on
+OWN_CLASS = "in-model class"  # metadata digit_detector["kind"] of a score that is the model's own eleventh output
+# fp16 against fp32 of such a score: fp16 logits (max |Δ| ~0.004) move its log-odds by ~0.01, the score by < 0.003
+FP16_SCORE_TOLERANCE = 0.005
 
 
 class ExportError(RuntimeError):
@@ -97,6 +104,7 @@ class ScoreCheck:
     decisions_changed_off_threshold: int  # ... where the numpy score is more than `tolerance` from the threshold
     digits_passed: float  # share of the test digits with is_digit true (in-graph score)
     non_digits_caught: float  # share of the non-digits with is_digit false
+    reference: str = "the numpy detector"  # what the score was checked against
 
     @property
     def ok(self) -> bool:
@@ -118,9 +126,20 @@ def load_checkpoint_model(path: Path):  # -> torch.nn.Module, in eval mode
     preset = state.get("preset") or state.get("config", {}).get("preset")
     if preset is None or "model" not in state:
         raise ExportError(f"{path}: not an mnist-train checkpoint (no 'model' weights or preset)")
-    model = build_model(preset)
+    model = build_model(preset, not_a_digit_class=bool(state.get("not_a_digit_class", False)))
     model.load_state_dict(state["model"])
     return model.eval(), preset, state.get("test_accuracy")
+
+
+def checkpoint_config(path: Path) -> dict:
+    """The training config a checkpoint carries (model.pt since the eleventh class; checkpoint.pt always)."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    config = state.get("config")
+    if not isinstance(config, dict):
+        raise ExportError(f"{path}: carries no training config (re-save it with mnist-train of this version)")
+    return config
 
 
 def normalized_test_images(limit: int, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -161,7 +180,7 @@ def check_parity(model, session, x: np.ndarray, tolerance: float) -> ParityResul
     import torch
 
     with torch.no_grad():
-        reference = model(torch.from_numpy(x)).numpy()
+        reference = model(torch.from_numpy(x)).numpy()[:, : len(CLASS_LABELS)]  # a "not a digit" class is not served
     single = np.concatenate([session.run([LOGITS], {INPUT_NAME: x[i : i + 1]})[0] for i in range(min(8, len(x)))])
     batched = run_batched(session, x, batch_size=256)
     diff = max(float(np.abs(batched - reference).max()), float(np.abs(single - reference[: len(single)]).max()))
@@ -185,6 +204,19 @@ def detector_description(detector: DigitDetector, path: Path) -> dict:
 def check_digit_score(session, detector: DigitDetector, digits: np.ndarray) -> ScoreCheck:
     """Run `digits` and a quick set of non-digits through the model (batches of 256, and a few alone) and compare
     its digit_score with the numpy detector's score of the same inputs and the model's own probabilities."""
+    return compare_scores(session, detector.score, detector.threshold, digits, "the numpy detector")
+
+
+def compare_scores(
+    session,
+    reference_score: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    threshold: float,
+    digits: np.ndarray,
+    reference: str,
+    tolerance: float = SCORE_TOLERANCE,
+) -> ScoreCheck:
+    """The model's digit_score of `digits` and a quick set of non-digits (batches of 256, and a few alone) against
+    `reference_score(inputs, the model's probabilities)`, and the is_digit decisions either makes at `threshold`."""
     from training.fit_digit_detector import quick_non_digits
 
     non_digits = np.concatenate(list(quick_non_digits(SCORE_CHECK_NON_DIGITS).values()))
@@ -193,33 +225,70 @@ def check_digit_score(session, detector: DigitDetector, digits: np.ndarray) -> S
     probabilities = np.concatenate([run[0] for run in runs])
     scores = np.concatenate([run[1] for run in runs])
     alone = [session.run([PROBABILITIES, DIGIT_SCORE], {INPUT_NAME: x[i : i + 1]}) for i in (0, len(digits))]
-    reference = detector.score(x, probabilities)
-    reference_alone = [detector.score(x[i : i + 1], run[0]) for i, run in zip((0, len(digits)), alone, strict=True)]
+    expected = reference_score(x, probabilities)
+    expected_alone = [reference_score(x[i : i + 1], run[0]) for i, run in zip((0, len(digits)), alone, strict=True)]
     diff = max(
-        float(np.abs(scores - reference).max()),
-        *(float(np.abs(run[1] - ref).max()) for run, ref in zip(alone, reference_alone, strict=True)),
+        float(np.abs(scores - expected).max()),
+        *(float(np.abs(run[1] - ref).max()) for run, ref in zip(alone, expected_alone, strict=True)),
     )
-    threshold = detector.threshold
-    changed = (scores >= threshold) != (reference >= threshold)
-    off_threshold = changed & (np.abs(reference - threshold) > SCORE_TOLERANCE)
+    changed = (scores >= threshold) != (expected >= threshold)
+    off_threshold = changed & (np.abs(expected - threshold) > tolerance)
     return ScoreCheck(
         digits=len(digits),
         non_digits=len(non_digits),
         max_abs_score_diff=diff,
-        tolerance=SCORE_TOLERANCE,
+        tolerance=tolerance,
         threshold=threshold,
         decisions_changed=int(changed.sum()),
         decisions_changed_off_threshold=int(off_threshold.sum()),
         digits_passed=float(np.mean(scores[: len(digits)] >= threshold)),
         non_digits_caught=float(np.mean(scores[len(digits) :] < threshold)),
+        reference=reference,
     )
+
+
+def is_own_class(metadata: ModelMetadata) -> bool:
+    """Whether a model's digit score is its own "not a digit" output (else a detector attached to its graph)."""
+    return (metadata.digit_detector or {}).get("kind") == OWN_CLASS
+
+
+def own_class_threshold(session, config: dict, data_dir: str | None) -> tuple[float, dict]:
+    """The threshold of a model whose digit score is its own "not a digit" class, and the description its metadata
+    carries: where 1% of digits it never trained on are flagged (training.non_digits.threshold_digits)."""
+    from training.fit_digit_detector import weighted_quantile
+    from training.non_digits import THRESHOLD_FALSE_ALARM, threshold_digits
+
+    sets = threshold_digits(config, data_dir)
+    scores = {name: run_batched(session, x.astype(np.float32), output=DIGIT_SCORE) for name, x in sets.items()}
+    threshold = weighted_quantile(list(scores.values()), THRESHOLD_FALSE_ALARM)
+    description = {
+        "kind": OWN_CLASS,
+        "source": "the model's own 'not a digit' output",
+        "method": "the classifier's eleventh output, 'not a digit', trained with the digits on non-digits of the "
+        "detector's fitted kinds (mnist-train --non-digits); digit_score = 1 - its share of the eleven-way softmax",
+        "threshold_rule": f"{THRESHOLD_FALSE_ALARM:.0%} of digits never trained on flagged, each set weighing alike",
+        "threshold_sets": {name: {"n": len(v), "flagged": float(np.mean(v < threshold))} for name, v in scores.items()},
+        "validation_split": {key: config.get(key) for key in SPLIT_KEYS},  # rebuilds the sets: threshold_digits
+    }
+    return threshold, description
+
+
+def _torch_score(wrapped) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The digit score of a WithDigitScore model in PyTorch (fp32, eval): the reference for its ONNX graph."""
+    import torch
+
+    def score(x: np.ndarray, _probabilities: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return wrapped(torch.from_numpy(np.ascontiguousarray(x, np.float32)))[2].numpy()
+
+    return score
 
 
 def _require_score(check: ScoreCheck, what: str) -> None:
     if not check.ok:
         raise ExportError(
             f"digit score check failed for {what} on {check.digits} test digits and {check.non_digits} non-digits: "
-            f"max |Δscore| against the numpy detector {check.max_abs_score_diff:.2e} (tolerance "
+            f"max |Δscore| against {check.reference} {check.max_abs_score_diff:.2e} (tolerance "
             f"{check.tolerance:.0e}), {check.decisions_changed_off_threshold} is_digit decisions changed away from "
             "the threshold"
         )
@@ -245,16 +314,17 @@ def export_checkpoint(
     import torch
 
     from export.digit_score_graph import with_digit_score
-    from training.model import WithProbabilities
+    from training.model import WithDigitScore, WithProbabilities
 
     started = time.time()
     model, preset, _ = load_checkpoint_model(checkpoint)
     checkpoint_sha = sha256_file(checkpoint)
-    detector = load_detector(digit_detector) if digit_detector is not None else None
+    own_class = model.config.not_a_digit_class  # its score is its own eleventh output: no detector is attached
+    detector = load_detector(digit_detector) if digit_detector is not None and not own_class else None
 
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = Path(tmp) / "model.onnx"
-        wrapped = WithProbabilities(model).eval()
+        wrapped = (WithDigitScore if own_class else WithProbabilities)(model).eval()
         batch = torch.export.Dim(BATCH_AXIS, min=1, max=65536)
         # The exporter logs every torchvision op it cannot register and warns about its own internals.
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -264,7 +334,7 @@ def export_checkpoint(
                 wrapped,
                 (torch.zeros(2, *INPUT_SHAPE),),
                 input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
+                output_names=list(SCORED_OUTPUT_NAMES if own_class else OUTPUT_NAMES),
                 opset_version=OPSET,
                 dynamo=True,
                 external_data=False,
@@ -290,7 +360,13 @@ def export_checkpoint(
                 f"parity check failed on {parity.images} test images: max |Δlogit| {parity.max_abs_logit_diff:.2e} "
                 f"(tolerance {parity.tolerance:.0e}), {parity.argmax_mismatches} different predictions"
             )
-        score = check_digit_score(session, detector, x[:parity_images]) if detector is not None else None
+        score, threshold, description = None, None, None
+        if own_class:
+            threshold, description = own_class_threshold(session, checkpoint_config(checkpoint), data_dir)
+            score = compare_scores(session, _torch_score(wrapped), threshold, x[:parity_images], "PyTorch")
+        elif detector is not None:
+            score = check_digit_score(session, detector, x[:parity_images])
+            threshold, description = detector.threshold, detector_description(detector, digit_detector)
         if score is not None:
             _require_score(score, "the exported model")
         x_acc, y_acc = normalized_test_images(accuracy_images, data_dir)
@@ -303,14 +379,14 @@ def export_checkpoint(
         class_labels=list(CLASS_LABELS),
         normalization=MNIST_NORMALIZATION.as_dict(),
         input_layout=input_layout("fp32"),
-        output_layout=output_layout(detector is not None),
+        output_layout=output_layout(score is not None),
         test_accuracy=accuracy,
         test_images=len(y_acc),
         checkpoint_sha256=checkpoint_sha,
         opset=OPSET,
         exported_with=f"torch {torch.__version__}, onnx {onnx.__version__}",
-        digit_threshold=detector.threshold if detector is not None else None,
-        digit_detector=detector_description(detector, digit_detector) if detector is not None else None,
+        digit_threshold=threshold,
+        digit_detector=description,
     )
     metadata.write_into(proto)
     save_atomically(proto, output)
@@ -328,8 +404,9 @@ def export_checkpoint(
     return report
 
 
-# Ops left in fp32 by `to_fp16`: the softmax, so probabilities near 0 and 1 keep their digits.
-FP32_OPS = frozenset({"Softmax"})
+# Ops left in fp32 by `to_fp16`: the softmax, so probabilities near 0 and 1 keep their digits, and the last steps of a
+# digit score that is the model's own class (its log-odds made from fp16 logits, then the logistic function).
+FP32_OPS = frozenset({"Softmax", "ReduceLogSumExp", "Sub", "Sigmoid"})
 
 
 def to_fp16(proto):
@@ -356,11 +433,18 @@ def to_fp16(proto):
     kept_fp32 = {name for node in fp32_nodes for name in node.output}
     fp32_world = float_inputs | float_outputs | kept_fp32  # tensors that stay float32 under their own names
     fp16_inputs = {name for node in graph.node if node.op_type not in FP32_OPS for name in node.input}
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
+    not_float = {t.name for t in graph.initializer if t.data_type not in floats} | {
+        name
+        for node in graph.node
+        if node.op_type == "Constant" and any(a.t.data_type not in floats for a in node.attribute if a.name == "value")
+        for name in node.output
+    }  # axes and shapes: an fp32 op takes them as they are
     nodes = [helper.make_node("Cast", [name], [f"{name}__fp16"], to=TensorProto.FLOAT16) for name in float_inputs]
     for node in graph.node:
         fp32_op = node.op_type in FP32_OPS
         for i, name in enumerate(node.input):
-            if fp32_op and name and name not in fp32_world:  # an fp16 tensor into an fp32 op
+            if fp32_op and name and name not in fp32_world and name not in not_float:  # an fp16 tensor, fp32 op
                 nodes.append(helper.make_node("Cast", [name], [f"{name}__fp32"], to=TensorProto.FLOAT))
                 node.input[i] = f"{name}__fp32"
             elif not fp32_op and name in fp32_world:  # a float32 tensor into an fp16 op: its fp16 twin
@@ -421,9 +505,10 @@ def export_fp16_variant(
     metadata32 = read_metadata(proto32)
     if metadata32.precision != "fp32":
         raise ExportError(f"{fp32_model} is already {metadata32.precision}; give the fp32 model")
-    classifier32, score_graph = detach(proto32)
+    own_class = is_own_class(metadata32)
+    classifier32, score_graph = (proto32, None) if own_class else detach(proto32)
     detector = _detector_of(metadata32, fp32_model, digit_detector) if score_graph is not None else None
-    proto16 = to_fp16(classifier32)
+    proto16 = to_fp16(classifier32)  # an own class's score is converted with it, its last steps kept in fp32
     if score_graph is not None:
         proto16 = attach(proto16, score_graph)
     onnx.checker.check_model(proto16, full_check=True)
@@ -457,7 +542,18 @@ def export_fp16_variant(
                 f"{probability_diff:.2e} (tolerance {FP16_PROBABILITY_TOLERANCE}), {parity.argmax_mismatches} "
                 f"different predictions (at most {parity.allowed_mismatches})"
             )
-        score = check_digit_score(session16, detector, xp) if detector is not None else None
+        score = None
+        if own_class:
+            score = compare_scores(
+                session16,
+                lambda x, _p: run_batched(session32, x, output=DIGIT_SCORE),
+                float(metadata32.digit_threshold),
+                xp,
+                f"the fp32 model {fp32_model.name}",
+                FP16_SCORE_TOLERANCE,
+            )
+        elif detector is not None:
+            score = check_digit_score(session16, detector, xp)
         if score is not None:
             _require_score(score, "the fp16 variant")
         x_acc, y_acc = normalized_test_images(accuracy_images, data_dir)
@@ -533,6 +629,8 @@ def add_digit_score(
     before = onnx.load(str(model_path))
     metadata = read_metadata(before)
     _check_io_contract(before)
+    if is_own_class(metadata):
+        raise ExportError(f"{model_path}: its digit score is its own 'not a digit' class; there is nothing to add")
     detector = load_detector(digit_detector)
     after = with_digit_score(before, detector)
     onnx.checker.check_model(after, full_check=True)
@@ -632,7 +730,18 @@ def check_model_file(
     predictions = run_batched(session, x).argmax(1)
     seconds = time.perf_counter() - started
     score = None
-    if has_output:
+    if has_output and is_own_class(metadata):  # nothing apart from the model computes it: batched against alone
+        alone = ort_session(path)
+        score = asdict(
+            compare_scores(
+                alone,
+                lambda x, _p: run_batched(alone, x, batch_size=1, output=DIGIT_SCORE),
+                float(metadata.digit_threshold),
+                x[:500],
+                "the same model one image at a time",
+            )
+        )
+    elif has_output:
         score = asdict(check_digit_score(ort_session(path), _detector_of(metadata, path, digit_detector), x[:1000]))
     return {
         "digit_score": score,
@@ -735,7 +844,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"output '{DIGIT_SCORE}', its threshold and description stored in the metadata; none: a model without it "
         f"(the server then scores with its separate --digit-detector file). The score must match the numpy detector "
         f"to {SCORE_TOLERANCE:.0e} on test digits and non-digits. With --fp16 or --check, the file the model's score "
-        "was built from, to check it",
+        "was built from, to check it. Not used for a checkpoint trained with --non-digits: its score is its own "
+        "'not a digit' output, checked against PyTorch, its threshold set where 1%% of digits it never trained on "
+        "(its validation split, fresh renders of the fit handwriting fonts) are flagged",
     )
     parser.add_argument(
         "--add-digit-score",
@@ -877,7 +988,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_score(check: dict) -> None:
     print(
-        f"  digit_score against the numpy detector on {check['digits']} test digits and {check['non_digits']} "
+        f"  digit_score against {check.get('reference', 'the numpy detector')} on {check['digits']} test digits "
+        f"and {check['non_digits']} "
         f"non-digits: max |Δscore| {check['max_abs_score_diff']:.1e} <= {check['tolerance']:.0e}, "
         f"{check['decisions_changed']} is_digit decisions changed ({check['decisions_changed_off_threshold']} away "
         f"from the threshold {check['threshold']:.4f}); digits passed {100 * check['digits_passed']:.1f}%, "

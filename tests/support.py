@@ -90,6 +90,23 @@ class _PipedServer(ServerProcess):
         raise AssertionError(f"server did not become SERVING within {self.wait_s:.0f} s:\n" + output)
 
 
+def smoke_training(out: Path, mnist_dir: Path, **overrides: object) -> dict:
+    """One epoch on 300 MNIST digits into `out` (model.pt, report): a real checkpoint in seconds, to export."""
+    from training.train import TrainConfig, train
+
+    config = TrainConfig(
+        epochs=1,
+        batch_size=32,
+        lr=0.05,
+        train_limit=300,
+        eval_limit=100,
+        device="cpu",
+        out_dir=str(out),
+        data_dir=str(mnist_dir),
+    )
+    return train(replace(config, **overrides))
+
+
 def start_server(*flags: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
     """`mnist-serve --provider cpu FLAGS` on a free port with its own defaults otherwise, SERVING; its output (stdout
     and stderr) on a pipe. The caller signals and stops it."""

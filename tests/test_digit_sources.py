@@ -152,8 +152,8 @@ def test_cli_writes_contact_sheets(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_the_detectors_fitting_takes_fit_sources_and_refuses_held_out_ones() -> None:
     from training import fit_digit_detector as fitting
 
-    fitted = fitting._from_source("handwriting-fonts-fit", "handwriting_fonts_fit", "positive-fit", 1, n=6)
+    fitted = fitting.fit_source("handwriting-fonts-fit", "handwriting_fonts_fit", "positive-fit", 1, n=6)
     assert fitted.x.shape == (6, 1, 28, 28) and fitted.labels is not None and fitted.group == "positive-fit"
     for held_out in ds.names(role="held-out"):
         with pytest.raises(ValueError, match="held-out source: the detector never fits or calibrates on those"):
-            fitting._from_source(held_out, "x", "fit", 1, n=2)
+            fitting.fit_source(held_out, "x", "fit", 1, n=2)

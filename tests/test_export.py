@@ -22,8 +22,8 @@ from export.onnx_export import (
 from proto.contract import ModelMetadata, read_metadata
 from server.config import DIGIT_DETECTOR
 from server.pipeline.digit_detector import DigitDetector
+from tests.support import smoke_training
 from training.data import sha256_file
-from training.train import TrainConfig, train
 
 BUNDLED = Path(__file__).resolve().parents[1] / "server" / "bundled" / "googlenet-fast.onnx"
 
@@ -31,18 +31,7 @@ BUNDLED = Path(__file__).resolve().parents[1] / "server" / "bundled" / "googlene
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> tuple[Path, Path, dict]:
     out = tmp_path_factory.mktemp("export")
-    train(
-        TrainConfig(
-            epochs=1,
-            batch_size=32,
-            lr=0.05,
-            train_limit=300,
-            eval_limit=100,
-            device="cpu",
-            out_dir=str(out),
-            data_dir=str(mnist_dir),
-        )
-    )
+    smoke_training(out, mnist_dir)
     checkpoint = out / "model.pt"
     report = export_checkpoint(checkpoint, out / "model.onnx", parity_images=200, accuracy_images=300)
     return checkpoint, out / "model.onnx", report

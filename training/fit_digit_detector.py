@@ -1164,7 +1164,7 @@ def positive_categories(data_dir: str, seed: int, other_hands: bool = True) -> l
     return cats
 
 
-def _from_source(name: str, category: str, group: str, seed: int, n: int | None = None) -> Category:
+def fit_source(name: str, category: str, group: str, seed: int, n: int | None = None) -> Category:
     """A fit-role source of training/digit_sources.py as a Category (refused uploads counted, not kept)."""
     role = digit_sources.SOURCES[name].role
     if role != "fit":  # before building it: a held-out source is never even generated here
@@ -1185,8 +1185,8 @@ def _from_source(name: str, category: str, group: str, seed: int, n: int | None 
 def handwriting_categories(seed: int) -> list[Category]:
     """Digits in the fit handwriting fonts: one set fitted on, fresh renders of the same fonts for the threshold."""
     return [
-        _from_source("handwriting-fonts-fit", "handwriting_fonts_fit", "positive-fit", seed),
-        _from_source("handwriting-fonts-fit", "handwriting_fonts_threshold", "threshold", seed + 1, n=1000),
+        fit_source("handwriting-fonts-fit", "handwriting_fonts_fit", "positive-fit", seed),
+        fit_source("handwriting-fonts-fit", "handwriting_fonts_threshold", "threshold", seed + 1, n=1000),
     ]
 
 
@@ -1195,8 +1195,8 @@ def other_hand_negatives(seed: int, fit: bool) -> list[Category]:
     group, at = ("fit", seed) if fit else ("fitted", seed + 1)
     n = None if fit else 500
     return [
-        _from_source("letters-handwriting-fit", "letters_handwriting", group, at, n=n),
-        _from_source("textures-fit", "textures_procedural", group, at, n=n),
+        fit_source("letters-handwriting-fit", "letters_handwriting", group, at, n=n),
+        fit_source("textures-fit", "textures_procedural", group, at, n=n),
     ]
 
 

@@ -38,6 +38,7 @@ class GoogLeNetConfig:
     width: float = 1.0  # multiplies every channel count of the paper's table
     dropout: float = 0.4
     stem_channels: tuple[int, int] = (64, 192)
+    not_a_digit_class: bool = False  # an eleventh output, "not a digit", trained on non-digits (--non-digits)
 
 
 PRESETS: dict[str, GoogLeNetConfig] = {
@@ -77,7 +78,8 @@ class Inception(nn.Module):
 class GoogLeNet(nn.Module):
     """Stem -> stage 3 -> pool -> stage 4 -> pool -> stage 5 -> global average pool -> dropout -> linear.
 
-    Input: (N, 1, 28, 28) float, normalized as `proto.contract.MNIST_NORMALIZATION` says. Output: (N, 10) logits.
+    Input: (N, 1, 28, 28) float, normalized as `proto.contract.MNIST_NORMALIZATION` says. Output: (N, 10) logits,
+    or (N, 11) with `not_a_digit_class` (the last is "not a digit").
     """
 
     def __init__(self, config: GoogLeNetConfig) -> None:
@@ -103,11 +105,16 @@ class GoogLeNet(nn.Module):
                 cin = block.out_channels
         self.features = nn.Sequential(*stages)
         self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(config.dropout), nn.Linear(cin, NUM_CLASSES)
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(config.dropout), nn.Linear(cin, output_classes(config))
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(self.stem(x)))
+
+
+def output_classes(config: GoogLeNetConfig) -> int:
+    """The ten digits, and the "not a digit" class where the config has one (it is always the last)."""
+    return NUM_CLASSES + int(config.not_a_digit_class)
 
 
 def build_model(preset: str, **overrides: object) -> GoogLeNet:
@@ -164,3 +171,19 @@ class WithProbabilities(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x)
         return logits, torch.softmax(logits, dim=1)
+
+
+class WithDigitScore(nn.Module):
+    """A model with a "not a digit" class, as the server reads it (used for export): the ten digits' logits and their
+    softmax (the answer, as if the image is a digit), and `digit_score`, the probability that it is one at all
+    (1 - the eleventh class's share of the full softmax, computed as log-odds so it keeps its digits near 0 and 1)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        digits = logits[:, :NUM_CLASSES]
+        digit_log_odds = torch.logsumexp(digits, dim=1) - logits[:, NUM_CLASSES]
+        return digits, torch.softmax(digits, dim=1), torch.sigmoid(digit_log_odds)

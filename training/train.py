@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from proto.contract import MNIST_NORMALIZATION
+from proto.contract import MNIST_NORMALIZATION, NUM_CLASSES
 from training.augment import AUGMENTATIONS, augment
 from training.data import REPO_ROOT, load_split, train_validation_split
 from training.model import PRESETS, build_model, count_flops, count_parameters
+from training.non_digits import load_non_digits
 
 CHECKPOINT_FORMAT = 1
 
@@ -43,6 +44,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     warmup_fraction: float = 0.2
     augment: str = "robust"  # a recipe of training/augment.py: basic (small warps) or robust (photos and scans)
+    non_digits: str = ""  # an .npz of `python -m training.non_digits`: adds an eleventh class, "not a digit"
     validation_size: int = 5000
     seed: int = 0
     device: str = "auto"
@@ -130,22 +132,50 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - MNIST_NORMALIZATION.mean) / MNIST_NORMALIZATION.std
 
 
-def place_model(preset: str, device: torch.device) -> tuple[torch.nn.Module, int, int]:
+def place_model(preset: str, device: torch.device, **overrides: object) -> tuple[torch.nn.Module, int, int]:
     """The preset's model on `device` in channels-last layout, with its parameter and FLOP counts.
 
     Everything here must work wherever the model lives: the tests run it on PyTorch's `meta` device,
     which fails on any CPU tensor meeting a model that is not on the CPU (the bug that stopped GPU runs).
     """
-    model = build_model(preset).to(device)
+    model = build_model(preset, **overrides).to(device)
     params, flops = count_parameters(model), count_flops(model)
     return model.to(memory_format=torch.channels_last), params, flops  # faster convolutions (1.6x on CPU)
+
+
+BATCH_NORM_DIGITS = 12_800  # clean training digits whose statistics a model with a "not a digit" class keeps
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: torch.nn.Module, digits: torch.Tensor, batch_size: int = 256) -> None:
+    """Set every batch norm's running statistics to those of `digits` (uint8, N x 28 x 28), clean.
+
+    Trained beside noise, textures and letters, the running statistics are those of the mix, and a digit
+    normalized with them is read worse: measured on googlenet-fast, validation accuracy 98.66% before, 99.38%
+    after (test 99.14%, 99.50%). A server sees digits, so the statistics it computes with are theirs."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over every batch below, not a moving one
+    was_training = model.training
+    model.train()
+    for start in range(0, len(digits), batch_size):
+        x = normalize(to_model_input(digits[start : start + batch_size]))
+        model(x.contiguous(memory_format=torch.channels_last))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
 
 
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int = 1000
 ) -> tuple[float, float, np.ndarray]:
-    """Mean loss, accuracy and the 10x10 confusion matrix (rows: true digit) over a whole split.
+    """Mean loss, accuracy and the 10x10 confusion matrix (rows: true digit) over a whole split of digits.
+
+    The answer is the likeliest digit; a model with a "not a digit" class is read as the server reads it, on
+    the ten digit outputs (how often it would call a digit "not a digit" is `not_a_digit_share`).
 
     Every batch has the same shape (the last is padded with blank images, whose answers are dropped): one
     cuDNN autotune and one compiled graph serve the whole evaluation."""
@@ -163,7 +193,7 @@ def evaluate(
             logits = model(x).float()[:real]
         y = labels[start : start + batch_size]
         total_loss += F.cross_entropy(logits, y, reduction="sum")
-        predictions.append(logits.argmax(1))
+        predictions.append(logits[:, :NUM_CLASSES].argmax(1))
     predicted = torch.cat(predictions).cpu().numpy()
     truth = labels.cpu().numpy()
     confusion = np.zeros((10, 10), dtype=np.int64)
@@ -196,10 +226,16 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
     n_test = config.eval_limit or len(test_split)
     test_images = torch.from_numpy(test_split.images[:n_test].copy()).to(device)
     test_labels = torch.from_numpy(test_split.labels[:n_test].astype(np.int64)).to(device)
+    extra = load_non_digits(Path(config.non_digits)) if config.non_digits else None
+    batch_norm_digits = train_images[:BATCH_NORM_DIGITS]  # MNIST digits only: the statistics a server should use
+    if extra is not None:  # training only: validation and test stay MNIST digits, comparable with every run
+        train_images = torch.cat([train_images, torch.from_numpy(extra.images).to(device)])
+        train_labels = torch.cat([train_labels, torch.from_numpy(extra.labels.astype(np.int64)).to(device)])
+        print(extra.summary())
     clock.mark("data to device")
 
     # --- model and optimizer ---
-    model, params, flops = place_model(config.preset, device)
+    model, params, flops = place_model(config.preset, device, not_a_digit_class=extra is not None)
     recipe = AUGMENTATIONS[config.augment]
     torch.backends.cudnn.benchmark = True
     forward = torch.compile(model) if config.compile else model
@@ -282,6 +318,8 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
         steady_seconds = clock.mark(f"epoch {epoch} train")
         train_seconds = steady_seconds + first_step_seconds
         steady_images = trained_per_epoch - (config.batch_size if first_step_seconds else 0)
+        if extra is not None:
+            recalibrate_batch_norm(model, batch_norm_digits)
         val_loss, val_acc, _ = evaluate(model, val_images, val_labels, device) if len(val_labels) else (0.0, 0.0, None)
         test_loss, test_acc, confusion = evaluate(model, test_images, test_labels, device)
         eval_seconds = clock.mark(f"epoch {epoch} evaluate")
@@ -342,6 +380,8 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
         {
             "format": CHECKPOINT_FORMAT,
             "preset": config.preset,
+            "not_a_digit_class": extra is not None,
+            "config": asdict(config),  # the validation split it never trained on: where export sets a threshold
             "model": best["model"],
             "epoch": best["epoch"],
             "val_accuracy": best["val_accuracy"],
@@ -420,6 +460,8 @@ FLAG_HELP = {
     "augment": "augmentation recipe: basic (rotation +-10 deg, zoom +-10%%, shift +-2 px) or robust (stronger warps "
     "with shear and an elastic wobble, and half the images given one or two photo/scan corruptions: stroke width, "
     "blur, low resolution, noise, paper tone, fog, partial inversion, occlusion, stray lines, edges only)",
+    "non_digits": "an .npz of `python -m training.non_digits` (non-digits and digits in other hands): the model gets "
+    "an eleventh output, 'not a digit', trained on them; validation and test stay MNIST digits (empty: ten classes)",
     "validation_size": "training images held out for model selection (the best epoch on it is kept)",
     "seed": "seed of the split, shuffling, augmentation, dropout and initialization",
     "device": "auto (CUDA if torch sees a GPU, else CPU), cpu, or cuda[:N]",
