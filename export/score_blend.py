@@ -52,11 +52,12 @@ class EvidenceReader:
     def __init__(self, model: Path, detector: Path = DIGIT_DETECTOR) -> None:
         import onnxruntime as ort
 
+        from export.onnx_export import is_own_class
         from server.pipeline.digit_detector import DigitDetector
 
         self.session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
         self.metadata = ModelMetadata.from_props(self.session.get_modelmeta().custom_metadata_map)
-        if (self.metadata.digit_detector or {}).get("kind") != "in-model class":
+        if not is_own_class(self.metadata):
             raise ValueError(f"{model}: its digit_score is not its own class (train it with mnist-train --non-digits)")
         self.detector = DigitDetector.load(detector)
         if self.detector.pixel_network is None:
@@ -100,8 +101,9 @@ def judge(evidence: dict[str, Any], weights: tuple[float, float, float]) -> dict
     w = np.asarray(weights, np.float64)
 
     def blend(log_odds: np.ndarray) -> np.ndarray:
-        finite = np.isfinite(log_odds).all(axis=1)
-        return np.where(finite, np.nan_to_num(log_odds, neginf=0.0) @ w, -np.inf)
+        used = log_odds[:, w != 0]  # a part weighing 0 cannot make a row unusable
+        finite = np.isfinite(used).all(axis=1)
+        return np.where(finite, np.nan_to_num(log_odds, nan=0.0, posinf=0.0, neginf=0.0) @ w, -np.inf)
 
     threshold = weighted_quantile([blend(x) for x in evidence["threshold_sets"].values()], THRESHOLD_FALSE_ALARM)
     scored = {e.name: (e.kind, e.role, blend(e.log_odds)) for e in evidence["sources"]}

@@ -63,14 +63,19 @@ def test_a_non_digit_set_reads_back_and_a_wrong_file_is_named(tmp_path: Path) ->
     np.savez(tmp_path / "other.npz", something=np.zeros(3))
     with pytest.raises(ValueError, match="not a set of training.non_digits"):
         load_non_digits(tmp_path / "other.npz")
+    digits_only = NonDigitSet(written.images, np.zeros(len(written.labels), np.uint8), written.kinds)
+    save(digits_only, tmp_path / "digits.npz")
+    with pytest.raises(ValueError, match="no image labelled 10"):
+        load_non_digits(tmp_path / "digits.npz")
 
 
 def test_training_with_non_digits_gives_the_model_an_eleventh_output(trained) -> None:
     checkpoint, report = trained
-    model, _, _ = load_checkpoint_model(checkpoint)
-    assert model.config.not_a_digit_class
-    with torch.no_grad():
-        assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 11)
+    for saved in (checkpoint, checkpoint.with_name("checkpoint.pt")):  # the chosen epoch, and the resumable state
+        model, _, _ = load_checkpoint_model(saved)
+        assert model.config.not_a_digit_class
+        with torch.no_grad():
+            assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 11)
     # accuracy is measured on MNIST digits only, read on the ten digit outputs as the server reads them
     confusion = np.array(report["confusion_matrix"])
     assert confusion.shape == (10, 10) and confusion.sum() == 100
@@ -126,11 +131,25 @@ def test_its_threshold_flags_one_percent_of_digits_it_never_trained_on(exported)
 def test_the_fp16_variant_keeps_the_score_and_check_accepts_both(exported, mnist_dir: Path) -> None:
     path, _ = exported
     fp16 = export_fp16_variant(path, parity_images=200, accuracy_images=300, data_dir=str(mnist_dir))
-    assert fp16["digit_score"]["passed"] and fp16["digit_score"]["decisions_changed_off_threshold"] == 0
-    assert fp16["digit_score"]["max_abs_score_diff"] <= 0.005
+    assert fp16["digit_score"]["decisions_changed_off_threshold"] == 0 and fp16["digit_score"]["in_log_odds"]
+    stored = read_metadata(onnx.load(str(path))).digit_threshold
     for model in (path, variant_path(path, "fp16")):
-        checked = check_model_file(model, str(mnist_dir), limit=300)
-        assert checked["digit_score"]["decisions_changed_off_threshold"] == 0
+        checked = check_model_file(model, str(mnist_dir), limit=300)["digit_score"]
+        assert checked["decisions_changed_off_threshold"] == 0
+        assert checked["threshold_rebuilt"] == pytest.approx(stored, rel=0.05)  # the rule, run again on this file
+
+
+def test_check_refuses_a_threshold_the_rule_does_not_give(exported, tmp_path, mnist_dir: Path) -> None:
+    from dataclasses import replace
+
+    path, _ = exported
+    proto = onnx.load(str(path))
+    meta = read_metadata(proto)
+    replace(meta, digit_threshold=min(0.99, 4 * meta.digit_threshold)).write_into(proto)
+    moved = tmp_path / "moved.onnx"
+    onnx.save(proto, str(moved))
+    with pytest.raises(ExportError, match="not where the rule puts it"):
+        check_model_file(moved, str(mnist_dir), limit=100)
 
 
 def test_adding_a_detector_to_a_model_with_its_own_class_is_refused(exported) -> None:

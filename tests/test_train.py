@@ -6,9 +6,11 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from training.non_digits import NOT_A_DIGIT, NonDigitSet, save
 from training.train import TrainConfig, build_parser, main, train
 
 # The basic recipe: 600 images and 3 epochs are too few to learn through the robust one's corruptions.
@@ -64,6 +66,21 @@ def test_resume_with_a_different_schedule_is_refused(tmp_path: Path, mnist_dir: 
     train(first)
     with pytest.raises(SystemExit, match="--lr was 0.05, now 0.2"):
         train(replace(first, lr=0.2, resume=True, stop_after=0))
+
+
+def test_resume_of_an_older_checkpoint_with_new_settings_is_refused(tmp_path: Path, mnist_dir: Path) -> None:
+    """A checkpoint written before a setting existed holds its default: turning it on now is a different config."""
+    first = replace(
+        TINY, epochs=2, stop_after=1, train_limit=200, eval_limit=50, data_dir=str(mnist_dir), out_dir=str(tmp_path)
+    )
+    train(first)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del state["config"]["non_digits"]  # as mnist-train wrote it before --non-digits
+    torch.save(state, tmp_path / "checkpoint.pt")
+    extra = tmp_path / "x.npz"
+    save(NonDigitSet(np.zeros((4, 28, 28), np.uint8), np.full(4, NOT_A_DIGIT, np.uint8), np.full(4, "blank")), extra)
+    with pytest.raises(SystemExit, match=f"--non-digits was '', now '{extra}'"):
+        train(replace(first, non_digits=str(extra), resume=True, stop_after=0))
 
 
 def test_resume_without_a_checkpoint_says_what_is_missing(tmp_path: Path) -> None:

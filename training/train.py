@@ -160,7 +160,8 @@ def recalibrate_batch_norm(model: torch.nn.Module, digits: torch.Tensor, batch_s
         m.momentum = None  # a cumulative average over every batch below, not a moving one
     was_training = model.training
     model.train()
-    for start in range(0, len(digits), batch_size):
+    usable = len(digits) - len(digits) % batch_size if len(digits) >= batch_size else len(digits)
+    for start in range(0, usable, batch_size):  # whole batches: each weighs alike in the cumulative average
         x = normalize(to_model_input(digits[start : start + batch_size]))
         model(x.contiguous(memory_format=torch.channels_last))
     for m, momentum in zip(norms, momenta, strict=True):
@@ -175,7 +176,7 @@ def evaluate(
     """Mean loss, accuracy and the 10x10 confusion matrix (rows: true digit) over a whole split of digits.
 
     The answer is the likeliest digit; a model with a "not a digit" class is read as the server reads it, on
-    the ten digit outputs (how often it would call a digit "not a digit" is `not_a_digit_share`).
+    the ten digit outputs.
 
     Every batch has the same shape (the last is padded with blank images, whose answers are dropped): one
     cuDNN autotune and one compiled graph serve the whole evaluation."""
@@ -256,10 +257,11 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
     first_epoch = 1
     if config.resume:
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        saved = {f.name: state["config"].get(f.name, f.default) for f in fields(TrainConfig)}  # older: defaults
         changed = {
             k: (v, getattr(config, k))
-            for k, v in state["config"].items()
-            if k not in RESUMABLE_CHANGES and v != getattr(config, k, None)
+            for k, v in saved.items()
+            if k not in RESUMABLE_CHANGES and v != getattr(config, k)
         }
         if changed:
             detail = ", ".join(f"--{k.replace('_', '-')} was {old!r}, now {new!r}" for k, (old, new) in changed.items())
@@ -359,6 +361,7 @@ def train(config: TrainConfig, started_at: float | None = None) -> dict[str, Any
             {
                 "format": CHECKPOINT_FORMAT,
                 "config": asdict(config),
+                "not_a_digit_class": extra is not None,
                 "epoch": epoch,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
