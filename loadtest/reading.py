@@ -1,11 +1,12 @@
-"""mnist-read-bench: a generated benchmark for ReadDigits: numbers composed of MNIST *test* digits.
+"""mnist-read-bench: a generated benchmark for ReadDigits, ReadTable and ReadExpression, from MNIST *test* digits.
 
 Each image is a string of 1-10 test digits composed as people write them: random sizes, spacings
 (including touching and slightly overlapping pairs), slants and baselines, one or more lines and
 groups, on clean paper or a photo-like page (uneven light, texture, blur, JPEG). The set is seeded:
 the same seed gives the same images. It runs against a live server's ReadDigits (or an in-process
 one) and reports digit accuracy (1 - edit distance / length) and whole-string accuracy per kind, with
-a PNG of example inputs and the boxes and readings the server returned.
+a PNG of example inputs and the boxes and readings the server returned. Tables and expressions
+(loadtest/layouts.py) are scored by cells and whole tables, and by whole expressions and operators.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -220,13 +222,18 @@ def draw_examples(answers: list[tuple[Composed, str, list]], path: Path, per_kin
     plt.close(figure)
 
 
-def grpc_reader(target: str, timeout: float = 10.0) -> Callable[[bytes], tuple[str, list]]:
+def _stub(target: str) -> tuple[Any, Any, Any]:
+    """grpc, the mnist.v1 messages and a Classifier stub on `target` (imported here: the composers need neither)."""
     import grpc
 
     from proto.mnist.v1 import classifier_pb2 as pb
     from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
 
-    stub = pb_grpc.ClassifierStub(grpc.insecure_channel(target))
+    return grpc, pb, pb_grpc.ClassifierStub(grpc.insecure_channel(target))
+
+
+def grpc_reader(target: str, timeout: float = 10.0) -> Callable[[bytes], tuple[str, list]]:
+    grpc, pb, stub = _stub(target)
 
     def read(image: bytes) -> tuple[str, list]:
         try:
@@ -238,10 +245,102 @@ def grpc_reader(target: str, timeout: float = 10.0) -> Callable[[bytes], tuple[s
     return read
 
 
+def grpc_table_reader(target: str, timeout: float = 30.0) -> Callable[[bytes], tuple[str, list]]:
+    """ReadTable: the cells' text, tab-separated, a row per line (what `loadtest.layouts` composes as truth)."""
+    grpc, pb, stub = _stub(target)
+
+    def read(image: bytes) -> tuple[str, list]:
+        try:
+            reply = stub.ReadTable(pb.ReadTableRequest(image=image), timeout=timeout)
+        except grpc.RpcError as err:
+            return f"<{err.code().name}: {err.details()}>", []
+        text = "\n".join("\t".join(cell.text for cell in row.cells) for row in reply.rows)
+        boxes = [(c.x, c.y, c.width, c.height, c.text) for row in reply.rows for c in row.cells]
+        return text, boxes
+
+    return read
+
+
+def grpc_expression_reader(target: str, timeout: float = 10.0) -> Callable[[bytes], tuple[str, list]]:
+    grpc, pb, stub = _stub(target)
+
+    def read(image: bytes) -> tuple[str, list]:
+        try:
+            reply = stub.ReadExpression(pb.ReadExpressionRequest(image=image), timeout=timeout)
+        except grpc.RpcError as err:
+            return f"<{err.code().name}: {err.details()}>", []
+        return reply.text, [(s.x, s.y, s.width, s.height, s.symbol) for s in reply.symbols]
+
+    return read
+
+
+def run_layouts(
+    read_table: Callable[[bytes], tuple[str, list]],
+    read_expression: Callable[[bytes], tuple[str, list]],
+    images: np.ndarray,
+    labels: np.ndarray,
+    tables_per_kind: int,
+    expressions: int,
+    seed: int = 0,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> tuple[dict[str, dict], dict[str, dict], list[tuple[Composed, str, list]]]:
+    """Tables and expressions (loadtest/layouts.py) through the readers: table scores, expression scores, answers."""
+    from loadtest.layouts import EXPRESSION_KIND, layout_set, score_expressions, score_tables
+
+    composed = layout_set(images, labels, tables_per_kind, expressions, seed)
+    answers = []
+    for n, item in enumerate(composed):
+        text, boxes = (read_expression if item.kind == EXPRESSION_KIND else read_table)(item.image)
+        answers.append((item, text, boxes))
+        progress(n + 1, len(composed))
+    tables = score_tables([(c, t) for c, t, _ in answers if c.kind != EXPRESSION_KIND])
+    sums = score_expressions([(c, t) for c, t, _ in answers if c.kind == EXPRESSION_KIND])
+    return tables, sums, answers
+
+
+def draw_layout_examples(answers: list[tuple[Composed, str, list]], path: Path, per_kind: int = 3) -> None:
+    """Example tables and expressions with the boxes the server read (green: whole answer right, red: wrong)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    kinds = list(dict.fromkeys(c.kind for c, _, _ in answers))
+    figure, axes = plt.subplots(len(kinds), per_kind, figsize=(5 * per_kind, 4 * len(kinds)), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for k, kind in enumerate(kinds):
+        for n, (composed, text, boxes) in enumerate([a for a in answers if a[0].kind == kind][:per_kind]):
+            ax = axes[k][n]
+            ax.imshow(Image.open(io.BytesIO(composed.image)).convert("L"), cmap="gray", vmin=0, vmax=255)
+            for x, y, w, h, read in boxes:
+                ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor="tab:orange", linewidth=1))
+                ax.text(x + 1, y + 1, read, color="tab:blue", fontsize=6, va="top")
+            right = text == composed.text
+            shown = text if kind == "expression" else f"{text.count(chr(10)) + 1} rows"
+            ax.set_title(f"{kind} ({composed.background}): {shown}", fontsize=8, color="green" if right else "red")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mnist-read-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", default="localhost:50051", help="host:port of a running mnist-serve")
     parser.add_argument("--per-kind", type=int, default=200, help="images of each kind (half clean, half photo-like)")
+    parser.add_argument(
+        "--tables-per-kind",
+        type=int,
+        default=100,
+        help="tables of each kind, ruled and unruled (2-12 rows x 2-6 columns; half clean, half photo-like); 0: none",
+    )
+    parser.add_argument(
+        "--expressions",
+        type=int,
+        default=200,
+        help="expressions (2-4 operands of 1-3 digits, operators from the held-out stroke generator); 0: none",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", help="MNIST directory (default: $MNIST_DIR, else ../shared/data/mnist)")
     parser.add_argument("--out", type=Path, default=Path("reports/read-bench"), help="folder for report.json and PNG")
@@ -249,19 +348,71 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import load_split, resolve_data_dir
 
     test = load_split("test", resolve_data_dir(args.data_dir))
-    started = time.perf_counter()
-    scores, answers = run(grpc_reader(args.server), test.images, test.labels, args.per_kind, args.seed)
-    seconds = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"per_kind": args.per_kind, "seed": args.seed, "seconds": seconds, "scores": scores}
+    report: dict = {"per_kind": args.per_kind, "seed": args.seed}
+    if args.per_kind:
+        started = time.perf_counter()
+        scores, answers = run(grpc_reader(args.server), test.images, test.labels, args.per_kind, args.seed)
+        report.update(seconds=time.perf_counter() - started, scores=scores)
+        draw_examples(answers, args.out / "examples.png")
+        print(f"{'kind':<28} {'images':>6} {'digit acc':>9} {'string acc':>10} {'text acc':>8}")
+        for kind, s in scores.items():
+            accuracies = f"{s['digit_accuracy']:>9.2%} {s['string_accuracy']:>10.2%} {s['text_accuracy']:>8.2%}"
+            print(f"{kind:<28} {s['images']:>6} {accuracies}")
+        print(f"{len(answers)} images in {report['seconds']:.1f} s")
+    if args.tables_per_kind or args.expressions:
+        started = time.perf_counter()
+        tables, sums, layout_answers = run_layouts(
+            grpc_table_reader(args.server),
+            grpc_expression_reader(args.server),
+            test.images,
+            test.labels,
+            args.tables_per_kind,
+            args.expressions,
+            args.seed,
+            _progress("tables and expressions"),
+        )
+        report.update(
+            tables_per_kind=args.tables_per_kind,
+            expressions=args.expressions,
+            layout_seconds=time.perf_counter() - started,
+            tables=tables,
+            expression_scores=sums,
+        )
+        draw_layout_examples(layout_answers, args.out / "layouts.png")
+        print(f"{'tables':<28} {'tables':>6} {'cells':>6} {'cell acc':>9} {'table acc':>9}")
+        for kind, t in tables.items():
+            print(f"{kind:<28} {t['tables']:>6} {t['cells']:>6} {t['cell_accuracy']:>9.2%} {t['table_accuracy']:>9.2%}")
+        print(f"{'expressions':<28} {'count':>6} {'ops':>6} {'text acc':>9} {'op acc':>9}")
+        for kind, e in sums.items():
+            line = f"{e['text_accuracy']:>9.2%} {e['operator_accuracy']:>9.2%}"
+            print(f"{kind:<28} {e['expressions']:>6} {e['operators']:>6} {line}")
+        print(f"{len(layout_answers)} tables and expressions in {report['layout_seconds']:.1f} s")
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    draw_examples(answers, args.out / "examples.png")
-    print(f"{'kind':<28} {'images':>6} {'digit acc':>9} {'string acc':>10} {'text acc':>8}")
-    for kind, s in scores.items():
-        accuracies = f"{s['digit_accuracy']:>9.2%} {s['string_accuracy']:>10.2%} {s['text_accuracy']:>8.2%}"
-        print(f"{kind:<28} {s['images']:>6} {accuracies}")
-    print(f"{len(answers)} images in {seconds:.1f} s; wrote {args.out}/report.json and examples.png")
+    print(f"wrote {args.out}/report.json and its pictures")
     return 0
+
+
+def _progress(what: str) -> Callable[[int, int], None]:
+    """A progress line on stderr, rewritten in place (tqdm when it is installed)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    bar = None
+
+    def step(done: int, total: int) -> None:
+        nonlocal bar
+        if tqdm is not None:
+            if bar is None:
+                bar = tqdm(total=total, desc=what, unit="image")
+            bar.update(1)
+            if done == total:
+                bar.close()
+        elif done == total or done % 20 == 0:
+            print(f"\r{what}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    return step
 
 
 if __name__ == "__main__":

@@ -172,3 +172,13 @@ def variant_path(path: Any, precision: str) -> Any:
         stem = stem.removesuffix(f".{other}")
     suffix = ".onnx" if precision == "fp32" else f".{precision}.onnx"
     return path.with_name(stem + suffix)
+
+
+# --- the operator model: tells the symbols of handwritten arithmetic from digits (ReadExpression) -------
+# A separate small network beside the digit classifier (server/bundled/operators.onnx): the same 28x28 input,
+# prepared as Classify prepares a digit, light ink on dark, but scaled to [0, 1] (pixel / 255) without MNIST's
+# mean and deviation. Output index 0 is "a digit" (the digit classifier then says which); the others are operators.
+OPERATOR_INPUT = "symbol"
+OPERATOR_OUTPUT = "symbol_probabilities"
+OPERATOR_CLASSES = ("digit", "+", "-", "×", "÷", "=")  # "-": minus as a dash; "÷": an obelus or a colon (:)
+OPERATORS = OPERATOR_CLASSES[1:]

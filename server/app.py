@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from server.config import ServeConfig, describe, load_config, worker_count
-from server.engine.backends import build_backend
+from server.engine.backends import BackendInfo, build_backend
 from server.errors import ServiceError
 from server.models.model_settings import check_against
 from server.models.repository import AgreedDefaults, ModelRepository, RepositoryObserver, verify_on_samples
@@ -41,6 +41,7 @@ from server.ops.sockets import cut_connections
 from server.ops.worker_link import INDEX_ENV, LINK_ENV, WorkerLink
 from server.pipeline.digit_detector import DigitDetector
 from server.pipeline.model_pipeline import ModelPipeline, PipelineSettings
+from server.pipeline.operators import OperatorModel
 from server.plane.data_plane import DataPlane
 from server.security import TokenChecker, grpc_server_credentials, http_ssl_context, load_token_checker
 from server.security import describe as describe_security
@@ -90,6 +91,18 @@ def _connection_age(config: ServeConfig) -> list[tuple[str, int]]:
         ("grpc.max_connection_age_ms", round(config.max_connection_age * 1000)),
         ("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace * 1000)),
     ]
+
+
+def load_operator_model(config: ServeConfig, info: BackendInfo) -> OperatorModel | None:
+    """ReadExpression's operator model beside one model version, on that version's ONNX Runtime providers (the null
+    engine's "providers" are none: CPU). None when turned off. A file that is not an operator model fails the version,
+    saying why, as a broken model file does."""
+    if config.operator_model == "none":
+        return None
+    providers = [p for p in info.providers if p.endswith("ExecutionProvider")] or ["CPUExecutionProvider"]
+    operators = OperatorModel(Path(config.operator_model), providers)
+    log.info("operator model for ReadExpression: %s", operators.describe())
+    return operators
 
 
 def _version() -> str:
@@ -164,7 +177,12 @@ class MnistServer:
         self._model_health_names: set[str] = set()
         # The one data plane under every transport: mnist.v1, the Open Inference Protocol's gRPC and REST.
         self.plane = DataPlane(
-            self.models, config.max_request_images, _version(), config.model_control, config.max_read_digits
+            self.models,
+            config.max_request_images,
+            _version(),
+            config.model_control,
+            config.max_read_digits,
+            config.max_table_cells,
         )
         self.servicer = ClassifierServicer(config, self.plane)
         self.http_port: int | None = None
@@ -350,6 +368,7 @@ class MnistServer:
             log.info("%s %s: settings from its config.pbtxt: %s", name, version, settings.describe())
         backend = await asyncio.get_running_loop().run_in_executor(None, build_backend, config)
         info = backend.describe()
+        operators = await asyncio.get_running_loop().run_in_executor(None, load_operator_model, config, info)
         name, version = name or info.model_name, version or info.model_version
         log.info("backend: %s", info.summary())
         if info.engine == "onnxruntime" and not info.on_gpu:
@@ -372,9 +391,12 @@ class MnistServer:
             self.metrics.prediction_observer(name, version),
             self.detector,
             self.metrics.decoding_pixels.set,
+            operators,
         )
         pipeline.name, pipeline.version = name, version
         pipeline.on_reading = self.metrics.observe_reading
+        pipeline.on_table = self.metrics.observe_table
+        pipeline.on_expression = self.metrics.observe_expression
         pipeline.start()
         try:
             log.info("%s %s: warm-up took %.2f s", pipeline.name, pipeline.version, await pipeline.warm_up())

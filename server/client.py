@@ -10,6 +10,7 @@ so the image's HEALTHCHECK follows the container's settings.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proto.mnist.v1 import classifier_pb2 as pb
 from proto.mnist.v1 import classifier_pb2_grpc as pb_grpc
 from server.balancing import channel_options, channel_target
+from server.pipeline.table_csv import table_csv
 
 STOPPING_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
@@ -106,6 +108,16 @@ class ClassifierClient:
         """Every digit in an image of a number (or several lines of them): the text, boxes and confidences."""
         request = pb.ReadDigitsRequest(image=data, expected_digits=expected_digits, request_id=request_id, **self.model)
         return self.stub.ReadDigits(request, timeout=self.timeout, metadata=self.metadata)
+
+    def read_table(self, data: bytes, request_id: str = "") -> pb.ReadTableResponse:
+        """The rows and cells of a table of numbers in an image, ruled or not."""
+        request = pb.ReadTableRequest(image=data, request_id=request_id, **self.model)
+        return self.stub.ReadTable(request, timeout=self.timeout, metadata=self.metadata)
+
+    def read_expression(self, data: bytes, request_id: str = "") -> pb.ReadExpressionResponse:
+        """A line of handwritten arithmetic, read and evaluated exactly."""
+        request = pb.ReadExpressionRequest(image=data, request_id=request_id, **self.model)
+        return self.stub.ReadExpression(request, timeout=self.timeout, metadata=self.metadata)
 
     def list_models(self) -> pb.ListModelsResponse:
         return self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata)
@@ -230,10 +242,31 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         "--expected-digits", type=int, default=0, help="with --read: how many digits each image holds, if known"
     )
     parser.add_argument(
+        "--table",
+        action="store_true",
+        help="read each image as a table of numbers (ReadTable), ruled or not: prints its rows, cells separated by "
+        "tabs, empty cells empty. The server refuses a table of more than --max-table-cells cells (256 unless its "
+        "operator set another limit), naming its rows and columns",
+    )
+    parser.add_argument(
+        "--csv",
+        type=Path,
+        metavar="OUT.csv",
+        help="with --table: also write the cells as CSV (several images: OUT-<image name>.csv)",
+    )
+    parser.add_argument(
+        "--expression",
+        action="store_true",
+        help="read each image as one line of handwritten arithmetic (ReadExpression): digits and + - × ÷ = "
+        "(minus as a dash; division as ÷ or :); prints the expression, its exact value (19, -3, 3/4) and, after an "
+        "=, whether the written answer is right; what cannot be evaluated (division by zero) is printed as an error",
+    )
+    parser.add_argument(
         "--annotate",
         type=Path,
         metavar="OUT.png",
-        help="with --read: write the image with the boxes and digits drawn (several images: OUT-<image name>.png)",
+        help="with --read, --table or --expression: write the image with what was read drawn on it (several images: "
+        "OUT-<image name>.png)",
     )
     _add_security_arguments(parser, dict(os.environ if environ is None else environ))
     args = parser.parse_args(argv)
@@ -241,6 +274,12 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         channel_target(args.server)
     except ValueError as problem:
         parser.error(f"--server: {problem}")
+    if sum((args.read, args.table, args.expression)) > 1:
+        parser.error("--read, --table and --expression each read images their own way: give one of them")
+    if args.csv and not args.table:
+        parser.error("--csv goes with --table")
+    if args.annotate and not (args.read or args.table or args.expression):
+        parser.error("--annotate goes with --read, --table or --expression")
     security = _security_options(parser, args)
     security.update(model_name=args.model_name, model_version=args.model_version)
     if args.list_models:
@@ -270,9 +309,10 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             print(f"mnist-classify: {args.server} did not report SERVING within {args.wait:g} s", file=sys.stderr)
             return 1
         for path in args.images:
-            if args.read:
+            if args.read or args.table or args.expression:
+                reader = _read_one if args.read else _read_table if args.table else _read_expression
                 try:
-                    failures += not _read_one(client, path, args)
+                    failures += not reader(client, path, args)
                 except grpc.RpcError as exc:
                     print(f"{path}: {exc.code().name}: {exc.details()}", file=sys.stderr)
                     failures += 1
@@ -301,10 +341,8 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
 
 
 def _read_one(client: ClassifierClient, path: Path, args: argparse.Namespace) -> bool:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
+    data = _image_bytes(path)
+    if data is None:
         return False
     reply = client.read_digits(data, args.expected_digits, request_id=str(path))
     shown = reply.text.replace("\n", " / ")
@@ -314,18 +352,78 @@ def _read_one(client: ClassifierClient, path: Path, args: argparse.Namespace) ->
         print(f"  {d.digit} at x={d.x} y={d.y} {d.width}x{d.height}, line {d.line} group {d.group}: {d.confidence:.3f}"
               f" (then {others})")  # fmt: skip
     if args.annotate:
-        out = (
-            args.annotate if len(args.images) == 1 else args.annotate.with_name(f"{args.annotate.stem}-{path.stem}.png")
-        )
-        annotate(data, reply, out)
+        out = _output_for(args.annotate, path, len(args.images))
+        annotate(data, [(d.x, d.y, d.width, d.height, str(d.digit), d.confidence) for d in reply.digits], reply.text,
+                 reply.confidence, out)  # fmt: skip
         print(f"  wrote {out}")
     return True
 
 
-def annotate(data: bytes, reply: pb.ReadDigitsResponse, out: Path) -> None:
-    """The image with each digit's box and reading drawn, and the whole reading under it."""
-    import io
+def _read_table(client: ClassifierClient, path: Path, args: argparse.Namespace) -> bool:
+    data = _image_bytes(path)
+    if data is None:
+        return False
+    reply = client.read_table(data, request_id=str(path))
+    ruling = "ruled" if reply.ruled_rows or reply.ruled_columns else "unruled"
+    print(
+        f"{path}: {len(reply.rows)} rows x {reply.columns} columns ({ruling}, turned {reply.skew_degrees:+.1f}°) with "
+        f"{certainty(reply.confidence)} certainty"
+    )
+    for row in reply.rows:
+        print("  " + "\t".join(cell.text for cell in row.cells))
+    if args.csv:
+        out = _output_for(args.csv, path, len(args.images))
+        out.write_text(table_csv([[cell.text for cell in row.cells] for row in reply.rows]))
+        print(f"  wrote {out}")
+    if args.annotate:
+        out = _output_for(args.annotate, path, len(args.images))
+        cells = [(c.x, c.y, c.width, c.height, c.text, c.confidence) for row in reply.rows for c in row.cells]
+        annotate(data, cells, f"{len(reply.rows)} x {reply.columns} table", reply.confidence, out)
+        print(f"  wrote {out}")
+    return True
 
+
+def _read_expression(client: ClassifierClient, path: Path, args: argparse.Namespace) -> bool:
+    data = _image_bytes(path)
+    if data is None:
+        return False
+    reply = client.read_expression(data, request_id=str(path))
+    outcome = f"= {reply.value}" if reply.value else "no value"
+    if reply.written_answer:
+        outcome += f"; the written answer {reply.written_answer} is {'right' if reply.answer_correct else 'wrong'}"
+    print(f"{path}: {reply.text!r} {outcome} (read with {certainty(reply.confidence)} certainty)")
+    if reply.error:
+        print(f"  error: {reply.error}")
+    for s in reply.symbols:
+        others = ", ".join(f"{a.symbol} {a.probability:.3f}" for a in s.alternatives[1:])
+        print(f"  {s.symbol} at x={s.x} y={s.y} {s.width}x{s.height}: {s.confidence:.3f} (then {others})")
+    if args.annotate:
+        out = _output_for(args.annotate, path, len(args.images))
+        symbols = [(s.x, s.y, s.width, s.height, s.symbol, s.confidence) for s in reply.symbols]
+        annotate(data, symbols, f"{reply.text} {outcome}", reply.confidence, out)
+        print(f"  wrote {out}")
+    return True
+
+
+def _image_bytes(path: Path) -> bytes | None:
+    """The file's bytes, or None after saying on stderr why it cannot be read."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
+        return None
+
+
+def _output_for(out: Path, image: Path, images: int) -> Path:
+    """`out` itself for one image; OUT-<image name>.<suffix> for each of several."""
+    return out if images == 1 else out.with_name(f"{out.stem}-{image.stem}{out.suffix}")
+
+
+def annotate(
+    data: bytes, boxes: list[tuple[int, int, int, int, str, float]], caption: str, confidence: float, out: Path
+) -> None:
+    """The image with each box (x, y, width, height, what was read, confidence) drawn, and a caption under it:
+    green where the server was sure, orange where less, red where it doubted."""
     from PIL import Image, ImageDraw, ImageOps
 
     image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
@@ -333,12 +431,11 @@ def annotate(data: bytes, reply: pb.ReadDigitsResponse, out: Path) -> None:
     canvas = Image.new("RGB", (image.width, image.height + band), "white")
     canvas.paste(image, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    for d in reply.digits:
-        colour = (0, 160, 0) if d.confidence >= 0.9 else (230, 120, 0) if d.confidence >= 0.5 else (220, 0, 0)
-        draw.rectangle((d.x, d.y, d.x + d.width - 1, d.y + d.height - 1), outline=colour, width=2)
-        draw.text((d.x + 2, max(0, d.y - 12)), str(d.digit), fill=colour)
-    text = reply.text.replace("\n", " / ")
-    draw.text((4, image.height + 4), f"{text}  ({reply.confidence:.1%})", fill=(0, 0, 0))
+    for x, y, width, height, text, sure in boxes:
+        colour = (0, 160, 0) if sure >= 0.9 else (230, 120, 0) if sure >= 0.5 else (220, 0, 0)
+        draw.rectangle((x, y, x + width - 1, y + height - 1), outline=colour, width=2)
+        draw.text((x + 2, max(0, y - 12)), text, fill=colour)
+    draw.text((4, image.height + 4), f"{caption.replace(chr(10), ' / ')}  ({confidence:.1%})", fill=(0, 0, 0))
     canvas.save(out)
 
 

@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "googlenet-fast.onnx"
 DIGIT_DETECTOR = Path(__file__).resolve().parent / "bundled" / "digit-detector.npz"
+OPERATOR_MODEL = Path(__file__).resolve().parent / "bundled" / "operators.onnx"
 ENV_PREFIX = "MNIST_SERVE_"
 
 
@@ -51,13 +52,15 @@ class ServeConfig:
     max_streams: int = 64  # long-lived streams (health Watch, reflection) open at once
     stream_idle_seconds: float = 60.0  # a reflection stream with no request this long is closed
     max_request_images: int = 256  # images per ClassifyBatch
-    max_read_digits: int = 64  # digits ReadDigits finds in one image before it refuses it
+    max_read_digits: int = 64  # digits ReadDigits finds in one image (symbols, for ReadExpression) before it refuses it
+    max_table_cells: int = 256  # cells (rows x columns) ReadTable reads in one image before it refuses it
     max_image_pixels: int = 4_000_000  # pixels decoded for one encoded image (JPEG is reduced on load to fit)
     max_request_pixels: int = 16_000_000  # pixels decoded for all the encoded images of one request
     max_decoding_pixels: int = 16_000_000  # pixels being decoded at once, all requests together
     max_message_bytes: int = 16 * 1024 * 1024
     preprocess_workers: int = 0  # threads decoding encoded images off the event loop; 0 = one per core
     digit_detector: str = str(DIGIT_DETECTOR)  # digit_score for models without it in their graph; "none" = all off
+    operator_model: str = str(OPERATOR_MODEL)  # tells + - × ÷ = from digits for ReadExpression; "none" = refused
     intra_op_threads: int = 0  # ONNX Runtime threads per session run (0 = one per core)
     ort_spinning: str = "auto"  # auto = on: ONNX Runtime's default (spin between runs too); run: only during runs; off
     drain_seconds: float = 1.0  # after SIGTERM: report NOT_SERVING this long before refusing new calls
@@ -160,8 +163,12 @@ HELP = {
     "with RESOURCE_EXHAUSTED",
     "stream_idle_seconds": "a server-reflection stream that sends no request for this long is closed (UNAVAILABLE)",
     "max_request_images": "most images in one ClassifyBatch request",
-    "max_read_digits": "most digits ReadDigits reads in one image: an image with more candidate digits is refused "
-    "(INVALID_ARGUMENT naming the count); the image itself is held to --max-image-pixels like any other",
+    "max_read_digits": "most digits ReadDigits reads in one image (and symbols ReadExpression reads): an image with "
+    "more candidates is refused (INVALID_ARGUMENT naming the count); the image itself is held to --max-image-pixels "
+    "like any other",
+    "max_table_cells": "most cells (rows x columns) ReadTable reads in one image: a table with more is refused "
+    "(INVALID_ARGUMENT naming its rows and columns) before the model runs; each cell may hold up to 4 candidate "
+    "digits on average",
     "max_image_pixels": "most pixels decoded for one encoded image: a JPEG is decoded at 1/2, 1/4 or 1/8 scale to fit "
     "(so JPEGs up to 64x this are accepted); any other format over it is refused from its header, before decoding",
     "max_request_pixels": "most pixels decoded for the encoded images of one request together (after JPEG reduction)",
@@ -174,6 +181,9 @@ HELP = {
     "output (the bundled one; mnist-export adds it) is scored by it, in the same run, with the threshold stored in the "
     "model, and this file is not used for it. none: scores off for every model, in-graph ones included: digit_score "
     "NaN and is_digit true (a model with the output still computes it: ONNX Runtime runs the whole graph)",
+    "operator_model": "the operator model (.onnx) ReadExpression uses to tell the operators + - × ÷ = from digits "
+    "(python -m training.operators makes it); it runs beside each model version, on its providers, only for "
+    "ReadExpression. none: ReadExpression answers UNIMPLEMENTED",
     "intra_op_threads": "ONNX Runtime intra-op threads (0 = ONNX Runtime's default, one per core)",
     "ort_spinning": "whether ONNX Runtime's intra-op threads spin while waiting for work: auto or on (ONNX Runtime's "
     "default: they go on spinning for a moment after a run, ready for the next: on the 2-core CPU a lone call 0.3 ms "
@@ -353,6 +363,7 @@ def validate(config: ServeConfig) -> None:
         "max_queue_size",
         "max_request_images",
         "max_read_digits",
+        "max_table_cells",
         "max_image_pixels",
         "max_request_pixels",
         "max_decoding_pixels",
@@ -410,6 +421,8 @@ def validate(config: ServeConfig) -> None:
         problems.append("max_image_pixels cannot exceed max_request_pixels or max_decoding_pixels")
     if config.digit_detector != "none" and not Path(config.digit_detector).is_file():
         problems.append(f"digit detector {config.digit_detector} does not exist (or pass none)")
+    if config.operator_model != "none" and not Path(config.operator_model).is_file():
+        problems.append(f"operator model {config.operator_model} does not exist (or pass none)")
     if config.model_repository and not Path(config.model_repository).is_dir():
         problems.append(f"model repository {config.model_repository} is not a folder")
     if config.model_control == "on" and not config.model_repository:

@@ -55,6 +55,15 @@ def mnist_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def mnist_test_digits(mnist_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every MNIST test image (uint8, light on dark) and its label: what the reading benchmarks compose."""
+    from training.data import load_split
+
+    test = load_split("test", mnist_dir)
+    return test.images, test.labels
+
+
+@pytest.fixture(scope="session")
 def scoreless_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled model as files exported before the digit score were: no digit_score output, no threshold."""
     onnx = pytest.importorskip("onnx")

@@ -315,7 +315,7 @@ def rest_call(served: Served, name: str, route: tuple[str, str], authorization: 
         data = [0] * 783 + [255]
         body = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 28, 28], "data": data}]})
         body = body.encode()
-    elif name.startswith("ReadDigits"):
+    elif name.startswith("Read"):  # ReadDigits, ReadTable, ReadExpression: an image
         body = SAMPLE_PNG.read_bytes()
     elif method == "POST":
         body = b"{}"

@@ -46,6 +46,8 @@ def test_the_contract_keeps_its_field_numbers() -> None:
         "GetModelInfo",
         "ListModels",
         "ReadDigits",
+        "ReadTable",
+        "ReadExpression",
     ]
     assert pb.ClassifyRequest.DESCRIPTOR.fields_by_name["model_version"].number == 5  # added fields: old clients work
 

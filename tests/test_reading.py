@@ -17,16 +17,9 @@ from proto.mnist.v1 import classifier_pb2 as pb
 from server.app import MnistServer
 from server.pipeline.reading import NO_DIGITS, segment
 from tests.support import Harness, free_port, test_config
-from training.data import load_split
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "reports" / "read-bench"
-
-
-@pytest.fixture(scope="module")
-def test_digits(mnist_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    test = load_split("test", mnist_dir)
-    return test.images, test.labels
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +46,7 @@ PER_KIND = 300
 
 
 @pytest.fixture(scope="module")
-def benchmark(served: Harness, test_digits) -> tuple[dict, list]:
+def benchmark(served: Harness, mnist_test_digits) -> tuple[dict, list]:
     def reader(image: bytes) -> tuple[str, list]:
         try:
             reply = read(served, image)
@@ -63,7 +56,7 @@ def benchmark(served: Harness, test_digits) -> tuple[dict, list]:
 
     # 300 of each kind: at 100, one string is a point, and the four-digit rate (about 95.5-97% over seeds) sat on
     # its 95% bar, passing or failing on a single image
-    scores, answers = run(reader, *test_digits, per_kind=PER_KIND, seed=0)
+    scores, answers = run(reader, *mnist_test_digits, per_kind=PER_KIND, seed=0)
     REPORT.mkdir(parents=True, exist_ok=True)
     (REPORT / "report.json").write_text(json.dumps(scores, indent=2) + "\n")
     draw_examples(answers, REPORT / "examples.png")
@@ -88,15 +81,15 @@ def test_longer_numbers_lines_and_touching_digits_read_above_their_floors(benchm
     assert scores[kind]["string_accuracy"] >= floor, scores[kind]
 
 
-def test_the_benchmark_is_the_same_set_for_the_same_seed(test_digits) -> None:
-    first = [c.text for c in benchmark_set(*test_digits, per_kind=3, seed=5)]
-    again = [c.text for c in benchmark_set(*test_digits, per_kind=3, seed=5)]
+def test_the_benchmark_is_the_same_set_for_the_same_seed(mnist_test_digits) -> None:
+    first = [c.text for c in benchmark_set(*mnist_test_digits, per_kind=3, seed=5)]
+    again = [c.text for c in benchmark_set(*mnist_test_digits, per_kind=3, seed=5)]
     assert first == again and len(first) == 3 * len(KINDS)
     assert any("\n" in text for text in first) and any(" " in text for text in first)
 
 
-def test_boxes_are_in_the_original_images_pixels_and_in_reading_order(served: Harness, test_digits) -> None:
-    composed = compose(np.random.default_rng(11), *test_digits, "four-digits", photo=False)
+def test_boxes_are_in_the_original_images_pixels_and_in_reading_order(served: Harness, mnist_test_digits) -> None:
+    composed = compose(np.random.default_rng(11), *mnist_test_digits, "four-digits", photo=False)
     reply = read(served, composed.image)
     width, height = Image.open(io.BytesIO(composed.image)).size
     assert (reply.image_width, reply.image_height) == (width, height)
@@ -109,8 +102,8 @@ def test_boxes_are_in_the_original_images_pixels_and_in_reading_order(served: Ha
     assert reply.confidence == pytest.approx(np.prod([d.confidence for d in reply.digits]), rel=1e-5)
 
 
-def test_a_large_photo_is_read_in_its_own_pixels(served: Harness, test_digits) -> None:
-    composed = compose(np.random.default_rng(12), *test_digits, "four-digits", photo=False)
+def test_a_large_photo_is_read_in_its_own_pixels(served: Harness, mnist_test_digits) -> None:
+    composed = compose(np.random.default_rng(12), *mnist_test_digits, "four-digits", photo=False)
     small = Image.open(io.BytesIO(composed.image)).convert("L")
     big = small.resize(
         (small.width * 8, small.height * 8), Image.Resampling.BICUBIC
@@ -121,13 +114,13 @@ def test_a_large_photo_is_read_in_its_own_pixels(served: Harness, test_digits) -
     assert first.width > 8 * 10 and first.x + first.width <= big.width
 
 
-def test_the_expected_count_splits_a_touching_pair_into_its_two_digits(served: Harness, test_digits) -> None:
+def test_the_expected_count_splits_a_touching_pair_into_its_two_digits(served: Harness, mnist_test_digits) -> None:
     """Pairs read at the wrong count without help (seeded: 28 of 300) are read as two digits with it, and those are
     the digits drawn more often than not: the split falls between the digits, not just anywhere."""
     rng = np.random.default_rng(0)
     helped: list[tuple[str, str]] = []
     for _ in range(300):
-        composed = compose(rng, *test_digits, "touching-pair", photo=False)
+        composed = compose(rng, *mnist_test_digits, "touching-pair", photo=False)
         if len(read(served, composed.image).text) == 2:
             continue
         helped.append((composed.text, read(served, composed.image, expected_digits=2).text))
@@ -146,10 +139,10 @@ def test_an_image_without_ink_is_no_digits_found(served: Harness) -> None:
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error.value.details() == NO_DIGITS
 
 
-def test_more_candidates_than_the_limit_are_refused_naming_the_count(served: Harness, test_digits) -> None:
+def test_more_candidates_than_the_limit_are_refused_naming_the_count(served: Harness, mnist_test_digits) -> None:
     rng = np.random.default_rng(3)
     composed = next(
-        c for c in (compose(rng, *test_digits, "one-to-ten", photo=False) for _ in range(50)) if len(c.text) >= 14
+        c for c in (compose(rng, *mnist_test_digits, "one-to-ten", photo=False) for _ in range(50)) if len(c.text) >= 14
     )  # ten digits in groups: over the limit of 12 this server was started with only if read whole
     wide = Image.open(io.BytesIO(composed.image)).convert("L")
     doubled = Image.new("L", (wide.width * 2, wide.height), 255)
@@ -175,10 +168,10 @@ def test_garbage_and_an_empty_request_say_what_is_wrong(served: Harness) -> None
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in error.value.details()
 
 
-def test_segmentation_alone_refuses_blank_and_finds_lines(test_digits) -> None:
+def test_segmentation_alone_refuses_blank_and_finds_lines(mnist_test_digits) -> None:
     with pytest.raises(ValueError, match="no digits found"):
         segment(np.ones((50, 80), np.float32))
-    composed = compose(np.random.default_rng(2), *test_digits, "two-lines", photo=False)
+    composed = compose(np.random.default_rng(2), *mnist_test_digits, "two-lines", photo=False)
     gray = np.asarray(Image.open(io.BytesIO(composed.image)).convert("L"), np.float32) / 255
     found = segment(gray)
     assert {c.line for c in found.components} == {0, 1}
@@ -188,10 +181,10 @@ def test_segmentation_alone_refuses_blank_and_finds_lines(test_digits) -> None:
 # --- the same over REST, the metrics, and the command line ---------------------------------------------------
 
 
-def test_rest_reads_the_same_and_metrics_count_digits_and_time(served: Harness, test_digits) -> None:
+def test_rest_reads_the_same_and_metrics_count_digits_and_time(served: Harness, mnist_test_digits) -> None:
     import urllib.request
 
-    composed = compose(np.random.default_rng(21), *test_digits, "two-lines", photo=True)
+    composed = compose(np.random.default_rng(21), *mnist_test_digits, "two-lines", photo=True)
     url = f"http://127.0.0.1:{served.server.http_port}/v2/models/googlenet-fast/read?expected_digits=0"
     answer = json.loads(urllib.request.urlopen(urllib.request.Request(url, composed.image), timeout=20).read())
     assert answer["text"] == read(served, composed.image).text
@@ -203,10 +196,10 @@ def test_rest_reads_the_same_and_metrics_count_digits_and_time(served: Harness, 
     assert metrics['mnist_request_latency_seconds_count{code="OK",method="http:ReadDigits"}'] >= 1
 
 
-def test_mnist_classify_reads_and_annotates(served: Harness, test_digits, tmp_path: Path, capsys) -> None:
+def test_mnist_classify_reads_and_annotates(served: Harness, mnist_test_digits, tmp_path: Path, capsys) -> None:
     from server.client import main
 
-    composed = compose(np.random.default_rng(5), *test_digits, "four-digits", photo=True)
+    composed = compose(np.random.default_rng(5), *mnist_test_digits, "four-digits", photo=True)
     image = tmp_path / "number.jpg"
     image.write_bytes(composed.image)
     out = tmp_path / "annotated.png"

@@ -84,6 +84,8 @@ def test_the_real_servicer_implements_every_method_of_the_proto() -> None:
         "GetModelInfo",
         "ListModels",
         "ReadDigits",
+        "ReadTable",
+        "ReadExpression",
     }
 
 

@@ -111,3 +111,53 @@ def test_in_number_mode_a_drawn_71_is_read_with_a_box_around_each_digit(page) ->
     assert "all 2 digits right" in page.locator("#confidence").inner_text()
     page.screenshot(path=str(SCREENSHOTS / "5-number-71.png"))
     page.check("input[name=mode][value=digit]")
+
+
+def test_in_table_mode_a_chosen_photo_of_a_table_shows_the_grid_it_read(
+    page, mnist_test_digits, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from loadtest.layouts import compose_table
+
+    rng = np.random.default_rng(2)
+    composed = next(c for c in (compose_table(rng, *mnist_test_digits, True, False) for _ in range(30))
+                    if c.text.count("\n") <= 4)  # fmt: skip
+    image = tmp_path / "table.png"
+    image.write_bytes(composed.image)
+    page.check("input[name=mode][value=table]")
+    page.evaluate("delete document.body.dataset.prediction")
+    page.set_input_files("#file", str(image))
+    read = prediction(page)
+    rows = composed.text.split("\n")
+    assert read.count("\n") == len(rows) - 1 and read.split("\n")[0].count("\t") == rows[0].count("\t")
+    assert page.locator("#grid tr").count() == len(rows)
+    assert page.locator("#grid td").count() == len(rows) * (rows[0].count("\t") + 1)
+    assert " × " in page.locator("#digit").inner_text()
+    page.screenshot(path=str(SCREENSHOTS / "6-table.png"), full_page=True)
+    page.check("input[name=mode][value=digit]")
+
+
+# A sum on the pad of sum mode (560 x 200): a 7, a plus (two strokes), a 1.
+SUM_STROKES = [
+    [(30, 40), (100, 38), (150, 42), (125, 95), (100, 140), (85, 175)],
+    [(200, 105), (290, 105)],
+    [(245, 60), (245, 150)],
+    [(360, 30), (356, 100), (352, 175)],
+]
+
+
+def test_in_sum_mode_a_drawn_sum_is_read_and_worked_out(page) -> None:
+    page.check("input[name=mode][value=expression]")
+    for stroke in SUM_STROKES[:-1]:
+        page.evaluate("delete document.body.dataset.prediction")
+        draw(page, stroke)
+        page.wait_for_function("document.body.dataset.prediction !== undefined", timeout=15_000)
+    page.evaluate("delete document.body.dataset.prediction")
+    draw(page, SUM_STROKES[-1])
+    assert prediction(page) == "7+1"
+    assert page.evaluate("document.body.dataset.value") == "8"
+    assert page.locator("#digit").inner_text() == "7+1 = 8"
+    assert page.evaluate("document.body.dataset.boxes") == "3"
+    page.screenshot(path=str(SCREENSHOTS / "7-sum.png"), full_page=True)
+    page.check("input[name=mode][value=digit]")

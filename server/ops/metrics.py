@@ -342,8 +342,21 @@ class ServiceMetrics:
         )
         self.read_segmentation = Histogram(
             "mnist_read_segmentation_seconds",
-            "ReadDigits: decoding an image and finding its digits, before the model runs",
+            "ReadDigits, ReadTable, ReadExpression: decoding an image and finding its digits (symbols, cells), "
+            "before the model runs",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.table_cells = Histogram(
+            "mnist_read_table_cells",
+            "cells (rows x columns) of each table ReadTable read",
+            buckets=(2, 4, 6, 9, 12, 16, 24, 36, 48, 72, 96, 128, 192, 256),
+            registry=r,
+        )
+        self.expression_symbols = Histogram(
+            "mnist_read_expression_symbols",
+            "symbols (digits and operators) of each expression ReadExpression read",
+            buckets=(2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 64),
             registry=r,
         )
         self.predictions = Counter(
@@ -405,6 +418,14 @@ class ServiceMetrics:
 
     def observe_reading(self, digits: int, seconds: float) -> None:
         self.read_digits.observe(digits)
+        self.read_segmentation.observe(seconds)
+
+    def observe_table(self, cells: int, seconds: float) -> None:
+        self.table_cells.observe(cells)
+        self.read_segmentation.observe(seconds)
+
+    def observe_expression(self, symbols: int, seconds: float) -> None:
+        self.expression_symbols.observe(symbols)
         self.read_segmentation.observe(seconds)
 
     def observe_model_request(self, model: str, version: str, code: str, seconds: float) -> None:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -49,7 +49,12 @@ from server.pipeline.preprocess import (
 )
 
 if TYPE_CHECKING:
-    from server.pipeline.reading import Reading, Segmentation
+    from server.pipeline.expressions import Expression
+    from server.pipeline.operators import OperatorModel
+    from server.pipeline.reading import Reading
+    from server.pipeline.tables import Table
+
+_Segmented = TypeVar("_Segmented")
 
 RAW = "raw"
 ENCODED = "encoded"
@@ -83,6 +88,7 @@ class ModelPipeline:
         on_predictions: Callable[[np.ndarray, np.ndarray, np.ndarray], None] = lambda digits, conf, is_digit: None,
         detector: DigitScorer | None = None,
         on_decoding: Callable[[int], None] = lambda pixels: None,
+        operators: OperatorModel | None = None,
     ) -> None:
         self.backend = backend
         self.info: BackendInfo = backend.describe()
@@ -111,6 +117,9 @@ class ModelPipeline:
         self.decode_budget = PixelBudget(settings.max_decoding_pixels, self._decoding_changed)
         # ReadDigits' report per image: digits found, seconds of decoding and segmentation (metrics, when wired)
         self.on_reading: Callable[[int, float], None] = lambda digits, seconds: None
+        self.on_table: Callable[[int, float], None] = lambda cells, seconds: None  # ReadTable's, per table
+        self.on_expression: Callable[[int, float], None] = lambda symbols, seconds: None  # ReadExpression's
+        self.operators = operators  # tells operators from digits for ReadExpression; None: it is refused
         self._decoded_since_trim = 0
 
     def start(self) -> None:
@@ -167,11 +176,65 @@ class ModelPipeline:
         """Every digit in one encoded image (server/pipeline/reading.py): decoded within the same budgets as Classify's
         images, segmented in a decoding thread, every candidate through the model in one batch. Returns the
         reading and the image's (width, height) as stored. InvalidInput for no digits, too many, or a bad image."""
-        try:
-            from server.pipeline.reading import segment  # scipy only when numbers are read
-        except ImportError as missing:  # an installation without the serve extras' scipy (a bare GPU machine)
-            raise Unsupported(f"reading numbers needs scipy, which this installation lacks ({missing})") from None
+        reading_module = _reading_module("reading numbers")
+        segmentation, seconds, size = await self._segmented(
+            payload, deadline, lambda gray, scale: reading_module.segment(gray, scale, expected, max_digits)
+        )
+        probabilities, _, _, scores, _ = await self.batcher.classify(segmentation.images[:, None], deadline)
+        reading = segmentation.assemble(probabilities, scores if self.detector is not None else None)
+        self.on_reading(len(reading.digits), seconds)
+        return reading, size
 
+    async def read_table(
+        self, payload: bytes, deadline: float | None = None, max_cells: int = 256
+    ) -> tuple[Table, tuple[int, int]]:
+        """A table of numbers in one encoded image (server/pipeline/tables.py), as `read_digits` reads a number:
+        the same budgets, segmentation in a decoding thread, every candidate digit of every cell in one batch.
+        InvalidInput for no table, more cells than `max_cells`, or a bad image."""
+        _reading_module("reading tables")
+        from server.pipeline.tables import segment_table
+
+        table_segmentation, seconds, size = await self._segmented(
+            payload, deadline, lambda gray, scale: segment_table(gray, scale, max_cells)
+        )
+        images = table_segmentation.images
+        probabilities, _, _, scores, _ = await self.batcher.classify(images[:, None], deadline)
+        table = table_segmentation.assemble(probabilities, scores if self.detector is not None else None)
+        self.on_table(table.cells, seconds)
+        return table, size
+
+    async def read_expression(
+        self, payload: bytes, deadline: float | None = None, max_symbols: int = 64
+    ) -> tuple[Expression, tuple[int, int]]:
+        """Handwritten arithmetic in one encoded image (server/pipeline/expressions.py): every candidate symbol
+        through the classifier (one batch) and the operator model (on the batch runner thread, after it).
+        InvalidInput for no ink, no operator, more than one line or a bad image; Unsupported without the operator
+        model. What cannot be evaluated (division by zero, ...) is in the answer, not an error."""
+        _reading_module("reading expressions")
+        from server.pipeline.expressions import read_expression, segment_expression
+
+        operators = self.operators
+        if operators is None:
+            raise Unsupported("reading expressions needs the operator model, and this server runs without one")
+        segmentation, seconds, size = await self._segmented(
+            payload, deadline, lambda gray, scale: segment_expression(gray, scale, max_symbols)
+        )
+        images = segmentation.images
+        probabilities, _, _, _, _ = await self.batcher.classify(images[:, None], deadline)
+        operator_probabilities = await self.batcher.run_in_runner(lambda: operators.probabilities(images))
+        try:
+            expression = read_expression(segmentation, probabilities, operator_probabilities)
+        except ValueError as problem:
+            raise InvalidInput(str(problem)) from None
+        self.on_expression(len(expression.symbols), seconds)
+        return expression, size
+
+    async def _segmented(
+        self, payload: bytes, deadline: float | None, segment: Callable[[np.ndarray, float], _Segmented]
+    ) -> tuple[_Segmented, float, tuple[int, int]]:
+        """One encoded image decoded within the budgets and `segment(gray, scale)`-ed in a decoding thread (scale:
+        original pixels per decoded pixel): its result, the seconds both took, and the image's size as stored.
+        ValueError from `segment` is the caller's InvalidInput."""
         self.batcher.admit(1, deadline)
         (opened,) = await self._open_all([payload])
         if isinstance(opened, InvalidImage):
@@ -179,24 +242,21 @@ class ModelPipeline:
         await self.decode_budget.acquire(opened.pixels, deadline)
         loop = asyncio.get_running_loop()
 
-        def decode_and_segment() -> tuple[Segmentation, float]:
+        def decode_and_segment() -> tuple[_Segmented, float]:
             started = time.perf_counter()
             gray = decode_opened(opened, lambda: "deadline expired while decoding" if _late(deadline) else None)
             scale = max(opened.size) / max(gray.shape)
-            return segment(gray, scale, expected, max_digits), time.perf_counter() - started
+            return segment(gray, scale), time.perf_counter() - started
 
         work = self._decoders.submit(decode_and_segment)
         work.add_done_callback(lambda _: _call_soon(loop, self._decoded, opened.pixels))
         try:
-            segmentation, seconds = await asyncio.wrap_future(work)
+            result, seconds = await asyncio.wrap_future(work)
         except DecodeStopped as stopped:
             raise DeadlineExpired(str(stopped)) from None
         except (InvalidImage, ValueError) as problem:
             raise InvalidInput(str(problem)) from None
-        probabilities, _, _, scores, _ = await self.batcher.classify(segmentation.images[:, None], deadline)
-        reading = segmentation.assemble(probabilities, scores if self.detector is not None else None)
-        self.on_reading(len(reading.digits), seconds)
-        return reading, opened.size
+        return result, seconds, opened.size
 
     async def preprocess(
         self, payloads: Sequence[bytes], kinds: Sequence[str | None] | None, deadline: float | None = None
@@ -347,6 +407,15 @@ class ModelPipeline:
             is_digit = scores >= self.detector.threshold
         self._on_predictions(digits, confidences, is_digit)
         return probabilities, digits, confidences, scores, is_digit
+
+
+def _reading_module(what: str) -> Any:
+    """server.pipeline.reading, which needs scipy: only the calls that read whole pages import it."""
+    try:
+        from server.pipeline import reading
+    except ImportError as missing:  # an installation without the serve extras' scipy (a bare GPU machine)
+        raise Unsupported(f"{what} needs scipy, which this installation lacks ({missing})") from None
+    return reading
 
 
 def _late(deadline: float | None) -> bool:

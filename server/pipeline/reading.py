@@ -14,6 +14,7 @@ Two steps around one batched model call, so the model sees every candidate of an
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,22 +106,17 @@ class Segmentation:
     line_height: dict[int, float]
     scale: float  # original pixels per working pixel
     expected: int = 0
+    split_prior: float = SPLIT_PRIOR
+    cut_cost: float = CUT_COST
+    cut_into: int = 0  # judge a cut component by its pieces' first `cut_into` classes only (0: all): into digits
 
     def assemble(self, probabilities: np.ndarray, digit_scores: np.ndarray | None = None) -> Reading:
         """The reading, from the model's (N, 10) probabilities for `images` (and the digit detector's scores, which
         help tell one wide digit from two touching ones, when the server has a detector)."""
         probabilities = np.asarray(probabilities, np.float64)
-        choice = self._choose(probabilities, digit_scores)
         digits: list[ReadDigit] = []
         lines: list[list[str]] = []
-        for line in sorted({c.line for c in self.components}):
-            pieces = [
-                (box, row)
-                for c, k in zip(self.components, choice, strict=True)
-                if c.line == line
-                for box, row in zip(c.options[k].boxes, c.options[k].rows, strict=True)
-            ]
-            pieces.sort(key=lambda piece: piece[0].x + piece[0].w / 2)
+        for line, pieces in self.pieces(probabilities, digit_scores).items():
             height = self.line_height[line]
             groups: list[str] = [""]
             for i, (box, row) in enumerate(pieces):
@@ -138,6 +134,32 @@ class Segmentation:
         confidence = float(np.prod([d.confidence for d in digits])) if digits else 0.0
         return Reading("\n".join(" ".join(groups) for groups in lines), tuple(digits), confidence)
 
+    def candidate_heights(self) -> np.ndarray:
+        """Each candidate's (row of `images`) height over its line's height: an expression's operators are short."""
+        heights = np.ones(len(self.images))
+        for c in self.components:
+            for option in c.options:
+                for box, row in zip(option.boxes, option.rows, strict=True):
+                    heights[row] = box.h / max(self.line_height[c.line], 1.0)
+        return heights
+
+    def pieces(
+        self, probabilities: np.ndarray, digit_scores: np.ndarray | None = None
+    ) -> dict[int, list[tuple[Box, int]]]:
+        """Per line, top to bottom, the kept candidates left to right: (box, row of `images`). `probabilities` are
+        (N, K) over any alphabet (digits; an expression's symbols): a split is judged by its pieces' top ones."""
+        choice = self._choose(np.asarray(probabilities, np.float64), digit_scores)
+        lines: dict[int, list[tuple[Box, int]]] = {}
+        for line in sorted({c.line for c in self.components}):
+            pieces = [
+                (box, row)
+                for c, k in zip(self.components, choice, strict=True)
+                if c.line == line
+                for box, row in zip(c.options[k].boxes, c.options[k].rows, strict=True)
+            ]
+            lines[line] = sorted(pieces, key=lambda piece: piece[0].x + piece[0].w / 2)
+        return lines
+
     def _choose(self, probabilities: np.ndarray, digit_scores: np.ndarray | None) -> list[int]:
         """Per component, the option to keep: the most confident split, nudged by the component's width; with an
         expected count, the best choice that reaches it (dynamic programming over the components)."""
@@ -146,12 +168,16 @@ class Segmentation:
             natural = c.natural
             row = []
             for option in c.options:
-                confidence = probabilities[option.rows].max(axis=1)
+                classes = probabilities[option.rows]
+                if self.cut_into and len(option.rows) > 1:
+                    classes = classes[:, : self.cut_into]
+                confidence = classes.max(axis=1)
                 fit = float(np.log(np.clip(confidence, 1e-6, 1.0)).mean())
                 if digit_scores is not None:
                     scores_ = np.nan_to_num(np.asarray(digit_scores, np.float64)[option.rows], nan=1.0)
                     fit += DETECTOR_WEIGHT * float(np.log(np.clip(scores_, 1e-6, 1.0)).mean())
-                row.append(fit - SPLIT_PRIOR * abs(math.log(len(option.boxes) / natural)) - CUT_COST * option.cut_ink)
+                prior = self.split_prior * abs(math.log(len(option.boxes) / natural))
+                row.append(fit - prior - self.cut_cost * option.cut_ink)
             scores.append(row)
         free = [int(np.argmax(row)) for row in scores]
         if not self.expected:
@@ -178,7 +204,27 @@ def segment(gray: np.ndarray, scale: float = 1.0, expected: int = 0, max_digits:
     ValueError with NO_DIGITS when there is no ink, or naming the count when there are more candidate digits than
     `max_digits`."""
     ink = _ink(gray)
-    mask = _binarize(ink)
+    return segment_ink(ink, _binarize(ink), scale, expected, max_digits)
+
+
+def segment_ink(
+    ink: np.ndarray,
+    mask: np.ndarray,
+    scale: float = 1.0,
+    expected: int = 0,
+    max_digits: int = 64,
+    *,
+    symbols: bool = False,
+    lines_of: Callable[[list[Box]], list[int]] | None = None,
+    one_height: bool = False,
+) -> Segmentation:
+    """`segment` on ink already found (`ink`, and `mask`: which pixels are ink). Tables come here with their ruling
+    lines taken out. `symbols`: an expression's symbols, not only digits: small marks are kept (the dots of a ÷)
+    and marks above one another are one symbol (=, ÷). `lines_of(boxes)`: each candidate's line (row), when the
+    caller knows the rows better (a ruled table); by default, lines from the boxes' vertical spans. `one_height`: every
+    line is taken to be written at the page's typical height (a table's rows: a row of short digits is not small
+    writing, and its wide digits are not pairs)."""
+    what = "symbols" if symbols else "digits"
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
     if count == 0:
         raise ValueError(NO_DIGITS)
@@ -187,22 +233,29 @@ def segment(gray: np.ndarray, scale: float = 1.0, expected: int = 0, max_digits:
         for s in ndimage.find_objects(labels)
     ]
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    keep = _not_specks(boxes, areas)
+    keep, alone = (_not_dust(areas),) * 2 if symbols else _not_specks(boxes, areas)
     marks = [i for i in range(count) if keep[i]]
+    typical = 0.0 if symbols else _typical_height(boxes, areas)
     if len(marks) > MARKS_PER_DIGIT * max_digits:  # noise, a photo of a page: refused before any costly step
         raise ValueError(
             f"found {len(marks)} separate marks, over the limit of {MARKS_PER_DIGIT * max_digits} "
-            f"({MARKS_PER_DIGIT} per digit, {max_digits} digits per image)"
+            f"({MARKS_PER_DIGIT} per {what[:-1]}, {max_digits} {what} per image)"
         )
-    groups = _merge_broken_strokes(marks, boxes)
+    groups = _merge_broken_strokes(marks, boxes, not symbols, typical)  # a ÷'s dot beside a 1 is not its hat
+    groups = [group for group in groups if any(alone[i] for i in group)]  # a hat that found no digit goes
+    if symbols:
+        groups = _stacked_marks(groups, boxes, areas)
     if not groups:
         raise ValueError(NO_DIGITS)
     if len(groups) > max_digits:  # before any candidate is prepared
-        raise ValueError(f"found {len(groups)} candidate digits, over the limit of {max_digits} per image")
+        raise ValueError(f"found {len(groups)} candidate {what}, over the limit of {max_digits} per image")
     merged = [(_union([boxes[i] for i in members]), [i + 1 for i in members]) for members in groups]
-    lines = _lines([box for box, _ in merged])
+    lines = (lines_of or _lines)([box for box, _ in merged])
+    # An expression's operators are shorter than its digits: its line height is that of its taller symbols.
+    typical = (lambda heights: float(np.percentile(heights, 75))) if symbols else np.median
     line_height = {
-        line: float(np.median([merged[i][0].h for i, ln in enumerate(lines) if ln == line])) for line in set(lines)
+        line: float(typical([merged[i][0].h for i, ln in enumerate(lines) if one_height or ln == line]))
+        for line in set(lines)
     }
     images: list[np.ndarray] = []
     components: list[Component] = []
@@ -262,22 +315,26 @@ def _ink(gray: np.ndarray) -> np.ndarray:
     """Ink bright on zero, whatever the polarity, with uneven lighting (a photo's shading) taken out."""
     gray = np.asarray(gray, np.float32)
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    ink = 1.0 - gray if np.median(border) > 0.5 else gray
+    # The border is paper; it is the light side when it lies above the middle of the image's own range (grey paper
+    # in a dim photo is still lighter than its ink).
+    darkest, lightest = np.percentile(gray, (1, 99)) if gray.size > 100 else (gray.min(), gray.max())
+    ink = 1.0 - gray if np.median(border) > (darkest + lightest) / 2 else gray
     # The background is what a grey opening wider than any stroke leaves: strokes vanish, shading stays.
     size = max(15, min(ink.shape) // 6)
     background = ndimage.grey_opening(ndimage.uniform_filter(ink, 3), size=(size, size))
     return np.clip(ink - background, 0.0, 1.0)
 
 
-def _binarize(ink: np.ndarray) -> np.ndarray:
+def _binarize(ink: np.ndarray, reach: float = 1.0) -> np.ndarray:
     """Ink pixels, by hysteresis on a lightly blurred copy: regions over a low threshold that reach a high one
     (Otsu's, never under a third of the peak). Thin, faint parts of a stroke stay joined to the rest of their
-    digit; faint specks and paper texture that never reach the high threshold are dropped."""
+    digit; faint specks and paper texture that never reach the high threshold are dropped. `reach` < 1 lowers the
+    high threshold by that factor: small marks that matter (a ÷'s dots, blurred away from their peak) stay."""
     smooth = ndimage.gaussian_filter(ink, 1.0)
     peak = float(np.percentile(smooth, 99.9)) if smooth.size > 1000 else float(smooth.max())
     if peak < MIN_CONTRAST:
         raise ValueError(NO_DIGITS)
-    high = max(_otsu(smooth), 0.3 * peak)
+    high = reach * max(_otsu(smooth), 0.3 * peak)
     weak, count = ndimage.label(smooth > 0.4 * high, structure=np.ones((3, 3), bool))
     strong = np.zeros(count + 1, bool)
     strong[np.unique(weak[smooth > high])] = True
@@ -295,16 +352,62 @@ def _otsu(values: np.ndarray) -> float:
     return float(centres[int(np.argmax(between[:-1]))])
 
 
-def _not_specks(boxes: list[Box], areas: np.ndarray) -> np.ndarray:
-    """Components big enough to be (part of) a digit: specks of noise and dust are dropped."""
+def _not_specks(boxes: list[Box], areas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Components big enough to be (part of) a digit, and which of them could be a digit alone: specks of noise and
+    dust are dropped; a piece long only across (a 5's flat hat drawn apart) may join a digit, never stand alone."""
     largest = float(areas.max())
     tall = np.array([b.h for b in boxes], np.float64)
-    typical = float(np.median(tall[areas >= 0.2 * largest])) if (areas >= 0.2 * largest).any() else float(tall.max())
-    return (areas >= max(6.0, 0.03 * largest)) & ((tall >= 0.25 * typical) | (areas >= 0.15 * largest))
+    wide = np.array([b.w for b in boxes], np.float64)
+    typical = _typical_height(boxes, areas)
+    big_enough = areas >= max(6.0, 0.03 * largest)
+    alone = big_enough & ((tall >= 0.25 * typical) | (areas >= 0.15 * largest))
+    return alone | (big_enough & (wide >= 0.25 * typical)), alone
 
 
-def _merge_broken_strokes(indices: list[int], boxes: list[Box]) -> list[list[int]]:
-    """Components that are one digit drawn in pieces: mostly on top of each other, and close in height.
+def _typical_height(boxes: list[Box], areas: np.ndarray) -> float:
+    """A digit's height on this page: the median height of the components with a fifth of the most ink or more."""
+    largest = float(areas.max())
+    tall = np.array([b.h for b in boxes], np.float64)
+    big = areas >= 0.2 * largest
+    return float(np.median(tall[big])) if big.any() else float(tall.max())
+
+
+def _not_dust(areas: np.ndarray) -> np.ndarray:
+    """Marks worth reading in an expression: only dust is dropped (a ÷'s dots are small and short)."""
+    return areas >= max(4.0, 0.004 * float(areas.max()))
+
+
+def _stacked_marks(pieces: list[list[int]], boxes: list[Box], areas: np.ndarray) -> list[list[int]]:
+    """An expression's symbols from its digits' pieces: pieces that share most of their columns are one symbol (the
+    bars of =, the dots and bar of ÷), since an expression is one line. Then lone dots go."""
+    spans = [_union([boxes[i] for i in piece]) for piece in pieces]
+    typical = float(np.percentile([span.h for span in spans], 75)) if spans else 0.0
+    groups: list[list[int]] = []
+    joined: list[Box] = []
+    for n in sorted(range(len(pieces)), key=lambda n: spans[n].x):
+        box = spans[n]
+        for g, span in enumerate(joined):
+            overlap = min(span.right, box.right) - max(span.x, box.x)
+            centres = abs((span.x + span.right) - (box.x + box.right)) / 2
+            # most columns shared, or two small marks nearly above one another (a slanted colon's dots)
+            small = max(span.h, box.h) < 0.5 * typical
+            stacked = overlap >= 0.5 * min(span.w, box.w) or (small and centres <= 0.25 * typical)
+            if stacked and _union([span, box]).h <= 1.3 * typical:  # within one line: not a digit over another
+                groups[g] += pieces[n]
+                joined[g] = _union([span, box])
+                break
+        else:
+            groups.append(list(pieces[n]))
+            joined.append(box)
+    # A lone dot is no symbol (÷ has its bar, : its second dot): a speck, or a stray mark of a digit, it goes.
+    return [group for group, span in zip(groups, joined, strict=True) if max(span.w, span.h) >= 0.25 * typical]
+
+
+def _merge_broken_strokes(
+    indices: list[int], boxes: list[Box], adjoining: bool = True, typical: float = 0.0
+) -> list[list[int]]:
+    """Components that are one digit drawn in pieces: mostly on top of each other, and close in height; or, given
+    the `typical` digit height, two pieces each too short for a digit that together make one digit's size.
 
     Pairs are merged until none qualifies; a group that grew is checked again against the others. Quadratic in
     the number of components, which `segment` bounds before it gets here."""
@@ -317,7 +420,7 @@ def _merge_broken_strokes(indices: list[int], boxes: list[Box]) -> list[list[int
         while a < len(groups):
             b = a + 1
             while b < len(groups):
-                if _pieces_of_one_digit(spans[a], spans[b]):
+                if _pieces_of_one_digit(spans[a], spans[b], adjoining) or _halves(spans[a], spans[b], typical):
                     groups[a] += groups.pop(b)
                     spans[a] = _union([spans[a], spans.pop(b)])
                     changed = True
@@ -328,7 +431,19 @@ def _merge_broken_strokes(indices: list[int], boxes: list[Box]) -> list[list[int
     return groups
 
 
-def _pieces_of_one_digit(box_a: Box, box_b: Box) -> bool:
+def _halves(box_a: Box, box_b: Box, typical: float) -> bool:
+    """Two pieces too short for a digit each (a 5's hat and its belly drawn apart), touching or nearly, that
+    together are one digit's size."""
+    if not typical or max(box_a.h, box_b.h) >= 0.65 * typical:
+        return False
+    joined = _union([box_a, box_b])
+    beside = max(box_a.x, box_b.x) - min(box_a.right, box_b.right)
+    above = max(box_a.y, box_b.y) - min(box_a.bottom, box_b.bottom)
+    close = beside <= 0.15 * typical and above <= 0.3 * typical
+    return close and joined.w <= 1.1 * typical and joined.h <= 1.3 * typical
+
+
+def _pieces_of_one_digit(box_a: Box, box_b: Box, adjoining: bool = True) -> bool:
     overlap = min(box_a.right, box_b.right) - max(box_a.x, box_b.x)
     gap = max(box_a.y, box_b.y) - min(box_a.bottom, box_b.bottom)
     tallest = max(box_a.h, box_b.h)
@@ -341,8 +456,8 @@ def _pieces_of_one_digit(box_a: Box, box_b: Box) -> bool:
         and joined.h <= 1.5 * tallest
         and min(box_a.h, box_b.h) < 0.75 * tallest  # a piece, not a digit of its own above another
     )
-    adjoining = small and beside <= 0.08 * tallest and gap < 0 and joined.h <= 1.2 * tallest
-    return stacked or adjoining
+    beside_it = adjoining and small and beside <= 0.08 * tallest and gap < 0 and joined.h <= 1.5 * tallest
+    return stacked or beside_it
 
 
 def _union(boxes: list[Box]) -> Box:

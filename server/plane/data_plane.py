@@ -29,8 +29,10 @@ from server.pipeline.model_pipeline import ENCODED
 from server.pipeline.predictions import Predictions
 from server.plane.oip import DIGIT, EXTENSIONS, OUTPUTS, PLATFORM, SERVER_NAME, Tensor, images_from
 
-if TYPE_CHECKING:  # server.pipeline.reading needs scipy, which only ReadDigits needs
+if TYPE_CHECKING:  # server.pipeline.reading needs scipy, which only the Read* calls need
+    from server.pipeline.expressions import Expression
     from server.pipeline.reading import Reading
+    from server.pipeline.tables import Table
 
 
 @dataclass
@@ -115,10 +117,12 @@ class DataPlane:
         server_version: str,
         model_control: str = "off",
         max_read_digits: int = 0,
+        max_table_cells: int = 0,
     ) -> None:
         self.models = models
         self.max_images = max_images
-        self.max_read_digits = max_read_digits
+        self.max_read_digits = max_read_digits  # and symbols per expression
+        self.max_table_cells = max_table_cells
         self.server_version = server_version
         self.model_control = model_control == "on"
         self.draining = False  # set when shutdown begins: ServerReady and ModelReady turn false; calls still served
@@ -290,6 +294,28 @@ class DataPlane:
             count.images = 1
             reading, size = await served.pipeline.read_digits(image, expected_digits, deadline, self.max_read_digits)
             return served, reading, size
+
+    async def read_table(
+        self, name: str, version: str, image: bytes, deadline: float | None
+    ) -> tuple[ServedModel, Table, tuple[int, int]]:
+        """The table of numbers in an image file: the version that read it, the table, and the image's size."""
+        if not image:
+            raise InvalidInput("no image: send an image file (PNG, JPEG, ...) holding the table to read")
+        with self._counted(name, version) as (served, count):
+            count.images = 1
+            table, size = await served.pipeline.read_table(image, deadline, self.max_table_cells)
+            return served, table, size
+
+    async def read_expression(
+        self, name: str, version: str, image: bytes, deadline: float | None
+    ) -> tuple[ServedModel, Expression, tuple[int, int]]:
+        """The arithmetic written in an image file, read and evaluated: the version, the expression, the size."""
+        if not image:
+            raise InvalidInput("no image: send an image file (PNG, JPEG, ...) holding the expression to read")
+        with self._counted(name, version) as (served, count):
+            count.images = 1
+            expression, size = await served.pipeline.read_expression(image, deadline, self.max_read_digits)
+            return served, expression, size
 
     async def infer(
         self,

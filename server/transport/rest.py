@@ -40,6 +40,7 @@ from server.errors import (
 )
 from server.ops.metrics import ServiceMetrics
 from server.ops.metrics_http import listen_sockets
+from server.pipeline.table_csv import table_csv
 from server.plane.data_plane import DataPlane
 from server.plane.oip import Tensor, tensor_from_bytes, tensor_from_values
 from server.security import TokenChecker, http_refusal
@@ -119,6 +120,8 @@ class RestApi:
                 ("GET", prefix + "/stats", self.model_stats, "ModelStatistics" + suffix),
                 ("POST", prefix + "/infer", self.infer, "ModelInfer" + suffix),
                 ("POST", prefix + "/read", self.read, "ReadDigits" + suffix),
+                ("POST", prefix + "/table", self.table, "ReadTable" + suffix),
+                ("POST", prefix + "/expression", self.expression, "ReadExpression" + suffix),
             ]
         for method, path, handler, name in routes:
             app.router.add_route(method, path, handler, name=name)
@@ -279,19 +282,103 @@ class RestApi:
                 "confidence": reading.confidence,
                 "image_width": width,
                 "image_height": height,
-                "digits": [
+                "digits": [_digit_json(d) for d in reading.digits],
+            }
+        )
+
+    async def table(self, request: web.Request) -> web.Response:
+        """ReadTable over HTTP: the body is the image file; JSON rows of cells, or ?format=csv for the cells' text."""
+        name, version = _model(request)
+        wanted = request.query.get("format", "json")
+        if wanted not in ("json", "csv"):
+            raise InvalidInput(f"format must be json or csv, not {wanted!r}")
+        body, deadline = await self._image_body(request, name, version, "the table")
+        served, table, (width, height) = await self.plane.read_table(name, version, body, deadline)
+        if wanted == "csv":
+            return web.Response(
+                text=table_csv([[cell.text for cell in row] for row in table.rows]), content_type="text/csv"
+            )
+        return web.json_response(
+            {
+                "model_name": served.name,
+                "model_version": served.version,
+                "rows": [
+                    [
+                        {
+                            "text": cell.text,
+                            "confidence": cell.confidence,
+                            "box": _box_json(cell.box),
+                            "digits": [_digit_json(d) for d in cell.digits],
+                        }
+                        for cell in row
+                    ]
+                    for row in table.rows
+                ],
+                "columns": table.columns,
+                "ruled_rows": table.ruled_rows,
+                "ruled_columns": table.ruled_columns,
+                "skew_degrees": table.skew_degrees,
+                "confidence": table.confidence,
+                "image_width": width,
+                "image_height": height,
+            }
+        )
+
+    async def expression(self, request: web.Request) -> web.Response:
+        """ReadExpression over HTTP: the body is the image file; the expression, its symbols and its exact value."""
+        name, version = _model(request)
+        body, deadline = await self._image_body(request, name, version, "the expression")
+        served, expression, (width, height) = await self.plane.read_expression(name, version, body, deadline)
+        evaluation = expression.evaluation
+        return web.json_response(
+            {
+                "model_name": served.name,
+                "model_version": served.version,
+                "text": expression.text,
+                "value": evaluation.value,
+                "error": evaluation.error,
+                "written_answer": evaluation.written_answer,
+                "answer_correct": evaluation.answer_correct,
+                "confidence": expression.confidence,
+                "image_width": width,
+                "image_height": height,
+                "symbols": [
                     {
-                        "digit": d.digit,
-                        "confidence": d.confidence,
-                        "box": {"x": d.box[0], "y": d.box[1], "width": d.box[2], "height": d.box[3]},
-                        "alternatives": [{"digit": a, "probability": q} for a, q in d.alternatives],
-                        "line": d.line,
-                        "group": d.group,
+                        "symbol": s.symbol,
+                        "confidence": s.confidence,
+                        "box": _box_json(s.box),
+                        "alternatives": [{"symbol": a, "probability": q} for a, q in s.alternatives],
                     }
-                    for d in reading.digits
+                    for s in expression.symbols
                 ],
             }
         )
+
+    async def _image_body(
+        self, request: web.Request, name: str, version: str, holding: str
+    ) -> tuple[bytes, float | None]:
+        """The image file a Read* call sends as its body, and the deadline its ?timeout= (microseconds) sets."""
+        self.plane.served(name, version)  # an unknown model is 404, whatever else is wrong
+        body = await request.read()
+        if not body:
+            raise InvalidInput(f"no image: send the image file (PNG, JPEG, ...) holding {holding} as the request body")
+        timeout = request.query.get("timeout")  # microseconds, as the infer request's parameter
+        return body, _deadline({"timeout": _number(timeout)}) if timeout is not None else None
+
+
+def _box_json(box: tuple[int, int, int, int]) -> dict[str, int]:
+    return {"x": box[0], "y": box[1], "width": box[2], "height": box[3]}
+
+
+def _digit_json(d: Any) -> dict[str, Any]:
+    return {
+        "digit": d.digit,
+        "confidence": d.confidence,
+        "box": _box_json(d.box),
+        "alternatives": [{"digit": a, "probability": q} for a, q in d.alternatives],
+        "line": d.line,
+        "group": d.group,
+    }
 
 
 def _number(text: str) -> float:

@@ -10,6 +10,7 @@ and this servicer lacks stops the server at start-up.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -41,6 +42,9 @@ from server.transport.wire import (
     parse_classify_request,
 )
 
+if TYPE_CHECKING:  # server.pipeline.reading needs scipy, which only the Read* calls need
+    from server.pipeline.reading import ReadDigit
+
 __all__ = ["SERVICE", "STATUS_OF", "ClassifierServicer", "add_to_server", "generic_handler", "status_of"]
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"]
@@ -52,7 +56,7 @@ PARSERS: dict[str, Callable[[bytes], ParsedRequest]] = {
 
 
 # The model's calls: refused before their message is read while the only version served sheds load (UnreadRefusal).
-UNREAD_REFUSALS = frozenset({"Classify", "ClassifyBatch", "ReadDigits"})
+UNREAD_REFUSALS = frozenset({"Classify", "ClassifyBatch", "ReadDigits", "ReadTable", "ReadExpression"})
 
 
 class ClassifierServicer:
@@ -157,21 +161,65 @@ class ClassifierServicer:
         )
         return pb.ReadDigitsResponse(
             text=reading.text,
-            digits=[
-                pb.ReadDigit(
-                    digit=d.digit,
-                    confidence=d.confidence,
-                    x=d.box[0],
-                    y=d.box[1],
-                    width=d.box[2],
-                    height=d.box[3],
-                    alternatives=[pb.DigitAlternative(digit=a, probability=q) for a, q in d.alternatives],
-                    line=d.line,
-                    group=d.group,
-                )
-                for d in reading.digits
-            ],
+            digits=[_read_digit(d) for d in reading.digits],
             confidence=reading.confidence,
+            model_version=served.version,
+            request_id=request.request_id or new_request_ids(1)[0],
+            image_width=width,
+            image_height=height,
+        )
+
+    async def ReadTable(self, request: pb.ReadTableRequest, context: grpc.aio.ServicerContext):
+        served, table, (width, height) = await self.plane.read_table(
+            request.model_name, request.model_version, request.image, request_deadline(context)
+        )
+        return pb.ReadTableResponse(
+            rows=[
+                pb.TableRow(
+                    cells=[
+                        pb.TableCell(
+                            text=cell.text,
+                            confidence=cell.confidence,
+                            **_box(cell.box),
+                            digits=[_read_digit(d) for d in cell.digits],
+                        )
+                        for cell in row
+                    ]
+                )
+                for row in table.rows
+            ],
+            columns=table.columns,
+            ruled_rows=table.ruled_rows,
+            ruled_columns=table.ruled_columns,
+            skew_degrees=table.skew_degrees,
+            confidence=table.confidence,
+            model_version=served.version,
+            request_id=request.request_id or new_request_ids(1)[0],
+            image_width=width,
+            image_height=height,
+        )
+
+    async def ReadExpression(self, request: pb.ReadExpressionRequest, context: grpc.aio.ServicerContext):
+        served, expression, (width, height) = await self.plane.read_expression(
+            request.model_name, request.model_version, request.image, request_deadline(context)
+        )
+        evaluation = expression.evaluation
+        return pb.ReadExpressionResponse(
+            text=expression.text,
+            symbols=[
+                pb.ExpressionSymbol(
+                    symbol=s.symbol,
+                    confidence=s.confidence,
+                    **_box(s.box),
+                    alternatives=[pb.SymbolAlternative(symbol=a, probability=q) for a, q in s.alternatives],
+                )
+                for s in expression.symbols
+            ],
+            value=evaluation.value,
+            error=evaluation.error,
+            written_answer=evaluation.written_answer,
+            answer_correct=evaluation.answer_correct,
+            confidence=expression.confidence,
             model_version=served.version,
             request_id=request.request_id or new_request_ids(1)[0],
             image_width=width,
@@ -194,6 +242,22 @@ class ClassifierServicer:
             ],
             default_model=default_model,
         )
+
+
+def _read_digit(d: ReadDigit) -> pb.ReadDigit:
+    return pb.ReadDigit(
+        digit=d.digit,
+        confidence=d.confidence,
+        **_box(d.box),
+        alternatives=[pb.DigitAlternative(digit=a, probability=q) for a, q in d.alternatives],
+        line=d.line,
+        group=d.group,
+    )
+
+
+def _box(box: tuple[int, int, int, int]) -> dict[str, int]:
+    """A box (x, y, width, height) as the fields every Read* message names it by."""
+    return {"x": box[0], "y": box[1], "width": box[2], "height": box[3]}
 
 
 def detector_summary(detector: object | None) -> str:

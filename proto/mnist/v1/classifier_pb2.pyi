@@ -187,3 +187,127 @@ class ReadDigitsResponse(_message.Message):
     image_width: int
     image_height: int
     def __init__(self, text: _Optional[str] = ..., digits: _Optional[_Iterable[_Union[ReadDigit, _Mapping]]] = ..., confidence: _Optional[float] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ...) -> None: ...
+
+class ReadTableRequest(_message.Message):
+    __slots__ = ("image", "request_id", "model_name", "model_version")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    request_id: str
+    model_name: str
+    model_version: str
+    def __init__(self, image: _Optional[bytes] = ..., request_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class TableCell(_message.Message):
+    __slots__ = ("text", "confidence", "x", "y", "width", "height", "digits")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DIGITS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    confidence: float
+    x: int
+    y: int
+    width: int
+    height: int
+    digits: _containers.RepeatedCompositeFieldContainer[ReadDigit]
+    def __init__(self, text: _Optional[str] = ..., confidence: _Optional[float] = ..., x: _Optional[int] = ..., y: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., digits: _Optional[_Iterable[_Union[ReadDigit, _Mapping]]] = ...) -> None: ...
+
+class TableRow(_message.Message):
+    __slots__ = ("cells",)
+    CELLS_FIELD_NUMBER: _ClassVar[int]
+    cells: _containers.RepeatedCompositeFieldContainer[TableCell]
+    def __init__(self, cells: _Optional[_Iterable[_Union[TableCell, _Mapping]]] = ...) -> None: ...
+
+class ReadTableResponse(_message.Message):
+    __slots__ = ("rows", "columns", "ruled_rows", "ruled_columns", "skew_degrees", "confidence", "model_version", "request_id", "image_width", "image_height")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    RULED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    RULED_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    SKEW_DEGREES_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[TableRow]
+    columns: int
+    ruled_rows: bool
+    ruled_columns: bool
+    skew_degrees: float
+    confidence: float
+    model_version: str
+    request_id: str
+    image_width: int
+    image_height: int
+    def __init__(self, rows: _Optional[_Iterable[_Union[TableRow, _Mapping]]] = ..., columns: _Optional[int] = ..., ruled_rows: _Optional[bool] = ..., ruled_columns: _Optional[bool] = ..., skew_degrees: _Optional[float] = ..., confidence: _Optional[float] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ...) -> None: ...
+
+class ReadExpressionRequest(_message.Message):
+    __slots__ = ("image", "request_id", "model_name", "model_version")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    request_id: str
+    model_name: str
+    model_version: str
+    def __init__(self, image: _Optional[bytes] = ..., request_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class SymbolAlternative(_message.Message):
+    __slots__ = ("symbol", "probability")
+    SYMBOL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    symbol: str
+    probability: float
+    def __init__(self, symbol: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
+
+class ExpressionSymbol(_message.Message):
+    __slots__ = ("symbol", "confidence", "x", "y", "width", "height", "alternatives")
+    SYMBOL_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ALTERNATIVES_FIELD_NUMBER: _ClassVar[int]
+    symbol: str
+    confidence: float
+    x: int
+    y: int
+    width: int
+    height: int
+    alternatives: _containers.RepeatedCompositeFieldContainer[SymbolAlternative]
+    def __init__(self, symbol: _Optional[str] = ..., confidence: _Optional[float] = ..., x: _Optional[int] = ..., y: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., alternatives: _Optional[_Iterable[_Union[SymbolAlternative, _Mapping]]] = ...) -> None: ...
+
+class ReadExpressionResponse(_message.Message):
+    __slots__ = ("text", "symbols", "value", "error", "written_answer", "answer_correct", "confidence", "model_version", "request_id", "image_width", "image_height")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SYMBOLS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_CORRECT_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    symbols: _containers.RepeatedCompositeFieldContainer[ExpressionSymbol]
+    value: str
+    error: str
+    written_answer: str
+    answer_correct: bool
+    confidence: float
+    model_version: str
+    request_id: str
+    image_width: int
+    image_height: int
+    def __init__(self, text: _Optional[str] = ..., symbols: _Optional[_Iterable[_Union[ExpressionSymbol, _Mapping]]] = ..., value: _Optional[str] = ..., error: _Optional[str] = ..., written_answer: _Optional[str] = ..., answer_correct: _Optional[bool] = ..., confidence: _Optional[float] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ...) -> None: ...

@@ -59,6 +59,16 @@ class ClassifierStub:
                 request_serializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadDigitsRequest.SerializeToString,
                 response_deserializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadDigitsResponse.FromString,
                 _registered_method=True)
+        self.ReadTable = channel.unary_unary(
+                '/mnist.v1.Classifier/ReadTable',
+                request_serializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadTableRequest.SerializeToString,
+                response_deserializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadTableResponse.FromString,
+                _registered_method=True)
+        self.ReadExpression = channel.unary_unary(
+                '/mnist.v1.Classifier/ReadExpression',
+                request_serializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadExpressionRequest.SerializeToString,
+                response_deserializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadExpressionResponse.FromString,
+                _registered_method=True)
 
 
 class ClassifierServicer:
@@ -96,6 +106,20 @@ class ClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadTable(self, request, context):
+        """a table of numbers: rows of cells, ruled or not
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadExpression(self, request, context):
+        """handwritten arithmetic, evaluated
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +147,16 @@ def add_ClassifierServicer_to_server(servicer, server):
                     servicer.ReadDigits,
                     request_deserializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadDigitsRequest.FromString,
                     response_serializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadDigitsResponse.SerializeToString,
+            ),
+            'ReadTable': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadTable,
+                    request_deserializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadTableRequest.FromString,
+                    response_serializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadTableResponse.SerializeToString,
+            ),
+            'ReadExpression': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadExpression,
+                    request_deserializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadExpressionRequest.FromString,
+                    response_serializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadExpressionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -260,6 +294,60 @@ class Classifier:
             '/mnist.v1.Classifier/ReadDigits',
             proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadDigitsRequest.SerializeToString,
             proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadDigitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadTable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mnist.v1.Classifier/ReadTable',
+            proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadTableRequest.SerializeToString,
+            proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadTableResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadExpression(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mnist.v1.Classifier/ReadExpression',
+            proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadExpressionRequest.SerializeToString,
+            proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadExpressionResponse.FromString,
             options,
             channel_credentials,
             insecure,
