@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from server.config import ServeConfig, describe, load_config, worker_count
-from server.engine.backends import BackendInfo, build_backend
+from server.engine.backends import build_backend
 from server.errors import ServiceError
 from server.models.model_settings import check_against
 from server.models.repository import AgreedDefaults, ModelRepository, RepositoryObserver, verify_on_samples
@@ -93,14 +93,12 @@ def _connection_age(config: ServeConfig) -> list[tuple[str, int]]:
     ]
 
 
-def load_operator_model(config: ServeConfig, info: BackendInfo) -> OperatorModel | None:
-    """ReadExpression's operator model beside one model version, on that version's ONNX Runtime providers (the null
-    engine's "providers" are none: CPU). None when turned off. A file that is not an operator model fails the version,
-    saying why, as a broken model file does."""
+def load_operator_model(config: ServeConfig) -> OperatorModel | None:
+    """ReadExpression's operator model, one for each model version (its sessions are its own); None when turned
+    off. A file that is not an operator model fails the version, saying why, as a broken model file does."""
     if config.operator_model == "none":
         return None
-    providers = [p for p in info.providers if p.endswith("ExecutionProvider")] or ["CPUExecutionProvider"]
-    operators = OperatorModel(Path(config.operator_model), providers)
+    operators = OperatorModel(Path(config.operator_model))
     log.info("operator model for ReadExpression: %s", operators.describe())
     return operators
 
@@ -368,7 +366,7 @@ class MnistServer:
             log.info("%s %s: settings from its config.pbtxt: %s", name, version, settings.describe())
         backend = await asyncio.get_running_loop().run_in_executor(None, build_backend, config)
         info = backend.describe()
-        operators = await asyncio.get_running_loop().run_in_executor(None, load_operator_model, config, info)
+        operators = await asyncio.get_running_loop().run_in_executor(None, load_operator_model, config)
         name, version = name or info.model_name, version or info.model_version
         log.info("backend: %s", info.summary())
         if info.engine == "onnxruntime" and not info.on_gpu:

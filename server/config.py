@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "googlenet-fast.onnx"
 DIGIT_DETECTOR = Path(__file__).resolve().parent / "bundled" / "digit-detector.npz"
 OPERATOR_MODEL = Path(__file__).resolve().parent / "bundled" / "operators.onnx"
+TABLE_CANDIDATES_PER_CELL = 3  # ReadTable's candidate digit images per allowed cell (every way of cutting counted)
 ENV_PREFIX = "MNIST_SERVE_"
 
 
@@ -167,8 +168,9 @@ HELP = {
     "more candidates is refused (INVALID_ARGUMENT naming the count); the image itself is held to --max-image-pixels "
     "like any other",
     "max_table_cells": "most cells (rows x columns) ReadTable reads in one image: a table with more is refused "
-    "(INVALID_ARGUMENT naming its rows and columns) before the model runs; each cell may hold up to 4 candidate "
-    "digits on average",
+    f"(INVALID_ARGUMENT naming its rows and columns) before the model runs; so is a table with more than "
+    f"{TABLE_CANDIDATES_PER_CELL} candidate digits per allowed cell (every way of cutting a wide mark counted): "
+    f"{TABLE_CANDIDATES_PER_CELL * 256} for 256 cells, and never more than --max-queue-size",
     "max_image_pixels": "most pixels decoded for one encoded image: a JPEG is decoded at 1/2, 1/4 or 1/8 scale to fit "
     "(so JPEGs up to 64x this are accepted); any other format over it is refused from its header, before decoding",
     "max_request_pixels": "most pixels decoded for the encoded images of one request together (after JPEG reduction)",
@@ -182,8 +184,8 @@ HELP = {
     "model, and this file is not used for it. none: scores off for every model, in-graph ones included: digit_score "
     "NaN and is_digit true (a model with the output still computes it: ONNX Runtime runs the whole graph)",
     "operator_model": "the operator model (.onnx) ReadExpression uses to tell the operators + - × ÷ = from digits "
-    "(python -m training.operators makes it); it runs beside each model version, on its providers, only for "
-    "ReadExpression. none: ReadExpression answers UNIMPLEMENTED",
+    "(python -m training.operators makes it); it runs on the CPU beside each model version, only for "
+    "ReadExpression (a few ms per expression). none: ReadExpression answers UNIMPLEMENTED",
     "intra_op_threads": "ONNX Runtime intra-op threads (0 = ONNX Runtime's default, one per core)",
     "ort_spinning": "whether ONNX Runtime's intra-op threads spin while waiting for work: auto or on (ONNX Runtime's "
     "default: they go on spinning for a moment after a run, ready for the next: on the 2-core CPU a lone call 0.3 ms "

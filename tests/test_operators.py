@@ -81,7 +81,7 @@ def test_bundled_model_reads_held_out_generator_b_operators(operator_session: An
     for symbol in SYMBOLS:
         images = np.stack([_prepared(render_symbol(symbol, "B", rng, int(rng.integers(24, 91)))) for _ in range(50)])
         right = (_classify(operator_session, images) == OPERATOR_CLASSES.index(SYMBOL_CLASS[symbol])).mean()
-        assert right >= 0.9, f"{symbol!r}: {right:.0%} read right"
+        assert right >= 0.96, f"{symbol!r}: {right:.0%} read right"  # held-out accuracy is 98.5-100%
 
 
 def test_bundled_model_leaves_mnist_test_digits_to_the_digit_classifier(operator_session: Any, mnist_dir: Path) -> None:
@@ -91,4 +91,4 @@ def test_bundled_model_leaves_mnist_test_digits_to_the_digit_classifier(operator
         rows, cols = np.flatnonzero(image.any(axis=1)), np.flatnonzero(image.any(axis=0))
         images.append(_prepared(image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.float32) / 255.0))
     digits = (_classify(operator_session, np.stack(images)) == OPERATOR_CLASSES.index("digit")).mean()
-    assert digits >= 0.97, f"only {digits:.1%} of MNIST test digits called a digit"
+    assert digits >= 0.99, f"only {digits:.1%} of MNIST test digits called a digit"

@@ -1,6 +1,6 @@
 """Train the operator model of ReadExpression: is a cut-out symbol a digit, or which of + - × ÷ = is it?
 
-    python -m training.operators --out-dir server/bundled     # about 3 minutes on 2 CPU cores
+    python -m training.operators --out-dir server/bundled     # about 8 minutes on 2 CPU cores
 
 Read top to bottom: config -> data (digits from MNIST train, operators from stroke generator A) -> model -> training
 -> held-out evaluation (MNIST test digits, operators of the never-trained generator B) -> ONNX export, checked
@@ -46,13 +46,13 @@ except ImportError:  # tqdm is in the train extra; without it the steps print pl
 # --- config: the defaults of a run; the flags override them ------------------------------------------------------
 OUT_DIR = "server/bundled"
 SEED = 20240
-TRAIN_DIGITS = 30_000  # MNIST train digits for the "digit" class
-PER_OPERATOR = 6_000  # generator-A symbols per operator class; half of the division class is drawn as ":"
+TRAIN_DIGITS = 45_000  # MNIST train digits for the "digit" class
+PER_OPERATOR = 9_000  # generator-A symbols per operator class; half of the division class is drawn as ":"
 PAGED = 0.7  # share of training images written on a page (clean or photographed) and cut out as the server does
 TRAIN_HEIGHTS = (22, 80)  # generator A draws for lines whose digits are this many px tall (uniform)
 EVAL_PER_SYMBOL = 1_000  # generator-B symbols per symbol of SYMBOLS ("÷" and ":" each: 2,000 for division)
 EVAL_HEIGHTS = (24, 90)
-EPOCHS = 6
+EPOCHS = 10
 BATCH_SIZE = 128
 LEARNING_RATE = 3e-3  # AdamW's peak (one cycle: warm-up, then cosine decay to zero)
 WEIGHT_DECAY = 1e-4

@@ -19,7 +19,7 @@ from fractions import Fraction
 import numpy as np
 
 from proto.contract import OPERATOR_CLASSES, OPERATORS
-from server.pipeline.reading import Segmentation, _binarize, _ink, segment_ink
+from server.pipeline.reading import Segmentation, _binarize, _ink, rows_of_ink, segment_ink
 
 DIGITS = "0123456789"
 ALPHABET = DIGITS + "".join(OPERATORS)  # every symbol an expression may hold: the digits, then + - × ÷ =
@@ -27,6 +27,7 @@ ARITHMETIC = "+-×÷"
 DOT_REACH = 0.7  # ink need only reach this share of a number's threshold: a ÷'s faint dots stay
 TALL = 0.9  # a candidate at least this share of its line's height is as tall as a digit...
 TALL_OPERATOR_ODDS = 0.2  # ...and its operators' probabilities are weighed by this
+NO_NUMBER = "no number found: the image reads {text!r}; an expression needs digits to work on"
 NO_OPERATOR = (
     "no operator found: the image reads {text!r}; an expression needs at least one of + - × ÷ "
     "(for a number alone use ReadDigits)"
@@ -62,7 +63,9 @@ def segment_expression(gray: np.ndarray, scale: float = 1.0, max_symbols: int = 
 
     ValueError naming the problem: no ink, too many symbols, or more than one line."""
     ink = _ink(gray)
-    segmentation = segment_ink(ink, _binarize(ink, DOT_REACH), scale, 0, max_symbols, symbols=True)
+    segmentation = segment_ink(
+        ink, _binarize(ink, DOT_REACH), scale, 0, max_symbols, symbols=True, lines_of=rows_of_ink
+    )
     segmentation.cut_into = len(DIGITS)  # touching symbols are digits: people leave room around an operator
     lines = len(segmentation.line_height)
     if lines > 1:
@@ -104,6 +107,8 @@ def read_expression(
     text = "".join(s.symbol for s in symbols)
     if not any(op in text for op in ARITHMETIC):
         raise ValueError(NO_OPERATOR.format(text=text))
+    if not any(symbol in DIGITS for symbol in text):
+        raise ValueError(NO_NUMBER.format(text=text))
     confidence = float(np.prod([s.confidence for s in symbols]))
     return Expression(text, tuple(symbols), confidence, evaluate(text))
 
@@ -115,17 +120,20 @@ def evaluate(text: str) -> Evaluation:
         if "=" in answer:
             raise _Malformed("more than one =")
         value = _value(_tokens(left))
+        shown = _exact(value)
     except _Malformed as problem:
         return Evaluation(error=f"malformed expression {text!r}: {problem}")
     except ZeroDivisionError:
         return Evaluation(error=f"division by zero in {text!r}")
+    except ValueError:  # Python's bound on the digits of an integer written out (thousands): never at 64 symbols
+        return Evaluation(error=f"the value of {text!r} has too many digits to write out")
     if not (equals and answer):
-        return Evaluation(_exact(value))
-    try:  # the writer's answer: the value stands even when the answer is not a number
+        return Evaluation(shown)
+    try:  # the writer's answer, as written: the value stands even when the answer is not a number
         written = _number(answer, "the answer after =")
-    except _Malformed as problem:
-        return Evaluation(_exact(value), f"malformed answer in {text!r}: {problem}", answer)
-    return Evaluation(_exact(value), "", str(written), Fraction(written) == value)
+    except (_Malformed, ValueError) as problem:
+        return Evaluation(shown, f"malformed answer in {text!r}: {problem}", answer)
+    return Evaluation(shown, "", answer, Fraction(written) == value)
 
 
 class _Malformed(ValueError):

@@ -28,6 +28,7 @@ import numpy as np
 
 from proto.contract import INPUT_DTYPE, INPUT_SHAPE
 from server import tracing
+from server.config import TABLE_CANDIDATES_PER_CELL
 from server.engine.backends.base import Backend, BackendInfo
 from server.engine.batching import AUTO, Batcher, BatchObserver
 from server.errors import Cancelled, DeadlineExpired, InvalidInput, Unsupported
@@ -194,8 +195,10 @@ class ModelPipeline:
         _reading_module("reading tables")
         from server.pipeline.tables import segment_table
 
+        # one table's candidates always fit the queue: more would be "retry later" for a call that never could be
+        most = min(TABLE_CANDIDATES_PER_CELL * max_cells, self.settings.max_queue_size)
         table_segmentation, seconds, size = await self._segmented(
-            payload, deadline, lambda gray, scale: segment_table(gray, scale, max_cells)
+            payload, deadline, lambda gray, scale: segment_table(gray, scale, max_cells, most)
         )
         images = table_segmentation.images
         probabilities, _, _, scores, _ = await self.batcher.classify(images[:, None], deadline)
@@ -207,21 +210,23 @@ class ModelPipeline:
         self, payload: bytes, deadline: float | None = None, max_symbols: int = 64
     ) -> tuple[Expression, tuple[int, int]]:
         """Handwritten arithmetic in one encoded image (server/pipeline/expressions.py): every candidate symbol
-        through the classifier (one batch) and the operator model (on the batch runner thread, after it).
-        InvalidInput for no ink, no operator, more than one line or a bad image; Unsupported without the operator
-        model. What cannot be evaluated (division by zero, ...) is in the answer, not an error."""
+        through the operator model (in the decoding thread, right after the segmentation: a few milliseconds on one
+        core) and the classifier (one batch, as ReadDigits'). InvalidInput for no ink, no operator, no number, more
+        than one line or a bad image; Unsupported without the operator model. What cannot be evaluated (division
+        by zero, ...) is in the answer, not an error."""
         _reading_module("reading expressions")
         from server.pipeline.expressions import read_expression, segment_expression
 
         operators = self.operators
         if operators is None:
             raise Unsupported("reading expressions needs the operator model, and this server runs without one")
-        segmentation, seconds, size = await self._segmented(
-            payload, deadline, lambda gray, scale: segment_expression(gray, scale, max_symbols)
-        )
-        images = segmentation.images
-        probabilities, _, _, _, _ = await self.batcher.classify(images[:, None], deadline)
-        operator_probabilities = await self.batcher.run_in_runner(lambda: operators.probabilities(images))
+
+        def segment(gray: np.ndarray, scale: float) -> tuple[Any, np.ndarray]:
+            segmentation = segment_expression(gray, scale, max_symbols)
+            return segmentation, operators.probabilities(segmentation.images)
+
+        (segmentation, operator_probabilities), seconds, size = await self._segmented(payload, deadline, segment)
+        probabilities, _, _, _, _ = await self.batcher.classify(segmentation.images[:, None], deadline)
         try:
             expression = read_expression(segmentation, probabilities, operator_probabilities)
         except ValueError as problem:

@@ -31,6 +31,7 @@ SPLIT_PRIOR = 1.0  # log-confidence cost per piece away from what the component'
 DETECTOR_WEIGHT = 1.0  # how much the digit detector's say (does this look like one digit?) counts in a choice
 CUT_COST = 0.0  # log-confidence cost of a cut through a typical column's worth of ink (a neck costs little)
 MAX_PIECES = 4
+ROW_OVERLAP = 0.15  # ink reaching less than this many digit heights into the row below does not join the rows
 MARKS_PER_DIGIT = 4  # separate pieces of ink allowed per digit of the limit (broken strokes, dots)
 
 
@@ -217,13 +218,16 @@ def segment_ink(
     symbols: bool = False,
     lines_of: Callable[[list[Box]], list[int]] | None = None,
     one_height: bool = False,
+    max_images: bool = False,
 ) -> Segmentation:
     """`segment` on ink already found (`ink`, and `mask`: which pixels are ink). Tables come here with their ruling
     lines taken out. `symbols`: an expression's symbols, not only digits: small marks are kept (the dots of a ÷)
     and marks above one another are one symbol (=, ÷). `lines_of(boxes)`: each candidate's line (row), when the
     caller knows the rows better (a ruled table); by default, lines from the boxes' vertical spans. `one_height`: every
     line is taken to be written at the page's typical height (a table's rows: a row of short digits is not small
-    writing, and its wide digits are not pairs)."""
+    writing, and its wide digits are not pairs). `max_images`: `max_digits` bounds the candidate images too (every way
+    of cutting a wide blob counted), refused as soon as they pass it: a page of wide blobs cannot make the model
+    read thousands."""
     what = "symbols" if symbols else "digits"
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
     if count == 0:
@@ -287,9 +291,17 @@ def segment_ink(
                     crop = np.zeros((height_px, width_px), np.float32)  # the piece's own pixels, as written
                     crop[ys - top, xs - left_x] = straight[ys, xs + offsets[ys]]
                     images.append(_prepared(crop))
+                    if max_images and len(images) > max_digits:
+                        raise ValueError(
+                            f"found over {max_digits} candidate {what} (each way of cutting a wide mark counted), "
+                            f"over the limit of {max_digits} per image"
+                        )
                 else:
                     component.options.append(option)
-        components.append(component)
+        if component.options:  # a mark with no ink left in it reads as nothing
+            components.append(component)
+    if not components:
+        raise ValueError(NO_DIGITS)
     return Segmentation(np.stack(images), components, line_height, scale, expected)
 
 
@@ -298,6 +310,8 @@ def _deskewed(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     the ink's second moments), and each row's shift: upright column c of row y is column c - shift[y] of `ink`.
     Widths are judged and cuts made upright: a slanted pair of digits is cut between them, not across both."""
     ys, xs = np.nonzero(ink > 0)
+    if not len(ys):  # a mark whose ink was all taken out (a ruling's fringe): nothing to straighten
+        return ink, np.zeros(ink.shape[0], np.int64)
     weights = ink[ys, xs]
     cy, cx = np.average(ys, weights=weights), np.average(xs, weights=weights)
     spread = float(np.average((ys - cy) ** 2, weights=weights))
@@ -315,10 +329,11 @@ def _ink(gray: np.ndarray) -> np.ndarray:
     """Ink bright on zero, whatever the polarity, with uneven lighting (a photo's shading) taken out."""
     gray = np.asarray(gray, np.float32)
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    # The border is paper; it is the light side when it lies above the middle of the image's own range (grey paper
-    # in a dim photo is still lighter than its ink).
-    darkest, lightest = np.percentile(gray, (1, 99)) if gray.size > 100 else (gray.min(), gray.max())
-    ink = 1.0 - gray if np.median(border) > (darkest + lightest) / 2 else gray
+    # The border is paper; the ink is on the side of it that reaches furthest (of a lightly blurred copy, so lone
+    # noisy pixels do not count): darker for grey paper in a dim photo too, however little ink there is.
+    paper = float(np.median(border))
+    smooth = ndimage.uniform_filter(gray, 3) if min(gray.shape) >= 3 else gray
+    ink = 1.0 - gray if paper - float(smooth.min()) > float(smooth.max()) - paper else gray
     # The background is what a grey opening wider than any stroke leaves: strokes vanish, shading stays.
     size = max(15, min(ink.shape) // 6)
     background = ndimage.grey_opening(ndimage.uniform_filter(ink, 3), size=(size, size))
@@ -353,15 +368,17 @@ def _otsu(values: np.ndarray) -> float:
 
 
 def _not_specks(boxes: list[Box], areas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Components big enough to be (part of) a digit, and which of them could be a digit alone: specks of noise and
-    dust are dropped; a piece long only across (a 5's flat hat drawn apart) may join a digit, never stand alone."""
+    """Components big enough to be part of a digit, and which of them could be a digit alone: specks of noise and
+    dust are dropped; a piece long only across (a 5's flat hat drawn apart) or short (a dot, a decimal point) may
+    join a digit, never stand alone."""
     largest = float(areas.max())
     tall = np.array([b.h for b in boxes], np.float64)
     wide = np.array([b.w for b in boxes], np.float64)
     typical = _typical_height(boxes, areas)
     big_enough = areas >= max(6.0, 0.03 * largest)
-    alone = big_enough & ((tall >= 0.25 * typical) | (areas >= 0.15 * largest))
-    return alone | (big_enough & (wide >= 0.25 * typical)), alone
+    piece = big_enough & ((tall >= 0.25 * typical) | (wide >= 0.25 * typical) | (areas >= 0.15 * largest))
+    alone = big_enough & ((tall >= 0.4 * typical) | (areas >= 0.15 * largest))  # a dot is no digit
+    return piece, alone
 
 
 def _typical_height(boxes: list[Box], areas: np.ndarray) -> float:
@@ -409,20 +426,24 @@ def _merge_broken_strokes(
     """Components that are one digit drawn in pieces: mostly on top of each other, and close in height; or, given
     the `typical` digit height, two pieces each too short for a digit that together make one digit's size.
 
-    Pairs are merged until none qualifies; a group that grew is checked again against the others. Quadratic in
-    the number of components, which `segment` bounds before it gets here."""
-    groups = [[i] for i in indices]
-    spans = [boxes[i] for i in indices]
+    Pairs are merged until none qualifies; a group that grew is checked again against the others. Groups are kept
+    in order of their left edge and a group is held only against those that start within reach of its right edge,
+    so a page of a few thousand marks takes milliseconds, not the seconds of every pair."""
+    # no rule joins pieces further apart than this across (adjoining: 8% of the taller; halves: 15% of typical)
+    reach = 0.08 * max((boxes[i].h for i in indices), default=0) + 0.15 * typical + 1
+    order = sorted(indices, key=lambda i: boxes[i].x)
+    groups = [[i] for i in order]
+    spans = [boxes[i] for i in order]
     changed = True
     while changed:
         changed = False
         a = 0
         while a < len(groups):
             b = a + 1
-            while b < len(groups):
+            while b < len(groups) and spans[b].x <= spans[a].right + reach:
                 if _pieces_of_one_digit(spans[a], spans[b], adjoining) or _halves(spans[a], spans[b], typical):
                     groups[a] += groups.pop(b)
-                    spans[a] = _union([spans[a], spans.pop(b)])
+                    spans[a] = _union([spans[a], spans.pop(b)])  # its left edge stays: the order holds
                     changed = True
                     b = a + 1  # the group grew: check it against the others again
                     continue
@@ -463,6 +484,39 @@ def _pieces_of_one_digit(box_a: Box, box_b: Box, adjoining: bool = True) -> bool
 def _union(boxes: list[Box]) -> Box:
     x, y = min(b.x for b in boxes), min(b.y for b in boxes)
     return Box(x, y, max(b.right for b in boxes) - x, max(b.bottom for b in boxes) - y)
+
+
+def rows_of_ink(boxes: list[Box]) -> list[int]:
+    """Rows of written marks (an unruled table's, an expression's line): bands where digit-sized marks lie one above
+    the other, apart where none crosses between them (rows are written apart; a tall digit may reach a little into
+    the next band), numbered top to bottom. Short marks (a decimal point, a minus written high) join the nearest band
+    and start none. A band taller than two digits is rows touching: split into lines by their centres (`_lines`)."""
+    typical = float(np.median([b.h for b in boxes]))
+    small = [i for i, b in enumerate(boxes) if b.h < 0.5 * typical]  # a decimal point, a dash: they start no row
+    order = sorted((i for i, b in enumerate(boxes) if b.h >= 0.5 * typical), key=lambda i: boxes[i].y)
+    bands: list[list[int]] = []
+    bottom = -math.inf
+    for i in order:
+        if bands and boxes[i].y < bottom - ROW_OVERLAP * typical:
+            bands[-1].append(i)
+            bottom = max(bottom, boxes[i].bottom)
+        else:
+            bands.append([i])
+            bottom = boxes[i].bottom
+    for i in small:
+        centre = boxes[i].y + boxes[i].h / 2
+        spans = [(min(boxes[k].y for k in band), max(boxes[k].bottom for k in band)) for band in bands]
+        nearest = min(range(len(bands)), key=lambda n: max(spans[n][0] - centre, centre - spans[n][1], 0.0))
+        bands[nearest].append(i)
+    rows = [0] * len(boxes)
+    row = 0
+    for band in bands:
+        top, low = min(boxes[i].y for i in band), max(boxes[i].bottom for i in band)
+        lines = _lines([boxes[i] for i in band]) if low - top > 2 * typical else [0] * len(band)
+        for i, line in zip(band, lines, strict=True):
+            rows[i] = row + line
+        row += max(lines) + 1
+    return rows
 
 
 def _lines(boxes: list[Box]) -> list[int]:

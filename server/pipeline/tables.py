@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from server.config import TABLE_CANDIDATES_PER_CELL
 from server.pipeline.reading import (
     NO_DIGITS,
     Box,
@@ -28,8 +29,8 @@ from server.pipeline.reading import (
     Segmentation,
     _binarize,
     _ink,
-    _lines,
     _otsu,
+    rows_of_ink,
     segment_ink,
 )
 
@@ -37,16 +38,16 @@ NO_TABLE = "no table found: no ink stands out from the background"
 ONE_CELL = "no table found: the ink forms a single cell (for one number, use ReadDigits)"
 MAX_SKEW_DEGREES = 6.0  # pages photographed more askew than this are not straightened
 SKEW_STEP_DEGREES = 0.1
+STRAIGHTEN_GROWTH = 1.5  # a page is not straightened when turning it would need this many times its pixels
 STRAIGHTEN_OVER_DEGREES = 0.2  # a smaller skew is left alone: rotating costs more than it helps
-RULING_LENGTH = 2.5  # a ruling line is a run of ink at least this many digit heights long...
+RULING_LENGTH = 1.6  # a ruling line is a run of ink at least this many digit heights long (a box round one digit)...
 RULING_SHARE = 0.25  # ...and at least this share of the ink's extent across
-ROW_OVERLAP = 0.15  # ink reaching less than this many digit heights into the row below does not join the rows
+EMPTY_ROW_GAP = 1.75  # two rows of ink this many row pitches apart have an empty row between them
 COLUMN_GAP = 0.6  # columns of an unruled table are apart by more than this many line heights in every row
 # A cut through a digit's body costs this much log-confidence per typical column of ink it crosses: the one cue
 # that tells a wide 0 (cut through two strokes) from two digits apart (tuned on other seeds than the benchmark's).
 CUT_COST_IN_A_CELL = 2.0
 SPLIT_PRIOR_IN_A_CELL = 1.0
-DIGITS_PER_CELL = 4  # candidate digits allowed per allowed cell: bounds the model's work for one table
 
 
 @dataclass(frozen=True)
@@ -77,16 +78,15 @@ class _Straightening:
 
     matrix: np.ndarray
     offset: np.ndarray
+    size: tuple[int, int]  # the working image's (height, width), which boxes are kept within
 
     def box_back(self, box: Box, scale: float) -> tuple[int, int, int, int]:
-        """A box in the straightened image -> its bounding box in the original image's pixels."""
+        """A box in the straightened image -> its bounding box in the original image's pixels, within the image."""
         corners = np.array([[box.y, box.x], [box.y, box.right], [box.bottom, box.x], [box.bottom, box.right]], float)
         original = corners @ self.matrix.T + self.offset
-        top, left = original.min(axis=0)
-        bottom, right = original.max(axis=0)
-        return Box(
-            max(0, round(left)), max(0, round(top)), max(1, round(right - left)), max(1, round(bottom - top))
-        ).scaled(scale)
+        top, left = np.maximum(original.min(axis=0), 0)
+        bottom, right = np.minimum(original.max(axis=0), self.size)
+        return Box(round(left), round(top), max(1, round(right - left)), max(1, round(bottom - top))).scaled(scale)
 
 
 @dataclass
@@ -148,21 +148,28 @@ class TableSegmentation:
         )
 
 
-def segment_table(gray: np.ndarray, scale: float = 1.0, max_cells: int = 256) -> TableSegmentation:
+def segment_table(
+    gray: np.ndarray, scale: float = 1.0, max_cells: int = 256, max_candidates: int | None = None
+) -> TableSegmentation:
     """A table's grid and digit candidates from `gray` (float [0, 1], any size, dark ink on light or the reverse).
+    Candidate digit images are bounded by `max_candidates` (default: TABLE_CANDIDATES_PER_CELL per allowed cell).
 
-    ValueError naming the problem: no ink, no table (a single cell), more cells than `max_cells`, too many marks."""
+    ValueError naming the problem: no ink, no table (a single cell), more cells than `max_cells`, too many marks
+    or candidates."""
     try:
         ink = _ink(gray)
         skew = _skew_degrees(_binarize(ink))
     except ValueError:
         raise ValueError(NO_TABLE) from None
     ink, straightening = _straightened(ink, skew)
-    mask = _binarize(ink)
+    try:
+        mask = _binarize(ink)
+    except ValueError:
+        raise ValueError(NO_TABLE) from None
     horizontal, vertical = _rulings(mask, _faint(ink))
     rulings = ndimage.binary_dilation(horizontal | vertical, np.ones((3, 3), bool))
-    mask &= ~rulings
     ink = np.where(rulings, 0.0, ink).astype(np.float32)
+    mask &= ~rulings & (ink > 0)
     if not mask.any():
         raise ValueError(NO_TABLE + " (ruling lines alone are not a table)")
     row_lines = _line_positions(horizontal.sum(axis=1))
@@ -174,15 +181,24 @@ def segment_table(gray: np.ndarray, scale: float = 1.0, max_cells: int = 256) ->
         """A ruled table's rows are the bands between its rulings, unless some band holds several lines of ink
         (rulings missed, or lines between some rows only): then the lines of ink."""
         nonlocal ruled_rows
-        lines = _rows_of_ink(boxes)
+        lines = rows_of_ink(boxes)
         bands = [int(np.searchsorted(row_lines, box.y + box.h / 2)) for box in boxes]
-        ruled_rows = bool(row_lines) and len(set(bands)) >= len(set(lines))
+        typical = float(np.median([box.h for box in boxes]))
+        digit_sized = [n for n, box in enumerate(boxes) if box.h >= 0.5 * typical]  # a decimal point is no row
+        rows_of_digits = {lines[n] for n in digit_sized}
+        ruled_rows = bool(row_lines) and len({bands[n] for n in digit_sized}) >= len(rows_of_digits)
         return bands if ruled_rows else lines
 
+    most = max_candidates or TABLE_CANDIDATES_PER_CELL * max_cells
     try:
-        segmentation = segment_ink(ink, mask, scale, 0, DIGITS_PER_CELL * max_cells, lines_of=rows_of, one_height=True)
+        segmentation = segment_ink(ink, mask, scale, 0, most, lines_of=rows_of, one_height=True, max_images=True)
     except ValueError as problem:
-        raise ValueError(NO_TABLE if str(problem) == NO_DIGITS else str(problem)) from None
+        if str(problem) == NO_DIGITS:
+            raise ValueError(NO_TABLE) from None
+        raise ValueError(
+            f"{problem} ({TABLE_CANDIDATES_PER_CELL} per cell of --max-table-cells {max_cells}, at most "
+            "--max-queue-size)"
+        ) from None
     segmentation.split_prior, segmentation.cut_cost = SPLIT_PRIOR_IN_A_CELL, CUT_COST_IN_A_CELL
     boxes = [c.box for c in segmentation.components]
     lines = sorted({c.line for c in segmentation.components})
@@ -196,24 +212,30 @@ def segment_table(gray: np.ndarray, scale: float = 1.0, max_cells: int = 256) ->
         )
         row_of_line = {line: band_of_row[line] for line in lines}
     else:
-        row_spans = [
+        inked = [
             (
                 min(b.y for b, c in zip(boxes, segmentation.components, strict=True) if c.line == line),
                 max(b.bottom for b, c in zip(boxes, segmentation.components, strict=True) if c.line == line),
             )
             for line in lines
         ]
-        row_of_line = {line: n for n, line in enumerate(lines)}
-    if column_lines:
+        row_spans, row_index = _with_empty_rows(inked)
+        row_of_line = {line: row_index[n] for n, line in enumerate(lines)}
+    column_spans = _column_spans(boxes, COLUMN_GAP * height)
+    ruled_columns = False
+    if column_lines:  # a ruled table's columns are the bands between its rulings
         column_bands = [int(np.searchsorted(column_lines, b.x + b.w / 2)) for b in boxes]
-        column_spans, _ = _bands(
+        ruled_spans, _ = _bands(
             column_lines,
             [(b.x, b.right, band) for b, band in zip(boxes, column_bands, strict=True)],
             mask.shape[1],
             height,
         )
-    else:
-        column_spans = _column_spans(boxes, COLUMN_GAP * height)
+        # Only when every column the ink shows lies between its own rulings; else (only the border ruled, a
+        # ruling missed) the ink's own columns.
+        bands_of_spans = [int(np.searchsorted(column_lines, (left + right) / 2)) for left, right in column_spans]
+        if len(set(bands_of_spans)) == len(bands_of_spans):
+            column_spans, ruled_columns = ruled_spans, True
     cells = len(row_spans) * len(column_spans)
     if cells > max_cells:
         raise ValueError(
@@ -223,34 +245,27 @@ def segment_table(gray: np.ndarray, scale: float = 1.0, max_cells: int = 256) ->
     if cells < 2:
         raise ValueError(ONE_CELL)
     return TableSegmentation(
-        segmentation, row_spans, column_spans, row_of_line, ruled_rows, bool(column_lines), skew, straightening
+        segmentation, row_spans, column_spans, row_of_line, ruled_rows, ruled_columns, skew, straightening
     )
 
 
-def _rows_of_ink(boxes: list[Box]) -> list[int]:
-    """An unruled table's rows: bands where ink lies one above the other, apart where no ink crosses between them
-    (rows are written apart; a tall digit may reach a little into the next band). A band taller than two digits is
-    rows touching: its boxes are split into lines by their centres (`_lines`)."""
-    typical = float(np.median([b.h for b in boxes]))
-    order = sorted(range(len(boxes)), key=lambda i: boxes[i].y)
-    bands: list[list[int]] = []
-    bottom = -math.inf
-    for i in order:
-        if bands and boxes[i].y < bottom - ROW_OVERLAP * typical:
-            bands[-1].append(i)
-            bottom = max(bottom, boxes[i].bottom)
-        else:
-            bands.append([i])
-            bottom = boxes[i].bottom
-    rows = [0] * len(boxes)
-    row = 0
-    for band in bands:
-        top, low = min(boxes[i].y for i in band), max(boxes[i].bottom for i in band)
-        lines = _lines([boxes[i] for i in band]) if low - top > 2 * typical else [0] * len(band)
-        for i, line in zip(band, lines, strict=True):
-            rows[i] = row + line
-        row += max(lines) + 1
-    return rows
+def _with_empty_rows(spans: list[tuple[float, float]]) -> tuple[list[tuple[float, float]], list[int]]:
+    """An unruled table's rows with its empty rows put back: where the gap between two rows of ink is about a whole
+    number of the usual row pitch, as many rows with no ink were written there. Needs three rows of ink to know
+    the pitch. Returns every row's span and where each inked row went."""
+    if len(spans) < 3:
+        return spans, list(range(len(spans)))
+    centres = [(top + bottom) / 2 for top, bottom in spans]
+    pitch = float(np.median(np.diff(centres)))
+    rows: list[tuple[float, float]] = [spans[0]]
+    index = [0]
+    for (top, bottom), before, centre in zip(spans[1:], centres[:-1], centres[1:], strict=True):
+        missing = round((centre - before) / pitch) - 1 if centre - before >= EMPTY_ROW_GAP * pitch else 0
+        half, step = (bottom - top) / 2, (centre - before) / (missing + 1)
+        rows += [(before + k * step - half, before + k * step + half) for k in range(1, missing + 1)]
+        index.append(len(rows))
+        rows.append((top, bottom))
+    return rows, index
 
 
 def _skew_degrees(mask: np.ndarray) -> float:
@@ -273,8 +288,9 @@ def _skew_degrees(mask: np.ndarray) -> float:
 
 def _straightened(ink: np.ndarray, degrees: float) -> tuple[np.ndarray, _Straightening]:
     """The ink turned so that lines falling by `degrees` become level, and how to map boxes back."""
+    unturned = ink, _Straightening(np.eye(2), np.zeros(2), ink.shape)
     if abs(degrees) < STRAIGHTEN_OVER_DEGREES:
-        return ink, _Straightening(np.eye(2), np.zeros(2))
+        return unturned
     angle = math.radians(degrees)
     cos, sin = math.cos(angle), math.sin(angle)
     matrix = np.array([[cos, sin], [-sin, cos]])  # output (row, col) -> input (row, col), about the centres
@@ -282,9 +298,11 @@ def _straightened(ink: np.ndarray, degrees: float) -> tuple[np.ndarray, _Straigh
     corners = np.array([[0, 0], [0, w], [h, 0], [h, w]], float) - [h / 2, w / 2]
     extent = np.abs(corners @ matrix).max(axis=0)  # matrix is orthogonal: its transpose maps input to output
     shape = (int(math.ceil(2 * extent[0])), int(math.ceil(2 * extent[1])))
+    if shape[0] * shape[1] > STRAIGHTEN_GROWTH * h * w:  # a long strip turned: read as it is, never a huge copy
+        return unturned
     offset = np.array([h / 2, w / 2]) - matrix @ np.array([shape[0] / 2, shape[1] / 2])
     turned = ndimage.affine_transform(ink, matrix, offset, output_shape=shape, order=1, cval=0.0)
-    return turned.astype(np.float32), _Straightening(matrix, offset)
+    return turned.astype(np.float32), _Straightening(matrix, offset, ink.shape)
 
 
 def _faint(ink: np.ndarray) -> np.ndarray:
@@ -302,7 +320,9 @@ def _rulings(mask: np.ndarray, faint: np.ndarray) -> tuple[np.ndarray, np.ndarra
     objects = ndimage.find_objects(labels)
     heights = np.array([s[0].stop - s[0].start for s in objects], float)
     widths = np.array([s[1].stop - s[1].start for s in objects], float)
-    small = (heights < 0.5 * extent_h) & (widths < 0.5 * extent_w) & (heights > 2)
+    # digit-like marks: not a line (long and thin), not the grid (across the whole table both ways)
+    shaped = (heights > 2) & (widths <= 4 * heights) & (heights <= 8 * widths)
+    small = shaped & ((heights < 0.5 * extent_h) | (widths < 0.5 * extent_w))
     digit = float(np.median(heights[small])) if small.any() else float(min(extent_h, extent_w))
     lines = []
     for axis, extent in ((1, extent_w), (0, extent_h)):

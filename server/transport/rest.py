@@ -289,6 +289,7 @@ class RestApi:
     async def table(self, request: web.Request) -> web.Response:
         """ReadTable over HTTP: the body is the image file; JSON rows of cells, or ?format=csv for the cells' text."""
         name, version = _model(request)
+        self.plane.served(name, version)  # an unknown model is 404, whatever else is wrong
         wanted = request.query.get("format", "json")
         if wanted not in ("json", "csv"):
             raise InvalidInput(f"format must be json or csv, not {wanted!r}")
