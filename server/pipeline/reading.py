@@ -256,9 +256,9 @@ def segment_ink(
     merged = [(_union([boxes[i] for i in members]), [i + 1 for i in members]) for members in groups]
     lines = (lines_of or _lines)([box for box, _ in merged])
     # An expression's operators are shorter than its digits: its line height is that of its taller symbols.
-    typical = (lambda heights: float(np.percentile(heights, 75))) if symbols else np.median
+    height_of = (lambda heights: float(np.percentile(heights, 75))) if symbols else np.median
     line_height = {
-        line: float(typical([merged[i][0].h for i, ln in enumerate(lines) if one_height or ln == line]))
+        line: float(height_of([merged[i][0].h for i, ln in enumerate(lines) if one_height or ln == line]))
         for line in set(lines)
     }
     images: list[np.ndarray] = []
