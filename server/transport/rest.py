@@ -267,12 +267,7 @@ class RestApi:
         expected = request.query.get("expected_digits", "0")
         if not expected.isascii() or not expected.isdigit() or int(expected) > self.max_read_digits:
             raise InvalidInput(f"expected_digits must be a whole number from 0 to {self.max_read_digits}")
-        self.plane.served(name, version)  # an unknown model is 404, whatever else is wrong
-        body = await request.read()
-        if not body:
-            raise InvalidInput("no image: send the image file (PNG, JPEG, ...) as the request body")
-        timeout = request.query.get("timeout")  # microseconds, as the infer request's parameter
-        deadline = _deadline({"timeout": _number(timeout)}) if timeout is not None else None
+        body, deadline = await self._image_body(request, name, version, "the digits")
         served, reading, (width, height) = await self.plane.read_digits(name, version, body, int(expected), deadline)
         return web.json_response(
             {
@@ -289,11 +284,10 @@ class RestApi:
     async def table(self, request: web.Request) -> web.Response:
         """ReadTable over HTTP: the body is the image file; JSON rows of cells, or ?format=csv for the cells' text."""
         name, version = _model(request)
-        self.plane.served(name, version)  # an unknown model is 404, whatever else is wrong
+        body, deadline = await self._image_body(request, name, version, "the table")  # an unknown model first: 404
         wanted = request.query.get("format", "json")
         if wanted not in ("json", "csv"):
             raise InvalidInput(f"format must be json or csv, not {wanted!r}")
-        body, deadline = await self._image_body(request, name, version, "the table")
         served, table, (width, height) = await self.plane.read_table(name, version, body, deadline)
         if wanted == "csv":
             return web.Response(
