@@ -22,11 +22,12 @@ EMPTY_CELL_SHARE = 0.06
 
 def _number_ink(
     rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, count: int, height: int, slant: float
-) -> tuple[np.ndarray, str]:
-    """`count` test digits written side by side as one number: its ink and its text."""
-    pieces, text = [], ""
+) -> tuple[np.ndarray, str, list[int]]:
+    """`count` test digits written side by side as one number: its ink, its text and the test digits' indices."""
+    pieces, text, sources = [], "", []
     for _ in range(count):
         index = int(rng.integers(0, len(images)))
+        sources.append(index)
         pieces.append(
             _digit_ink(images[index], int(height * rng.uniform(0.9, 1.1)), slant + rng.uniform(-0.05, 0.05), rng)
         )
@@ -39,7 +40,7 @@ def _number_ink(
         top = tall - piece.shape[0]
         np.maximum(ink[top:, x : x + piece.shape[1]], piece, out=ink[top:, x : x + piece.shape[1]])
         x += piece.shape[1] + (gaps[n] if n < len(gaps) else 0)
-    return ink, text
+    return ink, text, sources
 
 
 def compose_table(
@@ -51,16 +52,16 @@ def compose_table(
     slant = rng.uniform(-0.2, 0.2)
     widest = [int(rng.integers(1, 5)) for _ in range(columns)]  # a column's longest number
     right_aligned = rng.random() < 0.7
-    cells: list[list[tuple[np.ndarray | None, str]]] = []
+    cells: list[list[tuple[np.ndarray | None, str, list[int]]]] = []
     for _ in range(rows):
         row = []
         for c in range(columns):
             if rng.random() < EMPTY_CELL_SHARE:
-                row.append((None, ""))
+                row.append((None, "", []))
             else:
                 row.append(_number_ink(rng, images, labels, int(rng.integers(1, widest[c] + 1)), height, slant))
         cells.append(row)
-    if all(ink is None for row in cells for ink in row):  # never a table without a digit
+    if all(ink is None for row in cells for ink, _, _ in row):  # never a table without a digit
         cells[0][0] = _number_ink(rng, images, labels, 1, height, slant)
     column_width = [
         max([ink.shape[1] for row in cells for ink in [row[c][0]] if ink is not None] or [height])
@@ -77,7 +78,7 @@ def compose_table(
     page_h = tops[-1] + pitch[-1] + margin
     canvas = np.zeros((page_h, page_w), np.float32)
     for r, row in enumerate(cells):
-        for c, (ink, _) in enumerate(row):
+        for c, (ink, _, _) in enumerate(row):
             if ink is None:
                 continue
             h, w = ink.shape
@@ -105,8 +106,9 @@ def compose_table(
     turned = np.asarray(
         Image.fromarray(canvas, "F").rotate(degrees, Image.Resampling.BILINEAR, expand=True, fillcolor=0.0), np.float32
     )
-    text = "\n".join("\t".join(t for _, t in row) for row in cells)
-    return _render(np.clip(turned, 0, 1), text, "table-ruled" if ruled else "table-unruled", photo, rng)
+    text = "\n".join("\t".join(t for _, t, _ in row) for row in cells)
+    sources = tuple(index for row in cells for _, _, indices in row for index in indices)
+    return _render(np.clip(turned, 0, 1), text, "table-ruled" if ruled else "table-unruled", photo, rng, sources)
 
 
 def compose_expression(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, photo: bool) -> Composed:
@@ -118,7 +120,7 @@ def compose_expression(rng: np.random.Generator, images: np.ndarray, labels: np.
     operands = int(rng.integers(2, 5))
     parts: list[tuple[np.ndarray, str, bool]] = []  # ink, text, is an operator
     for n in range(operands):
-        ink, text = _number_ink(rng, images, labels, int(rng.integers(1, 4)), height, slant)
+        ink, text, _ = _number_ink(rng, images, labels, int(rng.integers(1, 4)), height, slant)
         parts.append((ink, text, False))
         if n < operands - 1:
             symbol = OPERATOR_SYMBOLS[int(rng.integers(0, len(OPERATOR_SYMBOLS)))]
@@ -159,9 +161,11 @@ def table_text(rows: list[list[str]]) -> str:
     return "\n".join("\t".join(row) for row in rows)
 
 
-def score_tables(results: list[tuple[Composed, str]]) -> dict[str, dict]:
+def score_tables(results: list[tuple[Composed, str]], misread: frozenset[int] | None = None) -> dict[str, dict]:
     """Per kind and background: cells exactly right (a cell missing from the answer's grid is wrong) and whole
-    tables exactly right (the grid's shape too)."""
+    tables exactly right (the grid's shape too). Given `misread`, the test digits the classifier gets wrong on their
+    own (28x28, as MNIST stores them), also the classifier's ceiling: the share of tables none of whose digits it
+    misreads, what a perfect segmentation feeding this classifier would score."""
     table: dict[str, dict] = {}
     for composed, answer in results:
         truth = [row.split("\t") for row in composed.text.split("\n")]
@@ -178,9 +182,14 @@ def score_tables(results: list[tuple[Composed, str]]) -> dict[str, dict]:
             entry["cells"] += sum(len(row) for row in truth)
             entry["cells_right"] += right
             entry["tables_right"] += read == truth
+            if misread is not None:
+                readable = not misread.intersection(composed.sources)
+                entry["tables_the_classifier_reads"] = entry.get("tables_the_classifier_reads", 0) + readable
     for entry in table.values():
         entry["cell_accuracy"] = entry["cells_right"] / max(entry["cells"], 1)
         entry["table_accuracy"] = entry["tables_right"] / max(entry["tables"], 1)
+        if misread is not None:
+            entry["classifier_ceiling"] = entry["tables_the_classifier_reads"] / max(entry["tables"], 1)
     return dict(sorted(table.items()))
 
 

@@ -123,6 +123,22 @@ def test_the_layout_set_is_the_same_for_the_same_seed(mnist_test_digits) -> None
     assert first != [c.text for c in layout_set(*mnist_test_digits, 2, 3, seed=2)]
 
 
+def test_the_classifier_ceiling_counts_only_tables_none_of_whose_digits_it_misreads(mnist_test_digits) -> None:
+    tables = layout_set(*mnist_test_digits, 4, 0, seed=3)
+    misread = frozenset(tables[0].sources[:1])  # the first table's first digit, and any other table drawing it
+    answers = [(c, c.text) for c in tables]  # every table read right
+    scores = score_tables(answers, misread)
+    for kind in ("table-ruled", "table-unruled"):
+        of_kind = [c for c in tables if c.kind == kind]
+        readable = sum(not misread & set(c.sources) for c in of_kind)
+        assert scores[kind]["tables_the_classifier_reads"] == readable
+        assert scores[kind]["classifier_ceiling"] == readable / len(of_kind)
+        assert scores[kind]["table_accuracy"] == 1.0  # the ceiling is the classifier's, not the reader's
+    assert scores[tables[0].kind]["classifier_ceiling"] < 1.0
+    assert all(len(c.sources) == sum(ch.isdigit() for ch in c.text) for c in tables)
+    assert "classifier_ceiling" not in score_tables(answers)[tables[0].kind]
+
+
 # --- tables ------------------------------------------------------------------------------------------------------
 
 
