@@ -34,6 +34,10 @@ CLASS_LABELS = tuple(str(digit) for digit in range(NUM_CLASSES))  # output index
 # --- precisions a model file can be exported in (input and output stay float32 in all) ---------
 PRECISIONS = ("fp32", "fp16")
 
+# Confidence bins, by upper edge (then one above the last): the server's mnist_prediction_confidence histogram and a
+# model version's reference (NAME.reference.json, export/reference.py) share them, so drift compares like with like.
+CONFIDENCE_BINS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
+
 
 @dataclass(frozen=True)
 class Normalization:
@@ -51,6 +55,11 @@ class Normalization:
         """`apply` written into `out` (float32, same shape): one multiply and one subtract, no temporaries."""
         np.multiply(pixels, np.float32(self.scale / self.std), out=out, casting="unsafe")
         return np.subtract(out, np.float32(self.mean / self.std), out=out)
+
+    def invert(self, inputs: np.ndarray) -> np.ndarray:
+        """Model input back to uint8 pixels (what a client would have sent): the feedback loop stores those."""
+        pixels = (np.asarray(inputs, np.float32) * self.std + self.mean) / self.scale
+        return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "formula": "(pixel / 255 - mean) / std"}

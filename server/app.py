@@ -19,12 +19,14 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
@@ -32,6 +34,10 @@ from grpc_reflection.v1alpha._async import ReflectionServicer
 from server.config import ServeConfig, describe, load_config, worker_count
 from server.engine.backends import build_backend
 from server.errors import ServiceError
+from server.feedback.answers import AnswerMemory
+from server.feedback.loop import FeedbackLoop
+from server.feedback.quality import LiveQuality
+from server.feedback.store import FeedbackWriter, open_store
 from server.models.model_settings import check_against
 from server.models.repository import AgreedDefaults, ModelRepository, RepositoryObserver, verify_on_samples
 from server.ops.liveness import LoopHeartbeat
@@ -43,7 +49,13 @@ from server.pipeline.digit_detector import DigitDetector
 from server.pipeline.model_pipeline import ModelPipeline, PipelineSettings
 from server.pipeline.operators import OperatorModel
 from server.plane.data_plane import DataPlane
-from server.security import TokenChecker, grpc_server_credentials, http_ssl_context, load_token_checker
+from server.security import (
+    TokenChecker,
+    grpc_server_credentials,
+    http_ssl_context,
+    load_token_checker,
+    redact_url,
+)
 from server.security import describe as describe_security
 from server.tracing import Tracing
 from server.transport.guards import CallGate, StreamGate, generic_handler, status_of
@@ -103,6 +115,45 @@ def load_operator_model(config: ServeConfig) -> OperatorModel | None:
     return operators
 
 
+QUALITY_SAMPLE_SECONDS = 10.0  # how often each version's drift is worked out
+
+
+def _both(first: Callable[..., None], second: Callable[[np.ndarray, np.ndarray], None]) -> Callable[..., None]:
+    """A pipeline's prediction callback that feeds the metrics and the drift tally."""
+
+    def both(digits: np.ndarray, confidences: np.ndarray, is_digit: np.ndarray | None = None) -> None:
+        first(digits, confidences, is_digit)
+        second(digits, confidences)
+
+    return both
+
+
+def feedback_writer(config: ServeConfig, metrics: ServiceMetrics) -> FeedbackWriter | None:
+    """The database writer for --feedback-db (None: labels are not stored). It opens the database on its own
+    thread, so a database that is down at start-up delays nothing: records are dropped and counted until it is up."""
+    if config.feedback_db.strip().lower() == "none":
+        log.info("feedback: labels are counted in live accuracy but not stored (--feedback-db none)")
+        return None
+    url = config.feedback_db
+    if "://" not in url and not url.startswith("sqlite:"):  # a plain path: SQLite, its folder made
+        path = Path(url).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        url = str(path)
+
+    def dropped(count: int, why: str) -> None:
+        reason = "queue_full" if "queue" in why else "database_unavailable" if "unavailable" in why else "write_failed"
+        metrics.feedback_dropped.labels(reason).inc(count)
+
+    writer = FeedbackWriter(
+        lambda: open_store(url),
+        max_pending=config.feedback_queue,
+        on_written=metrics.feedback_stored.inc,
+        on_dropped=dropped,
+    )
+    log.info("feedback: labelled answers stored in %s", redact_url(url))
+    return writer
+
+
 def _version() -> str:
     try:
         return metadata.version("mnist-googlenet-service")
@@ -142,6 +193,7 @@ class RepositoryMetrics(RepositoryObserver):
 
     def on_unloaded(self, name: str, version: str) -> None:
         self.server.metrics.forget_version(name, version)
+        self.server.feedback.forget(name, version)
         self.server.plane.forget(name, version)
 
     def on_changed(self, repository: ModelRepository) -> None:
@@ -182,6 +234,14 @@ class MnistServer:
             config.max_read_digits,
             config.max_table_cells,
         )
+        # Labels for earlier answers: remembered answers, live quality per version, the database (opened at start)
+        self.feedback = FeedbackLoop(
+            self.metrics,
+            AnswerMemory(config.feedback_memory, config.feedback_memory_seconds, config.feedback_images == "on"),
+            LiveQuality(self.metrics, config.live_accuracy_window, config.drift_window_seconds),
+        )
+        self.plane.feedback = self.feedback
+        self._quality_sampler: asyncio.Future | None = None
         self.servicer = ClassifierServicer(config, self.plane)
         self.http_port: int | None = None
         self._rest: RestServer | None = None
@@ -278,6 +338,8 @@ class MnistServer:
             )
             self.metrics_port = self._metrics_http.start()
 
+        self.feedback.writer = feedback_writer(self.config, self.metrics)
+        self._quality_sampler = asyncio.ensure_future(self._sample_quality())
         self.detector = None if self.config.digit_detector == "none" else DigitDetector.load(self.config.digit_detector)
         if self.config.model_repository:
             root = Path(self.config.model_repository)
@@ -386,7 +448,7 @@ class MnistServer:
                 preprocess_workers=config.preprocess_workers,
             ),
             self.metrics.batch_observer(),
-            self.metrics.prediction_observer(name, version),
+            _both(self.metrics.prediction_observer(name, version), self.feedback.track(name, version, path).add),
             self.detector,
             self.metrics.decoding_pixels.set,
             operators,
@@ -402,9 +464,15 @@ class MnistServer:
                 await verify_on_samples(pipeline)
             pipeline.batcher.forget_costs()  # its speed is learnt from real traffic, not from these first runs
         except BaseException:
+            self.feedback.forget(name, version)
             await pipeline.close(timeout=0)
             raise
         return pipeline
+
+    async def _sample_quality(self) -> None:
+        while True:
+            await asyncio.sleep(QUALITY_SAMPLE_SECONDS)
+            self.feedback.quality.sample()
 
     async def stop_async(self) -> None:
         """Drain: NOT_SERVING for `drain_seconds`, then refuse new calls (UNAVAILABLE) and give in-flight ones
@@ -429,7 +497,10 @@ class MnistServer:
             await rest_drained  # REST as gRPC: new requests answered 503 (not a reset), running ones finished
         if self._watch is not None:
             self._watch.cancel()
+        if self._quality_sampler is not None:
+            self._quality_sampler.cancel()
         await self.models.close(0)
+        await asyncio.get_running_loop().run_in_executor(None, self.feedback.close)  # what is queued is written
         if self._grpc is not None:
             await asyncio.sleep(SHUTDOWN_FLUSH_SECONDS)  # the last UNAVAILABLE answers leave
             if self.port:  # a worker that stops before its model loaded never bound it

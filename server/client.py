@@ -119,6 +119,15 @@ class ClassifierClient:
         request = pb.ReadExpressionRequest(image=data, request_id=request_id, **self.model)
         return self.stub.ReadExpression(request, timeout=self.timeout, metadata=self.metadata)
 
+    def feedback(self, request_id: str, truth: str) -> pb.FeedbackResponse:
+        """The true label of an earlier answer: one digit (Classify) or a number's digits (ReadDigits)."""
+        request = pb.FeedbackRequest(request_id=request_id, model_name=self.model.get("model_name", ""))
+        if len(truth) == 1 and truth.isdigit():
+            request.label = int(truth)
+        else:
+            request.text = truth
+        return self.stub.Feedback(request, timeout=self.timeout, metadata=self.metadata)
+
     def list_models(self) -> pb.ListModelsResponse:
         return self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata)
 
@@ -268,6 +277,15 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         help="with --read, --table or --expression: write the image with what was read drawn on it (several images: "
         "OUT-<image name>.png)",
     )
+    parser.add_argument(
+        "--feedback",
+        nargs=2,
+        metavar=("REQUEST_ID", "TRUTH"),
+        help="tell the server the true label of an earlier answer and exit: REQUEST_ID is the answer's (this client "
+        "sends each image's path as its id, so `--feedback digit.png 7` labels the last answer for digit.png), "
+        "TRUTH the true digit, or the true number of a --read answer. Prints whether the answer was right and the "
+        "version's live accuracy. Needs a token with the feedback scope when the server checks tokens",
+    )
     _add_security_arguments(parser, dict(os.environ if environ is None else environ))
     args = parser.parse_args(argv)
     try:
@@ -295,6 +313,24 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             if m.state == "READY":
                 detail = f", loaded in {m.load_seconds:.2f} s"
             print(f"{m.name} {m.version} {m.state}{flags}{detail}")
+        return 0
+    if args.feedback:
+        request_id, truth = args.feedback
+        if not truth.strip() or not all(c.isdigit() or c.isspace() for c in truth):
+            parser.error(f"--feedback: the truth is a digit or a number, not {truth!r}")
+        with ClassifierClient(args.server, args.timeout, **security) as client:
+            try:
+                reply = client.feedback(request_id, truth.strip())
+            except grpc.RpcError as exc:
+                print(f"mnist-classify: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+        verdict = "right" if reply.correct else "wrong"
+        live = f"{reply.live_accuracy:.1%} over its last {reply.live_answers} labelled answers"
+        kept = "stored" if reply.stored else "not stored (the server keeps no feedback database)"
+        print(
+            f"{request_id}: {reply.model_name} {reply.model_version} answered {reply.prediction!r}, {verdict}; "
+            f"live accuracy {live}; {kept}"
+        )
         return 0
     if args.health:
         with ClassifierClient(args.server, args.timeout, **security) as client:

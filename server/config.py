@@ -6,10 +6,14 @@ Precedence: flag > environment variable > default. Every field is printed at sta
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import urlparse
+
+from server.security import redact_url
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "googlenet-fast.onnx"
 DIGIT_DETECTOR = Path(__file__).resolve().parent / "bundled" / "digit-detector.npz"
@@ -74,6 +78,13 @@ class ServeConfig:
     otlp_endpoint: str = ""  # OpenTelemetry traces to this OTLP/gRPC collector, e.g. http://collector:4317; "" = off
     trace_sample_ratio: float = 1.0  # new traces sampled at this ratio; a caller's traceparent decision is kept
     workers: str = "auto"  # frontend processes on the one port (server/supervisor.py); auto = worker_count()
+    feedback_db: str = str(Path("~/.local/state/mnist-serve/feedback.db"))  # labelled answers; "none" = not stored
+    feedback_images: str = "on"  # on: a stored label keeps the 28x28 input the model saw; off: never kept
+    feedback_memory: int = 20_000  # answers remembered for a label to be joined with; 0 = none (Feedback refused)
+    feedback_memory_seconds: float = 3600.0  # and for at most this long
+    feedback_queue: int = 10_000  # records waiting for the database; beyond it they are dropped, counted and logged
+    live_accuracy_window: int = 500  # labelled answers mnist_live_accuracy is over, per version
+    drift_window_seconds: float = 900.0  # answers the drift PSI is over, per version
     log_level: str = "INFO"
 
     def queue_target_seconds(self) -> float | str:
@@ -90,6 +101,7 @@ CHOICES = {
     "layout": ("auto", "nchw", "nhwc"),
     "cuda_graph": ("auto", "on", "off"),
     "metrics_auth": ("off", "on"),
+    "feedback_images": ("on", "off"),
     "ort_spinning": ("auto", "on", "run", "off"),
     "cudnn_conv_algo_search": ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -214,6 +226,21 @@ HELP = {
     "/readyz for all of them, restarts a worker that dies, drains them all on SIGTERM and moves every worker to a "
     "new default model version at the same instant; auto = one per 4 usable cores (a container's CPU limit counts), "
     "at most 8: 1 on a 2-core machine (docs/operations.md, Workers)",
+    "feedback_db": "where labelled answers (the Feedback call) are stored: a SQLite file (WAL), "
+    "sqlite:///PATH, or postgresql://USER:PASSWORD@HOST:PORT/DB for a fleet (a connection pool; the schema is "
+    "migrated at start-up; keep the password out of the URL: libpq reads PGPASSWORD or ~/.pgpass); none = labels "
+    "still count in the live accuracy but are not stored. Writes are queued and made by a thread of their own: a "
+    "slow or absent database never slows or fails an answer",
+    "feedback_images": "on: a stored label keeps the 28x28 image the model saw (what mnist-train --from-feedback "
+    "learns from); off: never kept, in memory or in the database",
+    "feedback_memory": "answers (Classify, each ClassifyBatch item, ReadDigits) remembered by request_id so that a "
+    "later Feedback call can be joined with them, about 1 KB each with images; 0 = none (Feedback answers NOT_FOUND)",
+    "feedback_memory_seconds": "an answer is remembered for at most this long",
+    "feedback_queue": "most records waiting to be written to --feedback-db; beyond it they are dropped, counted "
+    "(mnist_feedback_dropped_total) and logged",
+    "live_accuracy_window": "mnist_live_accuracy: accuracy over each version's last this many labelled answers",
+    "drift_window_seconds": "mnist_prediction_drift_psi and mnist_confidence_drift_psi: over each version's answers "
+    "of the last this many seconds, against the reference stored beside its model (NAME.reference.json)",
     "log_level": "logging level: DEBUG, INFO, WARNING, ERROR",
 }
 
@@ -373,11 +400,14 @@ def validate(config: ServeConfig) -> None:
         "max_concurrent_calls",
         "max_calls_per_connection",
         "max_streams",
+        "feedback_queue",
+        "live_accuracy_window",
     ):
         if getattr(config, name) < 1:
             problems.append(f"{name} must be at least 1")
-    if not config.liveness_stall_seconds > 0:  # NaN too
-        problems.append("liveness_stall_seconds must be > 0")
+    for name in ("liveness_stall_seconds", "feedback_memory_seconds", "drift_window_seconds"):
+        if not getattr(config, name) > 0:  # NaN too
+            problems.append(f"{name} must be > 0")
     for name in (
         "http_port",
         "repository_poll_seconds",
@@ -390,6 +420,7 @@ def validate(config: ServeConfig) -> None:
         "max_connection_age_grace",
         "intra_op_threads",
         "preprocess_workers",
+        "feedback_memory",
     ):
         if getattr(config, name) < 0:
             problems.append(f"{name} must not be negative")
@@ -407,6 +438,9 @@ def validate(config: ServeConfig) -> None:
     else:
         if config.null_device_ms.strip() not in ("0+0", "0", "") and config.backend != "null-threaded":
             problems.append("null_device_ms needs --backend null-threaded (emulated device time runs on its thread)")
+    if config.feedback_db.strip().lower() != "none":
+        if (problem := feedback_db_problem(config.feedback_db)) is not None:
+            problems.append(f"feedback_db: {problem}")
     problems += batching_problems(config)
     if (problem := workers_problem(config.workers)) is not None:
         problems.append(problem)
@@ -474,6 +508,42 @@ def security_problems(config: ServeConfig) -> list[str]:
     return problems
 
 
+FEEDBACK_DB_SCHEMES = ("sqlite", "postgresql", "postgres")  # and a plain path: SQLite
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
+
+
+def feedback_db_problem(url: str) -> str | None:
+    """What is wrong with a --feedback-db URL before anything is opened, or None: checked at start, so that a server
+    does not retry a hopeless URL forever."""
+    if not url.strip():
+        return "the feedback database URL is empty: give a file path, sqlite:///path.db or postgresql://..."
+    match = _URL_SCHEME.match(url)
+    scheme = match.group(1).lower() if match and len(match.group(1)) > 1 else None  # "C:" is a drive
+    if scheme is None:
+        return None
+    if scheme not in FEEDBACK_DB_SCHEMES:
+        return (
+            f"unknown feedback database URL scheme {scheme!r} in {redact_url(url)}: use a file path, "
+            "sqlite:///abs/path.db, sqlite:relative.db or postgresql://user@host:port/db"
+        )
+    if scheme == "sqlite" and url.startswith("sqlite://") and not url.startswith("sqlite:///"):
+        return f"the SQLite URL {url!r} names a host: use sqlite:///abs/path.db or sqlite:relative.db"
+    if scheme != "sqlite" and not all(importlib.util.find_spec(m) for m in ("psycopg", "psycopg_pool")):
+        return "a postgresql:// feedback database needs psycopg and psycopg-pool: pip install the serve extra"
+    return None
+
+
+SECRET_URL_FIELDS = ("feedback_db",)  # may carry a password: printed with it masked
+
+
 def describe(config: ServeConfig) -> str:
+    """Every field, one per line, as logged at start (a database URL's password masked)."""
     width = max(len(f.name) for f in fields(config))
-    return "\n".join(f"  {f.name:<{width}} {getattr(config, f.name)}" for f in fields(config))
+
+    def shown(name: str) -> object:
+        value = getattr(config, name)
+        if name in SECRET_URL_FIELDS:
+            return redact_url(value)
+        return value
+
+    return "\n".join(f"  {f.name:<{width}} {shown(f.name)}" for f in fields(config))

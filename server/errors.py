@@ -67,5 +67,9 @@ class NotFound(ServiceError):
     """The request names a model or version this server does not serve; the message names those it does."""
 
 
+class AlreadyExists(ServiceError):
+    """What the request would create is already there (a second label for one answer)."""
+
+
 class Unsupported(ServiceError):
     """A protocol feature this server does not offer (shared-memory tensors, model control, ...)."""

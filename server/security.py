@@ -4,14 +4,17 @@ TLS (`--tls-cert`, `--tls-key`, PEM files): every port is served over TLS 1.2+ w
 chain; `--tls-client-ca` also requires every client to present a certificate signed by that CA (mTLS).
 `grpc_server_credentials(config)` is the gRPC port's; `http_ssl_context(config)` the HTTP servers'.
 
-Tokens (`--auth-tokens-file`): one token per line, the whole line (surrounding spaces stripped) is the
-token; blank lines and lines starting with `#` are ignored. A token is RFC 6750 `b64token` characters
-(letters, digits, `-._~+/`, trailing `=`), e.g. `openssl rand -hex 32`. Clients send the header
+Tokens (`--auth-tokens-file`): one token per line, optionally followed by its scopes, comma-separated:
+`infer` (every call of the model: Classify, reading, the Open Inference Protocol, reflection, /metrics) and
+`feedback` (the Feedback call: labels that train the next version, so not every client may send them). A token
+with no scopes has `infer` only. Blank lines and lines starting with `#` are ignored. A token is RFC 6750
+`b64token` characters (letters, digits, `-._~+/`, trailing `=`), e.g. `openssl rand -hex 32`. Clients send the header
 `authorization: Bearer <token>`. `TokenChecker.check` compares the SHA-256 of what was sent with that of
 every accepted token with `hmac.compare_digest`, always all of them: neither the time taken nor an early
 exit tells which token matched or how long the accepted ones are. No header, or one not of the form
 `Bearer <token>`: `Unauthenticated` (gRPC UNAUTHENTICATED, HTTP 401 with `WWW-Authenticate: Bearer`);
-a well-formed token that is not accepted: `PermissionDenied` (PERMISSION_DENIED, HTTP 403).
+a well-formed token that is not accepted, or lacks the call's scope: `PermissionDenied` (PERMISSION_DENIED,
+HTTP 403).
 The file is read once at start (a restart picks up a rotated file).
 """
 
@@ -24,6 +27,7 @@ import os
 import re
 import ssl
 import stat
+import urllib.parse
 from collections.abc import Iterable
 from http import HTTPStatus
 from pathlib import Path
@@ -37,13 +41,27 @@ AUTHORIZATION = "authorization"  # gRPC metadata key (lower case) and HTTP heade
 REALM = "mnist-serve"
 MIN_TOKEN_CHARS = 16  # shorter tokens are accepted with a warning: they can be guessed
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+INFER, FEEDBACK = "infer", "feedback"
+SCOPES = (INFER, FEEDBACK)
+METHOD_SCOPES = {"Feedback": FEEDBACK}  # every other call (gRPC method or REST route name) needs INFER
+
+
+def scope_of(method: str) -> str:
+    """The scope a call needs, by its gRPC method or REST route name."""
+    return METHOD_SCOPES.get(method, INFER)
 
 
 # --- tokens ------------------------------------------------------------------------------------------
 
 
 def read_tokens(path: str | os.PathLike) -> list[str]:
-    """The tokens in `path`; ValueError naming the file and line when it holds none or a malformed one."""
+    """The tokens in `path` (see read_token_scopes)."""
+    return [token for token, _ in read_token_scopes(path)]
+
+
+def read_token_scopes(path: str | os.PathLike) -> list[tuple[str, frozenset[str]]]:
+    """The tokens in `path` and their scopes; ValueError naming the file and line when it holds none or a malformed
+    one."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -51,47 +69,57 @@ def read_tokens(path: str | os.PathLike) -> list[str]:
         raise ValueError(f"auth tokens file {path}: cannot read: {exc}") from None
     tokens = []
     for number, line in enumerate(text.splitlines(), 1):
-        token = line.strip()
-        if not token or token.startswith("#"):
+        words = line.split()
+        if not words or words[0].startswith("#"):
             continue
-        if not _B64TOKEN.fullmatch(token):
+        token = words[0]
+        if not _B64TOKEN.fullmatch(token) or len(words) > 2:
             raise ValueError(
-                f"auth tokens file {path}, line {number}: a token is one word of letters, digits and -._~+/ "
-                "(trailing = allowed); no spaces, quotes or names"
+                f"auth tokens file {path}, line {number}: a line is a token (letters, digits and -._~+/, trailing = "
+                f"allowed), then optionally its scopes, comma-separated ({', '.join(SCOPES)}); no quotes or names"
             )
-        tokens.append(token)
+        scopes = frozenset(words[1].split(",")) if len(words) == 2 else frozenset({INFER})
+        if unknown := sorted(scopes - set(SCOPES)):
+            raise ValueError(
+                f"auth tokens file {path}, line {number}: unknown scope {', '.join(unknown)} (scopes: "
+                f"{', '.join(SCOPES)})"
+            )
+        tokens.append((token, scopes))
     if not tokens:
         raise ValueError(f"auth tokens file {path} holds no token (only blank or # comment lines): nobody could call")
     return tokens
 
 
 class TokenChecker:
-    """Accepts `authorization: Bearer <token>` for any of `tokens`; see the module docstring."""
+    """Accepts `authorization: Bearer <token>` for any of `tokens` that has the call's scope; see the module
+    docstring. A token given alone has the scope `infer`; (token, scopes) pairs say theirs."""
 
-    def __init__(self, tokens: Iterable[str]) -> None:
-        self._digests = [_digest(token) for token in tokens]
+    def __init__(self, tokens: Iterable[str | tuple[str, Iterable[str]]]) -> None:
+        pairs = [(t, frozenset({INFER})) if isinstance(t, str) else (t[0], frozenset(t[1])) for t in tokens]
+        self._digests = [(_digest(token), scopes) for token, scopes in pairs]
         if not self._digests:
             raise ValueError("TokenChecker needs at least one token")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TokenChecker:
-        """Load `path` (see read_tokens); warn when others may read it or a token is short."""
-        tokens = read_tokens(path)
+        """Load `path` (see read_token_scopes); warn when others may read it or a token is short."""
+        tokens = read_token_scopes(path)
         mode = os.stat(path).st_mode
         if mode & stat.S_IROTH:
             log.warning("auth tokens file %s is readable by every user (mode %o): chmod o-r it", path, mode & 0o777)
-        short = sum(len(token) < MIN_TOKEN_CHARS for token in tokens)
+        short = sum(len(token) < MIN_TOKEN_CHARS for token, _ in tokens)
         if short:
             log.warning("auth tokens file %s: %d token(s) shorter than %d characters", path, short, MIN_TOKEN_CHARS)
-        log.info("bearer tokens required: %d accepted, from %s", len(tokens), path)
+        feedback = sum(FEEDBACK in scopes for _, scopes in tokens)
+        log.info("bearer tokens required: %d accepted (%d may send feedback), from %s", len(tokens), feedback, path)
         return cls(tokens)
 
     def __len__(self) -> int:
         return len(self._digests)
 
-    def check(self, authorization: str | None) -> None:
-        """Return if `authorization` (the header's value, None when absent) carries an accepted token, else raise
-        Unauthenticated (missing or malformed) or PermissionDenied (not accepted)."""
+    def check(self, authorization: str | None, scope: str = INFER) -> None:
+        """Return if `authorization` (the header's value, None when absent) carries an accepted token with `scope`,
+        else raise Unauthenticated (missing or malformed) or PermissionDenied (not accepted, or without the scope)."""
         if authorization is None or not authorization.strip():
             raise Unauthenticated("missing credentials: send the header 'authorization: Bearer <token>'", "missing")
         scheme, _, token = authorization.strip().partition(" ")
@@ -101,11 +129,30 @@ class TokenChecker:
                 "malformed authorization header: expected 'Bearer <token>' (one token, no other scheme)", "malformed"
             )
         sent = _digest(token)
-        accepted = False
-        for digest in self._digests:  # every one, no early exit
-            accepted |= hmac.compare_digest(sent, digest)
+        accepted, scoped = False, False
+        for digest, scopes in self._digests:  # every one, no early exit
+            match = hmac.compare_digest(sent, digest)
+            accepted |= match
+            scoped |= match and scope in scopes
         if not accepted:
             raise PermissionDenied("the bearer token is not accepted by this server")
+        if not scoped:
+            raise PermissionDenied(f"the bearer token lacks the scope {scope!r} this call needs (--auth-tokens-file)")
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password (in the user info or a `password=` parameter) replaced by ***."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return re.sub(r"//[^/@]*@", "//***@", url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, hostinfo = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            netloc = f"{userinfo.split(':', 1)[0]}:***@{hostinfo}"
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _digest(token: str) -> bytes:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.postgres import PostgresCluster, PostgresMissing, find_bin_dir, running_cluster
 from training.data import IMAGES_MAGIC, LABELS_MAGIC, REPO_ROOT
 
 # Servers started by tests (in-process through load_config, or as subprocesses, which inherit this) keep off the
@@ -19,6 +21,8 @@ os.environ.setdefault("MNIST_SERVE_HTTP_PORT", "0")
 # One process per server unless a test asks for workers (tests/test_workers.py): `--workers auto` would start a
 # supervisor and several workers on a machine of 8 cores or more, and the tests would test another server there.
 os.environ.setdefault("MNIST_SERVE_WORKERS", "1")
+# Servers started by tests store no labels unless a test gives them a database of its own (not ~/.local/state).
+os.environ.setdefault("MNIST_SERVE_FEEDBACK_DB", "none")
 
 SHARED_MNIST = REPO_ROOT.parent / "shared" / "data" / "mnist"
 pytest_plugins = ["tests.strict_skips", "pytester"]  # pytester: tests/test_strict_skips.py runs pytest itself
@@ -72,3 +76,14 @@ def scoreless_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("scoreless") / "googlenet-fast.onnx"
     onnx.save(without_digit_score(onnx.load(str(REPO_ROOT / "server" / "bundled" / "googlenet-fast.onnx"))), str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A real PostgreSQL server for the session (tests/postgres.py); missing binaries fail, never skip."""
+    try:
+        find_bin_dir()
+    except PostgresMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    with running_cluster() as cluster:
+        yield cluster

@@ -4,10 +4,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages: prometheus (promtool and the Prometheus integration test), chromium (the web page in a real
-# headless browser), nodejs and npm (a client on another gRPC stack). Needs root, or install them first.
-if ! (command -v promtool && command -v chromium && command -v npm) >/dev/null; then
+# headless browser), nodejs and npm (a client on another gRPC stack), postgresql (the feedback store's tests start
+# a server of their own: initdb and pg_ctl, which Debian keeps in /usr/lib/postgresql/<version>/bin, off PATH).
+# Needs root, or install them first.
+if ! (command -v promtool && command -v chromium && command -v npm && ls /usr/lib/postgresql/*/bin/pg_ctl \
+    /usr/lib/postgresql/*/bin/initdb) >/dev/null 2>&1; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus chromium $(command -v npm >/dev/null || echo nodejs npm) >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus chromium postgresql $(command -v npm >/dev/null || echo nodejs npm) >/dev/null
 fi
 
 # The project with every extra, on the CPU build of torch these machines carry (drop the pin on a CUDA machine).

@@ -46,6 +46,7 @@ def test_config(**overrides) -> ServeConfig:
         grace_seconds=5,
         max_request_images=16,
         max_image_pixels=10_000_000,
+        feedback_db="none",  # a test that stores labels names its own database
     )
     return replace(base, **overrides)
 

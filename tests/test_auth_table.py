@@ -39,7 +39,9 @@ from server.plane.data_plane import DataPlane
 from tests.support import free_port, test_config
 
 MODEL = "googlenet-fast"
-TOKEN = "the-right-token-0123456789abcdef"
+TOKEN = "the-right-token-0123456789abcdef"  # every scope
+INFER_ONLY = "an-inference-token-0123456789abc"  # no feedback scope
+FEEDBACK_ONLY = "a-feedback-token-0123456789abcde"
 CREDENTIALS = {  # what a caller sends -> what a protected method answers (gRPC code, HTTP status)
     "none": (None, grpc.StatusCode.UNAUTHENTICATED, 401),
     "malformed": ("Basic dXNlcjpwYXNzd29yZA==", grpc.StatusCode.UNAUTHENTICATED, 401),
@@ -130,7 +132,8 @@ def repository(folder: Path) -> Path:
     (folder / MODEL / "1").mkdir(parents=True)
     shutil.copyfile(BUNDLED_MODEL, folder / MODEL / "1" / "model.onnx")
     tokens = folder / "tokens"
-    tokens.write_text(f"# the only accepted token\n{TOKEN}\n")
+    lines = [f"{TOKEN} infer,feedback", INFER_ONLY, f"{FEEDBACK_ONLY} feedback"]
+    tokens.write_text("# accepted tokens and their scopes\n" + "\n".join(lines) + "\n")
     tokens.chmod(0o600)
     return folder
 
@@ -265,6 +268,27 @@ def test_every_protected_grpc_method_answers_the_right_token(served: Served) -> 
             refused[path] = got.name
     assert not refused
     assert served.model_state() == [("1", "READY")]
+
+
+def test_a_token_reaches_only_the_calls_its_scopes_allow(served: Served) -> None:
+    """Feedback trains the next version: it needs the feedback scope; a token with only that scope reads nothing."""
+    for path, method in sorted(served.methods.items()):
+        if path in OPEN_GRPC:
+            continue
+        request = request_for(method, refused=False)
+        with_infer = call(served.channel, path, method, request, f"Bearer {INFER_ONLY}")
+        with_feedback = call(served.channel, path, method, request, f"Bearer {FEEDBACK_ONLY}")
+        if path.endswith("/Feedback"):
+            assert with_infer == grpc.StatusCode.PERMISSION_DENIED and with_feedback not in REFUSED_CODES, path
+        else:
+            assert with_infer not in REFUSED_CODES and with_feedback == grpc.StatusCode.PERMISSION_DENIED, path
+    routes = rest_routes(served)
+    assert rest_call(served, "Feedback", routes["Feedback"], f"Bearer {INFER_ONLY}", refused=True)[0] == 403
+    assert rest_call(served, "Feedback", routes["Feedback"], f"Bearer {FEEDBACK_ONLY}", refused=True)[0] not in (
+        401,
+        403,
+    )
+    assert rest_call(served, "ReadDigits", routes["ReadDigits"], f"Bearer {FEEDBACK_ONLY}", refused=True)[0] == 403
 
 
 def test_the_right_token_does_reach_the_data_plane(served: Served) -> None:

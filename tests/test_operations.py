@@ -152,6 +152,10 @@ def test_prometheus_config_and_alert_rules_are_valid_and_behave_as_specified() -
         "MnistModelLoadFailed",
         "MnistModelNotServing",
         "MnistNonDigitShareJumped",
+        "MnistLiveAccuracyDrop",
+        "MnistPredictionDrift",
+        "MnistConfidenceDrift",
+        "MnistFeedbackDropped",
     }
 
 

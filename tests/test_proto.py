@@ -48,6 +48,7 @@ def test_the_contract_keeps_its_field_numbers() -> None:
         "ReadDigits",
         "ReadTable",
         "ReadExpression",
+        "Feedback",
     ]
     assert pb.ClassifyRequest.DESCRIPTOR.fields_by_name["model_version"].number == 5  # added fields: old clients work
 

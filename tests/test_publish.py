@@ -14,6 +14,7 @@ import export.triton as triton
 from export.triton import publish_version
 from proto.contract import read_metadata
 from server.config import BUNDLED_MODEL
+from server.feedback.reference import Reference
 
 BUNDLED_FP16 = BUNDLED_MODEL.with_name("googlenet-fast.fp16.onnx")
 NAME = "googlenet-fast"
@@ -31,8 +32,14 @@ def files_under(root: Path) -> list[str]:
 def test_the_first_publish_is_version_1_with_a_config_and_labels(tmp_path: Path, metadata) -> None:
     folder, number = publish_version(BUNDLED_MODEL, tmp_path, metadata, max_batch_size=64)
     assert (folder, number) == (tmp_path / NAME / "1", 1)
-    assert files_under(tmp_path) == [f"{NAME}/1/model.onnx", f"{NAME}/config.pbtxt", f"{NAME}/labels.txt"]
+    assert files_under(tmp_path) == [
+        f"{NAME}/1/model.onnx",
+        f"{NAME}/1/model.reference.json",  # its test-set answers, beside it in server/bundled, go with it
+        f"{NAME}/config.pbtxt",
+        f"{NAME}/labels.txt",
+    ]
     assert (folder / "model.onnx").read_bytes() == BUNDLED_MODEL.read_bytes()
+    assert (folder / "model.reference.json").read_bytes() == Reference.path_for(BUNDLED_MODEL).read_bytes()
     config = (tmp_path / NAME / "config.pbtxt").read_text()
     assert re.search(rf'^name: "{NAME}"$', config, re.M) and "max_batch_size: 64" in config
     assert (tmp_path / NAME / "labels.txt").read_text().split() == [str(d) for d in range(10)]
@@ -129,7 +136,7 @@ def test_a_file_where_the_model_folder_belongs_is_refused(tmp_path: Path, metada
 
 def test_the_fp16_variant_is_published_beside_model_onnx(tmp_path: Path, metadata) -> None:
     folder, _ = publish_version(BUNDLED_MODEL, tmp_path, metadata, fp16_path=BUNDLED_FP16)
-    assert sorted(p.name for p in folder.iterdir()) == ["model.fp16.onnx", "model.onnx"]
+    assert sorted(p.name for p in folder.iterdir()) == ["model.fp16.onnx", "model.onnx", "model.reference.json"]
     assert (folder / "model.fp16.onnx").read_bytes() == BUNDLED_FP16.read_bytes()
 
 

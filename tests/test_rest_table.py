@@ -21,6 +21,7 @@ import pytest
 import server.errors
 from server.app import MnistServer
 from server.errors import (
+    AlreadyExists,
     AuthRefused,
     Cancelled,
     DeadlineExpired,
@@ -46,6 +47,7 @@ DOCUMENTED = {
     Overloaded: 429,
     Cancelled: 499,  # nginx's "client closed request": for the metrics, nobody is left to read it
     Unsupported: 501,
+    AlreadyExists: 409,
     NotReady: 503,
     ShuttingDown: 503,
     DeadlineExpired: 504,
@@ -135,6 +137,7 @@ def test_a_served_infer_is_200(served: Harness) -> None:
         (Overloaded("the queue is full; retry later"), 429),
         (Cancelled("the caller went away"), 499),
         (Unsupported("shared-memory tensors are not supported"), 501),
+        (AlreadyExists("the answer 'x' already has a label"), 409),
         (NotReady("model is still loading; retry shortly"), 503),
         (ShuttingDown("server is shutting down; retry on another replica"), 503),
         (DeadlineExpired("the deadline passed before the answer was ready"), 504),

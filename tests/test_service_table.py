@@ -15,6 +15,7 @@ from proto.mnist.v1 import classifier_pb2 as pb
 from server.app import MnistServer
 from server.config import DIGIT_DETECTOR
 from server.errors import (
+    AlreadyExists,
     AuthRefused,
     Cancelled,
     DeadlineExpired,
@@ -45,6 +46,7 @@ DOCUMENTED = {
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     NotFound: grpc.StatusCode.NOT_FOUND,
     Unsupported: grpc.StatusCode.UNIMPLEMENTED,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
 }
 HEX32 = re.compile(r"[0-9a-f]{32}")
 
@@ -86,6 +88,7 @@ def test_the_real_servicer_implements_every_method_of_the_proto() -> None:
         "ReadDigits",
         "ReadTable",
         "ReadExpression",
+        "Feedback",
     }
 
 

@@ -24,6 +24,7 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from proto.contract import CONFIDENCE_BINS
 from server.engine.batching import BatchObserver
 
 # 0.1 ms to 100 ms, with 10 ms (the SLO) as an edge.
@@ -50,7 +51,7 @@ LATENCY_BUCKETS = (
     5.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-CONFIDENCE_BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
+CONFIDENCE_BUCKETS = CONFIDENCE_BINS  # shared with each version's reference (proto/contract.py): drift's bins
 AUTH_PROTOCOLS = ("grpc", "http", "metrics")  # mnist_auth_refused_total series exist from the start, at 0
 AUTH_REASONS = ("missing", "malformed", "invalid")
 
@@ -368,6 +369,68 @@ class ServiceMetrics:
             CONFIDENCE_BUCKETS,
             r,
             ("model", "version"),
+        )
+        # The feedback loop (server/feedback/): labels joined with answers, the database, live quality and drift.
+        version_labels = ["model", "version"]
+        live = {"registry": r, "multiprocess_mode": "liveall"}  # with workers: one series per worker (a pid label)
+        self.feedback = Counter(
+            "mnist_feedback",
+            "labelled answers: the true label of an answer joined with it, by the version that answered and whether "
+            "it was right",
+            ["model", "version", "correct"],
+            registry=r,
+        )
+        self.feedback_refused = Counter(
+            "mnist_feedback_refused",
+            "Feedback calls refused, by reason (unknown_request, bad_label, duplicate, no_store)",
+            ["reason"],
+            registry=r,
+        )
+        self.feedback_stored = Counter("mnist_feedback_stored", "feedback records written to the database", registry=r)
+        self.feedback_dropped = Counter(
+            "mnist_feedback_dropped",
+            "feedback records not stored, by reason (queue_full, database_unavailable, write_failed); answers are "
+            "never slowed or failed by the database",
+            ["reason"],
+            registry=r,
+        )
+        self.feedback_confusion = Counter(
+            "mnist_feedback_confusion",
+            "labelled answers by true label and prediction (ReadDigits: digit by digit when the lengths agree)",
+            ["model", "version", "label", "predicted"],
+            registry=r,
+        )
+        self.live_accuracy = Gauge(
+            "mnist_live_accuracy",
+            "accuracy over the version's last labelled answers (NaN: none yet)",
+            version_labels,
+            **live,
+        )
+        self.live_accuracy_answers = Gauge(
+            "mnist_live_accuracy_answers", "labelled answers mnist_live_accuracy is over", version_labels, **live
+        )
+        self.reference_accuracy = Gauge(
+            "mnist_reference_accuracy",
+            "the version's MNIST test-set accuracy, from its reference (NAME.reference.json; NaN: none)",
+            version_labels,
+            **live,
+        )
+        self.prediction_drift = Gauge(
+            "mnist_prediction_drift_psi",
+            "population stability index of the predicted-digit mix over the drift window against the version's "
+            "reference (under 0.1 stable, over 0.25 shifted; NaN: no reference or too few answers)",
+            version_labels,
+            **live,
+        )
+        self.confidence_drift = Gauge(
+            "mnist_confidence_drift_psi",
+            "population stability index of the confidence distribution over the drift window against the "
+            "version's reference",
+            version_labels,
+            **live,
+        )
+        self.drift_window_answers = Gauge(
+            "mnist_drift_window_answers", "answers in the drift window", version_labels, **live
         )
 
     def count_refusal(self, protocol: str, error: object) -> None:

@@ -153,7 +153,9 @@ class ModelPipeline:
         else:
             images = await self.preprocess(payloads, kinds, deadline)
         probabilities, digits, confidences, scores, is_digit = await self.batcher.classify(images, deadline)
-        return Predictions(probabilities, digits, confidences, scores, is_digit, self.version)
+        return Predictions(
+            probabilities, digits, confidences, scores, is_digit, self.version, self.name, images, self._normalization
+        )
 
     async def classify_tensor(self, images: np.ndarray, deadline: float | None = None) -> Predictions:
         """Classify images sent as one array (the Open Inference Protocol's tensors, a batch of raw images read off
@@ -169,7 +171,9 @@ class ModelPipeline:
             else:
                 _refuse_blank(images, range(len(images)))
         probabilities, digits, confidences, scores, is_digit = await self.batcher.classify(images, deadline)
-        return Predictions(probabilities, digits, confidences, scores, is_digit, self.version)
+        return Predictions(
+            probabilities, digits, confidences, scores, is_digit, self.version, self.name, images, self._normalization
+        )
 
     async def read_digits(
         self, payload: bytes, expected: int = 0, deadline: float | None = None, max_digits: int = 64

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from proto.contract import Normalization
+
 
 @dataclass(frozen=True)
 class Predictions:
@@ -17,6 +19,10 @@ class Predictions:
     digit_scores: np.ndarray  # (N,) float32 in [0, 1]: how much each image looks like a digit (NaN: not judged)
     is_digit: np.ndarray  # (N,) bool: digit_score at or over the detector's threshold
     model_version: str
+    model_name: str = ""
+    # (N, 1, 28, 28): what the model was given, uint8 pixels or float32 normalized input (the feedback loop keeps it)
+    inputs: np.ndarray | None = None
+    normalization: Normalization | None = None  # how float32 `inputs` were normalized from pixels
 
     def __len__(self) -> int:
         return len(self.digits)
@@ -29,4 +35,7 @@ class Predictions:
             self.digit_scores[rows],
             self.is_digit[rows],
             self.model_version,
+            self.model_name,
+            None if self.inputs is None else self.inputs[rows],
+            self.normalization,
         )

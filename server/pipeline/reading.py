@@ -96,6 +96,7 @@ class Reading:
     text: str  # digits; a space between groups, a newline between lines
     digits: tuple[ReadDigit, ...]
     confidence: float  # that every digit is right: the product of the digits' confidences
+    images: np.ndarray | None = None  # (digits, 28, 28) uint8: each digit as the model saw it (the feedback loop's)
 
 
 @dataclass
@@ -116,6 +117,7 @@ class Segmentation:
         help tell one wide digit from two touching ones, when the server has a detector)."""
         probabilities = np.asarray(probabilities, np.float64)
         digits: list[ReadDigit] = []
+        rows: list[int] = []
         lines: list[list[str]] = []
         for line, pieces in self.pieces(probabilities, digit_scores).items():
             height = self.line_height[line]
@@ -128,12 +130,14 @@ class Segmentation:
                 digit = int(top[0])
                 groups[-1] += str(digit)
                 alternatives = tuple((int(d), float(p[d])) for d in top)
+                rows.append(row)
                 digits.append(
                     ReadDigit(box.scaled(self.scale), digit, float(p[digit]), alternatives, len(lines), len(groups) - 1)
                 )
             lines.append(groups)
         confidence = float(np.prod([d.confidence for d in digits])) if digits else 0.0
-        return Reading("\n".join(" ".join(groups) for groups in lines), tuple(digits), confidence)
+        text = "\n".join(" ".join(groups) for groups in lines)
+        return Reading(text, tuple(digits), confidence, self.images[rows] if rows else None)
 
     def candidate_heights(self) -> np.ndarray:
         """Each candidate's (row of `images`) height over its line's height: an expression's operators are short."""

@@ -30,6 +30,7 @@ from server.pipeline.predictions import Predictions
 from server.plane.oip import DIGIT, EXTENSIONS, OUTPUTS, PLATFORM, SERVER_NAME, Tensor, images_from
 
 if TYPE_CHECKING:  # server.pipeline.reading needs scipy, which only the Read* calls need
+    from server.feedback.loop import FeedbackLoop, FeedbackResult
     from server.pipeline.expressions import Expression
     from server.pipeline.reading import Reading
     from server.pipeline.tables import Table
@@ -127,6 +128,7 @@ class DataPlane:
         self.model_control = model_control == "on"
         self.draining = False  # set when shutdown begins: ServerReady and ModelReady turn false; calls still served
         self._statistics: dict[tuple[str, str], ModelStatistics] = {}
+        self.feedback: FeedbackLoop | None = None  # answers remembered for labels (server/feedback/loop.py)
 
     # --- health and metadata --------------------------------------------------------------------
 
@@ -222,6 +224,30 @@ class DataPlane:
     def forget(self, name: str, version: str) -> None:
         """A version is gone: its statistics go with it."""
         self._statistics.pop((name, version), None)
+
+    # --- feedback: labels for earlier answers -----------------------------------------------------
+
+    def remember(self, predictions: Predictions, request_ids: Sequence[str]) -> None:
+        """Classify's answers, for a label sent later (a dictionary insert; nothing when feedback is off)."""
+        if self.feedback is not None:
+            self.feedback.remember(predictions, request_ids)
+
+    def remember_batch(self, predictions: Predictions, prefix: str) -> None:
+        """A raw batch's answers under generated ids sharing `prefix` (server/transport/wire.py)."""
+        if self.feedback is not None:
+            self.feedback.remember_batch(predictions, prefix)
+
+    def remember_reading(self, served: ServedModel, request_id: str, reading: Reading) -> None:
+        if self.feedback is not None:
+            self.feedback.remember_reading(
+                served.name, served.version, request_id, reading.text, reading.confidence, reading.images
+            )
+
+    def feedback_for(self, request_id: str, label: int | None, text: str | None, model: str = "") -> FeedbackResult:
+        """The true label of an earlier answer: joined, counted in live quality and stored (server/feedback/)."""
+        if self.feedback is None:
+            raise Unsupported("this server keeps no answers for feedback")
+        return self.feedback.take(request_id, label, text, model)
 
     # --- model control (explicit loads and unloads, when enabled) ---------------------------------
 

@@ -30,6 +30,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from server import tracing
 from server.errors import (
+    AlreadyExists,
     AuthRefused,
     Cancelled,
     DeadlineExpired,
@@ -44,7 +45,7 @@ from server.errors import (
     Unsupported,
 )
 from server.ops.metrics import ServiceMetrics
-from server.security import TokenChecker, grpc_authorization
+from server.security import INFER, TokenChecker, grpc_authorization, scope_of
 from server.transport.wire import ParsedRequest, safe_parser
 
 log = logging.getLogger("mnist.guards")
@@ -60,6 +61,7 @@ STATUS_OF: dict[type[ServiceError], grpc.StatusCode] = {
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     AuthRefused: grpc.StatusCode.PERMISSION_DENIED,  # any other refusal of credentials
     NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     Unsupported: grpc.StatusCode.UNIMPLEMENTED,
 }
 REFUSAL_GRACE_S = 0.2  # a refused request stream: how long its first request may take to arrive
@@ -239,6 +241,7 @@ def unary(
     ended with its status."""
     latency, calls = _counters(method, metrics)
     span_name, span_attributes = tracing.grpc_call(service, method)
+    scope = scope_of(method)
 
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         """`request`: the parsed message (ParsedRequest), or with `refuse_unread` the stream it is read from."""
@@ -253,7 +256,7 @@ def unary(
         code, message, retry_after, entered = grpc.StatusCode.OK, "", None, False
         try:
             if auth is not None:
-                _check(auth, context, metrics)
+                _check(auth, context, metrics, scope)
             parsed: ParsedRequest = request
             if refuse_unread is not None:
                 if gate is not None and gate.closing:
@@ -383,10 +386,10 @@ def streaming(
     return handle
 
 
-def _check(auth: TokenChecker, context: grpc.aio.ServicerContext, metrics: ServiceMetrics) -> None:
+def _check(auth: TokenChecker, context: grpc.aio.ServicerContext, metrics: ServiceMetrics, scope: str = INFER) -> None:
     """The call's `authorization: Bearer <token>` metadata against `auth`; a refusal is counted and raised."""
     try:
-        auth.check(grpc_authorization(context.invocation_metadata()))
+        auth.check(grpc_authorization(context.invocation_metadata()), scope)
     except AuthRefused as refused:
         metrics.count_refusal("grpc", refused)
         raise

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from server import tracing
 from server.errors import (
+    AlreadyExists,
     AuthRefused,
     Cancelled,
     DeadlineExpired,
@@ -43,8 +44,12 @@ from server.ops.metrics_http import listen_sockets
 from server.pipeline.table_csv import table_csv
 from server.plane.data_plane import DataPlane
 from server.plane.oip import Tensor, tensor_from_bytes, tensor_from_values
-from server.security import TokenChecker, http_refusal
+from server.security import TokenChecker, http_refusal, scope_of
 from server.transport.guards import status_of
+from server.transport.wire import new_request_ids
+
+REQUEST_ID_HEADER = "X-Request-Id"  # ReadDigits over HTTP: the caller's id for its answer (generated when absent)
+MAX_REQUEST_ID_CHARS = 128
 
 log = logging.getLogger("mnist.rest")
 
@@ -56,6 +61,7 @@ HTTP_STATUS_OF: dict[type[ServiceError], int] = {
     PermissionDenied: 403,
     AuthRefused: 403,  # any other refusal of credentials, as gRPC's PERMISSION_DENIED (answered by http_refusal)
     NotFound: 404,
+    AlreadyExists: 409,
     Overloaded: 429,
     Unsupported: 501,
     NotReady: 503,
@@ -123,6 +129,7 @@ class RestApi:
                 ("POST", prefix + "/table", self.table, "ReadTable" + suffix),
                 ("POST", prefix + "/expression", self.expression, "ReadExpression" + suffix),
             ]
+        routes.append(("POST", model + "/feedback", self.feedback, "Feedback"))
         for method, path, handler, name in routes:
             app.router.add_route(method, path, handler, name=name)
         return app
@@ -154,7 +161,7 @@ class RestApi:
             if self.closing and not request.path.startswith("/v2/health/"):
                 raise ShuttingDown("server is shutting down; retry on another replica")
             if self.tokens is not None and not request.path.startswith("/v2/health/") and route != "Page":
-                self.tokens.check(request.headers.get("Authorization"))
+                self.tokens.check(request.headers.get("Authorization"), scope_of(route))
             response = await handler(request)
         except AuthRefused as err:
             code = status_of(err).name
@@ -269,15 +276,50 @@ class RestApi:
             raise InvalidInput(f"expected_digits must be a whole number from 0 to {self.max_read_digits}")
         body, deadline = await self._image_body(request, name, version, "the digits")
         served, reading, (width, height) = await self.plane.read_digits(name, version, body, int(expected), deadline)
+        request_id = request.headers.get(REQUEST_ID_HEADER, "")[:MAX_REQUEST_ID_CHARS] or new_request_ids(1)[0]
+        self.plane.remember_reading(served, request_id, reading)
         return web.json_response(
             {
                 "model_name": served.name,
                 "model_version": served.version,
+                "request_id": request_id,
                 "text": reading.text,
                 "confidence": reading.confidence,
                 "image_width": width,
                 "image_height": height,
                 "digits": [_digit_json(d) for d in reading.digits],
+            }
+        )
+
+    async def feedback(self, request: web.Request) -> web.Response:
+        """The true label of an earlier answer: JSON {"request_id": ..., "label": 0-9} (Classify) or
+        {"request_id": ..., "text": "2026"} (ReadDigits), as mnist.v1's Feedback."""
+        try:
+            body = await request.json()
+        except ValueError:
+            raise InvalidInput('the body must be JSON: {"request_id": "...", "label": 7}') from None
+        if not isinstance(body, dict):
+            raise InvalidInput('the body must be a JSON object: {"request_id": "...", "label": 7}')
+        request_id, label, text = body.get("request_id"), body.get("label"), body.get("text")
+        if not isinstance(request_id, str):
+            raise InvalidInput('"request_id" must be a string: the id of an earlier answer')
+        if (label is None) == (text is None):
+            raise InvalidInput('send one of "label" (the true digit, 0-9) and "text" (the true number)')
+        if label is not None and (not isinstance(label, int) or isinstance(label, bool)):
+            raise InvalidInput('"label" must be a whole number from 0 to 9')
+        if text is not None and not isinstance(text, str):
+            raise InvalidInput('"text" must be a string of digits')
+        result = self.plane.feedback_for(request_id, label, text, request.match_info["name"])
+        return web.json_response(
+            {
+                "model_name": result.answer.model,
+                "model_version": result.answer.version,
+                "prediction": result.answer.prediction,
+                "label": result.label,
+                "correct": result.correct,
+                "stored": result.stored,
+                "live_accuracy": None if result.live_accuracy != result.live_accuracy else result.live_accuracy,
+                "live_answers": result.live_answers,
             }
         )
 

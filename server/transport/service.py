@@ -17,6 +17,7 @@ import grpc
 from proto.mnist.v1 import classifier_pb2 as pb
 from server.config import ServeConfig
 from server.errors import InvalidInput, NotReady, ServiceError
+from server.feedback.answers import BATCH_PREFIX_CHARS
 from server.ops.metrics import ServiceMetrics
 from server.pipeline.digit_scores import summary as digit_score_summary
 from server.plane.data_plane import DataPlane
@@ -83,7 +84,9 @@ class ClassifierServicer:
         predictions = await self.plane.classify(
             request.model_name, request.model_version, [payload], [kind], request_deadline(context)
         )
-        return encode_classify_response(predictions, request.request_id or new_request_ids(1)[0])
+        request_id = request.request_id or new_request_ids(1)[0]
+        self.plane.remember(predictions, (request_id,))
+        return encode_classify_response(predictions, request_id)
 
     async def ClassifyBatch(
         self, request: pb.ClassifyBatchRequest | RawBatch, context: grpc.aio.ServicerContext
@@ -117,7 +120,9 @@ class ClassifierServicer:
             if err.index is None:
                 raise
             raise InvalidInput(f"requests[{err.index}]: {err}", err.index) from None
-        return encode_classify_batch_response(predictions, fill_request_ids([item.request_id for item in items]))
+        request_ids = fill_request_ids([item.request_id for item in items])
+        self.plane.remember(predictions, request_ids)
+        return encode_classify_batch_response(predictions, request_ids)
 
     async def _classify_raw_batch(self, request: RawBatch, context: grpc.aio.ServicerContext) -> bytes:
         count = len(request.pixels)
@@ -131,7 +136,9 @@ class ClassifierServicer:
             if err.index is None:
                 raise
             raise InvalidInput(f"requests[{err.index}]: {err}", err.index) from None
-        return encode_classify_batch_response(predictions, new_request_id_array(count))
+        request_ids = new_request_id_array(count)
+        self.plane.remember_batch(predictions, request_ids[0, :BATCH_PREFIX_CHARS].tobytes().decode("ascii"))
+        return encode_classify_batch_response(predictions, request_ids)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         served = self.plane.model_info(request.model_name, request.model_version)
@@ -159,12 +166,14 @@ class ClassifierServicer:
         served, reading, (width, height) = await self.plane.read_digits(
             request.model_name, request.model_version, request.image, request.expected_digits, request_deadline(context)
         )
+        request_id = request.request_id or new_request_ids(1)[0]
+        self.plane.remember_reading(served, request_id, reading)
         return pb.ReadDigitsResponse(
             text=reading.text,
             digits=[_read_digit(d) for d in reading.digits],
             confidence=reading.confidence,
             model_version=served.version,
-            request_id=request.request_id or new_request_ids(1)[0],
+            request_id=request_id,
             image_width=width,
             image_height=height,
         )
@@ -224,6 +233,26 @@ class ClassifierServicer:
             request_id=request.request_id or new_request_ids(1)[0],
             image_width=width,
             image_height=height,
+        )
+
+    async def Feedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext) -> pb.FeedbackResponse:
+        truth = request.WhichOneof("truth")
+        if truth is None:
+            raise InvalidInput("no truth: set `label` (the true digit of a Classify answer) or `text` (of ReadDigits)")
+        result = self.plane.feedback_for(
+            request.request_id,
+            request.label if truth == "label" else None,
+            request.text if truth == "text" else None,
+            request.model_name,
+        )
+        return pb.FeedbackResponse(
+            model_name=result.answer.model,
+            model_version=result.answer.version,
+            prediction=result.answer.prediction,
+            correct=result.correct,
+            stored=result.stored,
+            live_accuracy=result.live_accuracy,
+            live_answers=result.live_answers,
         )
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):

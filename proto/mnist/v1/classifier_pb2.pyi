@@ -311,3 +311,33 @@ class ReadExpressionResponse(_message.Message):
     image_width: int
     image_height: int
     def __init__(self, text: _Optional[str] = ..., symbols: _Optional[_Iterable[_Union[ExpressionSymbol, _Mapping]]] = ..., value: _Optional[str] = ..., error: _Optional[str] = ..., written_answer: _Optional[str] = ..., answer_correct: _Optional[bool] = ..., confidence: _Optional[float] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ...) -> None: ...
+
+class FeedbackRequest(_message.Message):
+    __slots__ = ("request_id", "label", "text", "model_name")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    label: int
+    text: str
+    model_name: str
+    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[int] = ..., text: _Optional[str] = ..., model_name: _Optional[str] = ...) -> None: ...
+
+class FeedbackResponse(_message.Message):
+    __slots__ = ("model_name", "model_version", "prediction", "correct", "stored", "live_accuracy", "live_answers")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    LIVE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    LIVE_ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    prediction: str
+    correct: bool
+    stored: bool
+    live_accuracy: float
+    live_answers: int
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., prediction: _Optional[str] = ..., correct: _Optional[bool] = ..., stored: _Optional[bool] = ..., live_accuracy: _Optional[float] = ..., live_answers: _Optional[int] = ...) -> None: ...

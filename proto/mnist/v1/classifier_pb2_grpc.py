@@ -69,6 +69,11 @@ class ClassifierStub:
                 request_serializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadExpressionRequest.SerializeToString,
                 response_deserializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadExpressionResponse.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/mnist.v1.Classifier/Feedback',
+                request_serializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class ClassifierServicer:
@@ -120,6 +125,13 @@ class ClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Feedback(self, request, context):
+        """the true label of an earlier answer, stored
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +169,11 @@ def add_ClassifierServicer_to_server(servicer, server):
                     servicer.ReadExpression,
                     request_deserializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadExpressionRequest.FromString,
                     response_serializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadExpressionResponse.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.FeedbackRequest.FromString,
+                    response_serializer=proto_dot_mnist_dot_v1_dot_classifier__pb2.FeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -348,6 +365,33 @@ class Classifier:
             '/mnist.v1.Classifier/ReadExpression',
             proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadExpressionRequest.SerializeToString,
             proto_dot_mnist_dot_v1_dot_classifier__pb2.ReadExpressionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mnist.v1.Classifier/Feedback',
+            proto_dot_mnist_dot_v1_dot_classifier__pb2.FeedbackRequest.SerializeToString,
+            proto_dot_mnist_dot_v1_dot_classifier__pb2.FeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

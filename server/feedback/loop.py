@@ -1,0 +1,175 @@
+"""The feedback loop's serving half: answers remembered, labels joined with them, records stored, quality measured.
+
+`remember*` are called on the serving path and cost a dictionary insert; `take` answers a Feedback call: it checks
+the label, finds the answer, counts it in the version's live quality and hands the record to the database writer
+(server/feedback/store.py), which never makes a call wait. See docs/feedback.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from server.errors import AlreadyExists, InvalidInput, NotFound
+from server.feedback.answers import CLASSIFY, Answer, AnswerMemory
+from server.feedback.quality import AnswerTally, LiveQuality, Reference
+from server.ops.metrics import ServiceMetrics
+from server.pipeline.predictions import Predictions
+
+log = logging.getLogger("mnist.feedback")
+
+MAX_TEXT_CHARS = 64
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    answer: Answer
+    label: str
+    correct: bool
+    stored: bool
+    live_accuracy: float
+    live_answers: int
+
+
+class FeedbackLoop:
+    """One per server process; `writer` None: labels are counted in live quality but not stored."""
+
+    def __init__(
+        self,
+        metrics: ServiceMetrics,
+        memory: AnswerMemory,
+        quality: LiveQuality,
+        writer: object | None = None,  # server.feedback.store.FeedbackWriter
+    ) -> None:
+        self.metrics = metrics
+        self.memory = memory
+        self.quality = quality
+        self.writer = writer
+
+    # --- the serving path ---------------------------------------------------------------------------------------
+
+    def remember(self, predictions: Predictions, request_ids: Sequence[str]) -> None:
+        self.memory.remember(predictions, request_ids)
+
+    def remember_batch(self, predictions: Predictions, prefix: str) -> None:
+        self.memory.remember_batch(predictions, prefix)
+
+    def remember_reading(
+        self, model: str, version: str, request_id: str, text: str, confidence: float, images: np.ndarray | None
+    ) -> None:
+        self.memory.remember_reading(model, version, request_id, text, confidence, images)
+
+    # --- versions -----------------------------------------------------------------------------------------------
+
+    def track(self, model: str, version: str, model_path: Path | None) -> AnswerTally:
+        """A version starts serving: its reference (beside its model file) is read, its quality followed."""
+        reference = None
+        if model_path is not None:
+            try:
+                reference = Reference.load(Reference.path_for(model_path))
+            except ValueError as problem:
+                log.warning("%s %s: %s; drift and the reference accuracy are not reported", model, version, problem)
+        if reference is None:
+            log.info(
+                "%s %s: no reference beside its model file: drift is not reported (export/reference.py)", model, version
+            )
+        return self.quality.track(model, version, reference)
+
+    def forget(self, model: str, version: str) -> None:
+        self.quality.forget(model, version)
+
+    # --- Feedback calls -----------------------------------------------------------------------------------------
+
+    def take(self, request_id: str, label: int | None, text: str | None, model: str = "") -> FeedbackResult:
+        """A true label for the answer given under `request_id`. InvalidInput for a malformed label, NotFound for an
+        answer this server does not remember (unknown, forgotten, or another model's), AlreadyExists for a second
+        label."""
+        if not request_id:
+            raise self._refused("unknown_request", InvalidInput("request_id is empty: send the id of an answer"))
+        answer = self.memory.recall(request_id)
+        if answer is None or (model and answer.model != model):
+            raise self._refused(
+                "unknown_request",
+                NotFound(
+                    f"no answer with request_id {request_id!r}{f' from model {model!r}' if model else ''} is "
+                    f"remembered: it is unknown, older than {self.memory.max_age_seconds:g} s, or beyond the last "
+                    f"{self.memory.max_answers} answers (--feedback-memory), or another server process answered it"
+                ),
+            )
+        truth = self._truth(answer, label, text)
+        if self.memory.labelled(answer.model, request_id):
+            raise self._refused(
+                "duplicate", AlreadyExists(f"the answer {request_id!r} already has a label: a second one is refused")
+            )
+        self.memory.mark_labelled(answer.model, request_id)
+        # A number is right when its digits are: where ReadDigits put group and line breaks is not judged
+        label, predicted = (
+            (truth, answer.prediction) if answer.kind == CLASSIFY else map(_digits, (truth, answer.prediction))
+        )
+        accuracy, window = self.quality.on_label(answer.model, answer.version, label, predicted)
+        stored = self._store(answer, truth)
+        return FeedbackResult(answer, truth, label == predicted, stored, accuracy, window)
+
+    def _truth(self, answer: Answer, label: int | None, text: str | None) -> str:
+        if answer.kind == CLASSIFY:
+            if label is None:
+                raise self._refused(
+                    "bad_label",
+                    InvalidInput("this answer is a Classify digit: send its true `label` (0-9), not `text`"),
+                )
+            if not 0 <= label <= 9:
+                raise self._refused("bad_label", InvalidInput(f"label {label} is out of range: a digit is 0-9"))
+            return str(label)
+        if text is None:
+            if label is None:
+                raise self._refused("bad_label", InvalidInput("send the true `text` of this ReadDigits answer"))
+            text = str(label)
+        truth = text.strip()
+        if not truth or len(truth) > MAX_TEXT_CHARS or not all(c.isdigit() or c in " \n" for c in truth):
+            raise self._refused(
+                "bad_label",
+                InvalidInput(
+                    f"text {text[:MAX_TEXT_CHARS]!r} is not a number as ReadDigits writes it: digits, spaces "
+                    f"between groups and newlines between lines, 1-{MAX_TEXT_CHARS} characters"
+                ),
+            )
+        if not all(c.isascii() for c in truth):
+            raise self._refused("bad_label", InvalidInput("text holds non-ASCII digits: write 0-9"))
+        return truth
+
+    def _store(self, answer: Answer, truth: str) -> bool:
+        if self.writer is None:
+            return False
+        from server.feedback.store import FeedbackRecord
+
+        record = FeedbackRecord(
+            request_id=answer.request_id,
+            model=answer.model,
+            version=answer.version,
+            kind=answer.kind,
+            prediction=answer.prediction,
+            confidence=answer.confidence,
+            digit_score=answer.digit_score,
+            label=truth,
+            answered_at=answer.answered_at,
+            received_at=time.time(),
+            image=answer.image,
+        )
+        return bool(self.writer.submit(record))  # type: ignore[attr-defined]
+
+    def _refused(self, reason: str, error: Exception) -> Exception:
+        self.metrics.feedback_refused.labels(reason).inc()
+        return error
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()  # type: ignore[attr-defined]
+
+
+def _digits(text: str) -> str:
+    return "".join(text.split())
