@@ -938,15 +938,20 @@ def _publish(args: argparse.Namespace, model_path: Path) -> None:
         return
     import onnx
 
+    from export.reference import reference_is_current, write_reference
     from export.triton import publish_version
 
     metadata = read_metadata(onnx.load(str(model_path), load_external_data=False))
     fp16_path = variant_path(model_path, "fp16") if args.fp16 else None
     config_existed = (args.publish / metadata.model_name / "config.pbtxt").is_file()
+    if not reference_is_current(model_path):  # the servers compare the version's live answers with it (drift)
+        reference = write_reference(model_path, args.data_dir)
+        print(f"  wrote {reference} (its answers on the MNIST test set, for the servers' drift check)")
     folder, number = publish_version(
         model_path, args.publish, metadata, args.triton_max_batch_size, fp16_path=fp16_path
     )
     files = "model.onnx, model.fp16.onnx" if fp16_path else "model.onnx"
+    files += ", model.reference.json"
     print(f"published {metadata.model_name} version {number} to {folder}/ ({files})")
     if config_existed:
         print(f"  kept the existing {folder.parent / 'config.pbtxt'}")

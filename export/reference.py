@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from server.feedback.reference import Reference
+from training.data import sha256_file
 
 
 def compute_reference(model_path: Path, data_dir: str | None = None, batch_size: int = 500) -> Reference:
@@ -24,7 +26,17 @@ def compute_reference(model_path: Path, data_dir: str | None = None, batch_size:
     test = load_split("test", resolve_data_dir(data_dir))
     probabilities = open_model(model_path).probabilities(test.images, batch_size)
     digits = probabilities.argmax(1)
-    return Reference.of(digits, probabilities[np.arange(len(digits)), digits], test.labels)
+    reference = Reference.of(digits, probabilities[np.arange(len(digits)), digits], test.labels)
+    return replace(reference, model_sha256=sha256_file(model_path))
+
+
+def reference_is_current(model_path: Path) -> bool:
+    """Whether the reference beside `model_path` was measured on this very file."""
+    try:
+        reference = Reference.load(Reference.path_for(model_path))
+    except ValueError:
+        return False
+    return reference is not None and reference.model_sha256 == sha256_file(model_path)
 
 
 def write_reference(model_path: Path, data_dir: str | None = None) -> Path:

@@ -36,7 +36,7 @@ from server.engine.backends import build_backend
 from server.errors import ServiceError
 from server.feedback.answers import AnswerMemory
 from server.feedback.loop import FeedbackLoop
-from server.feedback.quality import LiveQuality
+from server.feedback.quality import AnswerTally, LiveQuality
 from server.feedback.store import FeedbackWriter, open_store
 from server.models.model_settings import check_against
 from server.models.repository import AgreedDefaults, ModelRepository, RepositoryObserver, verify_on_samples
@@ -115,7 +115,7 @@ def load_operator_model(config: ServeConfig) -> OperatorModel | None:
     return operators
 
 
-QUALITY_SAMPLE_SECONDS = 10.0  # how often each version's drift is worked out
+QUALITY_SAMPLE_SECONDS = 10.0  # how often each version's drift is worked out (a tenth of a shorter drift window)
 
 
 def _both(first: Callable[..., None], second: Callable[[np.ndarray, np.ndarray], None]) -> Callable[..., None]:
@@ -137,7 +137,11 @@ def feedback_writer(config: ServeConfig, metrics: ServiceMetrics) -> FeedbackWri
     url = config.feedback_db
     if "://" not in url and not url.startswith("sqlite:"):  # a plain path: SQLite, its folder made
         path = Path(url).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as problem:  # a read-only root file system, say: serve, and say why nothing is stored
+            log.error("feedback: cannot make %s (%s): labels are not stored; set --feedback-db", path.parent, problem)
+            return None
         url = str(path)
 
     def dropped(count: int, why: str) -> None:
@@ -191,6 +195,9 @@ class RepositoryMetrics(RepositoryObserver):
             code = "CANCELLED" if isinstance(error, asyncio.CancelledError) else "INTERNAL"
         self.server.metrics.observe_model_request(name, version, code, seconds)
 
+    def on_canary(self, name: str, version: str, event: str, reason: str) -> None:
+        self.server.metrics.canary_events.labels(name, version, event).inc()
+
     def on_unloaded(self, name: str, version: str) -> None:
         self.server.metrics.forget_version(name, version)
         self.server.feedback.forget(name, version)
@@ -241,6 +248,7 @@ class MnistServer:
             LiveQuality(self.metrics, config.live_accuracy_window, config.drift_window_seconds),
         )
         self.plane.feedback = self.feedback
+        self.feedback.on_labelled = self.models.observe_label  # a canary's trial is decided by labels
         self._quality_sampler: asyncio.Future | None = None
         self.servicer = ClassifierServicer(config, self.plane)
         self.http_port: int | None = None
@@ -318,6 +326,7 @@ class MnistServer:
             self._heartbeat = LoopHeartbeat(self.config.liveness_stall_seconds)
             self._heartbeat.start(asyncio.get_running_loop())
         if linked is not None:
+            self.models.canaries_allowed = False  # the supervisor moves every worker's default together
             if (agreed := WorkerLink.agreement_at_start()) is not None:
                 self._propose_defaults(agreed)  # the other workers' defaults, from this worker's first call
             self.link = WorkerLink(*linked, self._heartbeat.problem, self._readiness, self._propose_defaults)
@@ -435,6 +444,7 @@ class MnistServer:
             log.info("inference provider: %s (no usable CUDA GPU, or --provider cpu)", info.providers[0])
         else:
             log.info("inference provider: %s", info.providers[0] if info.providers else info.engine)
+        tally = AnswerTally()  # its answers, for drift; followed once verified (a failed file leaves the old alone)
         pipeline = ModelPipeline(
             backend,
             PipelineSettings(
@@ -448,7 +458,7 @@ class MnistServer:
                 preprocess_workers=config.preprocess_workers,
             ),
             self.metrics.batch_observer(),
-            _both(self.metrics.prediction_observer(name, version), self.feedback.track(name, version, path).add),
+            _both(self.metrics.prediction_observer(name, version), tally.add),
             self.detector,
             self.metrics.decoding_pixels.set,
             operators,
@@ -464,14 +474,15 @@ class MnistServer:
                 await verify_on_samples(pipeline)
             pipeline.batcher.forget_costs()  # its speed is learnt from real traffic, not from these first runs
         except BaseException:
-            self.feedback.forget(name, version)
             await pipeline.close(timeout=0)
             raise
+        # the fp16 variant is not the file the reference was measured on: no check of the reference then
+        self.feedback.track(name, version, path, info.model_sha256 if info.precision == "fp32" else "", tally)
         return pipeline
 
     async def _sample_quality(self) -> None:
         while True:
-            await asyncio.sleep(QUALITY_SAMPLE_SECONDS)
+            await asyncio.sleep(min(QUALITY_SAMPLE_SECONDS, self.config.drift_window_seconds / 10))
             self.feedback.quality.sample()
 
     async def stop_async(self) -> None:

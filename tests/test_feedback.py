@@ -170,27 +170,40 @@ def test_live_accuracy_is_over_the_versions_last_labelled_answers(served: Harnes
     assert metrics[f"mnist_reference_accuracy{{{version}}}"] == pytest.approx(0.9951)  # googlenet-fast.reference.json
 
 
-def test_drift_is_small_for_test_digits_and_large_when_one_digit_floods_in(served: Harness, mnist_test_digits) -> None:
+def test_drift_is_small_for_test_digits_and_large_when_one_digit_floods_in(mnist_test_digits) -> None:
+    """The version's answers over the window against its reference: the model's own answers on the test set."""
+    import onnxruntime as ort
+    from prometheus_client import CollectorRegistry
+
+    from proto.contract import MNIST_NORMALIZATION
+    from server.config import BUNDLED_MODEL
+    from server.feedback.quality import LiveQuality
+    from server.feedback.reference import Reference
+    from server.ops.metrics import ServiceMetrics
+
     images, labels = mnist_test_digits
-    quality = served.server.feedback.quality
-    quality.sample()  # the window starts here
+    session = ort.InferenceSession(str(BUNDLED_MODEL), providers=["CPUExecutionProvider"])
+    now = [0.0]
+    metrics = ServiceMetrics(CollectorRegistry())
+    quality = LiveQuality(metrics, drift_window_seconds=60, clock=lambda: now[0])
+    tally = quality.track("m", "1", Reference.load(Reference.path_for(BUNDLED_MODEL)))
 
     def drift_after(batch: np.ndarray) -> tuple[float, float]:
-        for start in range(0, len(batch), 16):
-            requests = [pb.ClassifyRequest(raw=image.tobytes()) for image in batch[start : start + 16]]
-            served.stub.ClassifyBatch(pb.ClassifyBatchRequest(requests=requests), timeout=10)
-        quality.drift_window_seconds = 1e-3  # the window: what came since the last sample
+        probabilities = session.run(["probabilities"], {"image": MNIST_NORMALIZATION.apply(batch)[:, None]})[0]
+        tally.add(probabilities.argmax(1), probabilities.max(1))
+        now[0] += 61  # the window holds this batch only
         quality.sample()
-        quality.drift_window_seconds = 900.0
-        metrics = served.metrics()
-        prediction = [v for k, v in metrics.items() if k.startswith("mnist_prediction_drift_psi")]
-        confidence = [v for k, v in metrics.items() if k.startswith("mnist_confidence_drift_psi")]
-        return prediction[0], confidence[0]
+        value = metrics.registry.get_sample_value
+        return (
+            value("mnist_prediction_drift_psi", {"model": "m", "version": "1"}),
+            value("mnist_confidence_drift_psi", {"model": "m", "version": "1"}),
+        )
 
     stable = drift_after(images[2000:2400])
     ones = drift_after(images[labels == 1][:400])
     assert stable[0] < 0.1 and stable[1] < 0.1, stable
     assert ones[0] > 0.25, ones
+    assert math.isnan(drift_after(images[:10])[0])  # too few answers to say
 
 
 def test_rest_feedback_answers_as_grpc_does(served: Harness, mnist_test_digits) -> None:
@@ -269,6 +282,7 @@ def test_with_images_off_no_image_is_kept_in_memory_or_stored(tmp_path: Path, mn
     try:
         answer = harness.stub.Classify(pb.ClassifyRequest(raw=images[0].tobytes()), timeout=10)
         harness.stub.Feedback(pb.FeedbackRequest(request_id=answer.request_id, label=int(labels[0])), timeout=10)
+        assert harness.server.feedback.memory.recall(answer.request_id).image is None
         record = stored(harness, tmp_path / "f.db", answer.request_id)
         assert record.image is None and record.label == str(labels[0])
     finally:
@@ -311,3 +325,25 @@ def test_an_id_used_again_finds_its_newest_answer() -> None:
     memory.remember(predictions(1, version="2"), ["b"])
     assert memory.recall("b").version == "2" and memory.recall("c").version == "1"
     assert len(memory) == 4
+
+
+def test_a_client_id_cannot_unhook_a_batch_from_the_count_and_long_ids_are_not_kept() -> None:
+    memory = AnswerMemory(max_answers=6)
+    memory.remember(predictions(3), ["a", "b", "c"])
+    memory.remember(predictions(1), ["batch:a"])  # once the key of a batch; now just an id
+    assert len(memory) == 4 and memory.recall("a").prediction == "0"
+    memory.remember(predictions(3), ["x", "y", "z"])  # 7 answers: the oldest call, the first batch, goes whole
+    assert memory.recall("a") is None and memory.recall("c") is None and len(memory) == 4
+    memory.remember(predictions(1), ["i" * 129])
+    assert memory.recall("i" * 129) is None and len(memory) == 4
+
+
+def test_a_reused_id_is_a_new_answer_to_label() -> None:
+    now = [0.0]
+    memory = AnswerMemory(max_answers=100, clock=lambda: now[0])
+    memory.remember(predictions(1), ["same"])
+    first = memory.recall("same")
+    memory.mark_labelled(first)
+    now[0] = 1.0
+    memory.remember(predictions(1), ["same"])
+    assert memory.labelled(first) and not memory.labelled(memory.recall("same"))

@@ -106,7 +106,9 @@ def test_a_record_written_is_read_back_whole(store_url: str) -> None:
 
 
 @backends
-def test_a_duplicate_is_skipped_not_an_error_while_another_model_may_reuse_the_request_id(store_url: str) -> None:
+def test_a_duplicate_is_skipped_not_an_error_while_another_model_or_answer_may_reuse_the_request_id(
+    store_url: str,
+) -> None:
     first = record()
     with opened(store_url) as store:
         assert store.write([first, first]) == 1
@@ -114,6 +116,8 @@ def test_a_duplicate_is_skipped_not_an_error_while_another_model_may_reuse_the_r
         assert store.write(again) == 1
         assert store.count() == 2
         assert store.records(model="googlenet-fast", with_images=True) == [first]
+        later = dataclasses.replace(first, answered_at=first.answered_at + 60)  # a client reusing its id
+        assert store.write([later]) == 1 and store.count() == 3
 
 
 @backends

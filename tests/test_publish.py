@@ -158,12 +158,19 @@ def test_the_export_cli_publishes_the_checked_model_and_its_fp16_variant(
     assert main(common) == 0
     assert main([*common, "--fp16"]) == 0
     out = capsys.readouterr().out
-    assert f"published {NAME} version 1 to {repository / NAME / '1'}/ (model.onnx)" in out
-    assert f"published {NAME} version 2 to {repository / NAME / '2'}/ (model.onnx, model.fp16.onnx)" in out
+    # the copy had no reference beside it: the first publish measured one, the second found it current
+    assert out.count("wrote " + str(tmp_path / f"{NAME}.reference.json")) == 1
+    assert f"published {NAME} version 1 to {repository / NAME / '1'}/ (model.onnx, model.reference.json)" in out
+    assert (
+        f"published {NAME} version 2 to {repository / NAME / '2'}/ (model.onnx, model.fp16.onnx, "
+        "model.reference.json)" in out
+    )
     assert files_under(repository) == [
         f"{NAME}/1/model.onnx",
+        f"{NAME}/1/model.reference.json",
         f"{NAME}/2/model.fp16.onnx",
         f"{NAME}/2/model.onnx",
+        f"{NAME}/2/model.reference.json",
         f"{NAME}/config.pbtxt",
         f"{NAME}/labels.txt",
     ]

@@ -484,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a GoogLeNet on MNIST (GPU with bf16 autocast when present, else CPU). Writes "
         "checkpoint.pt (resumable), model.pt (best epoch on the validation split, input to mnist-export), "
         "report.json, training_curves.png and confusion_matrix.png to --out-dir.",
+        epilog="mnist-train --from-feedback DB [--init MODEL.onnx] ... fine-tunes the served model on the labelled "
+        "digits its servers stored, with MNIST replayed beside them (mnist-train --from-feedback DB --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for field in fields(TrainConfig):
@@ -520,6 +522,11 @@ def describe_presets() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     started_at = time.time()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--from-feedback" or a.startswith("--from-feedback=") for a in argv):  # training/from_feedback.py
+        from training.from_feedback import main as from_feedback
+
+        return from_feedback([a.replace("--from-feedback", "--feedback-db", 1) for a in argv])
     args = vars(build_parser().parse_args(argv))
     if args.pop("describe_presets"):
         print(describe_presets())

@@ -21,6 +21,7 @@ CLASSIFY = "classify"
 READ_DIGITS = "read_digits"
 BATCH_PREFIX_CHARS = 24  # generated batch ids: 24 hex digits shared by the batch, then the item's index in 8
 BATCH_INDEX_CHARS = 8
+MAX_REQUEST_ID_CHARS = 128  # longer ids are answered, not remembered: a label for them is NOT_FOUND
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,16 @@ class _Entry:
     predictions: Predictions | None = None  # CLASSIFY
     rows: dict[str, int] | None = None  # request id -> row; None: a generated batch, the row is in the id
     reading: Answer | None = None  # READ_DIGITS
-    batch: bool = False  # a ClassifyBatch with the client's ids: held under "batch:<first id>" and under each id
+
+
+# Keys: ("id", request id) for an answer under its own id (a batch's items with the client's ids too, all pointing at
+# the batch's entry), ("batch", n) for such a batch as a whole, ("prefix", p) for a batch under generated ids.
+_Key = tuple[str, str | int]
 
 
 class AnswerMemory:
-    """The last `max_answers` answers given within `max_age_seconds`; `keep_images` False forgets the inputs at once."""
+    """The last `max_answers` answers given within `max_age_seconds`; `keep_images` False forgets the inputs at once.
+    Ids over MAX_REQUEST_ID_CHARS characters are not remembered."""
 
     def __init__(
         self,
@@ -62,9 +68,12 @@ class AnswerMemory:
         self.max_age_seconds = max_age_seconds
         self.keep_images = keep_images
         self._clock = clock
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: OrderedDict[_Key, _Entry] = OrderedDict()
         self._held = 0
-        self._labelled: OrderedDict[tuple[str, str], None] = OrderedDict()  # (model, request id) already labelled
+        self._batches = 0
+        # (model, request id, when answered): a label was taken for that answer. A new answer under the same id (a
+        # client that reuses its ids) is another answer, labelled afresh.
+        self._labelled: OrderedDict[tuple[str, str, float], None] = OrderedDict()
 
     def __len__(self) -> int:
         """Answers held."""
@@ -74,45 +83,44 @@ class AnswerMemory:
         """A Classify or ClassifyBatch call's answers, row i under request_ids[i]."""
         if not self.max_answers:
             return
-        entry = _Entry(self._clock(), len(request_ids), self._kept(predictions))
+        kept = [(row, rid) for row, rid in enumerate(request_ids) if len(rid) <= MAX_REQUEST_ID_CHARS]
+        entry = _Entry(self._clock(), len(request_ids), self._kept(predictions), {rid: row for row, rid in kept})
         if len(request_ids) == 1:
-            entry.rows = {request_ids[0]: 0}
-            self._add(request_ids[0], entry)
+            if kept:
+                self._add(("id", request_ids[0]), entry)
             return
-        entry.rows = {request_id: row for row, request_id in enumerate(request_ids)}
-        entry.batch = True
-        key = f"batch:{request_ids[0]}"
-        self._add(key, entry)
-        for request_id in request_ids:  # each id finds its batch's entry; the batch's key counts its answers
-            self._unlink(request_id)
-            self._entries[request_id] = entry
+        self._batches += 1
+        self._add(("batch", self._batches), entry)  # the batch's own key counts its answers
+        for _, request_id in kept:  # each id finds its batch's entry
+            self._unlink(("id", request_id))
+            self._entries[("id", request_id)] = entry
 
     def remember_batch(self, predictions: Predictions, prefix: str) -> None:
         """A raw batch's answers under generated ids: `prefix` then each row's index as 8 hex digits."""
         if self.max_answers:
-            self._add(prefix, _Entry(self._clock(), len(predictions), self._kept(predictions)))
+            self._add(("prefix", prefix), _Entry(self._clock(), len(predictions), self._kept(predictions)))
 
     def remember_reading(
         self, model: str, version: str, request_id: str, text: str, confidence: float, images: np.ndarray | None
     ) -> None:
         """A ReadDigits answer: its text, and the 28x28 uint8 images of the digits read, in order."""
-        if not self.max_answers:
+        if not self.max_answers or len(request_id) > MAX_REQUEST_ID_CHARS:
             return
         now = self._clock()
         image = images.astype(np.uint8).tobytes() if images is not None and self.keep_images else None
         answer = Answer(request_id, model, version, READ_DIGITS, text, confidence, None, now, image)
-        self._add(request_id, _Entry(now, 1, reading=answer))
+        self._add(("id", request_id), _Entry(now, 1, reading=answer))
 
     def recall(self, request_id: str) -> Answer | None:
         """The answer given under `request_id`, or None when it is unknown or has been forgotten."""
         self._forget_old()
-        entry = self._entries.get(request_id)
+        entry = self._entries.get(("id", request_id))
         row = None
         if entry is not None and entry.rows is not None:
             row = entry.rows.get(request_id)
         elif entry is None and len(request_id) == BATCH_PREFIX_CHARS + BATCH_INDEX_CHARS:
-            entry = self._entries.get(request_id[:BATCH_PREFIX_CHARS])
-            if entry is not None and entry.rows is None:
+            entry = self._entries.get(("prefix", request_id[:BATCH_PREFIX_CHARS]))
+            if entry is not None:
                 try:
                     row = int(request_id[BATCH_PREFIX_CHARS:], 16)
                 except ValueError:
@@ -137,12 +145,12 @@ class AnswerMemory:
             _pixels(predictions, row),
         )
 
-    def labelled(self, model: str, request_id: str) -> bool:
-        return (model, request_id) in self._labelled
+    def labelled(self, answer: Answer) -> bool:
+        return (answer.model, answer.request_id, answer.answered_at) in self._labelled
 
-    def mark_labelled(self, model: str, request_id: str) -> None:
+    def mark_labelled(self, answer: Answer) -> None:
         """A label was taken for this answer: a second one is a duplicate."""
-        self._labelled[(model, request_id)] = None
+        self._labelled[(answer.model, answer.request_id, answer.answered_at)] = None
         while len(self._labelled) > max(self.max_answers, 1):
             self._labelled.popitem(last=False)
 
@@ -159,12 +167,12 @@ class AnswerMemory:
             predictions.model_name,
         )
 
-    def _unlink(self, key: str) -> None:
+    def _unlink(self, key: _Key) -> None:
         old = self._entries.pop(key, None)
         if old is not None and not _an_item_of_a_batch(key, old):
             self._held -= old.size
 
-    def _add(self, key: str, entry: _Entry) -> None:
+    def _add(self, key: _Key, entry: _Entry) -> None:
         self._unlink(key)
         self._entries[key] = entry
         self._held += entry.size
@@ -181,15 +189,15 @@ class AnswerMemory:
             if _an_item_of_a_batch(key, entry):
                 continue
             self._held -= entry.size
-            if entry.batch and entry.rows is not None:
+            if key[0] == "batch" and entry.rows is not None:
                 for request_id in entry.rows:
-                    if self._entries.get(request_id) is entry:
-                        del self._entries[request_id]
+                    if self._entries.get(("id", request_id)) is entry:
+                        del self._entries[("id", request_id)]
 
 
-def _an_item_of_a_batch(key: str, entry: _Entry) -> bool:
-    """The key of one item of a ClassifyBatch with its own ids: the batch's own key counts the answers."""
-    return entry.batch and not key.startswith("batch:")
+def _an_item_of_a_batch(key: _Key, entry: _Entry) -> bool:
+    """An item of a ClassifyBatch sent with the client's ids: the batch's own key counts the answers."""
+    return key[0] == "id" and entry.size > 1
 
 
 def _pixels(predictions: Predictions, row: int) -> bytes | None:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from server.errors import AlreadyExists, InvalidInput, NotFound
-from server.feedback.answers import CLASSIFY, Answer, AnswerMemory
+from server.feedback.answers import CLASSIFY, MAX_REQUEST_ID_CHARS, Answer, AnswerMemory
 from server.feedback.quality import AnswerTally, LiveQuality, Reference
 from server.ops.metrics import ServiceMetrics
 from server.pipeline.predictions import Predictions
@@ -50,6 +50,8 @@ class FeedbackLoop:
         self.memory = memory
         self.quality = quality
         self.writer = writer
+        # Told of every labelled answer (model, version, right): the model repository's canary trials count them.
+        self.on_labelled: Callable[[str, str, bool], None] = lambda model, version, correct: None
 
     # --- the serving path ---------------------------------------------------------------------------------------
 
@@ -66,19 +68,36 @@ class FeedbackLoop:
 
     # --- versions -----------------------------------------------------------------------------------------------
 
-    def track(self, model: str, version: str, model_path: Path | None) -> AnswerTally:
-        """A version starts serving: its reference (beside its model file) is read, its quality followed."""
+    def track(
+        self,
+        model: str,
+        version: str,
+        model_path: Path | None,
+        model_sha256: str = "",
+        tally: AnswerTally | None = None,
+    ) -> AnswerTally:
+        """A version starts serving: its reference (beside its model file) is read, its quality followed (`tally`: its
+        pipeline's count of answers). A reference measured on another file (its model_sha256 differs) is stale and not
+        used."""
         reference = None
         if model_path is not None:
             try:
                 reference = Reference.load(Reference.path_for(model_path))
             except ValueError as problem:
                 log.warning("%s %s: %s; drift and the reference accuracy are not reported", model, version, problem)
+        if reference is not None and reference.model_sha256 and model_sha256 and reference.model_sha256 != model_sha256:
+            log.warning(
+                "%s %s: the reference beside %s was measured on another file: not used (python -m export.reference)",
+                model,
+                version,
+                model_path,
+            )
+            reference = None
         if reference is None:
             log.info(
                 "%s %s: no reference beside its model file: drift is not reported (export/reference.py)", model, version
             )
-        return self.quality.track(model, version, reference)
+        return self.quality.track(model, version, reference, tally)
 
     def forget(self, model: str, version: str) -> None:
         self.quality.forget(model, version)
@@ -91,27 +110,34 @@ class FeedbackLoop:
         label."""
         if not request_id:
             raise self._refused("unknown_request", InvalidInput("request_id is empty: send the id of an answer"))
+        shown = request_id if len(request_id) <= 64 else request_id[:64] + "..."
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise self._refused(
+                "unknown_request",
+                NotFound(f"request_id {shown!r} is over {MAX_REQUEST_ID_CHARS} characters: such answers are not kept"),
+            )
         answer = self.memory.recall(request_id)
         if answer is None or (model and answer.model != model):
             raise self._refused(
                 "unknown_request",
                 NotFound(
-                    f"no answer with request_id {request_id!r}{f' from model {model!r}' if model else ''} is "
+                    f"no answer with request_id {shown!r}{f' from model {model!r}' if model else ''} is "
                     f"remembered: it is unknown, older than {self.memory.max_age_seconds:g} s, or beyond the last "
                     f"{self.memory.max_answers} answers (--feedback-memory), or another server process answered it"
                 ),
             )
         truth = self._truth(answer, label, text)
-        if self.memory.labelled(answer.model, request_id):
+        if self.memory.labelled(answer):
             raise self._refused(
-                "duplicate", AlreadyExists(f"the answer {request_id!r} already has a label: a second one is refused")
+                "duplicate", AlreadyExists(f"the answer {shown!r} already has a label: a second one is refused")
             )
-        self.memory.mark_labelled(answer.model, request_id)
+        self.memory.mark_labelled(answer)
         # A number is right when its digits are: where ReadDigits put group and line breaks is not judged
         label, predicted = (
             (truth, answer.prediction) if answer.kind == CLASSIFY else map(_digits, (truth, answer.prediction))
         )
         accuracy, window = self.quality.on_label(answer.model, answer.version, label, predicted)
+        self.on_labelled(answer.model, answer.version, label == predicted)
         stored = self._store(answer, truth)
         return FeedbackResult(answer, truth, label == predicted, stored, accuracy, window)
 

@@ -68,9 +68,12 @@ class LiveQuality:
         self._clock = clock
         self._versions: dict[tuple[str, str], _Version] = {}
 
-    def track(self, model: str, version: str, reference: Reference | None) -> AnswerTally:
-        """Start following a version: its series exist from here on (NaN until there is something to say)."""
-        tally = AnswerTally()
+    def track(
+        self, model: str, version: str, reference: Reference | None, tally: AnswerTally | None = None
+    ) -> AnswerTally:
+        """Start following a version (the pipeline's `tally` of its answers, or a new one): its series exist from here
+        on (NaN until there is something to say)."""
+        tally = tally if tally is not None else AnswerTally()
         state = _Version(reference, tally, deque(maxlen=self.accuracy_window), deque())
         state.snapshots.append((self._clock(), *tally.snapshot()))
         self._versions[(model, version)] = state

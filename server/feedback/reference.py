@@ -28,6 +28,7 @@ class Reference:
     prediction_share: tuple[float, ...]  # (10,) share of answers per predicted digit
     confidence_share: tuple[float, ...]  # share per confidence bin: <= each of CONFIDENCE_EDGES, then above
     images: int
+    model_sha256: str = ""  # of the model file it was measured on: a reference beside a changed file is stale
 
     @staticmethod
     def path_for(model: Path) -> Path:
@@ -59,6 +60,7 @@ class Reference:
                 tuple(float(x) for x in data["prediction_share"]),
                 tuple(float(x) for x in data["confidence_share"]),
                 int(data["images"]),
+                str(data.get("model_sha256", "")),
             )
         except (OSError, ValueError, KeyError, TypeError) as problem:
             raise ValueError(f"model reference {path}: {problem}") from None
@@ -70,6 +72,7 @@ class Reference:
         data = {
             "accuracy": self.accuracy,
             "images": self.images,
+            "model_sha256": self.model_sha256,
             "prediction_share": list(self.prediction_share),
             "confidence_bins": [*CONFIDENCE_EDGES, "+Inf"],
             "confidence_share": list(self.confidence_share),

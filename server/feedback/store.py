@@ -11,11 +11,12 @@ Stores (`open_store`):
     sqlite:///abs/path.db, sqlite:relative.db, a plain path    SQLite in WAL mode, one connection behind a lock
     postgresql://user:pw@host:port/db (or postgres://)         psycopg 3 with a small pool (1 to 4 connections)
 
-A record whose (request_id, model) is already stored is skipped, so a client that sends its feedback twice, or
-a batch written again after a lost acknowledgement, stores it once. The schema is versioned: `MIGRATIONS` run at
-open, each in its own transaction, only those not yet recorded in `schema_migrations`; several servers starting
-at once serialize on a PostgreSQL advisory lock (SQLite: on BEGIN IMMEDIATE). A database whose schema is newer
-than this code knows is refused (`SchemaTooNew`) rather than written with assumptions that may no longer hold.
+A record whose (request_id, model, answered_at) is already stored is skipped, so a batch written again after a lost
+acknowledgement stores it once, while a client that reuses its ids labels each answer. The schema is versioned:
+`MIGRATIONS` run at open, each in its own transaction, only those not yet recorded in `schema_migrations`; several
+servers starting at once serialize on a PostgreSQL advisory lock (SQLite: on BEGIN IMMEDIATE). A database whose
+schema is newer than this code knows is refused (`SchemaTooNew`) rather than written with assumptions that may no
+longer hold.
 
 The writer opens its store in its own thread, so a database that is down at start-up does not stop the server:
 it retries with backoff (`retry_seconds`) while records wait in the queue (overflow dropped as "queue full").
@@ -82,7 +83,7 @@ MIGRATIONS: list[tuple[int, str]] = [
             answered_at {double} NOT NULL,
             received_at {double} NOT NULL,
             image {blob},
-            UNIQUE (request_id, model)
+            UNIQUE (request_id, model, answered_at)
         );
         CREATE INDEX feedback_model_version_received ON feedback (model, version, received_at)
         """,
@@ -292,7 +293,7 @@ class _SQLStore:
             return 0
         sql = (
             f"INSERT INTO feedback ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
-            "ON CONFLICT (request_id, model) DO NOTHING"
+            "ON CONFLICT (request_id, model, answered_at) DO NOTHING"
         )
         with self._transaction() as cur:
             cur.executemany(self._sql(sql), [_row(r) for r in records])

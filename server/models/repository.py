@@ -29,6 +29,7 @@ from google.protobuf import text_format
 
 from proto.inference import model_config_pb2
 from server.errors import InvalidInput, NotFound, NotReady, ShuttingDown
+from server.models.canary import PROMOTED, ROLLED_BACK, Canary, CanarySettings, canary_settings
 from server.models.model_settings import ModelSettings, settings_from
 from server.pipeline.model_pipeline import ENCODED, ModelPipeline
 
@@ -36,6 +37,7 @@ log = logging.getLogger("mnist.repository")
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.pbtxt"
+ROLLED_BACK_FILE = "ROLLED_BACK"  # in a version folder: a canary rolled it back (the reason inside); delete to retry
 DEFAULT_VERSION_KEY = "default_version"  # a config.pbtxt parameter: requests naming no version get this one
 READY, LOADING, FAILED, UNLOADING = "READY", "LOADING", "FAILED", "UNLOADING"
 UNAVAILABLE = "UNAVAILABLE"  # a model an operator unloaded (Triton's word for it)
@@ -55,6 +57,8 @@ class ModelSpec:
     problem: str = ""  # the folder cannot be served as it is (unreadable config.pbtxt, ...)
     present: tuple[str, ...] = ()  # every version folder with a model file, wanted or not
     settings: ModelSettings = ModelSettings()  # batching, precision, instances: from config.pbtxt, else the flags
+    canary: CanarySettings | None = None  # a newer version is tried on a share of the traffic first (canary.py)
+    rolled_back: dict[str, str] = field(default_factory=dict)  # version -> why a canary rolled it back (its marker)
 
 
 def version_key(version: str) -> tuple[int, int | str]:
@@ -86,6 +90,12 @@ def scan_repository(root: Path) -> dict[str, ModelSpec]:
             for v in folder.iterdir()
             if v.is_dir() and is_version_number(v.name) and (v / MODEL_FILE).is_file()
         }
+        rolled_back = {}  # a canary's verdict, kept in the folder: such a version is not wanted again
+        for version in list(found):
+            marker = found[version].parent / ROLLED_BACK_FILE
+            if marker.is_file():
+                rolled_back[version] = marker.read_text(errors="replace").strip()
+                del found[version]
         config = model_config_pb2.ModelConfig()
         problem = ""
         if (folder / CONFIG_FILE).is_file():
@@ -113,13 +123,20 @@ def scan_repository(root: Path) -> dict[str, ModelSpec]:
         default = ""
         if DEFAULT_VERSION_KEY in config.parameters:
             default = config.parameters[DEFAULT_VERSION_KEY].string_value.strip()
+        canary = None
+        if not problem:
+            try:
+                canary = canary_settings({k: v.string_value.strip() for k, v in config.parameters.items()})
+            except ValueError as err:
+                problem = f"{folder.name}/{CONFIG_FILE}: {err}"
         if found and not wanted and not problem:
             problem = (
                 f"{folder.name}/{CONFIG_FILE}: the version_policy selects none of the versions present "
                 f"({', '.join(ordered)})"
             )
         versions = {v: found[v] for v in wanted}
-        specs[folder.name] = ModelSpec(folder.name, versions, default, problem, tuple(ordered), settings)
+        present = tuple(sorted([*found, *rolled_back], key=version_key))
+        specs[folder.name] = ModelSpec(folder.name, versions, default, problem, present, settings, canary, rolled_back)
     return specs
 
 
@@ -172,6 +189,8 @@ class RepositoryObserver:
     def on_request(self, name: str, version: str, seconds: float, error: BaseException | None) -> None: ...
 
     def on_unloaded(self, name: str, version: str) -> None: ...
+
+    def on_canary(self, name: str, version: str, event: str, reason: str) -> None: ...  # STARTED, PROMOTED, ROLLED_BACK
 
 
 class Lease:
@@ -233,6 +252,12 @@ class ModelRepository:
         self._proposed: AgreedDefaults | None = None
         self._agreed: AgreedDefaults | None = None
         self._wanted_versions: dict[str, set[str]] = {}  # model -> the versions its folder's policy selects now
+        self._canary_settings: dict[str, CanarySettings] = {}  # model -> its canary settings, from config.pbtxt
+        self._present: dict[str, set[str]] = {}  # model -> every version folder with a model file
+        self.canaries_allowed = True  # False under a supervisor (--workers N): its agreement moves the defaults
+        self._canaries: dict[str, Canary] = {}  # model -> the canary running now
+        self._decided: dict[tuple[str, str], tuple[str, str]] = {}  # (model, version) -> canary verdict and why
+        self._rolled_back: dict[tuple[str, str], VersionState] = {}  # the file state rolled back: not loaded again
 
     # --- routing ------------------------------------------------------------------------------------------
 
@@ -285,7 +310,12 @@ class ModelRepository:
         return served if self._defaults.get(name) == version else None
 
     def lease(self, name: str = "", version: str = "") -> Lease:
-        """Hold a version for one request: it is not closed until every request holding it has finished."""
+        """Hold a version for one request: it is not closed until every request holding it has finished. A request
+        naming no version of a model on a canary trial gets the new version at the trial's share (metadata calls,
+        which `resolve`, describe the default)."""
+        if not version and self._canaries:
+            canary = self._canaries.get(name or self.default_model)
+            version = canary.pick() if canary is not None else ""
         return Lease(self.resolve(name, version), self.observer)
 
     def served(self) -> list[ServedModel]:
@@ -298,6 +328,12 @@ class ModelRepository:
             failure = self._status.get((s.name, s.version))
             reason = f"a newer file failed to load: {failure.reason}" if failure and failure.state == FAILED else ""
             is_default = self._defaults.get(s.name) == s.version
+            canary = self._canaries.get(s.name)
+            if canary is not None and s.version in (canary.stable, canary.candidate):
+                reason = canary.describe()
+            elif (s.name, s.version) in self._decided:
+                verdict, why = self._decided[(s.name, s.version)]
+                reason = f"{verdict.lower().replace('_', ' ')} after a canary: {why}"
             rows[(s.name, s.version)] = VersionStatus(s.name, s.version, READY, reason, is_default, s.load_seconds)
         for key, status in self._status.items():
             rows.setdefault(key, status)
@@ -397,10 +433,23 @@ class ModelRepository:
             self._wanted_default[name] = spec.default_version
             self._wanted_versions[name] = set(spec.versions)
             self._settings[name] = spec.settings
+            if spec.canary is not None:
+                self._canary_settings[name] = spec.canary
+            else:
+                self._canary_settings.pop(name, None)
+            self._present[name] = set(spec.present)
+            for key in [k for k in self._rolled_back if k[0] == name and k[1] not in spec.rolled_back]:
+                del self._rolled_back[key]  # its marker was deleted: the operator asks for another trial
+                if self._status.get(key, VersionStatus(*key, READY)).state == ROLLED_BACK:
+                    del self._status[key]
+            for version, why in spec.rolled_back.items():
+                if version not in self._served.get(name, {}):
+                    self._status[(name, version)] = VersionStatus(name, version, ROLLED_BACK, why)
             for key in [k for k in self._status if k[0] == name and k[1] and k[1] not in spec.present]:
-                if self._status[key].state == FAILED:  # its folder is gone: so is its failure
+                if self._status[key].state in (FAILED, ROLLED_BACK):  # its folder is gone: so is its verdict
                     del self._status[key]
                     self._failed.pop(key, None)
+                    self._rolled_back.pop(key, None)
             for version, path in sorted(spec.versions.items(), key=lambda item: version_key(item[0])):
                 try:  # a changed file, or changed settings in config.pbtxt, loads the version again
                     state = (*signature(path), spec.settings)
@@ -409,7 +458,7 @@ class ModelRepository:
                 current = self._served.get(name, {}).get(version)
                 if current is not None and current.signature == state:
                     continue
-                if self._failed.get((name, version)) == state:
+                if self._failed.get((name, version)) == state or self._rolled_back.get((name, version)) == state:
                     continue
                 if settle and not first and self._seen.get((name, version)) != state:
                     self._seen[(name, version)] = state  # still being written? loaded once it holds still a poll
@@ -425,7 +474,8 @@ class ModelRepository:
             if wanted and not any(version in versions for version in wanted):
                 continue  # none of the versions the policy wants could be loaded: the old ones keep serving
             for version in list(versions):
-                if version not in wanted and not self._held(name, version):
+                on_trial = self._on_trial(name, version) and version in self._present.get(name, ())
+                if version not in wanted and not self._held(name, version) and not on_trial:
                     self._retire(versions[version])
         for key in [k for k in self._status if k[0] not in specs]:
             self._status.pop(key)
@@ -517,6 +567,8 @@ class ModelRepository:
         self._ever_served = True
         self._status.pop((name, version), None)
         self._failed.pop((name, version), None)
+        self._decided.pop((name, version), None)  # a new file under this number: a trial of its own
+        self._rolled_back.pop((name, version), None)
         if previous is not None:
             self._retire(previous)  # the same version number with a new file: the old one drains
         self._choose_defaults()
@@ -540,7 +592,95 @@ class ModelRepository:
         agreed = self._agreed.defaults if self._agreed is not None else {}
         for name, versions in self._served.items():
             chosen = agreed.get(name, "")
+            previous = self._defaults.get(name, "")
             self._defaults[name] = chosen if chosen in versions else self._local_default(name, versions)
+            if self._agreed is None and self.canaries_allowed:  # under a supervisor its agreement moves defaults
+                self._defaults[name] = self._canary_default(name, versions, previous, self._defaults[name])
+        for name in [name for name in self._canaries if name not in self._served]:
+            del self._canaries[name]
+
+    # --- canaries (server/models/canary.py) ---------------------------------------------------------------
+
+    def _canary_default(self, name: str, versions: dict[str, ServedModel], previous: str, newest: str) -> str:
+        """The default while a canary runs (its stable version); a canary starts when a newer version would replace
+        the default of a model whose config.pbtxt asks for one."""
+        canary = self._canaries.get(name)
+        settings = self._canary_settings.get(name)
+        if canary is not None:
+            present = self._present.get(name, {canary.stable, canary.candidate}) if self.root else versions
+            ended = (
+                "a version of the trial is gone"
+                if not {canary.stable, canary.candidate} <= (set(versions) & set(present))
+                else "the canary settings were removed"
+                if settings is None
+                else "a default_version was pinned"
+                if self._wanted_default.get(name)
+                else ""
+            )
+            if not ended:
+                canary.settings = settings
+                return canary.stable
+            del self._canaries[name]
+            log.warning("model %s: canary of version %s ended undecided: %s", name, canary.candidate, ended)
+            self.observer.on_canary(name, canary.candidate, "ENDED", ended)
+            return newest
+        if (
+            settings is None
+            or previous not in versions
+            or newest == previous
+            or self._wanted_default.get(name)  # the operator pinned a default: no trial
+            or (name, newest) in self._decided
+            or version_key(newest) < version_key(previous)
+        ):
+            return newest
+        canary = Canary(name, previous, newest, settings)
+        self._canaries[name] = canary
+        log.info("model %s: %s", name, canary.describe())
+        self.observer.on_canary(name, newest, "STARTED", canary.describe())
+        return previous
+
+    def _on_trial(self, name: str, version: str) -> bool:
+        canary = self._canaries.get(name)
+        return canary is not None and version in (canary.stable, canary.candidate)
+
+    def observe_label(self, name: str, version: str, correct: bool) -> None:
+        """A labelled answer (the Feedback call): counted for a running canary, which may decide on it."""
+        canary = self._canaries.get(name)
+        if canary is None:
+            return
+        canary.observe(version, correct)
+        decided = canary.decision()
+        if decided is None:
+            return
+        verdict, why = decided
+        del self._canaries[name]
+        self._decided[(name, canary.candidate)] = decided
+        versions = self._served.get(name, {})
+        if verdict == PROMOTED:
+            self._defaults[name] = canary.candidate
+            stable = versions.get(canary.stable)
+            unwanted = self.root is not None and canary.stable not in self._wanted_versions.get(name, ())
+            if stable is not None and unwanted:
+                self._retire(stable)  # the policy no longer wants it: it was kept for the trial only
+        else:
+            candidate = versions.get(canary.candidate)
+            self._status[(name, canary.candidate)] = VersionStatus(name, canary.candidate, ROLLED_BACK, why)
+            if candidate is not None:
+                self._rolled_back[(name, canary.candidate)] = candidate.signature
+                self._retire(candidate)
+                try:  # the verdict outlives this process: a restart or another replica does not serve it again
+                    (candidate.path.parent / ROLLED_BACK_FILE).write_text(why + "\n")
+                except OSError as err:
+                    log.warning(
+                        "model %s version %s: cannot keep the rollback in its folder (%s): a restart will try it again",
+                        name,
+                        canary.candidate,
+                        err,
+                    )
+        log.info("model %s version %s %s after a canary: %s", name, canary.candidate, verdict.lower(), why)
+        self.observer.on_canary(name, canary.candidate, verdict, why)
+        self._choose_defaults()
+        self.observer.on_changed(self)
 
     def _local_default(self, name: str, versions: dict[str, ServedModel]) -> str:
         wanted = self._wanted_default.get(name, "")

@@ -429,6 +429,13 @@ class ServiceMetrics:
             version_labels,
             **live,
         )
+        self.canary_events = Counter(
+            "mnist_canary_events",
+            "canary trials of new versions (server/models/canary.py), by model, the version on trial and what "
+            "happened: STARTED, PROMOTED, ROLLED_BACK, ENDED (a version went away undecided)",
+            ["model", "version", "event"],
+            registry=r,
+        )
         self.drift_window_answers = Gauge(
             "mnist_drift_window_answers", "answers in the drift window", version_labels, **live
         )
