@@ -37,7 +37,7 @@ from server.errors import ServiceError
 from server.feedback.answers import AnswerMemory
 from server.feedback.loop import FeedbackLoop
 from server.feedback.quality import AnswerTally, LiveQuality
-from server.feedback.store import FeedbackWriter, open_store
+from server.feedback.store import QUEUE_FULL, UNAVAILABLE, FeedbackWriter, open_store
 from server.models.model_settings import check_against
 from server.models.repository import AgreedDefaults, ModelRepository, RepositoryObserver, verify_on_samples
 from server.ops.liveness import LoopHeartbeat
@@ -130,7 +130,8 @@ def _both(first: Callable[..., None], second: Callable[[np.ndarray, np.ndarray],
 
 def feedback_writer(config: ServeConfig, metrics: ServiceMetrics) -> FeedbackWriter | None:
     """The database writer for --feedback-db (None: labels are not stored). It opens the database on its own
-    thread, so a database that is down at start-up delays nothing: records are dropped and counted until it is up."""
+    thread, so a database that is down at start-up delays nothing: records wait in its bounded queue until it is up,
+    and what overflows is dropped and counted."""
     if config.feedback_db.strip().lower() == "none":
         log.info("feedback: labels are counted in live accuracy but not stored (--feedback-db none)")
         return None
@@ -144,9 +145,10 @@ def feedback_writer(config: ServeConfig, metrics: ServiceMetrics) -> FeedbackWri
             return None
         url = str(path)
 
+    reasons = {QUEUE_FULL: "queue_full", UNAVAILABLE: "database_unavailable"}  # else: the database refused them
+
     def dropped(count: int, why: str) -> None:
-        reason = "queue_full" if "queue" in why else "database_unavailable" if "unavailable" in why else "write_failed"
-        metrics.feedback_dropped.labels(reason).inc(count)
+        metrics.feedback_dropped.labels(reasons.get(why, "write_failed")).inc(count)
 
     writer = FeedbackWriter(
         lambda: open_store(url),
