@@ -35,7 +35,8 @@ from server.config import ServeConfig, describe, load_config, worker_count
 from server.engine.backends import build_backend
 from server.errors import ServiceError
 from server.feedback.answers import AnswerMemory
-from server.feedback.loop import FeedbackLoop
+from server.feedback.loop import FeedbackLoop, FeedbackResult
+from server.feedback.peers import FeedbackPeers
 from server.feedback.quality import AnswerTally, LiveQuality
 from server.feedback.store import QUEUE_FULL, UNAVAILABLE, FeedbackWriter, open_store
 from server.models.model_settings import check_against
@@ -198,7 +199,9 @@ class RepositoryMetrics(RepositoryObserver):
         self.server.metrics.observe_model_request(name, version, code, seconds)
 
     def on_canary(self, name: str, version: str, event: str, reason: str) -> None:
-        self.server.metrics.canary_events.labels(name, version, event).inc()
+        link = self.server.link
+        if link is None or link.index == 0:  # every worker of `--workers N` sees the same trials: one counts them
+            self.server.metrics.canary_events.labels(name, version, event).inc()
 
     def on_unloaded(self, name: str, version: str) -> None:
         self.server.metrics.forget_version(name, version)
@@ -328,11 +331,23 @@ class MnistServer:
             self._heartbeat = LoopHeartbeat(self.config.liveness_stall_seconds)
             self._heartbeat.start(asyncio.get_running_loop())
         if linked is not None:
-            self.models.canaries_allowed = False  # the supervisor moves every worker's default together
+            self.models.trials_judged_here = False  # the supervisor decides canaries on every worker's labels
             if (agreed := WorkerLink.agreement_at_start()) is not None:
                 self._propose_defaults(agreed)  # the other workers' defaults, from this worker's first call
-            self.link = WorkerLink(*linked, self._heartbeat.problem, self._readiness, self._propose_defaults)
+            self.link = WorkerLink(
+                *linked,
+                self._heartbeat.problem,
+                self._readiness,
+                self._propose_defaults,
+                trials=lambda: self.models.trials_now,
+                conclude=self._conclude_trial,
+            )
             self.link.start()
+            # a label for an answer another worker gave is taken by that worker (server/feedback/peers.py)
+            peers = FeedbackPeers.from_environment(self.link.index, self.link.count, self._take_for_a_sibling)
+            if peers is not None:
+                await peers.start()
+                self.feedback.peers = peers
         else:  # alone, the port answers health (NOT_SERVING) while the model loads; a worker binds it (gRPC listens
             await self._open_ports()  # as it binds) only once READY, so no connection waits on a loading worker
         if self.config.metrics_port:
@@ -378,6 +393,15 @@ class MnistServer:
             self.metrics_port or "(off)",
         )
         return self
+
+    def _conclude_trial(self, model: str, candidate: str, verdict: str, why: str) -> None:
+        """From the link's thread: the supervisor's verdict on a canary, from every worker's labels."""
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the worker is stopping
+            self._loop_running.call_soon_threadsafe(self.models.conclude_trial, model, candidate, verdict, why)
+
+    def _take_for_a_sibling(self, request_id: str, label: int | None, text: str | None, model: str) -> FeedbackResult:
+        """A label another worker received for an answer it does not remember: this worker's, if it gave it."""
+        return self.feedback.take(request_id, label, text, model, count_unknown=False)
 
     def _readiness(self) -> str | None:
         """grpc health's readiness, from two flags (read on another thread; never a call into the loop)."""
@@ -508,6 +532,8 @@ class MnistServer:
         await self.calls.close(self.config.grace_seconds)
         if rest_drained is not None:
             await rest_drained  # REST as gRPC: new requests answered 503 (not a reset), running ones finished
+        if self.feedback.peers is not None:
+            await self.feedback.peers.close()
         if self._watch is not None:
             self._watch.cancel()
         if self._quality_sampler is not None:

@@ -31,6 +31,10 @@ class NotReady(ServiceError):
     """The model is still loading or warming up."""
 
 
+class Unavailable(ServiceError):
+    """A part of the server the request needs did not answer in time (another worker); retrying may succeed."""
+
+
 class ShuttingDown(ServiceError):
     """The server is draining and takes no new work."""
 

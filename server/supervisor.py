@@ -12,6 +12,9 @@ What the supervisor does, and nothing else:
 - asks each worker for its status over its own socket (server/ops/worker_link.py) a few times a second;
 - moves every worker to a new default model version at the same instant (`agree_defaults`): a worker that
   has loaded version 2 keeps answering with version 1 until every worker has version 2 READY;
+- makes the folder of the workers' own sockets, over which a label reaches the worker that gave the answer
+  (server/feedback/peers.py);
+- decides canary trials on every worker's labels, and sends each verdict to the workers running the trial;
 - restarts a worker that dies or whose event loop stalls (a crash loop at start stops the whole server);
 - on SIGTERM or SIGINT: /readyz says shutting down, every worker drains (its own drain and grace), then exits.
 """
@@ -39,6 +42,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client import multiprocess as prometheus_multiprocess
 
 from server.config import ServeConfig, describe, worker_count
+from server.feedback.peers import PEERS_ENV
+from server.models.canary import pooled_trials
 from server.models.repository import version_key
 from server.ops.metrics_http import MetricsHttpServer
 from server.ops.worker_link import AGREED_ENV, INDEX_ENV, LINK_ENV
@@ -58,6 +63,7 @@ AGREEMENT_LEAD_S = STATUS_TIMEOUT_S + 0.5
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STOP_MARGIN_S = 15.0  # beyond the workers' drain and grace: their own close (models, ports, traces)
 METRICS_DIR_PREFIX = "mnist-serve-metrics-"  # then the supervisor's pid and a random part
+PEERS_DIR_PREFIX = "mnist-serve-peers-"  # the workers' feedback sockets (server/feedback/peers.py), named the same way
 
 
 def agree_defaults(previous: dict[str, str], workers: list[dict[str, dict[str, Any]]]) -> dict[str, str]:
@@ -176,11 +182,11 @@ def ask_all(
     return answers
 
 
-def remove_stale_metrics_folders(root: Path) -> None:
-    """Metrics folders of supervisors that are gone (killed before they could remove theirs); in a container, a
-    folder named after our own pid is a previous life's (the supervisor is pid 1 every time)."""
-    for folder in root.glob(METRICS_DIR_PREFIX + "*"):
-        owner = folder.name[len(METRICS_DIR_PREFIX) :].split("-")[0]
+def remove_stale_metrics_folders(root: Path, prefix: str = METRICS_DIR_PREFIX) -> None:
+    """Metrics (or peers') folders of supervisors that are gone (killed before they could remove theirs); in a
+    container, a folder named after our own pid is a previous life's (the supervisor is pid 1 every time)."""
+    for folder in root.glob(prefix + "*"):
+        owner = folder.name[len(prefix) :].split("-")[0]
         if not owner.isdigit():
             continue
         alive = int(owner) != os.getpid()
@@ -201,8 +207,10 @@ class Supervisor:
         self.argv = list(argv)
         self.count = worker_count(config)
         self.workers = [Worker(index) for index in range(self.count)]
-        remove_stale_metrics_folders(Path(tempfile.gettempdir()))
+        for prefix in (METRICS_DIR_PREFIX, PEERS_DIR_PREFIX):
+            remove_stale_metrics_folders(Path(tempfile.gettempdir()), prefix)
         self.metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
+        self.peers_dir = tempfile.mkdtemp(prefix=f"{PEERS_DIR_PREFIX}{os.getpid()}-")  # mode 0700: ours alone
         self.registry = CollectorRegistry()
         prometheus_multiprocess.MultiProcessCollector(self.registry, path=self.metrics_dir)
         Gauge("mnist_workers", "worker processes configured (--workers)", registry=self.registry).set(self.count)
@@ -210,6 +218,7 @@ class Supervisor:
         self.worker_restarts = Counter(
             "mnist_worker_restarts", "worker processes started again after dying or stalling", registry=self.registry
         )
+        self.verdicts: dict[tuple[str, str], tuple[str, str]] = {}  # (model, candidate) -> canary verdict and why
         self.agreed: dict[str, str] = {}
         self.agreement_seq = 0
         self._agreement_at = 0.0
@@ -275,6 +284,7 @@ class Supervisor:
         if self._metrics_http is not None:
             self._metrics_http.stop()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        shutil.rmtree(self.peers_dir, ignore_errors=True)
         if self.failed:
             log.error("stopped: %s", self.failed)
             return 2
@@ -320,6 +330,7 @@ class Supervisor:
         environment = {
             **os.environ,
             "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
+            PEERS_ENV: self.peers_dir,
             LINK_ENV: str(theirs.fileno()),
             INDEX_ENV: f"{worker.index}/{self.count}",
             # the defaults in force now: a worker started again routes by them from its first call
@@ -376,6 +387,7 @@ class Supervisor:
             self._reserved = None
         self.workers_ready.set(sum(1 for w in self.workers if self._is_ready(w)))
         if self._stop_signal is None:
+            self._judge_trials(answers)
             self._agree(answers)
 
     def _stuck(self, worker: Worker, answer: dict[str, Any] | None, now: float) -> str | None:
@@ -410,6 +422,30 @@ class Supervisor:
         worker.restarts += 1
         worker.restart_at = time.monotonic() + delay
         self.worker_restarts.inc()
+
+    def _judge_trials(self, answers: dict[Worker, dict[str, Any]]) -> None:
+        """Decide each canary trial on the labelled counts of every worker that answered this round, and send a
+        verdict to each worker still running its trial (again each round until it has taken it)."""
+        reports = {worker: answer.get("trials") or {} for worker, answer in answers.items()}
+        for canary in pooled_trials(reports.values()):
+            key = (canary.model, canary.candidate)
+            if key not in self.verdicts and (decided := canary.decision()) is not None:
+                self.verdicts[key] = decided
+                log.info(
+                    "model %s version %s %s on the labels of %d worker(s): %s",
+                    canary.model,
+                    canary.candidate,
+                    decided[0].lower().replace("_", " "),
+                    len(reports),
+                    decided[1],
+                )
+        for worker, trials in reports.items():
+            for model, trial in trials.items():
+                key = (model, str(trial.get("candidate")) if isinstance(trial, dict) else "")
+                if key in self.verdicts:
+                    verdict, why = self.verdicts[key]
+                    message = {"op": "conclude", "model": model, "candidate": key[1], "verdict": verdict, "why": why}
+                    ask_all({worker: message}, STATUS_TIMEOUT_S, self._wake_r)
 
     def _agree(self, answers: dict[Worker, dict[str, Any]]) -> None:
         """Move the agreed defaults when the workers agree, and send the agreement to every worker that lacks it.

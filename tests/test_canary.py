@@ -3,6 +3,7 @@ decide whether it becomes the default or is rolled back, and the decision is vis
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 from collections.abc import Iterator
@@ -16,10 +17,10 @@ from onnx import numpy_helper
 from proto.mnist.v1 import classifier_pb2 as pb
 from server.app import MnistServer
 from server.config import BUNDLED_MODEL
-from server.models.canary import Canary, CanarySettings, canary_settings
-from server.models.repository import scan_repository
+from server.models.canary import Canary, CanarySettings, canary_settings, pooled_trials
+from server.models.repository import ModelRepository, scan_repository
 from tests.support import Harness, test_config
-from tests.test_repository import MODEL, config_pbtxt, publish
+from tests.test_repository import MODEL, FakeLoader, config_pbtxt, publish
 
 CANARY = (
     'parameters { key: "canary_share" value { string_value: "0.5" } }\n'
@@ -212,3 +213,59 @@ def test_canary_settings_are_checked_where_they_are_written(tmp_path: Path) -> N
     publish(tmp_path, 1)
     config_pbtxt(tmp_path, 'parameters { key: "canary_share" value { string_value: "2" } }')
     assert "canary_share" in scan_repository(tmp_path)[MODEL].problem
+
+
+# --- with `--workers N`: every worker runs the trial, the supervisor decides on all their labels ------------------
+
+
+def test_the_supervisor_decides_on_every_workers_labels_summed() -> None:
+    def report(new_right: int, new: int, old_right: int, old: int) -> dict:
+        return {
+            "m": {
+                "stable": "1", "candidate": "2", "share": 0.5, "min_labels": 10, "margin": 0.0,
+                "labelled": {"2": new, "1": old}, "right": {"2": new_right, "1": old_right},
+            }
+        }  # fmt: skip
+
+    halves = [report(0, 5, 5, 5), report(0, 5, 5, 5)]  # 5 labels a side in each worker: 10 in all
+    assert all(alone.decision() is None for half in halves for alone in pooled_trials([half]))  # too few in each
+    (pooled,) = pooled_trials(halves)
+    assert (pooled.labelled, pooled.right) == ({"2": 10, "1": 10}, {"2": 0, "1": 10})
+    assert pooled.decision()[0] == "ROLLED_BACK"
+    assert pooled_trials([report(0, 5, 5, 5), {"m": {"stable": "1"}}, {"m": "garbage"}])[0].labelled == {"2": 5, "1": 5}
+
+
+def test_a_worker_counts_its_labels_but_takes_the_verdict_from_its_supervisor(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        publish(tmp_path, 1, content=b"v1")
+        config_pbtxt(tmp_path, CANARY)  # 15 labels a side
+        repository = ModelRepository(FakeLoader(), tmp_path, grace=0)
+        repository.trials_judged_here = False
+        await repository.poll(settle=False)
+        publish(tmp_path, 2, content=b"v2")
+        await repository.poll(settle=False)
+        assert repository.local_defaults() == {MODEL: "1"}  # on trial: it tells its supervisor the stable version
+        for _ in range(40):
+            repository.observe_label(MODEL, "2", False)
+            repository.observe_label(MODEL, "1", True)
+        trial = repository.trials_now[MODEL]
+        assert (trial["candidate"], trial["labelled"], trial["right"]) == ("2", {"2": 40, "1": 40}, {"2": 0, "1": 40})
+        assert {s.version for s in repository.served()} == {"1", "2"}  # far worse, but not decided here
+
+        repository.conclude_trial(MODEL, "2", "ROLLED_BACK", "worse on every worker's labels")
+        await asyncio.sleep(0.05)
+        assert {s.version for s in repository.served()} == {"1"} and repository.trials_now == {}
+        assert (tmp_path / MODEL / "2" / "ROLLED_BACK").read_text() == "worse on every worker's labels\n"
+        await repository.poll(settle=False)  # the folder's policy passes over a version rolled back
+        assert repository.local_defaults() == {MODEL: "1"}
+
+        publish(tmp_path, 3, content=b"v3")
+        await repository.poll(settle=False)
+        assert repository.trials_now[MODEL]["candidate"] == "3"
+        repository.conclude_trial(MODEL, "3", "PROMOTED", "as good")
+        assert repository.local_defaults() == {MODEL: "3"} and repository.trials_now == {}
+        repository.conclude_trial(MODEL, "3", "ROLLED_BACK", "a late second verdict is ignored")
+        assert repository.local_defaults() == {MODEL: "3"}
+        await repository.close()
+
+    asyncio.run(scenario())

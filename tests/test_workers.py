@@ -28,7 +28,7 @@ from server.balancing import SERVICE_CONFIG
 from server.config import load_config, usable_cores, worker_count
 from server.models.repository import AgreedDefaults, ModelRepository
 from server.supervisor import Worker, agree_defaults, ask_all, remove_stale_metrics_folders
-from tests.test_repository import MODEL, FakeLoader, publish
+from tests.test_repository import MODEL, FakeLoader, config_pbtxt, publish
 
 RAW = (np.arange(784) % 251).astype(np.uint8).tobytes()  # any image with contrast: the null engine reads none
 
@@ -406,6 +406,92 @@ def test_the_workers_measurement_reports_each_count_with_every_workers_cpu(tmp_p
     assert [row["workers"] for row in rows] == [1, 2]
     assert all(row["calls"] > 0 and not row["errors"] and row["server_cpu_us_per_call"] > 0 for row in rows)
     assert len(rows[1]["cpu_share_per_worker"]) == 2 and "2 worker(s):" in done.stdout
+
+
+def test_a_label_reaches_the_worker_that_gave_the_answer_whichever_worker_receives_it(tmp_path: Path) -> None:
+    """Each worker remembers its own answers; the kernel spreads connections, so most labels arrive at a worker that
+    did not answer: it asks the others (server/feedback/peers.py). 24 answers and 24 labels, each on a connection of
+    its own: without that, about half the labels would be NOT_FOUND."""
+    database = tmp_path / "feedback.db"
+    ids = [f"label-me-{n}" for n in range(24)]
+    with Workers(tmp_path, 2, "--feedback-db", str(database)) as server:
+        answers = {}
+        for request_id in ids:
+            with grpc.insecure_channel(server.target) as channel:
+                stub = pb_grpc.ClassifierStub(channel)
+                answers[request_id] = stub.Classify(pb.ClassifyRequest(raw=RAW, request_id=request_id), timeout=10)
+        (metrics_dir,) = tmp_path.glob("mnist-serve-metrics-*")
+        gave = requests_answered_by_each_worker(metrics_dir)
+        assert len(gave) == 2 and min(gave.values()) > 0, gave  # both workers answered some
+        for request_id in ids:
+            with grpc.insecure_channel(server.target) as channel:
+                stub = pb_grpc.ClassifierStub(channel)
+                taken = stub.Feedback(pb.FeedbackRequest(request_id=request_id, label=3), timeout=10)
+                assert taken.prediction == str(answers[request_id].digit) and taken.stored, request_id
+                with pytest.raises(grpc.RpcError) as second:  # wherever the second label lands, the owner refuses it
+                    stub.Feedback(pb.FeedbackRequest(request_id=request_id, label=4), timeout=10)
+                assert second.value.code() == grpc.StatusCode.ALREADY_EXISTS, request_id
+        # each label was counted by the worker that gave its answer
+        took = requests_answered_by_each_worker(metrics_dir, "mnist_feedback_total", {})
+        assert took == gave, (took, gave)
+        assert server.metric('mnist_feedback_refused_total{reason="unknown_request"}') == 0
+    assert sorted(record.request_id for record in stored_records(database)) == sorted(ids)
+    assert not list(tmp_path.glob("mnist-serve-peers-*")), "the workers' socket folder outlived the server"
+
+
+def test_a_canary_trial_is_decided_on_every_workers_labels_and_moves_every_worker(tmp_path: Path) -> None:
+    """Each worker routes its share of calls to the new version and counts the labels of its own answers; the
+    supervisor sums them, decides once, and every worker's default moves together. Version 2 is labelled right and
+    version 1 wrong, so the trial promotes version 2 once 12 labels a side are in, from both workers together."""
+    repository = tmp_path / "repository"
+    publish(repository, 1, content=b"v1")
+    config_pbtxt(
+        repository,
+        'parameters { key: "canary_share" value { string_value: "0.5" } }\n'
+        'parameters { key: "canary_min_labels" value { string_value: "12" } }',
+    )
+    with Workers(
+        tmp_path, 2, "--model-repository", str(repository), "--repository-poll-seconds", "0.2", "--log-level", "INFO"
+    ) as server:
+        publish(repository, 2, content=b"v2")
+        deadline = time.monotonic() + 30
+        started = f'mnist_canary_events_total{{event="STARTED",model="{MODEL}",version="2"}}'
+        promoted = started.replace("STARTED", "PROMOTED")
+        while server.metric(started) < 1:
+            assert time.monotonic() < deadline, server.log_text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(0.5)  # the other worker's poll: its trial too
+        answered: dict[str, int] = {}
+        for _ in range(200):
+            with grpc.insecure_channel(server.target) as channel:
+                stub = pb_grpc.ClassifierStub(channel)
+                answer = stub.Classify(pb.ClassifyRequest(raw=RAW), timeout=10)
+                answered[answer.model_version] = answered.get(answer.model_version, 0) + 1
+                label = answer.digit if answer.model_version == "2" else (answer.digit + 1) % 10
+                stub.Feedback(pb.FeedbackRequest(request_id=answer.request_id, label=label), timeout=10)
+            if server.metric(promoted):
+                break
+        assert server.metric(promoted) == 1, (
+            answered,
+            server.log_text()[-3000:],
+        )
+        assert "version 2 promoted on the labels of 2 worker(s)" in server.log_text()
+        (metrics_dir,) = tmp_path.glob("mnist-serve-metrics-*")
+        labelled = requests_answered_by_each_worker(metrics_dir, "mnist_feedback_total", {})
+        assert len(labelled) == 2 and min(labelled.values()) > 0, labelled  # both workers' labels counted
+        deadline = time.monotonic() + 15  # the supervisor's agreement: every worker moves to version 2
+        while {answer.model_version for answer in classify_on_fresh_connections(server.target, 16)} != {"2"}:
+            assert time.monotonic() < deadline, server.log_text()[-3000:]
+
+
+def stored_records(database: Path) -> list:
+    from server.feedback.store import open_store
+
+    store = open_store(str(database))
+    try:
+        return list(store.records())
+    finally:
+        store.close()
 
 
 def test_the_http_api_is_served_by_every_worker_on_one_port(tmp_path: Path) -> None:

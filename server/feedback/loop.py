@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from server.feedback.answers import CLASSIFY, MAX_REQUEST_ID_CHARS, Answer, Answ
 from server.feedback.quality import AnswerTally, LiveQuality, Reference
 from server.ops.metrics import ServiceMetrics
 from server.pipeline.predictions import Predictions
+
+if TYPE_CHECKING:
+    from server.feedback.peers import FeedbackPeers
 
 log = logging.getLogger("mnist.feedback")
 
@@ -52,6 +56,8 @@ class FeedbackLoop:
         self.writer = writer
         # Told of every labelled answer (model, version, right): the model repository's canary trials count them.
         self.on_labelled: Callable[[str, str, bool], None] = lambda model, version, correct: None
+        # With `--workers N`: the other workers, asked for an answer this one does not remember (peers.py).
+        self.peers: FeedbackPeers | None = None
 
     # --- the serving path ---------------------------------------------------------------------------------------
 
@@ -104,10 +110,26 @@ class FeedbackLoop:
 
     # --- Feedback calls -----------------------------------------------------------------------------------------
 
-    def take(self, request_id: str, label: int | None, text: str | None, model: str = "") -> FeedbackResult:
+    async def take_anywhere(
+        self, request_id: str, label: int | None, text: str | None, model: str = ""
+    ) -> FeedbackResult:
+        """`take` here, or by the worker that gave the answer when this one does not remember it (`--workers N`)."""
+        if self.peers is None or not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS:
+            return self.take(request_id, label, text, model)
+        try:
+            return self.take(request_id, label, text, model, count_unknown=False)
+        except NotFound as not_here:
+            result = await self.peers.ask(request_id, label, text, model)
+            if result is None:
+                raise self._refused("unknown_request", not_here) from None
+            return result
+
+    def take(
+        self, request_id: str, label: int | None, text: str | None, model: str = "", count_unknown: bool = True
+    ) -> FeedbackResult:
         """A true label for the answer given under `request_id`. InvalidInput for a malformed label, NotFound for an
         answer this server does not remember (unknown, forgotten, or another model's), AlreadyExists for a second
-        label."""
+        label. `count_unknown` False: an unknown id is not counted as refused (another worker may have it)."""
         if not request_id:
             raise self._refused("unknown_request", InvalidInput("request_id is empty: send the id of an answer"))
         shown = request_id if len(request_id) <= 64 else request_id[:64] + "..."
@@ -118,7 +140,7 @@ class FeedbackLoop:
             )
         answer = self.memory.recall(request_id)
         if answer is None or (model and answer.model != model):
-            raise self._refused(
+            raise (self._refused if count_unknown else _uncounted)(
                 "unknown_request",
                 NotFound(
                     f"no answer with request_id {shown!r}{f' from model {model!r}' if model else ''} is "
@@ -195,6 +217,10 @@ class FeedbackLoop:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()  # type: ignore[attr-defined]
+
+
+def _uncounted(reason: str, error: Exception) -> Exception:
+    return error
 
 
 def _digits(text: str) -> str:

@@ -13,6 +13,10 @@ default unless its accuracy is worse than the old one's by more than `canary_mar
 standard errors of the difference: a one-sided test at 95%), and rolled back if it is: taken out of routing, its
 verdict written into its folder (ROLLED_BACK), and not loaded again while that file is there. The decision is
 logged, counted (mnist_canary_events_total) and shown in ListModels.
+
+With `--workers N`, every worker runs the trial on its own share of the traffic and counts the labels of its own
+answers (a label reaches the worker that answered: server/feedback/peers.py); the supervisor sums every worker's counts
+(`pooled_trials`), decides, and sends the verdict to every worker, whose defaults then move together.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 SHARE_KEY, MIN_LABELS_KEY, MARGIN_KEY = "canary_share", "canary_min_labels", "canary_margin"
 WORSE_Z = 1.645  # one-sided 95%: the new version is worse only when the gap is beyond this many standard errors
@@ -108,3 +114,25 @@ class Canary:
             for v in (self.candidate, self.stable)
         )
         return f"canary: {self.settings.share:.0%} of requests naming no version go to {self.candidate}; {counts}"
+
+
+def pooled_trials(reports: Iterable[dict[str, Any]]) -> list[Canary]:
+    """The trials of several workers (`mnist-serve --workers N`), each report a worker's ModelRepository.trials_now,
+    as one Canary per trial with every worker's labelled counts summed: the supervisor decides on these, so a trial
+    needs `canary_min_labels` labels in all, not in each worker. A report it cannot read is left out."""
+    trials: dict[tuple[str, str, str], Canary] = {}
+    for report in reports:
+        for model, trial in report.items():
+            try:
+                key = (model, str(trial["stable"]), str(trial["candidate"]))
+                settings = CanarySettings(float(trial["share"]), int(trial["min_labels"]), float(trial["margin"]))
+                counts = [
+                    (int(n), int(trial["right"].get(version, 0)), version) for version, n in trial["labelled"].items()
+                ]
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue
+            canary = trials.setdefault(key, Canary(*key, settings))
+            for labelled, right, version in counts:
+                canary.labelled[version] = canary.labelled.get(version, 0) + labelled
+                canary.right[version] = canary.right.get(version, 0) + right
+    return list(trials.values())

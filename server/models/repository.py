@@ -254,7 +254,10 @@ class ModelRepository:
         self._wanted_versions: dict[str, set[str]] = {}  # model -> the versions its folder's policy selects now
         self._canary_settings: dict[str, CanarySettings] = {}  # model -> its canary settings, from config.pbtxt
         self._present: dict[str, set[str]] = {}  # model -> every version folder with a model file
-        self.canaries_allowed = True  # False under a supervisor (--workers N): its agreement moves the defaults
+        # False under a supervisor (--workers N): a trial runs in every worker, but the supervisor pools the workers'
+        # labels (`trials_now`) and sends the verdict (`conclude_trial`); its agreement moves the defaults.
+        self.trials_judged_here = True
+        self.trials_now: dict[str, dict] = {}  # each running trial and its counts; replaced, never changed in place
         self._canaries: dict[str, Canary] = {}  # model -> the canary running now
         self._decided: dict[tuple[str, str], tuple[str, str]] = {}  # (model, version) -> canary verdict and why
         self._rolled_back: dict[tuple[str, str], VersionState] = {}  # the file state rolled back: not loaded again
@@ -344,7 +347,11 @@ class ModelRepository:
         when READY, else the newest READY), among the versions the folder still wants: what a worker tells its
         supervisor. A version kept only because the workers' agreement still routes to it does not count, or a
         rollback by removing the newest version would never be agreed."""
-        return {name: self._local_default(name, versions) for name, versions in self._wanted_served().items()}
+        local = {name: self._local_default(name, versions) for name, versions in self._wanted_served().items()}
+        for name, canary in self._canaries.items():  # on trial: the stable version stays the default meanwhile
+            if name in local and canary.stable in self._served.get(name, {}):
+                local[name] = canary.stable
+        return local
 
     def ready_versions(self) -> dict[str, list[str]]:
         """Every READY version by model, those kept only for the workers' agreement included."""
@@ -591,13 +598,13 @@ class ModelRepository:
                 del self._defaults[name]
         agreed = self._agreed.defaults if self._agreed is not None else {}
         for name, versions in self._served.items():
-            chosen = agreed.get(name, "")
             previous = self._defaults.get(name, "")
-            self._defaults[name] = chosen if chosen in versions else self._local_default(name, versions)
-            if self._agreed is None and self.canaries_allowed:  # under a supervisor its agreement moves defaults
-                self._defaults[name] = self._canary_default(name, versions, previous, self._defaults[name])
+            local = self._canary_default(name, versions, previous, self._local_default(name, versions))
+            chosen = agreed.get(name, "")  # under a supervisor, its agreement moves the defaults
+            self._defaults[name] = chosen if chosen in versions else local
         for name in [name for name in self._canaries if name not in self._served]:
             del self._canaries[name]
+        self._publish_trials()
 
     # --- canaries (server/models/canary.py) ---------------------------------------------------------------
 
@@ -639,34 +646,66 @@ class ModelRepository:
         self.observer.on_canary(name, newest, "STARTED", canary.describe())
         return previous
 
+    def _publish_trials(self) -> None:
+        """`trials_now`, read by the worker's link thread for its supervisor: a new dict, so a reader never sees one
+        change under it."""
+        self.trials_now = {
+            name: {
+                "stable": c.stable,
+                "candidate": c.candidate,
+                "labelled": dict(c.labelled),
+                "right": dict(c.right),
+                "share": c.settings.share,
+                "min_labels": c.settings.min_labels,
+                "margin": c.settings.margin,
+            }
+            for name, c in self._canaries.items()
+        }
+
     def _on_trial(self, name: str, version: str) -> bool:
         canary = self._canaries.get(name)
         return canary is not None and version in (canary.stable, canary.candidate)
 
     def observe_label(self, name: str, version: str, correct: bool) -> None:
-        """A labelled answer (the Feedback call): counted for a running canary, which may decide on it."""
+        """A labelled answer (the Feedback call): counted for a running canary, which may decide on it (alone; under
+        a supervisor, the supervisor decides on every worker's counts)."""
         canary = self._canaries.get(name)
-        if canary is None:
+        if canary is None or version not in (canary.stable, canary.candidate):
             return
         canary.observe(version, correct)
-        decided = canary.decision()
-        if decided is None:
+        self._publish_trials()
+        decided = canary.decision() if self.trials_judged_here else None
+        if decided is not None:
+            self._conclude(name, canary.stable, canary.candidate, *decided)
+
+    def conclude_trial(self, name: str, candidate: str, verdict: str, why: str) -> None:
+        """The supervisor's verdict on `candidate`, from every worker's labels; also taken by a worker started again
+        since the trial began (it runs no trial of its own, but must not serve a version rolled back)."""
+        if (name, candidate) in self._decided or verdict not in (PROMOTED, ROLLED_BACK):
             return
-        verdict, why = decided
-        del self._canaries[name]
-        self._decided[(name, canary.candidate)] = decided
+        canary = self._canaries.get(name)
+        stable = canary.stable if canary is not None and canary.candidate == candidate else ""
+        self._conclude(name, stable, candidate, verdict, why)
+
+    def _conclude(self, name: str, stable_version: str, candidate_version: str, verdict: str, why: str) -> None:
+        canary = self._canaries.get(name)
+        if canary is not None and canary.candidate == candidate_version:
+            del self._canaries[name]
+        self._decided[(name, candidate_version)] = (verdict, why)
         versions = self._served.get(name, {})
         if verdict == PROMOTED:
-            self._defaults[name] = canary.candidate
-            stable = versions.get(canary.stable)
-            unwanted = self.root is not None and canary.stable not in self._wanted_versions.get(name, ())
-            if stable is not None and unwanted:
-                self._retire(stable)  # the policy no longer wants it: it was kept for the trial only
+            if candidate_version in versions:
+                self._defaults[name] = candidate_version
+            stable = versions.get(stable_version)
+            unwanted = self.root is not None and stable_version not in self._wanted_versions.get(name, ())
+            if stable is not None and unwanted and not self._held(name, stable_version):
+                self._retire(stable)  # the policy no longer wants it: it was kept for the trial only (under a
+                # supervisor, a poll retires it once the workers' agreement has moved to the new one)
         else:
-            candidate = versions.get(canary.candidate)
-            self._status[(name, canary.candidate)] = VersionStatus(name, canary.candidate, ROLLED_BACK, why)
+            candidate = versions.get(candidate_version)
+            self._status[(name, candidate_version)] = VersionStatus(name, candidate_version, ROLLED_BACK, why)
             if candidate is not None:
-                self._rolled_back[(name, canary.candidate)] = candidate.signature
+                self._rolled_back[(name, candidate_version)] = candidate.signature
                 self._retire(candidate)
                 try:  # the verdict outlives this process: a restart or another replica does not serve it again
                     (candidate.path.parent / ROLLED_BACK_FILE).write_text(why + "\n")
@@ -674,11 +713,11 @@ class ModelRepository:
                     log.warning(
                         "model %s version %s: cannot keep the rollback in its folder (%s): a restart will try it again",
                         name,
-                        canary.candidate,
+                        candidate_version,
                         err,
                     )
-        log.info("model %s version %s %s after a canary: %s", name, canary.candidate, verdict.lower(), why)
-        self.observer.on_canary(name, canary.candidate, verdict, why)
+        log.info("model %s version %s %s after a canary: %s", name, candidate_version, verdict.lower(), why)
+        self.observer.on_canary(name, candidate_version, verdict, why)
         self._choose_defaults()
         self.observer.on_changed(self)
 

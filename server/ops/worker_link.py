@@ -6,11 +6,14 @@ event loop, so a busy loop still answers), repeating the request's `id`:
 
     {"op": "status", "id"}                          -> {"op": "status", "id", "pid", "live", "ready", "models"}
     {"op": "agree", "id", "seq", "defaults", "at"}  -> {"op": "agreed", "id", "seq"}
+    {"op": "conclude", "id", "model", "candidate", "verdict", "why"}  -> {"op": "concluded", "id"}
 
 `live` and `ready` are None when all is well, else what is wrong, in words (the supervisor's /livez and
 /readyz repeat them); `models` is {model: {"ready": [versions], "local": version}}, the default the worker
 would choose alone. "agree" hands the repository the default versions every worker switches to at the
-instant `at` (time.monotonic(), one clock for the host): see `AgreedDefaults`.
+instant `at` (time.monotonic(), one clock for the host): see `AgreedDefaults`. A status also carries `trials`, the
+canary trials running in the worker with their labelled counts (ModelRepository.trials_now): the supervisor pools
+every worker's counts, decides, and sends the verdict with "conclude" (server/models/canary.py).
 """
 
 from __future__ import annotations
@@ -45,10 +48,13 @@ class WorkerLink:
         live: Callable[[], str | None],
         ready: Callable[[], str | None],
         propose: Callable[[AgreedDefaults], None],
+        trials: Callable[[], dict[str, Any]] = dict,
+        conclude: Callable[[str, str, str, str], None] = lambda model, candidate, verdict, why: None,
     ) -> None:
         self.index, self.count = index, count
         self.models: dict[str, dict[str, Any]] = {}
         self._sock, self._live, self._ready, self._propose = sock, live, ready, propose
+        self._trials, self._conclude = trials, conclude
         self._thread = threading.Thread(target=self._serve, name="worker-link", daemon=True)
 
     @staticmethod
@@ -101,8 +107,12 @@ class WorkerLink:
                 "live": self._live(),
                 "ready": self._ready(),
                 "models": self.models,
+                "trials": self._trials(),
             }
         if op == "agree":
             self._propose(AgreedDefaults(int(message["seq"]), dict(message["defaults"]), float(message["at"])))
             return {"op": "agreed", "id": ident, "seq": int(message["seq"])}
+        if op == "conclude":
+            self._conclude(str(message["model"]), str(message["candidate"]), str(message["verdict"]), message["why"])
+            return {"op": "concluded", "id": ident}
         raise ValueError(f"unknown op {op!r}")

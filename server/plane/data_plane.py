@@ -243,11 +243,14 @@ class DataPlane:
                 served.name, served.version, request_id, reading.text, reading.confidence, reading.images
             )
 
-    def feedback_for(self, request_id: str, label: int | None, text: str | None, model: str = "") -> FeedbackResult:
-        """The true label of an earlier answer: joined, counted in live quality and stored (server/feedback/)."""
+    async def feedback_for(
+        self, request_id: str, label: int | None, text: str | None, model: str = ""
+    ) -> FeedbackResult:
+        """The true label of an earlier answer: joined, counted in live quality and stored (server/feedback/), by the
+        worker that gave the answer."""
         if self.feedback is None:
             raise Unsupported("this server keeps no answers for feedback")
-        return self.feedback.take(request_id, label, text, model)
+        return await self.feedback.take_anywhere(request_id, label, text, model)
 
     # --- model control (explicit loads and unloads, when enabled) ---------------------------------
 

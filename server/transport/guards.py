@@ -42,6 +42,7 @@ from server.errors import (
     ServiceError,
     ShuttingDown,
     Unauthenticated,
+    Unavailable,
     Unsupported,
 )
 from server.ops.metrics import ServiceMetrics
@@ -55,6 +56,7 @@ STATUS_OF: dict[type[ServiceError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,

@@ -37,6 +37,7 @@ from server.errors import (
     ServiceError,
     ShuttingDown,
     Unauthenticated,
+    Unavailable,
     Unsupported,
 )
 from server.ops.metrics import ServiceMetrics
@@ -66,6 +67,7 @@ HTTP_STATUS_OF: dict[type[ServiceError], int] = {
     Unsupported: 501,
     NotReady: 503,
     ShuttingDown: 503,
+    Unavailable: 503,
     DeadlineExpired: 504,
     Cancelled: 499,  # nginx's "client closed request": nobody reads it, but the metrics do
 }
@@ -309,7 +311,7 @@ class RestApi:
             raise InvalidInput('"label" must be a whole number from 0 to 9')
         if text is not None and not isinstance(text, str):
             raise InvalidInput('"text" must be a string of digits')
-        result = self.plane.feedback_for(request_id, label, text, request.match_info["name"])
+        result = await self.plane.feedback_for(request_id, label, text, request.match_info["name"])
         return web.json_response(
             {
                 "model_name": result.answer.model,

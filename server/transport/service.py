@@ -239,7 +239,7 @@ class ClassifierServicer:
         truth = request.WhichOneof("truth")
         if truth is None:
             raise InvalidInput("no truth: set `label` (the true digit of a Classify answer) or `text` (of ReadDigits)")
-        result = self.plane.feedback_for(
+        result = await self.plane.feedback_for(
             request.request_id,
             request.label if truth == "label" else None,
             request.text if truth == "text" else None,
