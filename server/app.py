@@ -31,7 +31,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
-from server.config import ServeConfig, describe, load_config, worker_count
+from server.config import ServeConfig, describe, feedback_peer_targets, load_config, worker_count
 from server.engine.backends import build_backend
 from server.errors import ServiceError
 from server.feedback.answers import AnswerMemory
@@ -55,6 +55,7 @@ from server.security import (
     grpc_server_credentials,
     http_ssl_context,
     load_token_checker,
+    peer_channel_credentials,
     redact_url,
 )
 from server.security import describe as describe_security
@@ -64,6 +65,7 @@ from server.transport.health import HealthService
 from server.transport.oip_grpc import SERVICE as INFERENCE_SERVICE
 from server.transport.oip_grpc import InferenceServicer
 from server.transport.oip_grpc import add_to_server as add_inference_to_server
+from server.transport.replicas import ReplicaPeers
 from server.transport.service import SERVICE, ClassifierServicer, add_to_server
 
 if TYPE_CHECKING:
@@ -199,8 +201,7 @@ class RepositoryMetrics(RepositoryObserver):
         self.server.metrics.observe_model_request(name, version, code, seconds)
 
     def on_canary(self, name: str, version: str, event: str, reason: str) -> None:
-        link = self.server.link
-        if link is None or link.index == 0:  # every worker of `--workers N` sees the same trials: one counts them
+        if self.server.link is None:  # with `--workers N` the supervisor counts them (it decides the trials)
             self.server.metrics.canary_events.labels(name, version, event).inc()
 
     def on_unloaded(self, name: str, version: str) -> None:
@@ -365,6 +366,9 @@ class MnistServer:
             self.metrics_port = self._metrics_http.start()
 
         self.feedback.writer = feedback_writer(self.config, self.metrics)
+        if targets := feedback_peer_targets(self.config.feedback_peers):
+            self.feedback.replicas = ReplicaPeers(targets, peer_channel_credentials(self.config))
+            log.info("feedback: labels for answers this replica did not give are asked of %s", ", ".join(targets))
         self._quality_sampler = asyncio.ensure_future(self._sample_quality())
         self.detector = None if self.config.digit_detector == "none" else DigitDetector.load(self.config.digit_detector)
         if self.config.model_repository:
@@ -429,6 +433,8 @@ class MnistServer:
         if not self.port:
             raise RuntimeError(f"cannot listen on {self.config.host}:{self.config.port}")
         await self._grpc.start()
+        if self.feedback.replicas is not None:
+            self.feedback.replicas.own_port = self.port  # its own address is not asked
         if self.config.http_port:
             from server.transport.rest import RestApi, RestServer  # aiohttp only when the HTTP API is on
 
@@ -534,6 +540,8 @@ class MnistServer:
             await rest_drained  # REST as gRPC: new requests answered 503 (not a reset), running ones finished
         if self.feedback.peers is not None:
             await self.feedback.peers.close()
+        if self.feedback.replicas is not None:
+            await self.feedback.replicas.close()
         if self._watch is not None:
             self._watch.cancel()
         if self._quality_sampler is not None:

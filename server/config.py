@@ -83,6 +83,8 @@ class ServeConfig:
     feedback_memory: int = 20_000  # answers remembered for a label to be joined with; 0 = none (Feedback refused)
     feedback_memory_seconds: float = 3600.0  # and for at most this long
     feedback_queue: int = 10_000  # records waiting for the database; beyond it they are dropped, counted and logged
+    feedback_peers: str = ""  # the fleet's replicas, asked for an answer this one does not remember (comma list)
+    feedback_peers_ca: str = ""  # PEM CA that signed the replicas' certificates (needed with --tls-cert)
     live_accuracy_window: int = 500  # labelled answers mnist_live_accuracy is over, per version
     drift_window_seconds: float = 900.0  # answers the drift PSI is over, per version
     log_level: str = "INFO"
@@ -239,6 +241,11 @@ HELP = {
     "feedback_memory_seconds": "an answer is remembered for at most this long",
     "feedback_queue": "most records waiting to be written to --feedback-db; beyond it they are dropped, counted "
     "(mnist_feedback_dropped_total) and logged",
+    "feedback_peers": "the other replicas of a fleet, asked (over gRPC, with the caller's token) for an answer this "
+    "one does not remember, so that a label reaches the replica that answered: host:port,host:port or "
+    "dns:///NAME:PORT (a headless Service: every address it resolves to); empty = none",
+    "feedback_peers_ca": "PEM CA certificate(s) that signed the replicas' TLS certificates: needed by "
+    "--feedback-peers when this server speaks TLS",
     "live_accuracy_window": "mnist_live_accuracy: accuracy over each version's last this many labelled answers",
     "drift_window_seconds": "mnist_prediction_drift_psi and mnist_confidence_drift_psi: over each version's answers "
     "of the last this many seconds, against the reference stored beside its model (NAME.reference.json)",
@@ -442,6 +449,10 @@ def validate(config: ServeConfig) -> None:
     if config.feedback_db.strip().lower() != "none":
         if (problem := feedback_db_problem(config.feedback_db)) is not None:
             problems.append(f"feedback_db: {problem}")
+    try:
+        feedback_peer_targets(config.feedback_peers)
+    except ValueError as exc:
+        problems.append(str(exc))
     problems += batching_problems(config)
     if (problem := workers_problem(config.workers)) is not None:
         problems.append(problem)
@@ -487,11 +498,20 @@ def security_problems(config: ServeConfig) -> list[str]:
         problems.append("tls_cert needs tls_key (its private key)")
     if config.tls_client_ca and not config.tls_cert:
         problems.append("tls_client_ca (client certificates) needs tls_cert and tls_key: mTLS is TLS first")
+    if config.feedback_peers.strip() and config.tls_cert and not config.feedback_peers_ca:
+        problems.append(
+            "feedback_peers over TLS needs feedback_peers_ca (the CA that signed the replicas' certificates)"
+        )
+    if config.feedback_peers.strip() and config.tls_client_ca:
+        problems.append(
+            "feedback_peers with mutual TLS (tls_client_ca) is not supported: a replica has no client certificate "
+            "to present to the others"
+        )
     if config.metrics_auth == "on" and not config.auth_tokens_file:
         problems.append("metrics_auth on needs auth_tokens_file (the tokens /metrics would accept)")
     missing = [
         f"{name} {getattr(config, name)} does not exist"
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "feedback_peers_ca", "auth_tokens_file")
         if getattr(config, name) and not Path(getattr(config, name)).is_file()
     ]
     problems += missing
@@ -511,6 +531,17 @@ def security_problems(config: ServeConfig) -> list[str]:
 
 FEEDBACK_DB_SCHEMES = ("sqlite", "postgresql", "postgres")  # and a plain path: SQLite
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
+
+
+def feedback_peer_targets(text: str) -> list[str]:
+    """--feedback-peers as gRPC targets (host:port, [v6]:port or dns:///NAME:PORT); ValueError naming a bad one."""
+    targets = [target.strip() for target in text.split(",") if target.strip()]
+    for target in targets:
+        address = target.removeprefix("dns:///")
+        host, colon, port = address.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in address:
+            raise ValueError(f"feedback_peers: {target!r} is not host:port or dns:///NAME:PORT")
+    return targets
 
 
 def feedback_db_problem(url: str) -> str | None:

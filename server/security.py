@@ -210,6 +210,16 @@ def grpc_server_credentials(config: Any):
     )
 
 
+def peer_channel_credentials(config: Any):
+    """grpc.ChannelCredentials for calls to the fleet's other replicas (--feedback-peers): TLS trusting
+    `config.feedback_peers_ca` when this server speaks TLS (so do they), else None (plaintext)."""
+    if not tls_enabled(config):
+        return None
+    import grpc
+
+    return grpc.ssl_channel_credentials(root_certificates=_read(config.feedback_peers_ca, "feedback peers CA"))
+
+
 def http_ssl_context(config: Any) -> ssl.SSLContext | None:
     """A server-side SSLContext for the HTTP servers (REST API, /metrics) with the same certificate and client
     policy as gRPC, or None when TLS is off. ValueError naming the file when the material does not load."""

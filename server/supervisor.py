@@ -43,8 +43,9 @@ from prometheus_client import multiprocess as prometheus_multiprocess
 
 from server.config import ServeConfig, describe, worker_count
 from server.feedback.peers import PEERS_ENV
-from server.models.canary import pooled_trials
+from server.models.canary import PROMOTED, ROLLED_BACK, TrialJudge
 from server.models.repository import version_key
+from server.ops.metrics import canary_events_counter
 from server.ops.metrics_http import MetricsHttpServer
 from server.ops.worker_link import AGREED_ENV, INDEX_ENV, LINK_ENV
 from server.security import http_ssl_context, load_token_checker
@@ -218,7 +219,8 @@ class Supervisor:
         self.worker_restarts = Counter(
             "mnist_worker_restarts", "worker processes started again after dying or stalling", registry=self.registry
         )
-        self.verdicts: dict[tuple[str, str], tuple[str, str]] = {}  # (model, candidate) -> canary verdict and why
+        self.trials = TrialJudge()  # canary trials, decided here on every worker's labels
+        self.canary_events = canary_events_counter(self.registry)  # the workers leave them to the supervisor
         self.agreed: dict[str, str] = {}
         self.agreement_seq = 0
         self._agreement_at = 0.0
@@ -387,7 +389,7 @@ class Supervisor:
             self._reserved = None
         self.workers_ready.set(sum(1 for w in self.workers if self._is_ready(w)))
         if self._stop_signal is None:
-            self._judge_trials(answers)
+            self._judge_trials()
             self._agree(answers)
 
     def _stuck(self, worker: Worker, answer: dict[str, Any] | None, now: float) -> str | None:
@@ -423,29 +425,21 @@ class Supervisor:
         worker.restart_at = time.monotonic() + delay
         self.worker_restarts.inc()
 
-    def _judge_trials(self, answers: dict[Worker, dict[str, Any]]) -> None:
-        """Decide each canary trial on the labelled counts of every worker that answered this round, and send a
-        verdict to each worker still running its trial (again each round until it has taken it)."""
-        reports = {worker: answer.get("trials") or {} for worker, answer in answers.items()}
-        for canary in pooled_trials(reports.values()):
-            key = (canary.model, canary.candidate)
-            if key not in self.verdicts and (decided := canary.decision()) is not None:
-                self.verdicts[key] = decided
+    def _judge_trials(self) -> None:
+        """Canary trials, decided on every running worker's last counts summed (server/models/canary.py,
+        TrialJudge); each event counted once, here, and each verdict sent to the workers still running its trial."""
+        running = [w for w in self.workers if w.process is not None and w.process.poll() is None]
+        reports = {worker: worker.status.get("trials") or {} for worker in running}
+        events, verdicts = self.trials.update(reports)
+        for model, version, event, why in events:
+            self.canary_events.labels(model, version, event).inc()
+            if event in (PROMOTED, ROLLED_BACK):
+                holders = sum(1 for report in reports.values() if model in report)
                 log.info(
-                    "model %s version %s %s on the labels of %d worker(s): %s",
-                    canary.model,
-                    canary.candidate,
-                    decided[0].lower().replace("_", " "),
-                    len(reports),
-                    decided[1],
+                    "model %s version %s %s on the labels of %d worker(s): %s", model, version, event, holders, why
                 )
-        for worker, trials in reports.items():
-            for model, trial in trials.items():
-                key = (model, str(trial.get("candidate")) if isinstance(trial, dict) else "")
-                if key in self.verdicts:
-                    verdict, why = self.verdicts[key]
-                    message = {"op": "conclude", "model": model, "candidate": key[1], "verdict": verdict, "why": why}
-                    ask_all({worker: message}, STATUS_TIMEOUT_S, self._wake_r)
+        if verdicts:
+            ask_all({w: {"op": "conclude", "verdicts": v} for w, v in verdicts.items()}, STATUS_TIMEOUT_S, self._wake_r)
 
     def _agree(self, answers: dict[Worker, dict[str, Any]]) -> None:
         """Move the agreed defaults when the workers agree, and send the agreement to every worker that lacks it.

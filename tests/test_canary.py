@@ -17,8 +17,8 @@ from onnx import numpy_helper
 from proto.mnist.v1 import classifier_pb2 as pb
 from server.app import MnistServer
 from server.config import BUNDLED_MODEL
-from server.models.canary import Canary, CanarySettings, canary_settings, pooled_trials
-from server.models.repository import ModelRepository, scan_repository
+from server.models.canary import Canary, CanarySettings, TrialJudge, canary_settings, pooled_trials
+from server.models.repository import AgreedDefaults, ModelRepository, scan_repository
 from tests.support import Harness, test_config
 from tests.test_repository import MODEL, FakeLoader, config_pbtxt, publish
 
@@ -218,21 +218,59 @@ def test_canary_settings_are_checked_where_they_are_written(tmp_path: Path) -> N
 # --- with `--workers N`: every worker runs the trial, the supervisor decides on all their labels ------------------
 
 
-def test_the_supervisor_decides_on_every_workers_labels_summed() -> None:
-    def report(new_right: int, new: int, old_right: int, old: int) -> dict:
-        return {
-            "m": {
-                "stable": "1", "candidate": "2", "share": 0.5, "min_labels": 10, "margin": 0.0,
-                "labelled": {"2": new, "1": old}, "right": {"2": new_right, "1": old_right},
-            }
-        }  # fmt: skip
+def report(new_right: int, new: int, old_right: int, old: int, candidate: str = "2") -> dict:
+    """One worker's trials, as its status carries them (ModelRepository.trials_now)."""
+    return {
+        "m": {
+            "stable": "1", "candidate": candidate, "share": 0.5, "min_labels": 10, "margin": 0.0,
+            "labelled": {candidate: new, "1": old}, "right": {candidate: new_right, "1": old_right},
+        }
+    }  # fmt: skip
 
+
+def test_the_supervisor_decides_on_every_workers_labels_summed() -> None:
     halves = [report(0, 5, 5, 5), report(0, 5, 5, 5)]  # 5 labels a side in each worker: 10 in all
     assert all(alone.decision() is None for half in halves for alone in pooled_trials([half]))  # too few in each
     (pooled,) = pooled_trials(halves)
     assert (pooled.labelled, pooled.right) == ({"2": 10, "1": 10}, {"2": 0, "1": 10})
     assert pooled.decision()[0] == "ROLLED_BACK"
     assert pooled_trials([report(0, 5, 5, 5), {"m": {"stable": "1"}}, {"m": "garbage"}])[0].labelled == {"2": 5, "1": 5}
+
+
+def test_the_supervisor_counts_each_event_once_and_sends_a_verdict_until_each_worker_has_taken_it() -> None:
+    judge = TrialJudge()
+    events, verdicts = judge.update({"w0": report(0, 2, 2, 2), "w1": report(0, 2, 2, 2)})
+    assert [e[2] for e in events] == ["STARTED"] and verdicts == {}
+    events, verdicts = judge.update({"w0": report(0, 5, 5, 5), "w1": report(0, 5, 5, 5)})
+    assert [(e[1], e[2]) for e in events] == [("2", "ROLLED_BACK")] and set(verdicts) == {"w0", "w1"}
+    assert verdicts["w0"][0][:3] == ["m", "2", "ROLLED_BACK"]
+    events, verdicts = judge.update({"w0": {}, "w1": report(0, 5, 5, 5)})  # w0 took it; w1 has not yet
+    assert events == [] and set(verdicts) == {"w1"}
+    events, verdicts = judge.update({"w0": {}, "w1": {}})  # taken everywhere: the verdict is forgotten
+    assert events == [] and verdicts == {} and judge.verdicts == {}
+    # the same versions tried again (the ROLLED_BACK marker deleted): a trial of its own, decided on its own labels
+    events, verdicts = judge.update({"w0": report(5, 5, 5, 5), "w1": report(5, 5, 5, 5)})
+    assert [e[2] for e in events] == ["STARTED", "PROMOTED"]
+    # a trial that goes away undecided (the new version removed) ends
+    judge.update({"w0": report(0, 1, 1, 1, candidate="3")})
+    events, _ = judge.update({"w0": {}})
+    assert [(e[1], e[2]) for e in events] == [("3", "ENDED")]
+
+
+def test_a_worker_started_again_after_a_promotion_runs_no_trial_and_routes_by_the_agreement(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        publish(tmp_path, 1, content=b"v1")
+        publish(tmp_path, 2, content=b"v2")
+        (tmp_path / MODEL / "config.pbtxt").write_text(f'name: "{MODEL}"\nversion_policy: {{ all {{ }} }}\n{CANARY}\n')
+        repository = ModelRepository(FakeLoader(), tmp_path, grace=0)
+        repository.trials_judged_here = False
+        repository.propose_defaults(AgreedDefaults(3, {MODEL: "2"}, time.monotonic()))  # the others promoted 2
+        await repository.poll(settle=False)
+        assert repository.trials_now == {} and repository.local_defaults() == {MODEL: "2"}
+        assert {repository.lease().served.version for _ in range(200)} == {"2"}
+        await repository.close()
+
+    asyncio.run(scenario())
 
 
 def test_a_worker_counts_its_labels_but_takes_the_verdict_from_its_supervisor(tmp_path: Path) -> None:

@@ -343,7 +343,7 @@ def test_a_reused_id_is_a_new_answer_to_label() -> None:
     memory = AnswerMemory(max_answers=100, clock=lambda: now[0])
     memory.remember(predictions(1), ["same"])
     first = memory.recall("same")
-    memory.mark_labelled(first)
+    memory.mark_labelled(first, "7")
     now[0] = 1.0
     memory.remember(predictions(1), ["same"])
-    assert memory.labelled(first) and not memory.labelled(memory.recall("same"))
+    assert memory.labelled(first) == "7" and memory.labelled(memory.recall("same")) is None

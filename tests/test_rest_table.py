@@ -33,6 +33,7 @@ from server.errors import (
     ServiceError,
     ShuttingDown,
     Unauthenticated,
+    Unavailable,
     Unsupported,
 )
 from server.transport.rest import http_status
@@ -50,6 +51,7 @@ DOCUMENTED = {
     AlreadyExists: 409,
     NotReady: 503,
     ShuttingDown: 503,
+    Unavailable: 503,  # another worker or replica that may hold the answer did not reply in time
     DeadlineExpired: 504,
 }
 MAX_BODY = 64 * 1024
@@ -140,6 +142,7 @@ def test_a_served_infer_is_200(served: Harness) -> None:
         (AlreadyExists("the answer 'x' already has a label"), 409),
         (NotReady("model is still loading; retry shortly"), 503),
         (ShuttingDown("server is shutting down; retry on another replica"), 503),
+        (Unavailable("worker(s) 1 did not answer within 2 s: one of them may hold this answer; retry"), 503),
         (DeadlineExpired("the deadline passed before the answer was ready"), 504),
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, Exception) else str(value),

@@ -428,9 +428,11 @@ def test_a_label_reaches_the_worker_that_gave_the_answer_whichever_worker_receiv
                 stub = pb_grpc.ClassifierStub(channel)
                 taken = stub.Feedback(pb.FeedbackRequest(request_id=request_id, label=3), timeout=10)
                 assert taken.prediction == str(answers[request_id].digit) and taken.stored, request_id
-                with pytest.raises(grpc.RpcError) as second:  # wherever the second label lands, the owner refuses it
-                    stub.Feedback(pb.FeedbackRequest(request_id=request_id, label=4), timeout=10)
-                assert second.value.code() == grpc.StatusCode.ALREADY_EXISTS, request_id
+            with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as second:
+                second_label = pb.FeedbackRequest(request_id=request_id, label=4)
+                pb_grpc.ClassifierStub(channel).Feedback(second_label, timeout=10)  # wherever it lands: refused
+            assert second.value.code() == grpc.StatusCode.ALREADY_EXISTS, request_id
+            assert "already has a label ('3')" in second.value.details()
         # each label was counted by the worker that gave its answer
         took = requests_answered_by_each_worker(metrics_dir, "mnist_feedback_total", {})
         assert took == gave, (took, gave)
@@ -442,7 +444,8 @@ def test_a_label_reaches_the_worker_that_gave_the_answer_whichever_worker_receiv
 def test_a_canary_trial_is_decided_on_every_workers_labels_and_moves_every_worker(tmp_path: Path) -> None:
     """Each worker routes its share of calls to the new version and counts the labels of its own answers; the
     supervisor sums them, decides once, and every worker's default moves together. Version 2 is labelled right and
-    version 1 wrong, so the trial promotes version 2 once 12 labels a side are in, from both workers together."""
+    version 1 wrong; labels stop as soon as both versions have 12 (canary_min_labels) over both workers together:
+    the promotion comes although, on one side at least, no worker alone has 12."""
     repository = tmp_path / "repository"
     publish(repository, 1, content=b"v1")
     config_pbtxt(
@@ -453,32 +456,35 @@ def test_a_canary_trial_is_decided_on_every_workers_labels_and_moves_every_worke
     with Workers(
         tmp_path, 2, "--model-repository", str(repository), "--repository-poll-seconds", "0.2", "--log-level", "INFO"
     ) as server:
+        (metrics_dir,) = tmp_path.glob("mnist-serve-metrics-*")
         publish(repository, 2, content=b"v2")
-        deadline = time.monotonic() + 30
         started = f'mnist_canary_events_total{{event="STARTED",model="{MODEL}",version="2"}}'
         promoted = started.replace("STARTED", "PROMOTED")
+        deadline = time.monotonic() + 30
         while server.metric(started) < 1:
             assert time.monotonic() < deadline, server.log_text()[-3000:]
             time.sleep(0.1)
         time.sleep(0.5)  # the other worker's poll: its trial too
-        answered: dict[str, int] = {}
-        for _ in range(200):
+
+        def labelled(version: str) -> dict[int, float]:
+            return requests_answered_by_each_worker(metrics_dir, "mnist_feedback_total", {"version": version})
+
+        for _ in range(300):
+            if min(sum(labelled(version).values()) for version in ("1", "2")) >= 12:
+                break
             with grpc.insecure_channel(server.target) as channel:
                 stub = pb_grpc.ClassifierStub(channel)
                 answer = stub.Classify(pb.ClassifyRequest(raw=RAW), timeout=10)
-                answered[answer.model_version] = answered.get(answer.model_version, 0) + 1
                 label = answer.digit if answer.model_version == "2" else (answer.digit + 1) % 10
                 stub.Feedback(pb.FeedbackRequest(request_id=answer.request_id, label=label), timeout=10)
-            if server.metric(promoted):
-                break
-        assert server.metric(promoted) == 1, (
-            answered,
-            server.log_text()[-3000:],
-        )
-        assert "version 2 promoted on the labels of 2 worker(s)" in server.log_text()
-        (metrics_dir,) = tmp_path.glob("mnist-serve-metrics-*")
-        labelled = requests_answered_by_each_worker(metrics_dir, "mnist_feedback_total", {})
-        assert len(labelled) == 2 and min(labelled.values()) > 0, labelled  # both workers' labels counted
+        per_worker = {version: labelled(version) for version in ("1", "2")}
+        assert min(max(counts.values()) for counts in per_worker.values()) < 12, per_worker  # no worker alone
+        deadline = time.monotonic() + 10
+        while server.metric(promoted) < 1:
+            assert time.monotonic() < deadline, (per_worker, server.log_text()[-3000:])
+            time.sleep(0.1)
+        assert server.metric(promoted) == 1 and server.metric(started) == 1  # counted once, by the supervisor
+        assert "version 2 PROMOTED on the labels of 2 worker(s)" in server.log_text()
         deadline = time.monotonic() + 15  # the supervisor's agreement: every worker moves to version 2
         while {answer.model_version for answer in classify_on_fresh_connections(server.target, 16)} != {"2"}:
             assert time.monotonic() < deadline, server.log_text()[-3000:]

@@ -73,7 +73,7 @@ class AnswerMemory:
         self._batches = 0
         # (model, request id, when answered): a label was taken for that answer. A new answer under the same id (a
         # client that reuses its ids) is another answer, labelled afresh.
-        self._labelled: OrderedDict[tuple[str, str, float], None] = OrderedDict()
+        self._labelled: OrderedDict[tuple[str, str, float], str] = OrderedDict()  # -> the label taken
 
     def __len__(self) -> int:
         """Answers held."""
@@ -145,12 +145,13 @@ class AnswerMemory:
             _pixels(predictions, row),
         )
 
-    def labelled(self, answer: Answer) -> bool:
-        return (answer.model, answer.request_id, answer.answered_at) in self._labelled
+    def labelled(self, answer: Answer) -> str | None:
+        """The label taken for this answer, or None."""
+        return self._labelled.get((answer.model, answer.request_id, answer.answered_at))
 
-    def mark_labelled(self, answer: Answer) -> None:
+    def mark_labelled(self, answer: Answer, label: str) -> None:
         """A label was taken for this answer: a second one is a duplicate."""
-        self._labelled[(answer.model, answer.request_id, answer.answered_at)] = None
+        self._labelled[(answer.model, answer.request_id, answer.answered_at)] = label
         while len(self._labelled) > max(self.max_answers, 1):
             self._labelled.popitem(last=False)
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -24,6 +24,15 @@ from server.pipeline.predictions import Predictions
 
 if TYPE_CHECKING:
     from server.feedback.peers import FeedbackPeers
+
+
+class ReplicaAsker(Protocol):
+    """The fleet's other replicas, asked for the answer under a request id (server/transport/replicas.py)."""
+
+    async def ask(
+        self, request_id: str, label: int | None, text: str | None, model: str, authorization: str | None
+    ) -> FeedbackResult | None: ...
+
 
 log = logging.getLogger("mnist.feedback")
 
@@ -56,8 +65,10 @@ class FeedbackLoop:
         self.writer = writer
         # Told of every labelled answer (model, version, right): the model repository's canary trials count them.
         self.on_labelled: Callable[[str, str, bool], None] = lambda model, version, correct: None
-        # With `--workers N`: the other workers, asked for an answer this one does not remember (peers.py).
+        # With `--workers N`: the other workers, asked for an answer this one does not remember (peers.py); with
+        # `--feedback-peers`, the fleet's other replicas (server/transport/replicas.py: ReplicaPeers).
         self.peers: FeedbackPeers | None = None
+        self.replicas: ReplicaAsker | None = None
 
     # --- the serving path ---------------------------------------------------------------------------------------
 
@@ -111,18 +122,36 @@ class FeedbackLoop:
     # --- Feedback calls -----------------------------------------------------------------------------------------
 
     async def take_anywhere(
-        self, request_id: str, label: int | None, text: str | None, model: str = ""
+        self,
+        request_id: str,
+        label: int | None,
+        text: str | None,
+        model: str = "",
+        forwarded: bool = False,
+        authorization: str | None = None,
     ) -> FeedbackResult:
-        """`take` here, or by the worker that gave the answer when this one does not remember it (`--workers N`)."""
-        if self.peers is None or not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS:
+        """`take` here, or by the process that gave the answer when this one does not remember it: another worker
+        (`--workers N`, peers.py), then another replica (`--feedback-peers`, server/transport/replicas.py) with the
+        caller's `authorization`, unless the call was `forwarded` by a replica already (it is asked once, by the
+        replica that received it, which alone counts an unknown id)."""
+        replicas = None if forwarded else self.replicas
+        if text is not None and len(text) > 4 * MAX_TEXT_CHARS:  # refused before it travels to another process
+            raise self._refused("bad_label", InvalidInput(f"text is over {4 * MAX_TEXT_CHARS} characters"))
+        if (self.peers is None and replicas is None and not forwarded) or not 0 < len(
+            request_id
+        ) <= MAX_REQUEST_ID_CHARS:
             return self.take(request_id, label, text, model)
         try:
             return self.take(request_id, label, text, model, count_unknown=False)
         except NotFound as not_here:
-            result = await self.peers.ask(request_id, label, text, model)
-            if result is None:
-                raise self._refused("unknown_request", not_here) from None
+            missing = not_here
+        if self.peers is not None and (result := await self.peers.ask(request_id, label, text, model)) is not None:
             return result
+        if replicas is not None:
+            result = await replicas.ask(request_id, label, text, model, authorization)
+            if result is not None:
+                return result
+        raise missing if forwarded else self._refused("unknown_request", missing)
 
     def take(
         self, request_id: str, label: int | None, text: str | None, model: str = "", count_unknown: bool = True
@@ -149,11 +178,15 @@ class FeedbackLoop:
                 ),
             )
         truth = self._truth(answer, label, text)
-        if self.memory.labelled(answer):
+        if (taken := self.memory.labelled(answer)) is not None:
             raise self._refused(
-                "duplicate", AlreadyExists(f"the answer {shown!r} already has a label: a second one is refused")
+                "duplicate",
+                AlreadyExists(
+                    f"the answer {shown!r} already has a label ({taken!r}): a second one is refused (a retry of a "
+                    "call that timed out finds its own label here)"
+                ),
             )
-        self.memory.mark_labelled(answer)
+        self.memory.mark_labelled(answer, truth)
         # A number is right when its digits are: where ReadDigits put group and line breaks is not judged
         label, predicted = (
             (truth, answer.prediction) if answer.kind == CLASSIFY else map(_digits, (truth, answer.prediction))

@@ -37,6 +37,7 @@ log = logging.getLogger("mnist.feedback")
 
 PEERS_ENV = "MNIST_WORKER_PEERS"  # the folder of the workers' sockets, made by the supervisor
 ASK_TIMEOUT_S = 2.0  # how long one sibling may take to answer
+MAX_SOCKET_PATH_BYTES = 107  # sockaddr_un's sun_path, less its terminating zero (Linux)
 MAX_LINE_BYTES = 64 * 1024  # a question or an answer (no image travels: the owner stores the record)
 # The refusals a sibling may send back, re-raised here as the owner raised them.
 _REFUSALS: dict[str, type[ServiceError]] = {cls.__name__: cls for cls in (NotFound, AlreadyExists, InvalidInput)}
@@ -65,6 +66,11 @@ class FeedbackPeers:
 
     async def start(self) -> None:
         path = socket_path(self.folder, self.index)
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+            raise RuntimeError(
+                f"the workers' socket path {path} is over {MAX_SOCKET_PATH_BYTES} bytes (a Unix socket's limit): "
+                "set TMPDIR to a shorter folder"
+            )
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # this worker's previous process, killed before it could remove it
         self._server = await asyncio.start_unix_server(self._answer, path=str(path), limit=MAX_LINE_BYTES)
@@ -72,7 +78,7 @@ class FeedbackPeers:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-            with contextlib.suppress(asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
             self._server = None
         with contextlib.suppress(OSError):
@@ -131,25 +137,30 @@ class FeedbackPeers:
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            question = json.loads(await asyncio.wait_for(reader.readuntil(b"\n"), self.timeout))
-            label, text = question.get("label"), question.get("text")
-            result = self._take(
-                str(question["request_id"]),
-                label if isinstance(label, int) else None,
-                text if isinstance(text, str) else None,
-                str(question.get("model") or ""),
-            )
-            reply: dict[str, Any] = {"result": _fields(result)}
-        except ServiceError as refusal:
-            reply = {"error": type(refusal).__name__, "message": str(refusal)}
-        except (TimeoutError, ValueError, KeyError, TypeError, AttributeError, asyncio.IncompleteReadError):
-            reply = {"error": "InvalidInput", "message": "a question this worker cannot read"}
-        except asyncio.LimitOverrunError:
-            reply = {"error": "InvalidInput", "message": f"a question over {MAX_LINE_BYTES} bytes"}
-        with contextlib.suppress(OSError):
+            reply = await self._reply(reader)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
+        except OSError:
+            pass  # the asker went away: it has its timeout
+        finally:
             writer.close()
+
+    async def _reply(self, reader: asyncio.StreamReader) -> dict[str, Any]:
+        try:
+            question = json.loads(await asyncio.wait_for(reader.readuntil(b"\n"), self.timeout))
+            request_id, label, text = str(question["request_id"]), question.get("label"), question.get("text")
+            model = str(question.get("model") or "")
+        except asyncio.LimitOverrunError:
+            return {"error": "InvalidInput", "message": f"a question over {MAX_LINE_BYTES} bytes"}
+        except (TimeoutError, ValueError, KeyError, TypeError, AttributeError, asyncio.IncompleteReadError):
+            return {"error": "InvalidInput", "message": "a question this worker cannot read"}
+        try:
+            result = self._take(
+                request_id, label if isinstance(label, int) else None, text if isinstance(text, str) else None, model
+            )
+        except ServiceError as refusal:
+            return {"error": type(refusal).__name__, "message": str(refusal)}
+        return {"result": _fields(result)}
 
 
 def _fields(result: FeedbackResult) -> dict[str, Any]:

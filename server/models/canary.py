@@ -118,21 +118,66 @@ class Canary:
 
 def pooled_trials(reports: Iterable[dict[str, Any]]) -> list[Canary]:
     """The trials of several workers (`mnist-serve --workers N`), each report a worker's ModelRepository.trials_now,
-    as one Canary per trial with every worker's labelled counts summed: the supervisor decides on these, so a trial
-    needs `canary_min_labels` labels in all, not in each worker. A report it cannot read is left out."""
+    as one Canary per trial (model, stable, candidate) with every worker's labelled counts summed: the supervisor
+    decides on these, so a trial needs `canary_min_labels` labels in all, not in each worker. A report it cannot read
+    is left out."""
     trials: dict[tuple[str, str, str], Canary] = {}
     for report in reports:
         for model, trial in report.items():
             try:
                 key = (model, str(trial["stable"]), str(trial["candidate"]))
                 settings = CanarySettings(float(trial["share"]), int(trial["min_labels"]), float(trial["margin"]))
-                counts = [
-                    (int(n), int(trial["right"].get(version, 0)), version) for version, n in trial["labelled"].items()
-                ]
+                right = trial["right"]
+                counts = [(version, int(n), int(right.get(version, 0))) for version, n in trial["labelled"].items()]
             except (KeyError, TypeError, ValueError, AttributeError):
                 continue
             canary = trials.setdefault(key, Canary(*key, settings))
-            for labelled, right, version in counts:
+            for version, labelled, correct in counts:
                 canary.labelled[version] = canary.labelled.get(version, 0) + labelled
-                canary.right[version] = canary.right.get(version, 0) + right
+                canary.right[version] = canary.right.get(version, 0) + correct
     return list(trials.values())
+
+
+TrialKey = tuple[str, str, str]  # model, stable version, candidate version
+Event = tuple[str, str, str, str]  # model, version on trial, STARTED / PROMOTED / ROLLED_BACK / ENDED, why
+Verdict = list[str]  # model, candidate, PROMOTED or ROLLED_BACK, why: what a worker is sent
+
+
+@dataclass
+class TrialJudge:
+    """The supervisor's side of canary trials with `--workers N`: from every running worker's last report of its
+    trials, the events to count (each once, whichever workers see it) and the verdicts to send (to each worker still
+    running the trial, every round until it has taken it). A verdict is forgotten once no worker runs its trial, so
+    the same versions can be tried again (a ROLLED_BACK marker deleted, a new file under the same number)."""
+
+    verdicts: dict[TrialKey, tuple[str, str]] = field(default_factory=dict)
+    running: set[TrialKey] = field(default_factory=set)
+
+    def update(self, reports: dict[Any, dict[str, Any]]) -> tuple[list[Event], dict[Any, list[Verdict]]]:
+        events: list[Event] = []
+        pooled = {(c.model, c.stable, c.candidate): c for c in pooled_trials(reports.values())}
+        holders: dict[TrialKey, list[Any]] = {}
+        for worker, report in reports.items():
+            for model, trial in report.items():
+                key = (
+                    (model, str(trial.get("stable")), str(trial.get("candidate"))) if isinstance(trial, dict) else None
+                )
+                if key in pooled:
+                    holders.setdefault(key, []).append(worker)
+        for key, canary in pooled.items():
+            if key not in self.running:
+                self.running.add(key)
+                events.append((canary.model, canary.candidate, "STARTED", canary.describe()))
+            if key not in self.verdicts and (decided := canary.decision()) is not None:
+                self.verdicts[key] = decided
+                events.append((canary.model, canary.candidate, *decided))
+        for key in [key for key in self.running if key not in pooled]:
+            self.running.discard(key)
+            if self.verdicts.pop(key, None) is None:
+                events.append((key[0], key[2], "ENDED", "no worker runs the trial any more"))
+        verdicts: dict[Any, list[Verdict]] = {}
+        for key, workers in holders.items():
+            if key in self.verdicts:
+                for worker in workers:
+                    verdicts.setdefault(worker, []).append([key[0], key[2], *self.verdicts[key]])
+        return events, verdicts

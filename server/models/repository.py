@@ -318,7 +318,8 @@ class ModelRepository:
         which `resolve`, describe the default)."""
         if not version and self._canaries:
             canary = self._canaries.get(name or self.default_model)
-            version = canary.pick() if canary is not None else ""
+            if canary is not None and self._defaults.get(canary.model) == canary.stable:  # not past an agreement
+                version = canary.pick()
         return Lease(self.resolve(name, version), self.observer)
 
     def served(self) -> list[ServedModel]:
@@ -384,6 +385,14 @@ class ModelRepository:
         self._agreed = proposed
         self._choose_defaults()
         self.observer.on_changed(self)
+
+    def _agreed_elsewhere(self, name: str, version: str) -> bool:
+        """Whether the workers' agreement (in force or proposed) routes requests naming no version of `name` to
+        another version than `version`: a worker started again after a canary's promotion starts no trial."""
+        return any(
+            agreed is not None and agreed.defaults.get(name, version) != version
+            for agreed in (self._agreed, self._proposed)
+        )
 
     def _held(self, name: str, version: str) -> bool:
         """Whether the workers' agreement (in force or proposed) still routes requests naming no version here."""
@@ -636,6 +645,7 @@ class ModelRepository:
             or previous not in versions
             or newest == previous
             or self._wanted_default.get(name)  # the operator pinned a default: no trial
+            or self._agreed_elsewhere(name, previous)  # the other workers route elsewhere: decided already
             or (name, newest) in self._decided
             or version_key(newest) < version_key(previous)
         ):

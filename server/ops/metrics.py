@@ -219,6 +219,18 @@ def _edge_label(edge: float) -> str:
     return floatToGoString(float(edge))  # as prometheus_client labels its own buckets: 1 -> "1.0"
 
 
+def canary_events_counter(registry: CollectorRegistry) -> Counter:
+    """mnist_canary_events_total: counted by the server, or with `--workers N` by the supervisor, which decides the
+    trials (server/models/canary.py, TrialJudge), so each event is counted once."""
+    return Counter(
+        "mnist_canary_events",
+        "canary trials of new versions (server/models/canary.py), by model, the version on trial and what "
+        "happened: STARTED, PROMOTED, ROLLED_BACK, ENDED (a version went away undecided)",
+        ["model", "version", "event"],
+        registry=registry,
+    )
+
+
 class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -429,13 +441,7 @@ class ServiceMetrics:
             version_labels,
             **live,
         )
-        self.canary_events = Counter(
-            "mnist_canary_events",
-            "canary trials of new versions (server/models/canary.py), by model, the version on trial and what "
-            "happened: STARTED, PROMOTED, ROLLED_BACK, ENDED (a version went away undecided)",
-            ["model", "version", "event"],
-            registry=r,
-        )
+        self.canary_events = canary_events_counter(r)
         self.drift_window_answers = Gauge(
             "mnist_drift_window_answers", "answers in the drift window", version_labels, **live
         )

@@ -6,7 +6,7 @@ event loop, so a busy loop still answers), repeating the request's `id`:
 
     {"op": "status", "id"}                          -> {"op": "status", "id", "pid", "live", "ready", "models"}
     {"op": "agree", "id", "seq", "defaults", "at"}  -> {"op": "agreed", "id", "seq"}
-    {"op": "conclude", "id", "model", "candidate", "verdict", "why"}  -> {"op": "concluded", "id"}
+    {"op": "conclude", "id", "verdicts": [[model, candidate, verdict, why], ...]}  -> {"op": "concluded", "id"}
 
 `live` and `ready` are None when all is well, else what is wrong, in words (the supervisor's /livez and
 /readyz repeat them); `models` is {model: {"ready": [versions], "local": version}}, the default the worker
@@ -113,6 +113,7 @@ class WorkerLink:
             self._propose(AgreedDefaults(int(message["seq"]), dict(message["defaults"]), float(message["at"])))
             return {"op": "agreed", "id": ident, "seq": int(message["seq"])}
         if op == "conclude":
-            self._conclude(str(message["model"]), str(message["candidate"]), str(message["verdict"]), message["why"])
+            for model, candidate, verdict, why in message["verdicts"]:
+                self._conclude(str(model), str(candidate), str(verdict), str(why))
             return {"op": "concluded", "id": ident}
         raise ValueError(f"unknown op {op!r}")

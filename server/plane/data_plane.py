@@ -244,13 +244,20 @@ class DataPlane:
             )
 
     async def feedback_for(
-        self, request_id: str, label: int | None, text: str | None, model: str = ""
+        self,
+        request_id: str,
+        label: int | None,
+        text: str | None,
+        model: str = "",
+        forwarded: bool = False,
+        authorization: str | None = None,
     ) -> FeedbackResult:
         """The true label of an earlier answer: joined, counted in live quality and stored (server/feedback/), by the
-        worker that gave the answer."""
+        worker or replica that gave the answer (`forwarded`: sent by another replica; `authorization`: the caller's,
+        for the replicas asked)."""
         if self.feedback is None:
             raise Unsupported("this server keeps no answers for feedback")
-        return await self.feedback.take_anywhere(request_id, label, text, model)
+        return await self.feedback.take_anywhere(request_id, label, text, model, forwarded, authorization)
 
     # --- model control (explicit loads and unloads, when enabled) ---------------------------------
 

@@ -311,7 +311,9 @@ class RestApi:
             raise InvalidInput('"label" must be a whole number from 0 to 9')
         if text is not None and not isinstance(text, str):
             raise InvalidInput('"text" must be a string of digits')
-        result = await self.plane.feedback_for(request_id, label, text, request.match_info["name"])
+        result = await self.plane.feedback_for(
+            request_id, label, text, request.match_info["name"], authorization=request.headers.get("Authorization")
+        )
         return web.json_response(
             {
                 "model_name": result.answer.model,

@@ -31,6 +31,7 @@ from server.transport.guards import (
     request_deadline,
     status_of,
 )
+from server.transport.replicas import FORWARDED_KEY
 from server.transport.wire import (
     ParsedRequest,
     RawBatch,
@@ -239,11 +240,14 @@ class ClassifierServicer:
         truth = request.WhichOneof("truth")
         if truth is None:
             raise InvalidInput("no truth: set `label` (the true digit of a Classify answer) or `text` (of ReadDigits)")
+        metadata = dict(context.invocation_metadata() or ())
         result = await self.plane.feedback_for(
             request.request_id,
             request.label if truth == "label" else None,
             request.text if truth == "text" else None,
             request.model_name,
+            forwarded=metadata.get(FORWARDED_KEY) == "1",  # by another replica: not forwarded again
+            authorization=metadata.get("authorization"),
         )
         return pb.FeedbackResponse(
             model_name=result.answer.model,
