@@ -238,6 +238,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "-o", str(out / "fine-tune" / f"{MODEL}.onnx"), "--publish", str(out / "repository"),
             "--parity-images", "200",
         ]  # fmt: skip
+        if args.test_limit:  # a smoke run: the export's accuracy on as many test digits as the fine-tune's
+            export += ["--accuracy-images", str(args.test_limit)]
         if args.data_dir:
             export += ["--data-dir", args.data_dir]
         _run(export, out / "export.log")

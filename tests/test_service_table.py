@@ -27,6 +27,7 @@ from server.errors import (
     ServiceError,
     ShuttingDown,
     Unauthenticated,
+    Unavailable,
     Unsupported,
 )
 from server.ops.metrics import ServiceMetrics
@@ -39,6 +40,7 @@ DOCUMENTED = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,  # another worker or replica that may hold the answer did not reply
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
     AuthRefused: grpc.StatusCode.PERMISSION_DENIED,  # the base of the two below; raised only as one of them

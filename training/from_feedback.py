@@ -36,6 +36,9 @@ from training.train import CHECKPOINT_FORMAT, TrainConfig
 
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "server" / "bundled" / "googlenet-fast.onnx"
 DISTILL_TEMPERATURE = 2.0
+# Channels last: on the CPU this network's convolutions and max pools evaluate 1.9x faster than in the default layout
+# (a training step 1.5x; measured here, 2026-12-07). Evaluation only: training keeps the layout, and so its numbers.
+EVALUATION_LAYOUT = torch.channels_last
 MIX_SHARES = (1.0, 0.8, 0.6, 0.4, 0.2)  # of the fine-tuned weights, tried in turn until MNIST is kept
 
 
@@ -150,10 +153,15 @@ def accuracy(network: torch.nn.Module, images: np.ndarray, labels: np.ndarray, d
         return float("nan")
     network.eval()
     right = 0
-    with torch.no_grad():
-        for start in range(0, len(images), 500):
-            x = torch.from_numpy(MNIST_NORMALIZATION.apply(images[start : start + 500])[:, None]).to(device)
-            right += int((network(x).argmax(1).cpu().numpy() == labels[start : start + 500]).sum())
+    network.to(memory_format=EVALUATION_LAYOUT)  # the same weights, laid out for speed; as they were after
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), 500):
+                x = torch.from_numpy(MNIST_NORMALIZATION.apply(images[start : start + 500])[:, None]).to(device)
+                x = x.contiguous(memory_format=EVALUATION_LAYOUT)
+                right += int((network(x).argmax(1).cpu().numpy() == labels[start : start + 500]).sum())
+    finally:
+        network.to(memory_format=torch.contiguous_format)
     return right / len(images)
 
 

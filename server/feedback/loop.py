@@ -137,9 +137,8 @@ class FeedbackLoop:
         replicas = None if forwarded else self.replicas
         if text is not None and len(text) > 4 * MAX_TEXT_CHARS:  # refused before it travels to another process
             raise self._refused("bad_label", InvalidInput(f"text is over {4 * MAX_TEXT_CHARS} characters"))
-        if (self.peers is None and replicas is None and not forwarded) or not 0 < len(
-            request_id
-        ) <= MAX_REQUEST_ID_CHARS:
+        others = self.peers is not None or replicas is not None
+        if not (others or forwarded) or not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS:
             return self.take(request_id, label, text, model)
         try:
             return self.take(request_id, label, text, model, count_unknown=False)
