@@ -257,6 +257,28 @@ def test_the_supervisor_counts_each_event_once_and_sends_a_verdict_until_each_wo
     assert [(e[1], e[2]) for e in events] == [("3", "ENDED")]
 
 
+def test_a_trial_the_workers_agreement_has_moved_past_ends_and_stops_taking_a_share(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        publish(tmp_path, 1, content=b"v1")
+        config_pbtxt(tmp_path, CANARY)
+        repository = ModelRepository(FakeLoader(), tmp_path, grace=0)
+        repository.trials_judged_here = False
+        repository.propose_defaults(AgreedDefaults(1, {MODEL: "1"}, time.monotonic()))
+        await repository.poll(settle=False)
+        publish(tmp_path, 2, content=b"v2")
+        await repository.poll(settle=False)
+        assert repository.trials_now[MODEL]["candidate"] == "2"
+        assert {repository.lease().served.version for _ in range(200)} == {"1", "2"}  # the trial's share
+        # the others promoted 2 without this worker's verdict reaching it (it was starting again meanwhile)
+        repository.propose_defaults(AgreedDefaults(2, {MODEL: "2"}, time.monotonic()))
+        repository.follow_agreement()
+        assert repository.trials_now == {} and repository.local_defaults() == {MODEL: "2"}
+        assert {repository.lease().served.version for _ in range(200)} == {"2"}
+        await repository.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_worker_started_again_after_a_promotion_runs_no_trial_and_routes_by_the_agreement(tmp_path: Path) -> None:
     async def scenario() -> None:
         publish(tmp_path, 1, content=b"v1")

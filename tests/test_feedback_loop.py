@@ -45,13 +45,8 @@ def test_labelled_shifted_digits_lead_to_a_better_version_promoted_by_canary(tmp
     judged = report["judged"]
     assert judged["version_2_shifted"] > judged["version_1_shifted"], judged
     tuned = report["fine_tune"]
-    # No forgetting, as the fine-tune guarantees it: the weights kept are the most fine-tuned mix whose MNIST validation
-    # accuracy (5,000 digits neither model learnt from) is within max_mnist_loss of the served model's ...
-    kept = tuned["mixes"][-1]
-    assert kept["fine_tuned_share"] == tuned["fine_tuned_share"], tuned
-    assert kept["mnist_validation"] >= tuned["mnist_validation_served"] - tuned["config"]["max_mnist_loss"], tuned
-    # ... and on the 1,000 test digits judged here, within what 1,000 digits can tell: runs of this test lost 0 to 4 of
-    # them; without replay, distillation and the mix the same fine-tune lost 10 (measured 2026-12-07). The full-size
-    # recorded run measures the 0.1-point target on all 10,000 (loadtest/results/feedback-loop).
+    # No forgetting, on the 1,000 test digits judged here, within what 1,000 digits can tell: runs of this test lost 0
+    # to 4 of them; without replay, distillation and the mix the same fine-tune lost 10 (measured 2026-12-07). The
+    # full-size recorded run measures the 0.1-point target on all 10,000 (loadtest/results/feedback-loop).
     assert tuned["after"]["mnist_test"] >= tuned["before"]["mnist_test"] - 0.006, tuned
     assert (settings.out / "feedback-loop.png").stat().st_size > 10_000

@@ -56,7 +56,7 @@ class Replica:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Replica]]:
     tokens = tmp_path_factory.mktemp("fleet") / "tokens"
-    tokens.write_text(f"{TOKEN} infer,feedback\ninfer-only\n")
+    tokens.write_text(f"{TOKEN} infer,feedback\n")
     tokens.chmod(0o600)
     ports = [free_port(), free_port()]
     gone = free_port()  # a replica listed but not running: passed over
@@ -162,3 +162,35 @@ def test_a_dns_name_is_every_address_it_resolves_to_and_this_replica_is_not_aske
     listed = asyncio.run(addresses(None))
     assert "127.0.0.1:50051" in listed and "10.0.0.7:50051" in listed and len(listed) == len(set(listed))
     assert asyncio.run(addresses(50051)) == ["10.0.0.7:50051"]  # its own port on its own addresses: not asked
+
+
+class Draining(pb_grpc.ClassifierServicer):
+    """A replica that is reached but answers UNAVAILABLE, as one that is draining does: it may hold the answer."""
+
+    def Feedback(self, request, context):  # noqa: N802 (gRPC's method name)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica")
+
+
+def test_a_replica_that_answers_unavailable_makes_the_label_retryable_and_one_gone_does_not() -> None:
+    from concurrent import futures
+
+    draining = grpc.server(futures.ThreadPoolExecutor(2))
+    pb_grpc.add_ClassifierServicer_to_server(Draining(), draining)
+    draining_port = draining.add_insecure_port("127.0.0.1:0")
+    draining.start()
+    asked = [f"127.0.0.1:{draining_port}", f"127.0.0.1:{free_port()}"]  # the second: nobody listens there
+    servers = [
+        MnistServer(test_config(backend="null", digit_detector="none", feedback_peers=peers)).start()
+        for peers in (",".join(asked), asked[1])
+    ]
+    try:
+        codes = []
+        for server in servers:
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel, pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.ClassifierStub(channel).Feedback(pb.FeedbackRequest(request_id="held-elsewhere?", label=1))
+            codes.append(refused.value.code())
+        assert codes == [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND]
+    finally:
+        for server in servers:
+            server.stop()
+        draining.stop(0)

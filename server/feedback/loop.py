@@ -178,11 +178,12 @@ class FeedbackLoop:
             )
         truth = self._truth(answer, label, text)
         if (taken := self.memory.labelled(answer)) is not None:
+            same = "the same as this one" if taken == truth else "a different one"
             raise self._refused(
                 "duplicate",
                 AlreadyExists(
-                    f"the answer {shown!r} already has a label ({taken!r}): a second one is refused (a retry of a "
-                    "call that timed out finds its own label here)"
+                    f"the answer {shown!r} already has a label ({same}): a second one is refused (a retry of a call "
+                    "that timed out finds its own label taken)"
                 ),
             )
         self.memory.mark_labelled(answer, truth)

@@ -631,6 +631,8 @@ class ModelRepository:
                 if settings is None
                 else "a default_version was pinned"
                 if self._wanted_default.get(name)
+                else "the workers' agreement routes to another version (the trial was decided without this worker)"
+                if self._agreed_elsewhere(name, canary.stable)
                 else ""
             )
             if not ended:

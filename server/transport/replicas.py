@@ -9,9 +9,11 @@ database writer) or refuses it (a second label, a label of the wrong kind), and 
 again. Replicas are asked one after another; this replica's own address (its port on one of its own addresses) is
 skipped.
 
-A replica that cannot be reached (UNAVAILABLE: gone, starting, or draining away) cannot give its answers and is passed
-over; one that does not answer within ASK_TIMEOUT_S (or sheds the call) might hold the answer, so when no other has
-it the call is refused UNAVAILABLE (retry) rather than NOT_FOUND.
+A replica that cannot be reached (no connection: gone or not yet listening) cannot give its answers and is passed
+over, logged at most once a minute; one that answers UNAVAILABLE (draining, its own workers slow), does not answer
+within ASK_TIMEOUT_S, or sheds the call might hold the answer, so when no other has it the call is refused UNAVAILABLE
+(retry) rather than NOT_FOUND. Over TLS, an address a DNS name resolved to is checked against that name: the
+replicas' certificates carry the Service's name (e.g. mnist-serve-headless), as a client's check would need.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ log = logging.getLogger("mnist.feedback")
 FORWARDED_KEY = "x-mnist-feedback-forwarded"  # metadata of a Feedback call one replica sends another
 ASK_TIMEOUT_S = 2.0
 DNS_REFRESH_S = 10.0
-_PASSED_OVER = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
+PASSED_OVER_LOG_S = 60.0  # a replica that cannot be reached is logged at most this often
 
 
 class ReplicaPeers:
@@ -53,7 +55,9 @@ class ReplicaPeers:
         self.own_port: int | None = None  # set once this replica listens: its own address is not asked
         self._own_hosts = _own_hosts()
         self._resolved: dict[str, tuple[float, list[str]]] = {}  # dns target -> (when, host:port addresses)
+        self._names: dict[str, str] = {}  # an address a DNS name resolved to -> that name (its certificate's)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._logged: dict[str, float] = {}  # address -> when it was last logged as passed over
 
     async def ask(
         self, request_id: str, label: int | None, text: str | None, model: str, authorization: str | None
@@ -73,8 +77,11 @@ class ReplicaPeers:
                 reply = await stub.Feedback(request, metadata=metadata, timeout=self.timeout)
             except grpc.aio.AioRpcError as error:
                 code = error.code()
-                if code in _PASSED_OVER:
+                if code == grpc.StatusCode.NOT_FOUND:
                     continue
+                if code == grpc.StatusCode.UNAVAILABLE and _unreachable(error):
+                    self._passed_over(address, error)
+                    continue  # not running (or not accepting us): its answers are not to be had
                 if code == grpc.StatusCode.ALREADY_EXISTS:
                     raise AlreadyExists(error.details()) from None
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -112,7 +119,10 @@ class ReplicaPeers:
                 addresses += await self._resolve(target)
             else:
                 addresses.append(target)
-        return [address for address in dict.fromkeys(addresses) if not self._is_own(address)]
+        addresses = [address for address in dict.fromkeys(addresses) if not self._is_own(address)]
+        for gone in [address for address in self._channels if address not in addresses]:  # pods come and go
+            await self._channels.pop(gone).close()
+        return addresses
 
     async def _resolve(self, target: str) -> list[str]:
         when, addresses = self._resolved.get(target, (0.0, []))
@@ -123,10 +133,12 @@ class ReplicaPeers:
             found = await asyncio.get_running_loop().getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
         except OSError as error:
             log.warning("feedback: cannot resolve %s (%s): its replicas are not asked", target, error)
-            return addresses  # the last answer, if any, until the name resolves again
-        addresses = [f"[{a[4][0]}]:{port}" if ":" in a[4][0] else f"{a[4][0]}:{port}" for a in found]
-        self._resolved[target] = (time.monotonic(), list(dict.fromkeys(addresses)))
-        return self._resolved[target][1]
+            self._resolved[target] = (time.monotonic(), addresses)  # the last answer, if any, until it resolves again
+            return addresses
+        addresses = list(dict.fromkeys(f"[{a[4][0]}]:{port}" if ":" in a[4][0] else f"{a[4][0]}:{port}" for a in found))
+        self._names.update(dict.fromkeys(addresses, host.strip("[]")))
+        self._resolved[target] = (time.monotonic(), addresses)
+        return addresses
 
     def _is_own(self, address: str) -> bool:
         host, _, port = address.rpartition(":")
@@ -137,15 +149,30 @@ class ReplicaPeers:
         if channel is None:
             if self.credentials is None:
                 channel = grpc.aio.insecure_channel(address)
-            else:
-                channel = grpc.aio.secure_channel(address, self.credentials)
+            else:  # an address a DNS name gave is checked against that name, as a client naming it would
+                name = self._names.get(address)
+                options = [("grpc.ssl_target_name_override", name)] if name else []
+                channel = grpc.aio.secure_channel(address, self.credentials, options)
             self._channels[address] = channel
         return channel
+
+    def _passed_over(self, address: str, error: grpc.aio.AioRpcError) -> None:
+        now = time.monotonic()
+        if now - self._logged.get(address, -PASSED_OVER_LOG_S) >= PASSED_OVER_LOG_S:
+            self._logged[address] = now
+            log.warning("feedback: replica %s cannot be reached, passed over: %s", address, error.details())
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()
+
+
+def _unreachable(error: grpc.aio.AioRpcError) -> bool:
+    """UNAVAILABLE because no connection could be made (gone, not yet listening, or a TLS handshake refused), not an
+    answer from a replica that may hold the label (draining, or its own workers slow)."""
+    details = (error.details() or "").lower()
+    return any(words in details for words in ("failed to connect", "connection refused", "handshake", "ssl"))
 
 
 def _own_hosts() -> set[str]:
