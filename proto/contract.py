@@ -191,3 +191,9 @@ OPERATOR_INPUT = "symbol"
 OPERATOR_OUTPUT = "symbol_probabilities"
 OPERATOR_CLASSES = ("digit", "+", "-", "×", "÷", "=")  # "-": minus as a dash; "÷": an obelus or a colon (:)
 OPERATORS = OPERATOR_CLASSES[1:]
+
+# --- the second opinion: a second digit classifier the reading calls average with the served model ---------------
+# server/bundled/second-opinion.onnx: the operator model's input (28x28, pixel / 255, light ink on dark), softmax
+# over the ten digits, index = digit. Never used by Classify.
+SECOND_OPINION_INPUT = "digit"
+SECOND_OPINION_OUTPUT = "digit_probabilities"

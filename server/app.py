@@ -49,6 +49,7 @@ from server.ops.worker_link import INDEX_ENV, LINK_ENV, WorkerLink
 from server.pipeline.digit_detector import DigitDetector
 from server.pipeline.model_pipeline import ModelPipeline, PipelineSettings
 from server.pipeline.operators import OperatorModel
+from server.pipeline.second_opinion import SecondOpinion
 from server.plane.data_plane import DataPlane
 from server.security import (
     TokenChecker,
@@ -116,6 +117,16 @@ def load_operator_model(config: ServeConfig) -> OperatorModel | None:
     operators = OperatorModel(Path(config.operator_model))
     log.info("operator model for ReadExpression: %s", operators.describe())
     return operators
+
+
+def load_second_opinion(config: ServeConfig) -> SecondOpinion | None:
+    """The reading calls' second digit classifier, one for each model version; None when turned off. A file that
+    is not one fails the version, saying why, as a broken model file does."""
+    if config.second_opinion == "none":
+        return None
+    second_opinion = SecondOpinion(Path(config.second_opinion))
+    log.info("second opinion for the reading calls: %s", second_opinion.describe())
+    return second_opinion
 
 
 QUALITY_SAMPLE_SECONDS = 10.0  # how often each version's drift is worked out (a tenth of a shorter drift window)
@@ -467,9 +478,11 @@ class MnistServer:
         config = replace(settings.applied_to(self.config), model=str(path))
         if settings.overrides():
             log.info("%s %s: settings from its config.pbtxt: %s", name, version, settings.describe())
+        # the side models first: one that fails to load then leaves no backend (and no GPU memory) behind
+        operators = await asyncio.get_running_loop().run_in_executor(None, load_operator_model, config)
+        second_opinion = await asyncio.get_running_loop().run_in_executor(None, load_second_opinion, config)
         backend = await asyncio.get_running_loop().run_in_executor(None, build_backend, config)
         info = backend.describe()
-        operators = await asyncio.get_running_loop().run_in_executor(None, load_operator_model, config)
         name, version = name or info.model_name, version or info.model_version
         log.info("backend: %s", info.summary())
         if info.engine == "onnxruntime" and not info.on_gpu:
@@ -494,6 +507,7 @@ class MnistServer:
             self.detector,
             self.metrics.decoding_pixels.set,
             operators,
+            second_opinion,
         )
         pipeline.name, pipeline.version = name, version
         pipeline.on_reading = self.metrics.observe_reading

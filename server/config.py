@@ -18,6 +18,7 @@ from server.security import redact_url
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "googlenet-fast.onnx"
 DIGIT_DETECTOR = Path(__file__).resolve().parent / "bundled" / "digit-detector.npz"
 OPERATOR_MODEL = Path(__file__).resolve().parent / "bundled" / "operators.onnx"
+SECOND_OPINION_MODEL = Path(__file__).resolve().parent / "bundled" / "second-opinion.onnx"
 TABLE_CANDIDATES_PER_CELL = 3  # ReadTable's candidate digit images per allowed cell (every way of cutting counted)
 ENV_PREFIX = "MNIST_SERVE_"
 
@@ -66,6 +67,7 @@ class ServeConfig:
     preprocess_workers: int = 0  # threads decoding encoded images off the event loop; 0 = one per core
     digit_detector: str = str(DIGIT_DETECTOR)  # digit_score for models without it in their graph; "none" = all off
     operator_model: str = str(OPERATOR_MODEL)  # tells + - × ÷ = from digits for ReadExpression; "none" = refused
+    second_opinion: str = str(SECOND_OPINION_MODEL)  # a second digit classifier the reading calls average; "none" = off
     intra_op_threads: int = 0  # ONNX Runtime threads per session run (0 = one per core)
     ort_spinning: str = "auto"  # auto = on: ONNX Runtime's default (spin between runs too); run: only during runs; off
     drain_seconds: float = 1.0  # after SIGTERM: report NOT_SERVING this long before refusing new calls
@@ -200,6 +202,10 @@ HELP = {
     "operator_model": "the operator model (.onnx) ReadExpression uses to tell the operators + - × ÷ = from digits "
     "(python -m training.operators makes it); it runs on the CPU beside each model version, only for "
     "ReadExpression (a few ms per expression). none: ReadExpression answers UNIMPLEMENTED",
+    "second_opinion": "a second digit classifier (.onnx; python -m training.second_opinion makes it) whose "
+    "probabilities ReadDigits, ReadTable and ReadExpression average with the served model's, so more pages are read "
+    "whole; it runs on the CPU beside each model version, in the thread that segmented the image. Classify never "
+    "uses it. none: the reading calls use the served model alone",
     "intra_op_threads": "ONNX Runtime intra-op threads (0 = ONNX Runtime's default, one per core)",
     "ort_spinning": "whether ONNX Runtime's intra-op threads spin while waiting for work: auto or on (ONNX Runtime's "
     "default: they go on spinning for a moment after a run, ready for the next: on the 2-core CPU a lone call 0.3 ms "
@@ -471,6 +477,8 @@ def validate(config: ServeConfig) -> None:
         problems.append(f"digit detector {config.digit_detector} does not exist (or pass none)")
     if config.operator_model != "none" and not Path(config.operator_model).is_file():
         problems.append(f"operator model {config.operator_model} does not exist (or pass none)")
+    if config.second_opinion != "none" and not Path(config.second_opinion).is_file():
+        problems.append(f"second-opinion model {config.second_opinion} does not exist (or pass none)")
     if config.model_repository and not Path(config.model_repository).is_dir():
         problems.append(f"model repository {config.model_repository} is not a folder")
     if config.model_control == "on" and not config.model_repository:

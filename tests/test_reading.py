@@ -115,19 +115,24 @@ def test_a_large_photo_is_read_in_its_own_pixels(served: Harness, mnist_test_dig
 
 
 def test_the_expected_count_splits_a_touching_pair_into_its_two_digits(served: Harness, mnist_test_digits) -> None:
-    """Pairs read at the wrong count without help (seeded: 28 of 300) are read as two digits with it, and those are
-    the digits drawn more often than not: the split falls between the digits, not just anywhere."""
+    """Pairs read at the wrong count without help (seeded: 25 of 300) are read as two digits with it, mostly the
+    digits drawn, each in its place: the split falls between the digits, not just anywhere (a split elsewhere leaves
+    a fragment and a digit with a stray stroke, and both misread); over all 300 pairs the count helps."""
     rng = np.random.default_rng(0)
     helped: list[tuple[str, str]] = []
+    unaided = aided = 0
     for _ in range(300):
         composed = compose(rng, *mnist_test_digits, "touching-pair", photo=False)
-        if len(read(served, composed.image).text) == 2:
-            continue
-        helped.append((composed.text, read(served, composed.image, expected_digits=2).text))
+        alone = read(served, composed.image).text
+        with_count = read(served, composed.image, expected_digits=2).text
+        unaided, aided = unaided + (alone == composed.text), aided + (with_count == composed.text)
+        if len(alone) != 2:
+            helped.append((composed.text, with_count))
     assert len(helped) >= 20, "too few pairs read at the wrong count: nothing to test"
     assert all(len(text) == 2 for _, text in helped), helped
-    right = sum(drawn == text for drawn, text in helped)
-    assert right >= len(helped) / 2, helped  # none of them was right unaided: the count was wrong
+    digits_in_place = sum(a == b for drawn, text in helped for a, b in zip(drawn, text, strict=True))
+    assert digits_in_place >= 0.6 * 2 * len(helped), helped  # none of them was right unaided: the count was wrong
+    assert aided > unaided, (aided, unaided)
 
 
 # --- what people send that is not a number ------------------------------------------------------------------

@@ -399,33 +399,41 @@ def print_evaluation(result: dict[str, Any]) -> None:
 # --- export -------------------------------------------------------------------------------------------------------
 
 
-def export_onnx(model: OperatorNet, path: Path, check_images: np.ndarray) -> float:
-    """The network and its softmax as ONNX with the contract's names and a dynamic batch; returns the largest
-    difference from PyTorch over `check_images` (raises when over ONNX_TOLERANCE)."""
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    check_images: np.ndarray,
+    names: tuple[str, str] = (OPERATOR_INPUT, OPERATOR_OUTPUT),
+    max_bytes: int | None = MAX_ONNX_BYTES,
+) -> float:
+    """The network and its softmax as ONNX with the contract's `names` (input, output) and a dynamic batch;
+    returns the largest difference from PyTorch over `check_images` (raises when over ONNX_TOLERANCE, or when the
+    file is over `max_bytes`). The second opinion's training exports through it too."""
     import onnxruntime as ort
 
+    input_name, output_name = names
     exported = ProbabilitiesOut(model).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
         exported,
         (to_input(check_images[:2]),),
         str(path),
-        input_names=[OPERATOR_INPUT],
-        output_names=[OPERATOR_OUTPUT],
-        dynamic_axes={OPERATOR_INPUT: {0: "batch"}, OPERATOR_OUTPUT: {0: "batch"}},
+        input_names=[input_name],
+        output_names=[output_name],
+        dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
         opset_version=ONNX_OPSET,
         dynamo=False,
     )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = to_input(check_images)
-    from_onnx = session.run([OPERATOR_OUTPUT], {OPERATOR_INPUT: x.numpy()})[0]
+    from_onnx = session.run([output_name], {input_name: x.numpy()})[0]
     with torch.no_grad():
         from_torch = exported(x).numpy()
     difference = float(np.abs(from_onnx - from_torch).max())
     if difference > ONNX_TOLERANCE:
         raise RuntimeError(f"ONNX output differs from PyTorch by {difference:.2e} (limit {ONNX_TOLERANCE:.0e})")
-    if path.stat().st_size > MAX_ONNX_BYTES:
-        raise RuntimeError(f"{path} is {path.stat().st_size:,} bytes, over the limit of {MAX_ONNX_BYTES:,}")
+    if max_bytes is not None and path.stat().st_size > max_bytes:
+        raise RuntimeError(f"{path} is {path.stat().st_size:,} bytes, over the limit of {max_bytes:,}")
     return difference
 
 

@@ -48,6 +48,7 @@ from server.pipeline.preprocess import (
     open_image,
     raw_length_problem,
 )
+from server.pipeline.second_opinion import SecondOpinion, averaged
 
 if TYPE_CHECKING:
     from server.pipeline.expressions import Expression
@@ -90,6 +91,7 @@ class ModelPipeline:
         detector: DigitScorer | None = None,
         on_decoding: Callable[[int], None] = lambda pixels: None,
         operators: OperatorModel | None = None,
+        second_opinion: SecondOpinion | None = None,
     ) -> None:
         self.backend = backend
         self.info: BackendInfo = backend.describe()
@@ -121,6 +123,7 @@ class ModelPipeline:
         self.on_table: Callable[[int, float], None] = lambda cells, seconds: None  # ReadTable's, per table
         self.on_expression: Callable[[int, float], None] = lambda symbols, seconds: None  # ReadExpression's
         self.operators = operators  # tells operators from digits for ReadExpression; None: it is refused
+        self.second_opinion = second_opinion  # averaged with the model by the reading calls; None: the model alone
         self._decoded_since_trim = 0
 
     def start(self) -> None:
@@ -179,14 +182,17 @@ class ModelPipeline:
         self, payload: bytes, expected: int = 0, deadline: float | None = None, max_digits: int = 64
     ) -> tuple[Reading, tuple[int, int]]:
         """Every digit in one encoded image (server/pipeline/reading.py): decoded within the same budgets as Classify's
-        images, segmented in a decoding thread, every candidate through the model in one batch. Returns the
-        reading and the image's (width, height) as stored. InvalidInput for no digits, too many, or a bad image."""
+        images, segmented in a decoding thread, every candidate through the model in one batch (and through the
+        second opinion, in that thread: the two averaged). Returns the reading and the image's (width, height) as
+        stored. InvalidInput for no digits, too many, or a bad image."""
         reading_module = _reading_module("reading numbers")
-        segmentation, seconds, size = await self._segmented(
-            payload, deadline, lambda gray, scale: reading_module.segment(gray, scale, expected, max_digits)
+        (segmentation, second), seconds, size = await self._segmented(
+            payload,
+            deadline,
+            self._with_second_opinion(lambda gray, scale: reading_module.segment(gray, scale, expected, max_digits)),
         )
         probabilities, _, _, scores, _ = await self.batcher.classify(segmentation.images[:, None], deadline)
-        reading = segmentation.assemble(probabilities, scores if self.detector is not None else None)
+        reading = segmentation.assemble(averaged(probabilities, second), scores if self.detector is not None else None)
         self.on_reading(len(reading.digits), seconds)
         return reading, size
 
@@ -194,19 +200,24 @@ class ModelPipeline:
         self, payload: bytes, deadline: float | None = None, max_cells: int = 256
     ) -> tuple[Table, tuple[int, int]]:
         """A table of numbers in one encoded image (server/pipeline/tables.py), as `read_digits` reads a number:
-        the same budgets, segmentation in a decoding thread, every candidate digit of every cell in one batch.
+        the same budgets, segmentation in a decoding thread, every candidate digit of every cell in one batch, the
+        second opinion averaged in.
         InvalidInput for no table, more cells than `max_cells`, or a bad image."""
         _reading_module("reading tables")
         from server.pipeline.tables import segment_table
 
         # one table's candidates always fit the queue: more would be "retry later" for a call that never could be
         most = min(TABLE_CANDIDATES_PER_CELL * max_cells, self.settings.max_queue_size)
-        table_segmentation, seconds, size = await self._segmented(
-            payload, deadline, lambda gray, scale: segment_table(gray, scale, max_cells, most)
+        (table_segmentation, second), seconds, size = await self._segmented(
+            payload,
+            deadline,
+            self._with_second_opinion(lambda gray, scale: segment_table(gray, scale, max_cells, most)),
         )
         images = table_segmentation.images
         probabilities, _, _, scores, _ = await self.batcher.classify(images[:, None], deadline)
-        table = table_segmentation.assemble(probabilities, scores if self.detector is not None else None)
+        table = table_segmentation.assemble(
+            averaged(probabilities, second), scores if self.detector is not None else None
+        )
         self.on_table(table.cells, seconds)
         return table, size
 
@@ -214,10 +225,10 @@ class ModelPipeline:
         self, payload: bytes, deadline: float | None = None, max_symbols: int = 64
     ) -> tuple[Expression, tuple[int, int]]:
         """Handwritten arithmetic in one encoded image (server/pipeline/expressions.py): every candidate symbol
-        through the operator model (in the decoding thread, right after the segmentation: a few milliseconds on one
-        core) and the classifier (one batch, as ReadDigits'). InvalidInput for no ink, no operator, no number, more
-        than one line or a bad image; Unsupported without the operator model. What cannot be evaluated (division
-        by zero, ...) is in the answer, not an error."""
+        through the operator model and the second opinion (in the decoding thread, right after the segmentation: a
+        few milliseconds on one core) and the classifier (one batch, as ReadDigits'). InvalidInput for no ink, no
+        operator, no number, more than one line or a bad image; Unsupported without the operator model. What cannot
+        be evaluated (division by zero, ...) is in the answer, not an error."""
         _reading_module("reading expressions")
         from server.pipeline.expressions import read_expression, segment_expression
 
@@ -229,14 +240,33 @@ class ModelPipeline:
             segmentation = segment_expression(gray, scale, max_symbols)
             return segmentation, operators.probabilities(segmentation.images)
 
-        (segmentation, operator_probabilities), seconds, size = await self._segmented(payload, deadline, segment)
+        ((segmentation, operator_probabilities), second), seconds, size = await self._segmented(
+            payload, deadline, self._with_second_opinion(segment, lambda segmented: segmented[0].images)
+        )
         probabilities, _, _, _, _ = await self.batcher.classify(segmentation.images[:, None], deadline)
         try:
-            expression = read_expression(segmentation, probabilities, operator_probabilities)
+            expression = read_expression(segmentation, averaged(probabilities, second), operator_probabilities)
         except ValueError as problem:
             raise InvalidInput(str(problem)) from None
         self.on_expression(len(expression.symbols), seconds)
         return expression, size
+
+    def _with_second_opinion(
+        self,
+        segment: Callable[[np.ndarray, float], _Segmented],
+        images_of: Callable[[Any], np.ndarray] = lambda segmented: segmented.images,
+    ) -> Callable[[np.ndarray, float], tuple[_Segmented, np.ndarray | None]]:
+        """`segment`, then the second opinion on the candidates it cut out, in the same decoding thread (so within
+        the call's deadline and budget); None for the opinion when this version has none."""
+        second_opinion = self.second_opinion
+
+        def segment_and_judge(gray: np.ndarray, scale: float) -> tuple[_Segmented, np.ndarray | None]:
+            segmented = segment(gray, scale)
+            if second_opinion is None:
+                return segmented, None
+            return segmented, second_opinion.probabilities(images_of(segmented))
+
+        return segment_and_judge
 
     async def _segmented(
         self, payload: bytes, deadline: float | None, segment: Callable[[np.ndarray, float], _Segmented]
