@@ -1,4 +1,4 @@
-"""A small convolutional network on the 28x28 input: the digit detector's second opinion, in numpy.
+"""A small convolutional network on the 28x28 input: the digit detector's pixel part, in numpy.
 
 The detector's hand-made features (`digit_detector.py`) see novelty in principal subspaces and in edge
 directions; they miss what a few learned strokes see (a handwritten letter's loops and joins, the grain of a

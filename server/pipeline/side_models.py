@@ -53,7 +53,10 @@ class SideModel:
             )
         if isinstance(inputs[input_name][0], int):
             raise self.error(f"{self.what} {self.path} takes a fixed batch of {inputs[input_name][0]}; expected any")
-        sums = self.probabilities(np.zeros((2, IMAGE_SIDE, IMAGE_SIDE), np.uint8)).sum(axis=1)
+        try:
+            sums = self.probabilities(np.zeros((2, IMAGE_SIDE, IMAGE_SIDE), np.uint8)).sum(axis=1)
+        except Exception as problem:  # e.g. a float16 input: ONNX Runtime's own classes again
+            raise self.error(f"{self.what} {self.path} cannot run a batch of two blank images: {problem}") from None
         if not np.allclose(sums, 1.0, atol=1e-3):
             raise self.error(f"{self.what} {self.path} gives rows summing to {sums[0]:.3g}; expected a softmax (1)")
 
