@@ -234,10 +234,15 @@ def test_blank_fields_with_specks_are_not_digits(detector: DigitDetector, model)
 
 
 def test_horizontal_and_diagonal_lines_are_not_digits(detector: DigitDetector, model) -> None:
+    """Every horizontal line, and most diagonals. Since 2026-12-08 (the threshold flags at most 1% of each set of
+    digits it is set on) 13 of these 18 are caught, 15 or more before: four 3-px diagonals and one 6-px one pass
+    as a slanted "1", the trade the threshold makes for fewer real digits flagged (the fitting side's own lines
+    are caught as often as before, 87.7% against 88.1%)."""
     fields = [line_field(angle, width) for angle in (0, 30, 45, 135, 150, 180) for width in (1, 3, 6)]
     x = raw(np.stack(fields))
     flagged = ~detector.is_digit(detector.score(x, model(x)))
-    assert flagged.mean() >= 0.8, flagged
+    horizontal = np.repeat(np.isin((0, 30, 45, 135, 150, 180), (0, 180)), 3)
+    assert flagged[horizontal].all() and flagged.mean() >= 0.7, flagged
 
 
 def test_real_test_digits_mostly_count_as_digits(detector: DigitDetector, model, mnist_dir: Path) -> None:

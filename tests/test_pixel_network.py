@@ -20,7 +20,7 @@ from server.config import BUNDLED_MODEL, DIGIT_DETECTOR
 from server.pipeline import pixel_network
 from server.pipeline.digit_detector import DigitDetector, DigitDetectorError
 from server.pipeline.pixel_network import PixelNetwork
-from training.fit_digit_detector import choose_pixel_weight
+from training.fit_digit_detector import choose_pixel_weight, strictest_quantile, weighted_quantile
 from training.pixel_network import PixelCNN, fit, fold
 
 
@@ -174,3 +174,13 @@ def test_the_pixel_weight_is_chosen_where_fitted_kinds_are_caught_most() -> None
     catches = {row["pixel_weight"]: row["catch_fitted_kinds"] for row in grid}
     assert share >= 0.8
     assert catches[0.0] < 0.05 and catches[share] > 0.9
+
+
+def test_the_threshold_flags_at_most_1_percent_of_every_set_of_digits_not_of_their_average() -> None:
+    """Two sets of threshold digits, one scored much lower (other hands): the threshold answers to that set, so it
+    flags 1% of it and less of the other; the average of the two would flag about 2% of the harder one."""
+    rng = np.random.default_rng(0)
+    easy, hard = rng.normal(5, 1, 5000), rng.normal(2, 1, 1000)
+    threshold = strictest_quantile([easy, hard], 0.01)
+    assert np.mean(hard < threshold) <= 0.01 and np.mean(easy < threshold) < 0.001
+    assert np.mean(hard < weighted_quantile([easy, hard], 0.01)) > 0.015

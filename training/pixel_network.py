@@ -115,7 +115,7 @@ def fit(
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += float(loss) * len(rows)
+            total += loss.item() * len(rows)
             seen += len(rows)
         loss_value = total / max(seen, 1)
         elapsed = time.perf_counter() - start

@@ -2,8 +2,9 @@
 
 MNIST digits are light ink on a dark background, cropped to the ink, scaled so the longer side
 is 20 px (aspect kept), and placed in a 28x28 field by their centre of mass. An encoded image
-(a photo or scan of a digit on paper, any size) goes through the same steps here. Raw 784-byte
-payloads are already in that layout and are only normalized, many at once.
+(a photo or scan of a digit on paper, any size) goes through the same steps here, after the paper's
+uneven light (a gradient, a vignette, a shadow) is taken away. Raw 784-byte payloads are already in
+that layout and are only normalized, many at once.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ WORK_PIXELS = 1_000_000  # images are reduced to about this before the float ste
 BLANK_RAW_SPREAD = 26  # raw pixels: brightest minus darkest under this (0.1 of the range) is a blank image
 RAW_BLANK = "raw image is blank: no digit stands out from the background (all pixels within {spread} gray levels)"
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+PAPER_GRID_SIDE = 64  # the paper's light is estimated on a copy about this many pixels on its shorter side...
+PAPER_CELL = 8  # ...in cells of this many pixels a side (so about 8 cells across the shorter side)
+PAPER_CELL_PERCENTILE = 10  # a cell's paper level: only a cell almost filled with ink reads as ink
+PAPER_TOLERANCE = 0.05  # a cell more than this above the fitted paper holds ink (paper grain and stains are less)
 
 
 def raw_length_problem(raw: bytes) -> str | None:
@@ -244,11 +249,70 @@ def box_blur(image: np.ndarray, k: int) -> np.ndarray:
     return (integral[k:, k:] - integral[:-k, k:] - integral[k:, :-k] + integral[:-k, :-k]) / (k * k)
 
 
+def paper_light(ink: np.ndarray) -> np.ndarray:
+    """The paper's own level under the ink (same shape as `ink`, light ink on dark): a smooth surface, so a photo
+    lit from one side, a vignette or a soft shadow is not taken for ink.
+
+    Each cell of a coarse grid gives a low percentile (the paper between strokes). A quadratic surface is fitted to
+    the cells from below (`_fit_from_below`); where under half of the cells end up as paper, ink fills much of the
+    frame and a plane is fitted instead, which cannot bend around strokes. The surface is kept within the range
+    of the paper cells. On a scan or a drawing it is flat; an image too small for the grid gets one level, its
+    median.
+    """
+    height, width = ink.shape
+    factor = max(1.0, min(height, width) / PAPER_GRID_SIDE)  # reduced, never enlarged
+    rows = round(height / factor) // PAPER_CELL
+    cols = round(width / factor) // PAPER_CELL
+    if rows * cols < 9:
+        return np.full(ink.shape, float(np.median(ink)), np.float32)
+    grid = np.asarray(
+        Image.fromarray(ink).resize((cols * PAPER_CELL, rows * PAPER_CELL), Image.Resampling.BOX), np.float32
+    )
+    cells = grid.reshape(rows, PAPER_CELL, cols, PAPER_CELL).transpose(0, 2, 1, 3).reshape(rows * cols, -1)
+    low = PAPER_CELL * PAPER_CELL * PAPER_CELL_PERCENTILE // 100
+    level = np.partition(cells, low, axis=1)[:, low]
+    y, x = (np.indices((rows, cols)).reshape(2, -1) + 0.5) / np.array([[rows], [cols]]) - 0.5
+    quadratic = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1)
+    coefficients, paper = _fit_from_below(quadratic, level)
+    if paper.mean() < 0.5:  # ink fills much of the frame: a quadratic could bend around it, a plane cannot
+        plane, paper = _fit_from_below(quadratic[:, :3], level)
+        coefficients = np.r_[plane, 0.0, 0.0, 0.0]
+    c, cx, cy, cxx, cxy, cyy = coefficients.astype(np.float32)
+    ys = (np.arange(height, dtype=np.float32) + 0.5) / height - 0.5
+    xs = (np.arange(width, dtype=np.float32) + 0.5) / width - 0.5
+    surface = np.multiply.outer(cxy * ys, xs)  # one image-sized array, filled in place
+    surface += (c + cy * ys + cyy * ys * ys)[:, None]
+    surface += (cx * xs + cxx * xs * xs)[None, :]
+    # between the cells it was fitted on a quadratic can overshoot, far beyond them it can run away
+    return np.clip(surface, level.min(), level[paper].max() + PAPER_TOLERANCE, out=surface)
+
+
+def _fit_from_below(terms: np.ndarray, level: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least squares of `level` on `terms` over the cells that are paper: first the lower half, then every cell
+    not above the last fit by more than PAPER_TOLERANCE, until that set stops changing. -> (coefficients, paper)."""
+    paper = level <= _middle(level)
+    for _ in range(8):
+        chosen = terms[paper]
+        coefficients = np.linalg.solve(chosen.T @ chosen + 1e-9 * np.eye(terms.shape[1]), chosen.T @ level[paper])
+        refit = level - terms @ coefficients <= PAPER_TOLERANCE
+        if refit.sum() < 2 * terms.shape[1] or (refit == paper).all():
+            break
+        paper = refit
+    return coefficients, paper
+
+
+def _middle(values: np.ndarray) -> float:
+    """The median of a few values (the upper one of an even count), without np.median's overhead."""
+    half = len(values) // 2
+    return float(np.partition(values, half)[half])
+
+
 def mnist_like(gray: np.ndarray) -> np.ndarray:
     """Grayscale [0, 1] of any size -> 28x28 float in [0, 255], light digit centred by mass on dark."""
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    ink = 1.0 - gray if np.median(border) > 0.5 else gray.copy()  # dark ink on light paper: invert
-    background = float(np.median(ink))
+    on_paper = bool(np.median(border) > 0.5)  # dark ink on light paper: inverted, and lit
+    ink = 1.0 - gray if on_paper else gray.copy()
+    background = paper_light(ink)
     # Strokes are found on a blurred copy (about 1/64 of the image wide): sensor noise and paper texture
     # average out there, while a digit of any size on any page keeps its peak.
     blur = max(1, round(min(ink.shape) / 64))
@@ -259,7 +323,9 @@ def mnist_like(gray: np.ndarray) -> np.ndarray:
     rows, cols = np.nonzero(smooth > INK_THRESHOLD * contrast)
     top, bottom = max(rows.min() - blur, 0), rows.max() + 1 + blur
     left, right = max(cols.min() - blur, 0), cols.max() + 1 + blur
-    crop = ink[top:bottom, left:right] - background
+    crop = ink[top:bottom, left:right] - background[top:bottom, left:right]
+    if on_paper:  # ink darkens the light falling on it: where the paper is dimmer, its strokes are fainter
+        crop /= np.maximum(1.0 - background[top:bottom, left:right], 0.05)
     crop = np.clip(crop / max(float(np.percentile(crop, 99)), contrast), 0.0, 1.0)
     crop[crop < INK_THRESHOLD / 2] = 0.0  # paper texture and noise inside the box
     return fit_to_mnist_box(crop)
