@@ -255,9 +255,9 @@ def paper_light(ink: np.ndarray) -> np.ndarray:
 
     Each cell of a coarse grid gives a low percentile (the paper between strokes). A quadratic surface is fitted to
     the cells from below (`_fit_from_below`); where under half of the cells end up as paper, ink fills much of the
-    frame and a plane is fitted instead, which cannot bend around strokes. The surface is kept within the range
-    of the paper cells. On a scan or a drawing it is flat; an image too small for the grid gets one level, its
-    median.
+    frame and a plane is fitted instead, which cannot bend around strokes. The surface is clipped between the
+    lowest cell and the highest paper cell (plus the tolerance). On a scan or a drawing it is flat; an image too
+    small for the grid gets one level, its median.
     """
     height, width = ink.shape
     factor = max(1.0, min(height, width) / PAPER_GRID_SIDE)  # reduced, never enlarged
@@ -283,13 +283,14 @@ def paper_light(ink: np.ndarray) -> np.ndarray:
     surface = np.multiply.outer(cxy * ys, xs)  # one image-sized array, filled in place
     surface += (c + cy * ys + cyy * ys * ys)[:, None]
     surface += (cx * xs + cxx * xs * xs)[None, :]
-    # between the cells it was fitted on a quadratic can overshoot, far beyond them it can run away
+    # a quadratic fitted on some cells can overshoot between and beyond them (the frame's corners)
     return np.clip(surface, level.min(), level[paper].max() + PAPER_TOLERANCE, out=surface)
 
 
 def _fit_from_below(terms: np.ndarray, level: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Least squares of `level` on `terms` over the cells that are paper: first the lower half, then every cell
-    not above the last fit by more than PAPER_TOLERANCE, until that set stops changing. -> (coefficients, paper)."""
+    not above the last fit by more than PAPER_TOLERANCE, until that set stops changing (at most 8 passes; a set of
+    under twice as many cells as terms is not fitted, the last fit stands). -> (coefficients, paper)."""
     paper = level <= _middle(level)
     for _ in range(8):
         chosen = terms[paper]
