@@ -204,8 +204,8 @@ def test_the_paper_level_of_a_photo_follows_its_light_and_not_its_ink(digits) ->
 def test_the_paper_level_under_digits_filling_their_frame_stays_the_paper(mnist_dir: Path) -> None:
     """Scans cut tight to the digit (UCI's 8x8 scans upscaled, a crop from a form): much of the frame is ink, yet
     the paper level stays at the paper for nearly all (96 of these 100; 92 without the plane for crowded
-    frames), so no stroke is taken away. One level for the whole frame,
-    its median, would take away more than 0.05 from most of them."""
+    frames), so no stroke is taken away. One level for the whole frame, its median, would take away more than
+    0.05 from most of them."""
     split = load_split("test", mnist_dir)
     kept = 0
     for digit in split.images[:100]:
