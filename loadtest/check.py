@@ -202,7 +202,7 @@ def check_refusal(limits: dict[str, Any]) -> Line:
         "refusal.cpu",
         result["ratio"] <= limits["max_ratio"] and result["refused_share"] >= 0.99,
         describe(result),
-        f"<= {limits['max_ratio']}x an echo call",
+        f"<= {limits['max_ratio']}x an echo call, >= 99% of the flood refused",
         result,
     )
 
